@@ -1,0 +1,35 @@
+# Every target creates / updates the virtual environment it needs (.venv), so a fresh
+# clone needs nothing but `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: a bare `torch` would resolve to a newer multi-GB CUDA build.
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	# moshi without its stale pins (torch<2.10, huggingface-hub<1.0, safetensors<0.8): see README.
+	$(PIP) install -q --no-deps moshi==0.2.13
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ttt-speech demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) scripts/bench_ttt.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,152 @@
+"""`TTTConfig`: what TTT layers to build and where to put them, validated in one place."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Union
+
+LAYER_TYPES = ("linear", "mlp")
+MODES = ("replace", "hybrid")
+DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}  # ttt-lm-jax / ttt-video-dit defaults
+
+LayerSpec = Union[str, list[int]]
+
+
+@dataclass
+class TTTConfig:
+    """Configuration of the TTT layers inserted into a host model.
+
+    layer_type: inner model, "linear" (f(x) = x + LN(xW + b)) or "mlp" (two layers, 4x hidden).
+    mini_batch_size: tokens per inner gradient step b (1 = online gradient descent).
+    base_lr: inner learning rate scale; None picks 1.0 for linear, 0.1 for mlp.
+    num_heads: TTT heads; None uses the host attention's head count. Must divide the width.
+    layers: which host layers get TTT: "all", a list of indices (negative counts from the end),
+        "every:k" (layers k-1, 2k-1, …: every k-th), or "last:f" (the last ceil(f·depth) layers).
+    mode: "replace" (TTT takes the place of self-attention) or "hybrid" (attention is kept and a
+        gated branch x + tanh(α)·TTT(norm(x)) follows it).
+    gate_init: initial α of the hybrid gate (0 reproduces the host model exactly).
+    output_gate: multiply the TTT output by gelu(x·Wg) before the output projection.
+    rope_theta: RoPE base for Q/K (positions are taken modulo mini_batch_size).
+    mlp_expansion: hidden width multiple of the TTT-MLP inner model.
+    checkpoint_group_size: mini-batches per activation-checkpoint group in training (0 = off).
+    init_from_attention: in "replace" mode, start Q/K/V/O from the replaced attention's weights.
+    """
+
+    layer_type: str = "linear"
+    mini_batch_size: int = 16
+    base_lr: float | None = None
+    num_heads: int | None = None
+    layers: LayerSpec = "all"
+    mode: str = "hybrid"
+    gate_init: float = 0.1
+    output_gate: bool = False
+    rope_theta: float = 10000.0
+    mlp_expansion: int = 4
+    checkpoint_group_size: int = 0
+    init_from_attention: bool = True
+    ln_eps: float = field(default=1e-6, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_choice("layer_type", self.layer_type, LAYER_TYPES)
+        _check_choice("mode", self.mode, MODES)
+        _check_int("mini_batch_size", self.mini_batch_size, minimum=1)
+        _check_int("mlp_expansion", self.mlp_expansion, minimum=1)
+        _check_int("checkpoint_group_size", self.checkpoint_group_size, minimum=0)
+        if self.num_heads is not None:
+            _check_int("num_heads", self.num_heads, minimum=1)
+        if self.base_lr is None:
+            self.base_lr = DEFAULT_BASE_LR[self.layer_type]
+        _check_number("base_lr", self.base_lr, positive=False, nonnegative=True)
+        _check_number("gate_init", self.gate_init)
+        _check_number("rope_theta", self.rope_theta, positive=True)
+        _check_number("ln_eps", self.ln_eps, positive=True)
+        for name in ("output_gate", "init_from_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TTTConfig.{name}: expected true or false, got {getattr(self, name)!r}")
+        self.layers = _check_layer_spec(self.layers)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TTTConfig":
+        """Build from a (YAML-loaded) mapping; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"TTTConfig: expected a mapping of fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TTTConfig: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def resolve_layers(self, depth: int) -> list[int]:
+        """The sorted host-layer indices selected by `layers` for a host of `depth` layers."""
+        spec = self.layers
+        if isinstance(spec, list):
+            out = []
+            for i in spec:
+                if not -depth <= i < depth:
+                    raise ValueError(
+                        f"TTTConfig.layers: index {i} out of range for a model with {depth} layers "
+                        f"(allowed: {-depth}..{depth - 1})"
+                    )
+                out.append(i % depth)
+            if len(set(out)) != len(out):
+                raise ValueError(f"TTTConfig.layers: duplicate layer indices in {spec}")
+            return sorted(out)
+        if spec == "all":
+            return list(range(depth))
+        kind, value = spec.split(":")
+        if kind == "every":
+            k = int(value)
+            if k > depth:
+                raise ValueError(f"TTTConfig.layers: 'every:{k}' selects no layer of a {depth}-layer model")
+            return list(range(k - 1, depth, k))
+        count = math.ceil(float(value) * depth - 1e-9)
+        return list(range(depth - max(count, 1), depth))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"TTTConfig.{name}: expected one of {list(allowed)}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"TTTConfig.{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, positive: bool = False, nonnegative: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and positive:
+        ok = value > 0
+    if ok and nonnegative:
+        ok = value >= 0
+    if not ok:
+        what = "a positive" if positive else "a non-negative" if nonnegative else "a finite"
+        raise ValueError(f"TTTConfig.{name}: expected {what} number, got {value!r}")
+
+
+_LAYERS_HELP = "'all', a list of layer indices, 'every:k' (k >= 1) or 'last:f' (0 < f <= 1)"
+
+
+def _check_layer_spec(spec: Any) -> LayerSpec:
+    if isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            raise ValueError(f"TTTConfig.layers: expected {_LAYERS_HELP}, got {spec!r}")
+        return list(spec)
+    if spec == "all":
+        return spec
+    if isinstance(spec, str) and spec.count(":") == 1:
+        kind, value = spec.split(":")
+        try:
+            number = int(value) if kind == "every" else float(value)
+        except ValueError:
+            number = None
+        if kind == "every" and number is not None and number >= 1:
+            return spec
+        if kind == "last" and number is not None and 0 < number <= 1:
+            return spec
+        if kind == "last":
+            raise ValueError(f"TTTConfig.layers: fraction in 'last:f' must be in (0, 1], got {value!r}")
+    raise ValueError(f"TTTConfig.layers: expected {_LAYERS_HELP}, got {spec!r}")

@@ -1,0 +1,86 @@
+"""Scan over mini-batches (with optional gradient checkpointing) and the chunk ↔ mini-batch layout.
+
+A chunk of T tokens whose rows start at in-mini-batch offsets o_r is laid out on a grid of
+N = ceil((max_r o_r + T) / b) mini-batches of b slots: token t of row r goes to slot o_r + t.
+Slots before o_r stand for tokens of the current mini-batch already seen in earlier calls (their
+gradients live in the carried sums), slots after the row's last token are padding. Padding has
+lr = 0, so it contributes nothing; a mini-batch updates W only if its last slot is a real token.
+One code path for every chunking: T = 1 decoding, unaligned chunks, whole sequences.
+"""
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .inner_models import InnerNorm, MiniBatch
+
+MiniBatchStep = Callable[..., tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]]
+
+
+def slot_index(offset: Tensor, length: int, mini_batch_size: int) -> tuple[Tensor, int]:
+    """Slots of a chunk's tokens on the mini-batch grid. offset [B] → index [B, T], grid length L."""
+    start = int(offset.max()) if offset.numel() else 0
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        start = mini_batch_size - 1  # no host sync inside a CUDA graph: size for the worst case
+    grid = -(-(start + length) // mini_batch_size) * mini_batch_size
+    index = offset[:, None] + torch.arange(length, device=offset.device)
+    return index, grid
+
+
+def to_grid(x: Tensor, index: Tensor, grid: int) -> Tensor:
+    """Scatter tokens x [B, T, ...] onto their slots → [B, L, ...], zeros elsewhere."""
+    idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.new_zeros(x.shape[0], grid, *x.shape[2:]).scatter(1, idx, x)
+
+
+def from_grid(y: Tensor, index: Tensor) -> Tensor:
+    """Gather the tokens back from their slots: y [B, L, ...] → [B, T, ...]."""
+    idx = index.view(*index.shape, *([1] * (y.dim() - 2))).expand(*index.shape, *y.shape[2:])
+    return y.gather(1, idx)
+
+
+def scan_minibatches(
+    step: MiniBatchStep,
+    weights: tuple[Tensor, ...],
+    grads: tuple[Tensor, ...],
+    inputs: MiniBatch,
+    tau: Tensor,
+    norm: InnerNorm,
+    checkpoint_group_size: int = 0,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Run `step` over the N mini-batches of `inputs` in order, carrying (weights, grads).
+
+    inputs: q, k, target [B, H, N, b, d]; lr [B, H, N, b]; complete [B, N].
+    checkpoint_group_size: G > 0 wraps every G consecutive mini-batches in activation
+    checkpointing when autograd is recording (a true group size, unlike the reference's).
+    Returns outputs [B, H, N, b, d] and the final (weights, grads).
+    """
+    n_mb = inputs.q.shape[2]
+    n_w = len(weights)
+
+    def run(start: int, stop: int, *state: Tensor) -> tuple[Tensor, ...]:
+        ws, gs = tuple(state[:n_w]), tuple(state[n_w:])
+        outs = []
+        for m in range(start, stop):
+            mb = MiniBatch(inputs.q[:, :, m], inputs.k[:, :, m], inputs.target[:, :, m],
+                           inputs.lr[:, :, m], inputs.complete[:, m])
+            # Prior sums can only be non-zero for the first mini-batch of a chunk: any later
+            # mini-batch holding real tokens follows a complete one, whose step reset them.
+            out, ws, gs = step(ws, gs, mb, tau, norm, with_prior=(m == 0))
+            outs.append(out)
+        return (torch.stack(outs, dim=2), *ws, *gs)
+
+    use_checkpoint = checkpoint_group_size > 0 and torch.is_grad_enabled()
+    group = checkpoint_group_size if use_checkpoint else n_mb
+    state = (*weights, *grads)
+    outs = []
+    for start in range(0, n_mb, group):
+        stop = min(start + group, n_mb)
+        if use_checkpoint:
+            res = checkpoint(run, start, stop, *state, use_reentrant=False)
+        else:
+            res = run(start, stop, *state)
+        outs.append(res[0])
+        state = res[1:]
+    return torch.cat(outs, dim=2), tuple(state[:n_w]), tuple(state[n_w:])
