@@ -43,7 +43,7 @@ class TTTConfig:
     rope_theta: float = 10000.0
     mlp_expansion: int = 4
     checkpoint_group_size: int = 0
-    init_from_attention: bool = True
+    init_from_attention: bool = False
     ln_eps: float = field(default=1e-6, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,99 @@
+"""`patch_moshi`: put TTT layers into the temporal transformer of a moshi `LMModel`."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import _import  # noqa: F401
+from moshi.models.lm import LMModel
+from moshi.modules.streaming import StreamingModule
+from moshi.modules.transformer import StreamingMultiheadAttention
+
+from ..config import TTTConfig
+from ..layer import TTTLayer, count_parameters
+from ..report import PatchReport
+from .streaming import GatedTTTBranch, MoshiTTT, TTTHybridTransformerLayer
+
+logger = logging.getLogger(__name__)
+
+
+def patch_moshi(lm: LMModel, config: TTTConfig) -> PatchReport:
+    """Insert TTT layers into `lm.transformer` in place (the depformer is never touched).
+
+    "replace": `layers[i].self_attn` becomes a TTT layer. "hybrid": attention is kept and
+    `x + tanh(α)·TTT(norm(x))` follows its residual; with gate_init = 0 the outputs are exactly
+    the unpatched model's. New modules take the device and dtype of the layer they join.
+    Returns a `PatchReport` (also logged); `lm.ttt_config` / `lm.ttt_report` record the patch.
+    """
+    if not isinstance(lm, LMModel):
+        raise TypeError(f"patch_moshi: expected a moshi LMModel, got {type(lm).__name__}")
+    if getattr(lm, "ttt_config", None) is not None:
+        raise ValueError("patch_moshi: this model is already patched with TTT layers")
+    layers = lm.transformer.layers
+    indices = config.resolve_layers(len(layers))
+    params_before = count_parameters(lm)
+    removed = 0
+    width = lm.dim
+    for i in indices:
+        layer = layers[i]
+        attn = layer.self_attn
+        ref = next(layer.parameters())
+        ttt = MoshiTTT(TTTLayer(width, config, num_heads=config.num_heads or attn.num_heads,
+                                device=ref.device, dtype=ref.dtype))
+        if config.mode == "replace":
+            if config.init_from_attention:
+                _copy_attention_projections(attn, ttt.layer)
+            removed += count_parameters(attn)
+            layer.self_attn = ttt
+        else:
+            layer.__class__ = TTTHybridTransformerLayer
+            layer.ttt_branch = GatedTTTBranch(copy.deepcopy(layer.norm1), ttt, width, config.gate_init,
+                                              device=ref.device, dtype=ref.dtype)
+    _forget_streaming_children(lm)
+    per_layer = count_parameters(next(iter(ttt_modules(lm))))
+    report = PatchReport(
+        host="moshi", mode=config.mode, layer_type=config.layer_type, layers=indices,
+        depth=len(layers), width=width, num_heads=ttt.layer.num_heads, head_dim=ttt.layer.head_dim,
+        mini_batch_size=config.mini_batch_size, params_per_layer=per_layer,
+        params_added=per_layer * len(indices), params_removed=removed,
+        params_before=params_before, params_after=count_parameters(lm),
+    )
+    lm.ttt_config = config
+    lm.ttt_report = report
+    logger.info("patched moshi LMModel with TTT layers:\n%s", report)
+    return report
+
+
+def ttt_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """The per-layer TTT modules added by a patch (hybrid: the gated branch, replace: the layer)."""
+    branches = [m for m in model.modules() if isinstance(m, GatedTTTBranch)]
+    in_branch = {id(b.ttt) for b in branches}
+    yield from branches
+    yield from (m for m in model.modules() if isinstance(m, MoshiTTT) and id(m) not in in_branch)
+
+
+def _copy_attention_projections(attn: StreamingMultiheadAttention, layer: TTTLayer) -> None:
+    """Start TTT's Q/K/V/O from a plain (single-projection, no-GQA) attention's weights."""
+    in_proj, out_proj = attn.in_projs[0], attn.out_projs[0]
+    plain = (len(attn.in_projs) == 1 and attn.kv_repeat == 1 and type(in_proj) is nn.Linear
+             and type(out_proj) is nn.Linear and in_proj.weight.shape == (3 * layer.dim, layer.dim))
+    if not plain:
+        logger.warning("init_from_attention: attention layout not supported, keeping random init")
+        return
+    with torch.no_grad():
+        q, k, v = in_proj.weight.chunk(3, dim=0)
+        layer.q_proj.weight.copy_(q)
+        layer.k_proj.weight.copy_(k)
+        layer.v_proj.weight.copy_(v)
+        layer.o_proj.weight.copy_(out_proj.weight)
+
+
+def _forget_streaming_children(root: nn.Module) -> None:
+    """moshi caches each streaming module's list of streaming children: rebuild after patching."""
+    for module in root.modules():
+        if isinstance(module, StreamingModule):
+            module._cached_children = None

@@ -1,0 +1,118 @@
+"""TTT as moshi streaming modules: the TTT state lives in moshi's streaming state.
+
+Inside `with lm.streaming(B):`, `LMModel.forward_text` and `LMGen.step` carry the TTT state
+from call to call; `lm.reset_streaming(mask)` and `lm.set_exec_mask(mask)` act on it per row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import _import  # noqa: F401
+from moshi.modules.streaming import State, StreamingModule
+from moshi.modules.transformer import StreamingTransformerLayer
+
+from ..layer import TTTLayer
+from ..state import TTTState
+
+
+@dataclass
+class TTTStreamState(State):
+    """moshi `State` holding one TTT layer's `TTTState` for a batch of streams."""
+
+    ttt: TTTState | None = None
+    reset_fn: Callable[[TTTState, Tensor], TTTState] | None = None
+
+    def reset(self, reset_mask: Tensor) -> None:
+        super().reset(reset_mask)
+        assert self.ttt is not None and self.reset_fn is not None
+        self.ttt = self.reset_fn(self.ttt, reset_mask)
+
+
+class MoshiTTT(StreamingModule[TTTStreamState]):
+    """A `TTTLayer` as a moshi `StreamingModule`. x [B, T, C] → [B, T, C].
+
+    Also usable in place of `StreamingTransformerLayer.self_attn`, which moshi calls as
+    `self_attn(x, x, x)`: key and value are ignored.
+    """
+
+    def __init__(self, layer: TTTLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def _init_streaming_state(self, batch_size: int) -> TTTStreamState:
+        return TTTStreamState(batch_size, self.layer.W1.device,
+                              ttt=self.layer.initial_state(batch_size), reset_fn=self.layer.reset_state)
+
+    def forward(self, x: Tensor, key: Tensor | None = None, value: Tensor | None = None) -> Tensor:
+        state = self._streaming_state
+        if state is None:
+            return self.layer(x)[0]
+        y, new = self.layer(x, state.ttt)
+        state.ttt = new.where(state.exec_mask, state.ttt)  # rows not executing keep their state
+        return y
+
+
+class GatedTTTBranch(nn.Module):
+    """x → x + tanh(α) ⊙ TTT(norm(x)), α per channel (the hybrid residual branch)."""
+
+    def __init__(self, norm: nn.Module, ttt: MoshiTTT, dim: int, gate_init: float,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.ttt = ttt
+        self.gate_alpha = nn.Parameter(torch.full((dim,), float(gate_init), device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        update = self.ttt(self.norm(x))
+        return x + torch.tanh(self.gate_alpha).to(update.dtype) * update
+
+
+class TTTHybridTransformerLayer(StreamingTransformerLayer):
+    """moshi's transformer layer with a gated TTT branch right after the attention residual.
+
+    moshi computes the attention residual inside `_sa_block`, so the branch can only go after it
+    by overriding that method: patched layers get this class (`layer.__class__` is switched),
+    which keeps moshi's own forward, state and parameter names untouched.
+    """
+
+    ttt_branch: GatedTTTBranch
+
+    def _sa_block(self, x: Tensor) -> Tensor:
+        return self.ttt_branch(super()._sa_block(x))
+
+
+def ttt_stream_state(lm: nn.Module) -> dict[str, Tensor]:
+    """The live TTT state of every streaming TTT module of `lm`, flat (for safetensors).
+
+    Keys are `<module name>.<tensor>`; `lm` must be inside `lm.streaming(B)` (or `LMGen.streaming`).
+    """
+    out: dict[str, Tensor] = {}
+    for name, module in _streaming_ttt(lm):
+        out.update({f"{name}.{k}": v for k, v in module._streaming_state.ttt.to_tensors().items()})
+    return out
+
+
+def load_ttt_stream_state(lm: nn.Module, tensors: dict[str, Tensor], where: str = "stream state") -> None:
+    """Restore what `ttt_stream_state` returned into a streaming `lm` of the same batch size."""
+    modules = _streaming_ttt(lm)
+    known = {f"{name}." for name, _ in modules}
+    stray = sorted(k for k in tensors if not any(k.startswith(p) for p in known))
+    if stray:
+        raise ValueError(f"{where}: tensors for no TTT module of this model: {stray[:5]}")
+    for name, module in modules:
+        state = module._streaming_state
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        state.ttt = state.ttt.load_tensors(own, where=f"{where} ({name})")
+
+
+def _streaming_ttt(lm: nn.Module) -> list[tuple[str, MoshiTTT]]:
+    modules = [(n, m) for n, m in lm.named_modules() if isinstance(m, MoshiTTT)]
+    if not modules:
+        raise ValueError("the model has no TTT layers")
+    if any(m._streaming_state is None for _, m in modules):
+        raise ValueError("the model is not streaming: use it inside `with lm.streaming(batch_size):`")
+    return modules

@@ -1,0 +1,64 @@
+"""Teacher-forced logits of a moshi LMModel computed chunk by chunk in streaming mode (DESIGN §7).
+
+Calling `LMModel.forward` on each chunk is *not* a streaming path: it prepends the initial token
+and re-applies the delay pattern to every chunk. The right way: build the delayed stream once,
+run `forward_text` then `forward_depformer_training` per chunk inside `lm.streaming(B)`, and
+undelay the collected logits at the end. This equals one full `LMModel.forward`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _import  # noqa: F401
+from moshi.models.lm import LMModel, LMOutput
+from moshi.models.lm_utils import _delay_sequence, _undelay_sequence
+
+
+def delayed_streams(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """codes [B, K, T] → (inputs, targets), each [B, K, T]: the delayed stream with the initial
+    token prepended, as `LMModel.forward` builds it (inputs are positions 0..T-1, targets 1..T)."""
+    B, K, T = codes.shape
+    if K != lm.num_codebooks:
+        raise ValueError(f"codes: expected {lm.num_codebooks} streams (text + audio), got {K}")
+    initial = lm._get_initial_token().expand(B, -1, -1)
+    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+    return delayed[:, :, :-1], delayed[:, :, 1:]
+
+
+def chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """One chunk of the delayed stream through a streaming `lm`.
+
+    inputs, targets [B, K, S] → (text logits [B, 1, S, text_card], audio logits [B, dep_q, S, card]),
+    both still delayed. `lm` must be inside `lm.streaming(B)` for chunks to continue each other.
+    """
+    transformer_out, text_logits = lm.forward_text(inputs)
+    audio_logits = lm.forward_depformer_training(targets, transformer_out)
+    return text_logits, audio_logits
+
+
+def undelay_logits(lm: LMModel, codes: Tensor, text_logits: Tensor, audio_logits: Tensor) -> LMOutput:
+    """Delayed logits → an `LMOutput` aligned with `codes` [B, K, T], masks as `LMModel.forward`."""
+    audio, audio_mask = _undelay_sequence(
+        lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q], audio_logits, fill_value=float("nan"))
+    audio_mask &= codes[:, lm.audio_offset:lm.audio_offset + lm.dep_q] != lm.zero_token_id
+    text, text_mask = _undelay_sequence(lm.delays[:1], text_logits, fill_value=float("nan"))
+    text_mask &= codes[:, :1] != lm.zero_token_id
+    return LMOutput(audio, audio_mask, text, text_mask)
+
+
+def teacher_forced_logits(lm: LMModel, codes: Tensor, chunk_size: int) -> LMOutput:
+    """Logits of every position of codes [B, K, T], computed in streaming chunks of `chunk_size`.
+
+    Opens its own `lm.streaming(B)` (a fresh stream: TTT and KV-cache states start empty).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
+    inputs, targets = delayed_streams(lm, codes)
+    texts, audios = [], []
+    with lm.streaming(codes.shape[0]):
+        for start in range(0, codes.shape[2], chunk_size):
+            t, a = chunk_logits(lm, inputs[:, :, start:start + chunk_size], targets[:, :, start:start + chunk_size])
+            texts.append(t)
+            audios.append(a)
+    return undelay_logits(lm, codes, torch.cat(texts, dim=2), torch.cat(audios, dim=2))
