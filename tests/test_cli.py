@@ -1,0 +1,39 @@
+"""The `ttt-speech` command line: help texts, the demo, clear errors with exit code 2."""
+import subprocess
+import sys
+
+import pytest
+
+from ttt_speech import TTTConfig, patch_moshi, save_ttt, tiny_moshi_lm
+from ttt_speech.cli import main
+
+
+def test_help_describes_every_command():
+    out = subprocess.run([sys.executable, "-m", "ttt_speech.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "inspect" in out.stdout
+    demo = subprocess.run([sys.executable, "-m", "ttt_speech.cli", "demo", "--help"], capture_output=True, text=True)
+    for option in ("--frames", "--layer-type", "--mode", "--layers", "--mini-batch-size", "--seed"):
+        assert option in demo.stdout
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--frames", "5", "--layers", "last:0.5", "--mini-batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "patched layers            2-3 (2 of 4)" in out
+    assert "max |logit diff|" in out and "frames/s" in out
+
+
+def test_demo_bad_input_exits_2(capsys):
+    assert main(["demo", "--frames", "0"]) == 2
+    assert "--frames: expected a positive integer" in capsys.readouterr().err
+    assert main(["demo", "--mini-batch-size", "0"]) == 2
+    assert "TTTConfig.mini_batch_size" in capsys.readouterr().err
+
+
+def test_inspect(tmp_path, capsys):
+    lm = tiny_moshi_lm(card=64, text_card=100)
+    patch_moshi(lm, TTTConfig(layers=[1]))
+    save_ttt(lm, tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "patched layers            1 (1 of 4)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "nope")]) == 2

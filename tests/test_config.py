@@ -1,0 +1,63 @@
+"""TTTConfig: validation with field-naming errors, YAML round-trip, layer selection."""
+import pytest
+import yaml
+
+from ttt_speech import TTTConfig
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mini_batch_size", 0, r"TTTConfig.mini_batch_size: expected an integer >= 1"),
+    ("mini_batch_size", -3, r"TTTConfig.mini_batch_size"),
+    ("mini_batch_size", 2.5, r"TTTConfig.mini_batch_size"),
+    ("layer_type", "rnn", r"TTTConfig.layer_type: expected one of \['linear', 'mlp'\]"),
+    ("mode", "parallel", r"TTTConfig.mode: expected one of \['replace', 'hybrid'\]"),
+    ("num_heads", 0, r"TTTConfig.num_heads"),
+    ("base_lr", -1.0, r"TTTConfig.base_lr"),
+    ("base_lr", float("nan"), r"TTTConfig.base_lr"),
+    ("layers", "last:0", r"TTTConfig.layers: fraction in 'last:f' must be in \(0, 1\]"),
+    ("layers", "last:1.5", r"TTTConfig.layers: fraction"),
+    ("layers", "every:0", r"TTTConfig.layers: expected 'all', a list"),
+    ("layers", "some", r"TTTConfig.layers"),
+    ("layers", [], r"TTTConfig.layers"),
+    ("layers", [1, "2"], r"TTTConfig.layers"),
+    ("checkpoint_group_size", -1, r"TTTConfig.checkpoint_group_size"),
+    ("output_gate", "yes", r"TTTConfig.output_gate"),
+])
+def test_bad_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TTTConfig(**{field: value})
+
+
+def test_unknown_yaml_key_is_an_error():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['minibatch'\]"):
+        TTTConfig.from_dict({"minibatch": 16})
+
+
+def test_yaml_round_trip():
+    text = "layer_type: mlp\nmini_batch_size: 8\nlayers: last:0.25\nmode: replace\n"
+    cfg = TTTConfig.from_dict(yaml.safe_load(text))
+    assert cfg.base_lr == 0.1  # the MLP default
+    again = TTTConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("spec,depth,expected", [
+    ("all", 4, [0, 1, 2, 3]),
+    ([0, -1], 4, [0, 3]),
+    ("every:2", 6, [1, 3, 5]),
+    ("every:1", 3, [0, 1, 2]),
+    ("last:0.25", 32, [24, 25, 26, 27, 28, 29, 30, 31]),
+    ("last:0.5", 3, [1, 2]),
+    ("last:0.01", 4, [3]),
+])
+def test_layer_selection(spec, depth, expected):
+    assert TTTConfig(layers=spec).resolve_layers(depth) == expected
+
+
+def test_layer_selection_errors():
+    with pytest.raises(ValueError, match="out of range"):
+        TTTConfig(layers=[5]).resolve_layers(4)
+    with pytest.raises(ValueError, match="duplicate"):
+        TTTConfig(layers=[1, -3]).resolve_layers(4)
+    with pytest.raises(ValueError, match="selects no layer"):
+        TTTConfig(layers="every:5").resolve_layers(4)

@@ -1,0 +1,215 @@
+"""TTT inside a tiny random-init Moshi-architecture LMModel (dim 128, 4 layers, depformer 2)."""
+import pytest
+import torch
+from moshi.models.lm import LMGen
+
+from conftest import max_diff
+from ttt_speech import TTTConfig, load_ttt, patch_moshi, save_ttt, tiny_moshi_lm
+from ttt_speech.moshi import load_ttt_stream_state, teacher_forced_logits, ttt_modules, ttt_stream_state
+from ttt_speech.moshi.streaming import MoshiTTT
+
+CARD, TEXT_CARD, T = 64, 100, 48
+
+
+def tiny_lm(seed=0):
+    return tiny_moshi_lm(seed=seed, card=CARD, text_card=TEXT_CARD)
+
+
+def random_codes(B=2, T=T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, CARD, (B, 17, T), generator=g)
+    codes[:, 0] = torch.randint(0, TEXT_CARD, (B, T), generator=g)
+    return codes
+
+
+
+def assert_close(a, b, tol):
+    for x, y in zip((a.text_logits, a.logits), (b.text_logits, b.logits)):
+        assert torch.equal(x.isnan(), y.isnan())
+        assert max_diff(x.nan_to_num(), y.nan_to_num()) <= tol
+
+
+def activate_gates(lm, value=0.5):
+    with torch.no_grad():
+        for m in ttt_modules(lm):
+            if hasattr(m, "gate_alpha"):
+                m.gate_alpha.fill_(value)
+
+
+CONFIGS = [(mode, lt) for mode in ("replace", "hybrid") for lt in ("linear", "mlp")]
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_hybrid_with_zero_gate_reproduces_the_model_exactly(layer_type):
+    lm, codes = tiny_lm(), random_codes()
+    with torch.no_grad():
+        before = lm(codes)
+        patch_moshi(lm, TTTConfig(layer_type=layer_type, mode="hybrid", gate_init=0.0, mini_batch_size=4))
+        after = lm(codes)
+        streamed = teacher_forced_logits(lm, codes, chunk_size=7)
+        before_streamed = teacher_forced_logits(tiny_lm(), codes, chunk_size=7)
+    assert_close(after, before, tol=0.0)
+    assert_close(streamed, before_streamed, tol=0.0)
+
+
+@pytest.mark.parametrize("mode,layer_type", CONFIGS)
+def test_chunked_streaming_equals_full_forward(mode, layer_type):
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(layer_type=layer_type, mode=mode, mini_batch_size=4, layers="every:2"))
+    activate_gates(lm)
+    codes = random_codes()
+    with torch.no_grad():
+        full = lm(codes)
+        for chunk in (1, 5, 16, 37):
+            assert_close(teacher_forced_logits(lm, codes, chunk), full, tol=1e-4)
+
+
+def test_chunked_comparison_can_fail():
+    """Calling LMModel.forward per chunk re-applies the delays: the comparison must catch it."""
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    codes = random_codes()
+    with torch.no_grad():
+        full = lm(codes)
+        with lm.streaming(2):
+            parts = [lm(codes[:, :, s:s + 16]) for s in range(0, T, 16)]
+    wrong = torch.cat([p.logits for p in parts], dim=2)
+    assert max_diff(wrong.nan_to_num(), full.logits.nan_to_num()) > 1e-2
+
+
+@pytest.mark.parametrize("mode,layer_type", CONFIGS)
+def test_patched_models_run_lmgen_step(mode, layer_type):
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(layer_type=layer_type, mode=mode, mini_batch_size=4))
+    gen = LMGen(lm, temp=0.8, temp_text=0.7)
+    user = random_codes()[:, 9:]
+    outs = []
+    with gen.streaming(2):
+        for t in range(12):
+            out = gen.step(user[:, :, t:t + 1])
+            if out is not None:
+                outs.append(out)
+        states = [m._streaming_state.ttt for m in lm.modules() if isinstance(m, MoshiTTT)]
+    assert len(outs) == 12 - max(lm.delays) and outs[0].shape == (2, 9, 1)
+    assert all(s.offset.tolist() == [0, 0] for s in states)  # 12 steps = 3 mini-batches of 4
+
+
+def test_reset_streaming_resets_ttt_rows():
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    codes = random_codes(B=2)
+    from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
+    inputs, targets = delayed_streams(lm, codes)
+    with torch.no_grad(), lm.streaming(2):
+        chunk_logits(lm, inputs[:, :, :10], targets[:, :, :10])
+        ttt = [m for m in lm.modules() if isinstance(m, MoshiTTT)]
+        before = [m._streaming_state.ttt for m in ttt]
+        lm.reset_streaming(torch.tensor([True, False]))
+        for m, old in zip(ttt, before):
+            st, init = m._streaming_state.ttt, m.layer.initial_state(2)
+            assert torch.equal(st.weights[0][0], init.weights[0][0]) and st.offset.tolist() == [0, 10 % 4]
+            assert torch.equal(st.weights[0][1], old.weights[0][1])
+            assert torch.equal(st.grads[0][1], old.grads[0][1])
+
+
+def test_exec_mask_leaves_ttt_state_untouched():
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, mode="replace"))
+    codes = random_codes(B=2)
+    from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
+    inputs, targets = delayed_streams(lm, codes)
+    with torch.no_grad(), lm.streaming(2):
+        chunk_logits(lm, inputs[:, :, :6], targets[:, :, :6])
+        before = ttt_stream_state(lm)
+        lm.set_exec_mask(torch.tensor([True, False]))
+        chunk_logits(lm, inputs[:, :, 6:9], targets[:, :, 6:9])
+        after = ttt_stream_state(lm)
+    for k in before:
+        assert torch.equal(after[k][1], before[k][1]), k
+    assert any(not torch.equal(after[k][0], before[k][0]) for k in before if "W1" in k)
+
+
+def test_stream_state_save_and_restore_continues_identically():
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, mode="replace", layers=[0, 1, 2, 3]))
+    codes = random_codes(B=1)
+    from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
+    inputs, targets = delayed_streams(lm, codes)
+    with torch.no_grad():
+        with lm.streaming(1):  # attention-free model: the TTT state is the whole state
+            chunk_logits(lm, inputs[:, :, :13], targets[:, :, :13])
+            saved = {k: v.clone() for k, v in ttt_stream_state(lm).items()}
+            live = chunk_logits(lm, inputs[:, :, 13:], targets[:, :, 13:])
+        with lm.streaming(1):
+            load_ttt_stream_state(lm, saved)
+            restored = chunk_logits(lm, inputs[:, :, 13:], targets[:, :, 13:])
+    assert all(torch.equal(a, b) for a, b in zip(live, restored))
+
+
+def test_save_and_load_ttt_weights_onto_a_fresh_base(tmp_path):
+    lm = tiny_lm()
+    report = patch_moshi(lm, TTTConfig(layer_type="mlp", layers="last:0.5", mini_batch_size=4))
+    activate_gates(lm, 0.3)
+    save_ttt(lm, tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["ttt.safetensors", "ttt_config.json"]
+    fresh = tiny_lm()
+    loaded = load_ttt(fresh, tmp_path / "export")
+    assert loaded.layers == report.layers == [2, 3]
+    codes = random_codes()
+    with torch.no_grad():
+        assert_close(fresh(codes), lm(codes), tol=0.0)
+
+
+def test_load_ttt_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ttt_config.json"):
+        load_ttt(tiny_lm(), tmp_path)
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(layers=[0]))
+    save_ttt(lm, tmp_path)
+    (tmp_path / "ttt_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_ttt(tiny_lm(), tmp_path)
+
+
+def test_patch_report_and_layer_selection():
+    lm = tiny_lm()
+    base = sum(p.numel() for p in lm.parameters())
+    report = patch_moshi(lm, TTTConfig(layers="every:2", mode="replace", mini_batch_size=8))
+    assert report.layers == [1, 3] and report.depth == 4 and report.mode == "replace"
+    assert report.params_before == base
+    assert report.params_after == base - report.params_removed + report.params_added
+    text = str(report)
+    assert "1, 3 (2 of 4)" in text and "replace" in text
+    assert all(isinstance(lm.transformer.layers[i].self_attn, MoshiTTT) for i in (1, 3))
+    assert not any(isinstance(m, MoshiTTT) for m in lm.depformer.modules())
+    with pytest.raises(ValueError, match="already patched"):
+        patch_moshi(lm, TTTConfig())
+
+
+def test_out_of_range_layer_index_is_rejected():
+    with pytest.raises(ValueError, match="TTTConfig.layers: index 4 out of range"):
+        patch_moshi(tiny_lm(), TTTConfig(layers=[0, 4]))
+
+
+def test_heads_must_divide_width():
+    with pytest.raises(ValueError, match="TTTConfig.num_heads"):
+        patch_moshi(tiny_lm(), TTTConfig(num_heads=5))
+
+
+def test_init_from_attention_copies_projections():
+    lm = tiny_lm()
+    attn = lm.transformer.layers[0].self_attn
+    q = attn.in_projs[0].weight[:128].clone()
+    patch_moshi(lm, TTTConfig(mode="replace", layers=[0], init_from_attention=True))
+    assert torch.equal(lm.transformer.layers[0].self_attn.layer.q_proj.weight, q)
+
+
+def test_bf16_model_keeps_float32_ttt_state():
+    lm = tiny_moshi_lm(card=CARD, text_card=TEXT_CARD, dtype=torch.bfloat16)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    gen = LMGen(lm)
+    with gen.streaming(1):
+        for t in range(5):
+            gen.step(random_codes(B=1)[:, 9:, t:t + 1])
+        states = ttt_stream_state(lm)
+    assert all(v.dtype == torch.float32 for k, v in states.items() if not k.endswith("offset"))

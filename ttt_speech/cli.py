@@ -1,0 +1,108 @@
+"""The `ttt-speech` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ttt-speech",
+        description="Test-Time-Training layers for speech language models (Moshi).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="patch a tiny random-init Moshi with TTT and stream frames through LMGen.step",
+        description="Build a tiny random-init Moshi-architecture LM (CPU, no weights needed), patch it "
+                    "with TTT layers, check that chunked streaming equals one full forward, and stream "
+                    "frames through moshi's LMGen.step, timing the TTT model against the unpatched one.")
+    demo.add_argument("--frames", type=int, default=300, help="frames to stream through LMGen.step (default 300)")
+    demo.add_argument("--layer-type", choices=["linear", "mlp"], default="linear", help="TTT inner model (default linear)")
+    demo.add_argument("--mode", choices=["replace", "hybrid"], default="hybrid", help="patch mode (default hybrid)")
+    demo.add_argument("--layers", default="all", help="layers to patch: all, every:k, last:f (default all)")
+    demo.add_argument("--mini-batch-size", type=int, default=16, help="TTT mini-batch size b (default 16)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(func=_demo)
+
+    inspect = sub.add_parser("inspect", help="print the patch report of a saved TTT export",
+                             description="Print what a TTT export (save_ttt directory) contains.")
+    inspect.add_argument("export_dir", type=Path, help="directory holding ttt_config.json and ttt.safetensors")
+    inspect.set_defaults(func=_inspect)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ttt-speech {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+    from moshi.models.lm import LMGen
+    from tqdm import tqdm
+
+    from . import TTTConfig, patch_moshi, tiny_moshi_lm
+    from .moshi import teacher_forced_logits
+
+    if args.frames < 1:
+        raise ValueError(f"--frames: expected a positive integer, got {args.frames}")
+    config = TTTConfig(layer_type=args.layer_type, mode=args.mode, layers=args.layers,
+                       mini_batch_size=args.mini_batch_size)
+    base = tiny_moshi_lm(seed=args.seed)
+    lm = tiny_moshi_lm(seed=args.seed)
+    report = patch_moshi(lm, config)
+    print("== TTT patch ==")
+    print(report)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    codes = torch.randint(0, lm.card, (1, lm.num_codebooks, 64), generator=gen)
+    codes[:, 0] = torch.randint(0, lm.text_card, (1, 64), generator=gen)
+    with torch.no_grad():
+        full = lm(codes)
+        worst = 0.0
+        for chunk in (1, 7, config.mini_batch_size + 1):
+            part = teacher_forced_logits(lm, codes, chunk)
+            worst = max(worst, (part.logits - full.logits).nan_to_num().abs().max().item())
+    print(f"\n== streaming contract == chunks of 1, 7, {config.mini_batch_size + 1} vs one full forward "
+          f"(64 frames): max |logit diff| = {worst:.2e}")
+
+    user = torch.randint(0, lm.card, (1, 8, args.frames), generator=gen)
+    rates = {}
+    for name, model in (("unpatched", base), ("TTT", lm)):
+        lm_gen = LMGen(model, temp=0.8, temp_text=0.7)
+        torch.manual_seed(args.seed)
+        with lm_gen.streaming(1):
+            start = time.perf_counter()
+            for t in tqdm(range(args.frames), desc=f"LMGen.step ({name})", unit="frame", leave=False):
+                lm_gen.step(user[:, :, t:t + 1])
+            rates[name] = args.frames / (time.perf_counter() - start)
+    print(f"\n== LMGen.step, {args.frames} frames, batch 1, CPU ({torch.get_num_threads()} threads) ==")
+    for name, rate in rates.items():
+        print(f"{name:>10}: {rate:7.1f} frames/s ({1000 / rate:6.2f} ms/frame, {rate / 12.5:5.1f}x real time)")
+    print(f"{'ratio':>10}: TTT runs at {rates['TTT'] / rates['unpatched']:.2f}x the unpatched step rate")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import CONFIG_FILE
+    from .report import PatchReport
+
+    path = args.export_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (expected a directory written by save_ttt)")
+    try:
+        meta = json.loads(path.read_text())
+        report = PatchReport(**meta["report"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a TTT export config ({e})") from None
+    print(report)
+    print("config:", json.dumps(meta["ttt"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
