@@ -61,3 +61,30 @@ def test_layer_selection_errors():
         TTTConfig(layers=[1, -3]).resolve_layers(4)
     with pytest.raises(ValueError, match="selects no layer"):
         TTTConfig(layers="every:5").resolve_layers(4)
+
+
+def test_shipped_yaml_config_loads():
+    cfg = TTTConfig.from_yaml("configs/ttt_linear_hybrid.yaml", key="ttt")
+    assert cfg.layers == "last:0.25" and cfg.resolve_layers(32) == list(range(24, 32))
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ttt:\n  mode: sideways\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: TTTConfig.mode"):
+        TTTConfig.from_yaml(bad, key="ttt")
+    with pytest.raises(ValueError, match=r"missing.yaml: cannot read"):
+        TTTConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"no 'model' section"):
+        TTTConfig.from_yaml(bad, key="model")
+
+
+def test_every_config_field_is_documented():
+    """The README's config reference and the shipped YAML name every TTTConfig field."""
+    from dataclasses import fields
+    readme = open("README.md").read()
+    shipped = open("configs/ttt_linear_hybrid.yaml").read()
+    for f in fields(TTTConfig):
+        if f.repr:
+            assert f"`{f.name}`" in readme, f.name
+            assert f"{f.name}:" in shipped, f.name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping, Union
 
 LAYER_TYPES = ("linear", "mlp")
@@ -75,6 +76,27 @@ class TTTConfig:
         if unknown:
             raise ValueError(f"TTTConfig: unknown field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, key: str | None = None) -> "TTTConfig":
+        """Load from a YAML file: the whole file, or the mapping under `key` (e.g. "ttt")."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if key is not None:
+            if not isinstance(data, Mapping) or key not in data:
+                raise ValueError(f"{path}: no '{key}' section")
+            data = data[key]
+        try:
+            return cls.from_dict(data or {})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
