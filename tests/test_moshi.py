@@ -7,6 +7,7 @@ from conftest import max_diff
 from ttt_speech import TTTConfig, load_ttt, patch_moshi, save_ttt, tiny_moshi_lm
 from ttt_speech.moshi import load_ttt_stream_state, teacher_forced_logits, ttt_modules, ttt_stream_state
 from ttt_speech.moshi.streaming import MoshiTTT
+from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
 
 CARD, TEXT_CARD, T = 64, 100, 48
 
@@ -98,7 +99,6 @@ def test_reset_streaming_resets_ttt_rows():
     lm = tiny_lm()
     patch_moshi(lm, TTTConfig(mini_batch_size=4))
     codes = random_codes(B=2)
-    from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
     inputs, targets = delayed_streams(lm, codes)
     with torch.no_grad(), lm.streaming(2):
         chunk_logits(lm, inputs[:, :, :10], targets[:, :, :10])
@@ -116,7 +116,6 @@ def test_exec_mask_leaves_ttt_state_untouched():
     lm = tiny_lm()
     patch_moshi(lm, TTTConfig(mini_batch_size=4, mode="replace"))
     codes = random_codes(B=2)
-    from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
     inputs, targets = delayed_streams(lm, codes)
     with torch.no_grad(), lm.streaming(2):
         chunk_logits(lm, inputs[:, :, :6], targets[:, :, :6])
@@ -133,7 +132,6 @@ def test_stream_state_save_and_restore_continues_identically():
     lm = tiny_lm()
     patch_moshi(lm, TTTConfig(mini_batch_size=4, mode="replace", layers=[0, 1, 2, 3]))
     codes = random_codes(B=1)
-    from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
     inputs, targets = delayed_streams(lm, codes)
     with torch.no_grad():
         with lm.streaming(1):  # attention-free model: the TTT state is the whole state
@@ -213,3 +211,42 @@ def test_bf16_model_keeps_float32_ttt_state():
             gen.step(random_codes(B=1)[:, 9:, t:t + 1])
         states = ttt_stream_state(lm)
     assert all(v.dtype == torch.float32 for k, v in states.items() if not k.endswith("offset"))
+
+
+def test_stream_state_is_updated_in_place_without_autograd():
+    """CUDA-graph safety: LMGen replays captured kernels, which only see the buffers they were
+    captured with, so the TTT state must keep its memory from step to step (moshi's KV cache too)."""
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    gen = LMGen(lm)
+    ttt = [m for m in lm.modules() if isinstance(m, MoshiTTT)]
+    with gen.streaming(2):
+        buffers = [[t.data_ptr() for t in m._streaming_state.ttt.tensors()] for m in ttt]
+        for t in range(6):
+            gen.step(random_codes()[:, 9:, t:t + 1])
+        gen.reset_streaming(torch.tensor([True, False]))
+        gen.step(random_codes()[:, 9:, :1])
+        assert buffers == [[t.data_ptr() for t in m._streaming_state.ttt.tensors()] for m in ttt]
+        assert ttt[0]._streaming_state.ttt.offset.tolist() == [1, 3]
+
+
+def test_patched_modules_follow_the_host_mode():
+    lm = tiny_lm()  # eval mode
+    patch_moshi(lm, TTTConfig(layers=[0, 1]))
+    assert not any(m.training for m in lm.modules())
+    train_lm = tiny_lm().train()
+    patch_moshi(train_lm, TTTConfig(layers=[0], mode="replace"))
+    assert all(m.training for m in train_lm.modules())
+
+
+def test_training_stream_keeps_the_graph_to_initial_fast_weights():
+    lm = tiny_lm().train()
+    # Every layer replaced: moshi's ring KV cache is written in place, so autograd cannot run
+    # through streamed attention (a moshi limitation); the TTT state itself keeps its graph.
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, mode="replace"))
+    inputs, targets = delayed_streams(lm, random_codes())
+    with lm.streaming(2):
+        for s in (0, 5):  # two windows; the second sees the first one's state
+            text, _ = chunk_logits(lm, inputs[:, :, s:s + 5], targets[:, :, s:s + 5])
+        text.float().logsumexp(-1).mean().backward()  # (W1 reaches window 2 only via the state)
+    assert lm.transformer.layers[0].self_attn.layer.W1.grad.abs().sum() > 0

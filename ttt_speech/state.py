@@ -49,12 +49,25 @@ class TTTState:
             self.names,
         )
 
+    def clone(self) -> "TTTState":
+        """A copy that owns its memory (the initial state is a broadcast view of the parameters)."""
+        return TTTState(tuple(w.clone() for w in self.weights), tuple(g.clone() for g in self.grads),
+                        self.offset.clone(), self.names)
+
+    def copy_(self, other: "TTTState") -> None:
+        """Overwrite this state's tensors in place with `other`'s values."""
+        for dst, src in zip((*self.weights, *self.grads, self.offset), (*other.weights, *other.grads, other.offset)):
+            dst.copy_(src)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (*self.weights, *self.grads, self.offset)
+
     def to_tensors(self) -> dict[str, Tensor]:
-        """Flat name → tensor mapping (for safetensors)."""
+        """Flat name → tensor mapping (for safetensors), copied."""
         out = {name: w for name, w in zip(self.names, self.weights)}
         out.update({f"grad_{name}": g for name, g in zip(self.names, self.grads)})
         out["offset"] = self.offset
-        return {k: v.detach().contiguous() for k, v in out.items()}
+        return {k: v.detach().clone() for k, v in out.items()}  # a snapshot, not views of live buffers
 
     def load_tensors(self, tensors: dict[str, Tensor], where: str = "state") -> "TTTState":
         """A state of the same layout as `self` holding `tensors` (as written by `to_tensors`)."""

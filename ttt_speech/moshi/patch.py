@@ -43,7 +43,7 @@ def patch_moshi(lm: LMModel, config: TTTConfig) -> PatchReport:
         attn = layer.self_attn
         ref = next(layer.parameters())
         ttt = MoshiTTT(TTTLayer(width, config, num_heads=config.num_heads or attn.num_heads,
-                                device=ref.device, dtype=ref.dtype))
+                                device=ref.device, dtype=ref.dtype)).train(layer.training)
         if config.mode == "replace":
             if config.init_from_attention:
                 _copy_attention_projections(attn, ttt.layer)
@@ -52,7 +52,7 @@ def patch_moshi(lm: LMModel, config: TTTConfig) -> PatchReport:
         else:
             layer.__class__ = TTTHybridTransformerLayer
             layer.ttt_branch = GatedTTTBranch(copy.deepcopy(layer.norm1), ttt, width, config.gate_init,
-                                              device=ref.device, dtype=ref.dtype)
+                                              device=ref.device, dtype=ref.dtype).train(layer.training)
     _forget_streaming_children(lm)
     per_layer = count_parameters(next(iter(ttt_modules(lm))))
     report = PatchReport(

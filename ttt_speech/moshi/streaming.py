@@ -25,11 +25,29 @@ class TTTStreamState(State):
 
     ttt: TTTState | None = None
     reset_fn: Callable[[TTTState, Tensor], TTTState] | None = None
+    keep_graph: bool = False  # training: rebind the state and keep its autograd graph
 
     def reset(self, reset_mask: Tensor) -> None:
         super().reset(reset_mask)
         assert self.ttt is not None and self.reset_fn is not None
-        self.ttt = self.reset_fn(self.ttt, reset_mask)
+        self.assign(self.reset_fn(self.ttt, reset_mask))
+
+    def assign(self, new: TTTState) -> None:
+        """Make `new` the current state.
+
+        In eval mode (`keep_graph` false; `LMGen` requires eval) the values are copied, detached,
+        into the existing buffers: `LMGen` CUDA-graphs `forward_text`, and a replayed graph only
+        reads and writes the buffers it was captured with (moshi's KV cache is updated in place
+        for the same reason). In training mode the state is rebound instead, keeping its autograd
+        graph to the parameters (cut it between windows with `TTTState.detach`).
+        """
+        assert self.ttt is not None
+        frozen_inference = not torch.is_inference_mode_enabled() and self.ttt.offset.is_inference()
+        if self.keep_graph or frozen_inference:
+            self.ttt = new
+        else:
+            with torch.no_grad():
+                self.ttt.copy_(new)
 
 
 class MoshiTTT(StreamingModule[TTTStreamState]):
@@ -44,15 +62,20 @@ class MoshiTTT(StreamingModule[TTTStreamState]):
         self.layer = layer
 
     def _init_streaming_state(self, batch_size: int) -> TTTStreamState:
-        return TTTStreamState(batch_size, self.layer.W1.device,
-                              ttt=self.layer.initial_state(batch_size), reset_fn=self.layer.reset_state)
+        # clone: the initial state is a broadcast view of the parameters, and in eval mode the
+        # state is updated in place (see `TTTStreamState.assign`).
+        initial = self.layer.initial_state(batch_size)
+        initial = initial.clone() if self.training else initial.detach().clone()
+        return TTTStreamState(batch_size, self.layer.W1.device, ttt=initial,
+                              reset_fn=self.layer.reset_state, keep_graph=self.training)
 
     def forward(self, x: Tensor, key: Tensor | None = None, value: Tensor | None = None) -> Tensor:
         state = self._streaming_state
         if state is None:
             return self.layer(x)[0]
         y, new = self.layer(x, state.ttt)
-        state.ttt = new.where(state.exec_mask, state.ttt)  # rows not executing keep their state
+        state.keep_graph = self.training
+        state.assign(new.where(state.exec_mask, state.ttt))  # rows not executing keep their state
         return y
 
 
@@ -106,7 +129,7 @@ def load_ttt_stream_state(lm: nn.Module, tensors: dict[str, Tensor], where: str 
     for name, module in modules:
         state = module._streaming_state
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        state.ttt = state.ttt.load_tensors(own, where=f"{where} ({name})")
+        state.assign(state.ttt.load_tensors(own, where=f"{where} ({name})"))
 
 
 def _streaming_ttt(lm: nn.Module) -> list[tuple[str, MoshiTTT]]:

@@ -20,9 +20,10 @@ MiniBatchStep = Callable[..., tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ..
 
 def slot_index(offset: Tensor, length: int, mini_batch_size: int) -> tuple[Tensor, int]:
     """Slots of a chunk's tokens on the mini-batch grid. offset [B] → index [B, T], grid length L."""
-    start = int(offset.max()) if offset.numel() else 0
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if offset.is_cuda and torch.cuda.is_current_stream_capturing():
         start = mini_batch_size - 1  # no host sync inside a CUDA graph: size for the worst case
+    else:
+        start = int(offset.max()) if offset.numel() else 0
     grid = -(-(start + length) // mini_batch_size) * mini_batch_size
     index = offset[:, None] + torch.arange(length, device=offset.device)
     return index, grid
