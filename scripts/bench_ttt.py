@@ -43,27 +43,32 @@ CHECK_TOL = 1e-4  # float32 agreement required between the primal loop and the d
 
 # ----------------------------------------------------------------------------- timing helpers
 
-def time_median(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
+def time_interleaved(fns: dict[str, Callable[[], object]], budget_s: float, min_rounds: int = 3,
+                     max_calls: int = 200) -> dict[str, tuple[float, int]]:
+    """Median ms per call of each fn, timed in interleaved rounds so that machine noise hits all alike.
+
+    Two warm-up calls each; the second sizes a round, in which each fn runs about the same total
+    time (fast ones several calls). Returns {name: (median ms, number of timed calls)}.
+    """
+    one = {}
+    for name, fn in fns.items():
         fn()
-    times = []
-    for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def time_budget(fn: Callable[[], object], budget_s: float, min_reps: int = 3,
-                max_reps: int = 50) -> tuple[float, int]:
-    """Median ms of fn() over as many repetitions as fit in ~budget_s, after two warm-up calls."""
-    fn()  # first call: allocations, lazy init
-    t0 = time.perf_counter()
-    fn()  # second warm-up call, also sizes the repetition count
-    one = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, int(budget_s / max(one, 1e-6))))
-    return time_median(fn, warmup=0, reps=reps), reps
+        one[name] = max(time.perf_counter() - t0, 1e-6)
+    slowest = max(one.values())
+    per_round = {name: max(1, round(slowest / t)) for name, t in one.items()}
+    round_s = sum(per_round[n] * one[n] for n in fns)
+    rounds = max(min_rounds, int(budget_s / round_s))
+    per_round = {n: max(1, min(k, max_calls // rounds)) for n, k in per_round.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round[name]):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts) * 1e3, len(ts)) for name, ts in times.items()}
 
 
 def table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:
@@ -173,8 +178,9 @@ def bench_dual_vs_primal(T: int, dim: int, heads: int, b: int, seed: int, budget
         moved = (state.weights[0][0] - layer.W1).abs().max().item()  # the check is not vacuous
         if not diff <= CHECK_TOL:
             raise SystemExit(f"(a) primal loop and dual form disagree: max |diff| = {diff:.3e} > {CHECK_TOL}")
-        dual_ms, dual_reps = time_budget(lambda: layer(x), budget_s, min_reps=5)
-        primal_ms, primal_reps = time_budget(lambda: primal_ttt_linear(layer, x), budget_s, min_reps=3, max_reps=5)
+        timed = time_interleaved({"dual": lambda: layer(x), "primal": lambda: primal_ttt_linear(layer, x)},
+                                 budget_s, min_rounds=3)
+        (dual_ms, dual_reps), (primal_ms, primal_reps) = timed["dual"], timed["primal"]
     return {"T": T, "dim": dim, "heads": heads, "head_dim": dim // heads, "mini_batch_size": b,
             "max_abs_diff": diff, "max_abs_output": scale, "fast_weight_change": moved,
             "dual_ms": dual_ms, "dual_reps": dual_reps, "primal_ms": primal_ms, "primal_reps": primal_reps,
@@ -202,9 +208,9 @@ def bench_layers(widths: list[tuple[int, int]], lengths: list[int], seed: int, b
         for T in lengths:
             x = torch.randn(1, T, dim)
             with torch.inference_mode():
-                attn_ms, _ = time_budget(lambda: attn(x, x, x), budget_s, max_reps=200)
-                lin_ms, _ = time_budget(lambda: ttt["linear"](x), budget_s, max_reps=200)
-                mlp_ms, _ = time_budget(lambda: ttt["mlp"](x), budget_s, max_reps=200)
+                timed = time_interleaved({"attn": lambda: attn(x, x, x), "linear": lambda: ttt["linear"](x),
+                                          "mlp": lambda: ttt["mlp"](x)}, budget_s)
+            attn_ms, lin_ms, mlp_ms = (timed[n][0] for n in ("attn", "linear", "mlp"))
             rows.append({"dim": dim, "heads": heads, "T": T, "attention_ms": attn_ms,
                          "ttt_linear_ms": lin_ms, "ttt_mlp_ms": mlp_ms,
                          "linear_over_attention": lin_ms / attn_ms, "mlp_over_attention": mlp_ms / attn_ms})
@@ -216,11 +222,12 @@ def bench_layers(widths: list[tuple[int, int]], lengths: list[int], seed: int, b
                 for _ in range(6):
                     xx = torch.randn(1, 500, dim)
                     attn(xx, xx, xx)
-                attn_ms, _ = time_budget(lambda: attn(x1, x1, x1), budget_s, max_reps=300)
-            step_ms = {}
-            for lt, layer in ttt.items():
-                state = layer(torch.randn(1, 3000, dim))[1]
-                step_ms[lt], _ = time_budget(lambda: layer(x1, state), budget_s, max_reps=300)
+                states = {lt: layer(torch.randn(1, 3000, dim))[1] for lt, layer in ttt.items()}
+                timed = time_interleaved({"attn": lambda: attn(x1, x1, x1),
+                                          "linear": lambda: ttt["linear"](x1, states["linear"]),
+                                          "mlp": lambda: ttt["mlp"](x1, states["mlp"])}, budget_s, max_calls=600)
+            attn_ms = timed["attn"][0]
+            step_ms = {lt: timed[lt][0] for lt in ttt}
         rows.append({"dim": dim, "heads": heads, "T": "1 (streaming)", "attention_ms": attn_ms,
                      "ttt_linear_ms": step_ms["linear"], "ttt_mlp_ms": step_ms["mlp"],
                      "linear_over_attention": step_ms["linear"] / attn_ms,
@@ -321,10 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
-    # Denormal floats can appear in the inner loop and make CPU math up to ~90x slower
-    # (measured: TTTLayer linear, C=128, T=1024: 3851 ms vs 42 ms). Flushing them changes
-    # nothing above 1e-38.
-    torch.set_flush_denormal(True)
 
     start = time.perf_counter()
     q = args.quick
@@ -333,17 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== ttt-speech benchmarks{' (--quick)' if q else ''} ==")
     print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['cpus_usable']} usable); "
           f"torch {info['torch']} ({info['torch_threads']} threads), moshi {info['moshi']}, Python {info['python']}")
-    print("float32, batch 1, CPU; median wall times (time.perf_counter) after warm-up\n")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results["load_average_1min_at_start"] = load
+    print(f"1-min load average at start: {load:.2f} (other busy processes on these cores distort every figure)")
+    print("float32, batch 1, CPU; median wall times (time.perf_counter) after warm-up; the things compared in\n"
+          "each row are timed interleaved (round-robin), so that machine noise hits them alike\n")
 
     # (a)
     T_a, dim_a, heads_a, b_a = (512 if q else 4096), 128, 4, 16
-    a = bench_dual_vs_primal(T_a, dim_a, heads_a, b_a, args.seed, budget_s=1.0 if q else 4.0)
+    a = bench_dual_vs_primal(T_a, dim_a, heads_a, b_a, args.seed, budget_s=2.0 if q else 8.0)
     results["dual_vs_primal"] = a
     print(f"(a) TTT-Linear: dual form (TTTLayer) vs per-token primal loop, same math and parameters\n"
           f"    T={T_a}, C={dim_a}, {heads_a} heads x {dim_a // heads_a}, mini-batch b={b_a}, torch.inference_mode")
     print(f"    check before timing: max |y_dual - y_primal| = {a['max_abs_diff']:.2e} (tolerance {CHECK_TOL:g}; "
           f"max |y| = {a['max_abs_output']:.2f}, fast weights moved by up to {a['fast_weight_change']:.2f})")
-    print(table(["form", "ms / forward", "us / token", "reps", "speed"], [
+    print(table(["form", "ms / forward", "us / token", "timed calls", "speed"], [
         ["primal loop (per token)", f"{a['primal_ms']:.1f}", f"{1e3 * a['primal_ms'] / T_a:.1f}",
          str(a["primal_reps"]), "1.0x"],
         ["dual form (TTTLayer)", f"{a['dual_ms']:.1f}", f"{1e3 * a['dual_ms'] / T_a:.1f}",
@@ -354,11 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     # (b)
     widths = [(128, 4)] if q else [(128, 4), (512, 4)]
     lengths = [256, 1024] if q else [256, 1024, 3000]
-    rows = bench_layers(widths, lengths, args.seed, budget_s=0.5 if q else 1.5)
+    rows = bench_layers(widths, lengths, args.seed, budget_s=1.5 if q else 4.5)
     results["ttt_vs_attention"] = rows
     print("(b) one layer, whole-sequence forward: TTT (b=16) vs Moshi StreamingMultiheadAttention\n"
           "    (causal, context 3000, RoPE), same width and heads; ratio = TTT time / attention time.\n"
-          "    T=1 rows: streaming, one token per call (attention 3000 steps in, ring KV cache full; TTT with its state)")
+          "    T=1 rows: streaming, one token per call (attention 3000+ steps in, ring KV cache full; TTT carrying its state)")
     print(table(["C x heads", "T", "attention ms", "TTT-linear ms", "TTT-mlp ms", "linear/attn", "mlp/attn"], [
         [f"{r['dim']} x {r['heads']}", str(r["T"]), f"{r['attention_ms']:.2f}", f"{r['ttt_linear_ms']:.2f}",
          f"{r['ttt_mlp_ms']:.2f}", f"{r['linear_over_attention']:.2f}", f"{r['mlp_over_attention']:.2f}"]

@@ -48,7 +48,6 @@ def _demo(args: argparse.Namespace) -> int:
     from . import TTTConfig, patch_moshi, tiny_moshi_lm
     from .moshi import teacher_forced_logits
 
-    torch.set_flush_denormal(True)  # CPU: denormals in the inner loop cost up to ~90x (docs/benchmarks.md)
     if args.frames < 1:
         raise ValueError(f"--frames: expected a positive integer, got {args.frames}")
     config = TTTConfig(layer_type=args.layer_type, mode=args.mode, layers=args.layers,
