@@ -5,7 +5,12 @@ import argparse
 import json
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
+
+# Modules that add subcommands. Each defines `register(subparsers)`, which only declares
+# arguments (cheap: torch and moshi are imported by the command when it runs) and sets `func`.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                              description="Print what a TTT export (save_ttt directory) contains.")
     inspect.add_argument("export_dir", type=Path, help="directory holding ttt_config.json and ttt.safetensors")
     inspect.set_defaults(func=_inspect)
+
+    for module in COMMAND_MODULES:
+        import_module(module).register(sub)
 
     args = parser.parse_args(argv)
     try:
