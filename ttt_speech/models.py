@@ -1,9 +1,15 @@
 """Model builders: Moshi-architecture LMs (tiny random-init ones for CPU work, real ones from the hub)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+
+from .schema import doc
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Moshi-7B's LM kwargs (moshi/models/loaders.py `_lm_kwargs`) with every size shrunk: the same
 # stream layout (1 text + 8 Moshi audio + 8 user audio streams, delays), norms, gating and RoPE.
@@ -60,3 +66,81 @@ def pretrained_moshi_lm(hf_repo: str = "kyutai/moshiko-pytorch-bf16", device: st
 
     info = loaders.CheckpointInfo.from_hf_repo(hf_repo)
     return info.get_moshi(device=device, dtype=dtype).eval()
+
+
+@dataclass
+class ModelConfig:
+    """Which Moshi LM (and Mimi codec) to build: shared by training, evaluation and generation."""
+
+    name: str = doc("tiny", "'tiny' (random-init Moshi-architecture model, no download) or a Hugging Face "
+                            "repo id such as kyutai/moshiko-pytorch-bf16")
+    moshi_weights: Path | None = doc(None, "local Moshi LM weights (.safetensors) used instead of the hub file")
+    mimi_weights: Path | None = doc(None, "local Mimi codec weights used instead of the hub file")
+    config_path: Path | None = doc(None, "local config.json of the checkpoint (hub repos ship one)")
+    tiny: dict = doc(factory=dict, help="overrides of the tiny model's kwargs (e.g. {dim: 64, card: 64, context: 32})")
+    seed: int = doc(0, "initialisation seed of the tiny model and of the random Mimi")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "parameter dtype of the LM (TTT state is always float32)")
+    device: str = doc("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model.name: expected 'tiny' or a Hugging Face repo id, got ''")
+        for key in ("moshi_weights", "mimi_weights", "config_path"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"model.{key}: {path} is not a readable file")
+        if self.name == "tiny":
+            unknown = sorted(set(self.tiny) - set(TINY_MOSHI_KWARGS))
+            if unknown:
+                raise ValueError(f"model.tiny: unknown kwarg(s) {unknown}; allowed: {sorted(TINY_MOSHI_KWARGS)}")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name == "tiny"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"model.device: expected auto, cpu or cuda[:N], got {self.device!r}") from None
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def codec_id(self) -> str:
+        """Identity of the Mimi codec, part of the key of cached codes."""
+        if self.is_tiny:
+            return f"mimi-random-seed{self.seed}"
+        if self.mimi_weights is not None:
+            return f"mimi-local-{Path(self.mimi_weights).resolve()}"
+        return f"mimi-{self.name}"
+
+
+def load_lm(config: ModelConfig, device: torch.device | None = None):
+    """The Moshi `LMModel` described by `config` (eval mode; on `device` or config.device)."""
+    device = device or config.torch_device()
+    if config.is_tiny:
+        return tiny_moshi_lm(seed=config.seed, device=device, dtype=config.torch_dtype(), **config.tiny)
+    return _checkpoint(config).get_moshi(device=device, dtype=config.torch_dtype()).eval()
+
+
+def load_mimi(config: ModelConfig, device: torch.device | None = None):
+    """The Mimi codec of `config`: a random-init Mimi for 'tiny' (seeded), the checkpoint's otherwise."""
+    from moshi.models import loaders
+
+    device = device or config.torch_device()
+    if config.is_tiny:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return loaders.get_mimi(None, device=device).eval()
+    return _checkpoint(config).get_mimi(device=device).eval()
+
+
+def _checkpoint(config: ModelConfig):
+    from moshi.models import loaders
+
+    return loaders.CheckpointInfo.from_hf_repo(
+        config.name, moshi_weights=config.moshi_weights, mimi_weights=config.mimi_weights,
+        config_path=config.config_path)
