@@ -26,6 +26,10 @@ class TTTStreamState(State):
     ttt: TTTState | None = None
     reset_fn: Callable[[TTTState, Tensor], TTTState] | None = None
     keep_graph: bool = False  # training: rebind the state and keep its autograd graph
+    # Window mode (training on consecutive windows, see `carry.py`): every call of the window
+    # starts from `window_start`, so activation checkpointing can recompute the forward.
+    window_start: TTTState | None = None
+    window_reset: Tensor | None = None  # rows [B] restarted at this window, applied in forward
 
     def reset(self, reset_mask: Tensor) -> None:
         super().reset(reset_mask)
@@ -73,9 +77,18 @@ class MoshiTTT(StreamingModule[TTTStreamState]):
         state = self._streaming_state
         if state is None:
             return self.layer(x)[0]
-        y, new = self.layer(x, state.ttt)
-        state.keep_graph = self.training
-        state.assign(new.where(state.exec_mask, state.ttt))  # rows not executing keep their state
+        start = state.ttt if state.window_start is None else state.window_start
+        if state.window_reset is not None:
+            # inside forward (not when the window is set up): sharded (FSDP) parameters are only
+            # materialised here, and a checkpointed recompute repeats the same reset.
+            start = self.layer.reset_state(start, state.window_reset)
+        y, new = self.layer(x, start)
+        new = new.where(state.exec_mask, start)  # rows not executing keep their state
+        if state.window_start is not None:
+            state.ttt = new  # window mode: rebind, `window_start` must stay intact for a recompute
+        else:
+            state.keep_graph = self.training
+            state.assign(new)
         return y
 
 

@@ -62,3 +62,18 @@ def teacher_forced_logits(lm: LMModel, codes: Tensor, chunk_size: int) -> LMOutp
             texts.append(t)
             audios.append(a)
     return undelay_logits(lm, codes, torch.cat(texts, dim=2), torch.cat(audios, dim=2))
+
+
+class ChunkModel(torch.nn.Module):
+    """`chunk_logits` as a module's forward, so DDP / FSDP wrappers see (and sync) the call.
+
+    forward(inputs, targets [B, K, S]) → (text logits [B, 1, S, text_card], audio logits
+    [B, dep_q, S, card]), delayed like the inputs.
+    """
+
+    def __init__(self, lm: LMModel) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return chunk_logits(self.lm, inputs, targets)

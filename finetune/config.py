@@ -1,0 +1,137 @@
+"""The training config: one dataclass per concern, loaded from YAML and validated here only.
+
+`ttt-speech train CONFIG.yaml key.sub=value ...` and `torchrun -m finetune.train CONFIG.yaml`
+both go through `load_train_config`; the resolved config is saved with every checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ttt_speech.config import TTTConfig
+from ttt_speech.models import ModelConfig
+from ttt_speech.schema import apply_overrides, check, doc, from_dict, load_yaml
+
+
+@dataclass
+class DataConfig:
+    train_manifest: Path = doc(None, "JSONL manifest of training recordings (audio files or code files)")
+    eval_manifest: Path | None = doc(None, "JSONL manifest of held-out recordings (null: no evaluation)")
+    window_frames: int | None = doc(256, "frames per training window (12.5 frames = 1 s); or set window_seconds")
+    window_seconds: float | None = doc(None, "window length in seconds (overrides window_frames when set)")
+    batch_size: int = doc(4, "recordings read side by side per step, across all ranks (global batch)")
+    num_workers: int = doc(0, "reserved: recordings are loaded lazily in the main process (codes are small)")
+    codes_cache: Path = doc(".cache/codes", "folder of the content-addressed Mimi codes cache (audio manifests)")
+    first_codebook_weight: float = doc(100.0, "loss weight of the first (semantic) audio codebook, as moshi-finetune")
+    text_padding_weight: float = doc(0.5, "loss weight of text padding tokens, as moshi-finetune")
+    shuffle: bool = doc(True, "shuffle the order of recordings each epoch (seeded)")
+
+    def __post_init__(self) -> None:
+        check(self.train_manifest is not None, "data.train_manifest", "a path to a JSONL manifest", None)
+        if self.window_seconds is not None:
+            check(self.window_seconds > 0, "data.window_seconds", "a positive number", self.window_seconds)
+            self.window_frames = max(1, round(self.window_seconds * 12.5))
+        check(self.window_frames is not None and self.window_frames >= 1, "data.window_frames",
+              "an integer >= 1", self.window_frames)
+        check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        check(self.first_codebook_weight > 0, "data.first_codebook_weight", "a positive number", self.first_codebook_weight)
+        check(self.text_padding_weight >= 0, "data.text_padding_weight", "a non-negative number", self.text_padding_weight)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = doc(16, "LoRA rank (trainable: ttt+lora)")
+    scale: float = doc(2.0, "LoRA scaling of B·A")
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, "lora.rank", "an integer >= 1", self.rank)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(1e-3, "AdamW peak learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: list[float] = doc(factory=lambda: [0.9, 0.95], help="AdamW betas")
+    warmup_steps: int = doc(0, "linear warm-up steps")
+    schedule: Literal["cosine", "constant"] = doc("cosine", "learning-rate schedule after warm-up")
+    min_lr_ratio: float = doc(0.1, "cosine: final lr as a fraction of lr")
+    grad_clip: float = doc(1.0, "max global gradient norm (0 = no clipping)")
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", "a positive number", self.lr)
+        check(self.weight_decay >= 0, "optim.weight_decay", "a non-negative number", self.weight_decay)
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+              "two numbers in [0, 1)", self.betas)
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
+        check(self.grad_clip >= 0, "optim.grad_clip", "a non-negative number", self.grad_clip)
+
+
+@dataclass
+class WandbConfig:
+    project: str = doc("ttt-speech", "wandb project")
+    run_name: str | None = doc(None, "wandb run name (null: the output folder's name)")
+    mode: Literal["online", "offline", "disabled"] = doc("online", "online, offline (sync later) or disabled")
+    entity: str | None = doc(None, "wandb entity (team); null: your default")
+
+
+@dataclass
+class LengthGenConfig:
+    enabled: bool = doc(False, "after training, evaluate perplexity at 0.5x..10x the training window on eval_manifest")
+    max_frames: int | None = doc(None, "cap on evaluated stream length (null: 10x the window)")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = doc(factory=ModelConfig, help="")
+    ttt: TTTConfig | None = doc(None, "TTT layers to insert (the TTTConfig fields); null trains the plain model "
+                                      "(the baseline)")
+    data: DataConfig = doc(factory=lambda: DataConfig(train_manifest=Path("train.jsonl")), help="")
+    trainable: Literal["ttt", "ttt+lora", "lora", "full"] = doc(
+        "ttt", "what is trained: the TTT layers; TTT + LoRA adapters; LoRA only; or every parameter")
+    lora: LoraConfig = doc(factory=LoraConfig, help="")
+    optim: OptimConfig = doc(factory=OptimConfig, help="")
+    precision: Literal["fp32", "bf16"] = doc("fp32", "fp32, or bf16 autocast (TTT fast weights stay float32)")
+    gradient_checkpointing: bool = doc(False, "recompute each transformer layer in backward (saves memory)")
+    persistent_state: bool = doc(True, "carry each row's TTT state across consecutive windows of its recording; "
+                                       "false: every window starts fresh (the ablation)")
+    distributed: Literal["ddp", "fsdp"] = doc("ddp", "multi-process strategy under torchrun: DDP or FSDP2")
+    steps: int = doc(100, "optimizer steps")
+    log_every: int = doc(10, "steps between log lines / wandb points / the TTT-stats CSV")
+    eval_every: int = doc(0, "steps between evaluations on eval_manifest (0: only at the end)")
+    eval_frames: int = doc(1024, "frames per held-out recording used by the periodic evaluation")
+    checkpoint_every: int = doc(0, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = doc(2, "checkpoints kept on disk (oldest deleted first)")
+    output_dir: Path = doc("runs/train", "folder of checkpoints, the export, logs and the TTT-stats CSV")
+    seed: int = doc(0, "seed of data order and initialisation of new layers")
+    wandb: WandbConfig = doc(factory=WandbConfig, help="")
+    length_gen: LengthGenConfig = doc(factory=LengthGenConfig, help="")
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        for name in ("steps", "log_every", "eval_frames", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("eval_every", "checkpoint_every"):
+            check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+        if self.ttt is None and self.trainable in ("ttt", "ttt+lora"):
+            raise ValueError(f"trainable: {self.trainable!r} needs a 'ttt' section (the baseline trains 'lora' or 'full')")
+        if self.ttt is not None and self.trainable == "lora":
+            raise ValueError("trainable: 'lora' leaves the TTT layers untrained; use 'ttt+lora'")
+
+    @property
+    def uses_lora(self) -> bool:
+        return "lora" in self.trainable
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file + `key.sub=value` overrides → a validated `TrainConfig` (ValueError naming the field).
+    Relative paths in the config are relative to the working directory, as in moshi-finetune."""
+    path = Path(path)
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        config = from_dict(TrainConfig, data, "train")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config

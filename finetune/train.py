@@ -1,0 +1,369 @@
+"""The training loop: `torchrun --nproc-per-node N -m finetune.train CONFIG.yaml [overrides]`.
+
+Orchestration only: the model comes from `ttt_speech.models`, TTT from `patch_moshi`, the carried
+state from `TTTCarry`, batches from `WindowBatcher`, the loss from `finetune.loss`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ttt_speech import schema
+from ttt_speech.data.cache import CodesCache
+from ttt_speech.data.codes import load_codes
+from ttt_speech.data.layout import moshi_streams
+from ttt_speech.data.manifest import ManifestEntry, read_manifest
+from ttt_speech.export import save_export
+from ttt_speech.lora import add_lora
+from ttt_speech.models import load_lm, load_mimi
+from ttt_speech.moshi.teacher_forcing import ChunkModel, chunk_logits, delayed_streams
+
+from .checkpointing import (load_checkpoint, resolve_resume, rng_state, save_checkpoint,
+                            set_rng_state, split_rows)
+from .cli import build_arg_parser
+from .config import TrainConfig, load_train_config
+from .data import WindowBatcher
+from .distributed import Dist, close_distributed, init_distributed, wrap
+from .loss import loss_terms, summarize, total_loss
+from .monitor import InnerLrProbe, Monitor
+
+logger = logging.getLogger("finetune")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; a checkpoint of the last good state has been written."""
+
+
+def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
+    """Base LM (+ TTT layers, + LoRA) with exactly the configured parameters trainable."""
+    from ttt_speech.moshi import patch_moshi, ttt_modules
+
+    lm = load_lm(config.model, device=device)
+    torch.manual_seed(config.seed)  # the new layers' initialisation depends on the seed only
+    if config.ttt is not None:
+        patch_moshi(lm, config.ttt)  # logs its report
+    if config.uses_lora:
+        skip = list(ttt_modules(lm)) if config.ttt is not None else []
+        add_lora(lm, config.lora.rank, config.lora.scale, skip=skip)
+    for name, p in lm.named_parameters():
+        p.requires_grad_(config.trainable == "full"
+                         or ("lora" in config.trainable and (".lora_A." in name or ".lora_B." in name))
+                         or ("ttt" in config.trainable and _is_ttt_param(lm, name)))
+    if config.gradient_checkpointing:
+        lm.transformer.checkpointing = True
+    return lm.train()
+
+
+def _is_ttt_param(lm: nn.Module, name: str) -> bool:
+    from ttt_speech.moshi import ttt_modules
+
+    prefixes = getattr(lm, "_ttt_prefixes", None)
+    if prefixes is None:
+        ids = {id(m) for m in ttt_modules(lm)}
+        prefixes = tuple(n + "." for n, m in lm.named_modules() if id(m) in ids)
+        lm._ttt_prefixes = prefixes
+    return name.startswith(prefixes)
+
+
+class RecordingLoader:
+    """Manifest entry → Moshi streams [K, T] (code files directly; audio through the codes cache)."""
+
+    def __init__(self, entries: list[ManifestEntry], lm: nn.Module, config: TrainConfig) -> None:
+        self.entries, self.lm = entries, lm
+        model = config.model
+        self.cache = CodesCache(config.data.codes_cache, model.codec_id(), lambda: load_mimi(model))
+
+    def __call__(self, index: int) -> torch.Tensor:
+        """The recording's once-delayed stream: inputs then targets stacked, [2K, T]."""
+        entry = self.entries[index]
+        recording = load_codes(entry.path) if entry.is_codes else self.cache.get(entry.path)
+        codes = moshi_streams(self.lm, recording, where=str(entry.path))
+        inputs, targets = delayed_streams(self.lm, codes[None].to(next(self.lm.parameters()).device))
+        return torch.cat([inputs[0], targets[0]]).cpu()
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of optim.lr at `step` (0-based): linear warm-up, then cosine or constant."""
+    o = config.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = (step - o.warmup_steps) / max(1, config.steps - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(config: TrainConfig, resume: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a training run. Returns the final metrics; writes everything under output_dir."""
+    env = init_distributed(config.model.device)
+    try:
+        return _train(config, env, resume, progress)
+    finally:
+        close_distributed()
+
+
+def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from ttt_speech.moshi.carry import TTTCarry
+
+    out_dir = config.output_dir
+    entries = read_manifest(config.data.train_manifest, "data.train_manifest")
+    eval_entries = read_manifest(config.data.eval_manifest, "data.eval_manifest") if config.data.eval_manifest else []
+    resume_dir = resolve_resume(resume) if resume is not None else None
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(schema.to_dict(config), sort_keys=False)
+
+    lm = build_model(config, env.device)
+    model = wrap(ChunkModel(lm), config.distributed, env)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")
+    o = config.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    loader = RecordingLoader(entries, lm, config)
+    per_rank = config.data.batch_size // env.world
+    batcher = WindowBatcher(entries, loader, config.data.batch_size, config.data.window_frames, env.rank, env.world,
+                            seed=config.seed, shuffle=config.data.shuffle, persistent=config.persistent_state,
+                            pad_id=lm.zero_token_id)
+    carry = TTTCarry(lm, per_rank) if config.ttt is not None else None
+    probe = InnerLrProbe(lm) if config.ttt is not None else None
+    step = 0
+    if resume_dir is not None:
+        step = _restore(resume_dir, lm, optimizer, scheduler, batcher, carry, env)
+        logger.info("resumed from %s at step %d", resume_dir, step)
+    else:
+        torch.manual_seed(config.seed + env.rank)
+    monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main)
+    names = [n for n, p in lm.named_parameters() if p.requires_grad]
+
+    def checkpoint(at_step: int, data_state: Any, carry_state: dict | None) -> Path | None:
+        states = env.gather_objects({"data": data_state, "rng": rng_state(),
+                                     "carry": None if carry_state is None else {k: v.cpu() for k, v in carry_state.items()}})
+        if not env.is_main:
+            return None
+        rows = {int(g): pos for s in states for g, pos in s["data"].items()}
+        stacked = None
+        if carry_state is not None:
+            stacked = {k: torch.cat([s["carry"][k] for s in states]) for k in states[0]["carry"]}
+        trainable = {n: p for n, p in lm.named_parameters() if p.requires_grad}
+        train_state = {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "data": rows, "rng": [s["rng"] for s in states], "world": env.world}
+        return save_checkpoint(out_dir / "checkpoints", at_step, trainable, stacked, train_state, config_yaml,
+                               config.keep_checkpoints)
+
+    tokens_per_step = config.data.batch_size * config.data.window_frames * lm.num_codebooks
+    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not (progress and env.is_main),
+               dynamic_ncols=True)
+    metrics: dict[str, Any] = {}
+    window_start_time, window_steps = time.perf_counter(), 0
+    while step < config.steps:
+        data_before = batcher.state_dict()
+        carry_before = carry.state_dict() if carry is not None else None
+        batch = batcher.next()
+        inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
+        if carry is not None:
+            carry.next_window(batch.new_recording.to(env.device))
+        log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
+        if probe is not None:
+            probe.armed = log_now
+        with _autocast(config, env.device):
+            text_logits, audio_logits = model(inputs, targets)
+        terms = _loss_terms(lm, config, text_logits, audio_logits, targets)
+        sums = env.all_reduce(terms.stacked())
+        values = summarize(sums)
+        loss = total_loss(terms, sums if env.enabled else None, env.world)
+        grad_norm = None
+        if math.isfinite(values["loss"]):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if not math.isfinite(values["loss"]) or grad_norm is None or not math.isfinite(grad_norm):
+            what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
+            saved = checkpoint(step, data_before, carry_before)
+            bar.close()
+            raise TrainingDiverged(
+                f"non-finite {what} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}"
+                f"{'' if grad_norm is None else f', grad_norm={grad_norm:.4g}'}); "
+                f"last good state saved to {saved or out_dir / 'checkpoints'}")
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        window_steps += 1
+        bar.update(1)
+        if log_now:
+            elapsed = time.perf_counter() - window_start_time
+            metrics = {**values, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                       "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9)}
+            stats = None
+            if carry is not None:
+                stats = carry.layer_stats()
+                for name, eta in probe.values.items():
+                    stats.setdefault(name, {})["eta_mean"] = eta
+            monitor.log(step, metrics, stats)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            window_start_time, window_steps = time.perf_counter(), 0
+        if eval_entries and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            _log_eval(step, lm, eval_entries, config, carry, monitor, env)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            checkpoint(step, batcher.state_dict(), carry.state_dict() if carry is not None else None)
+    bar.close()
+    checkpoint(step, batcher.state_dict(), carry.state_dict() if carry is not None else None)
+    if eval_entries:
+        metrics.update(_log_eval(step, lm, eval_entries, config, carry, monitor, env))
+    if env.is_main:
+        lora = {"rank": config.lora.rank, "scale": config.lora.scale} if config.uses_lora else None
+        save_export(lm, config.model, out_dir / "export", config.trainable, lora)
+        _plot_curves(out_dir)
+        logger.info("export written to %s", out_dir / "export")
+    monitor.finish()
+    env.barrier()
+    return {"step": step, **metrics}
+
+
+def _restore(path: Path, lm: nn.Module, optimizer, scheduler, batcher: WindowBatcher, carry, env: Dist) -> int:
+    trainable, carried, state = load_checkpoint(path)
+    own = {n: p for n, p in lm.named_parameters() if p.requires_grad}
+    if set(own) != set(trainable):
+        raise ValueError(f"--resume: {path} holds other trainable parameters than this config selects "
+                         f"(e.g. {sorted(set(own) ^ set(trainable))[:3]})")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(trainable[n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    batcher.load_state_dict(state["data"])
+    if state.get("world") == env.world:
+        set_rng_state(state["rng"][env.rank])
+    else:
+        logger.warning("resuming on %d processes from a %d-process run: RNG streams restart", env.world, state.get("world"))
+    if carry is not None:
+        if carried is None:
+            raise ValueError(f"--resume: {path} has no carried TTT state")
+        carry.load_state_dict({k: v.to(env.device) for k, v in split_rows(carried, batcher.rows).items()},
+                              where=str(path / "carry.safetensors"))
+    return int(state["step"])
+
+
+@torch.no_grad()
+def evaluate(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, env: Dist) -> dict[str, float]:
+    """Teacher-forced loss on the first `eval_frames` of each held-out recording, window by window
+    with the TTT state carried (persistent_state) exactly as in training; one recording at a time."""
+    from ttt_speech.moshi.carry import TTTCarry
+
+    was_training = lm.training
+    lm.eval()
+    loader = RecordingLoader(entries, lm, config)
+    total = torch.zeros(6, device=env.device)
+    W = config.data.window_frames
+    for i in range(len(entries)):
+        inputs, targets = loader(i)[:, :config.eval_frames].to(env.device)[None].chunk(2, dim=1)
+        carry = TTTCarry(lm, 1) if config.ttt is not None else None
+        try:
+            for start in range(0, inputs.shape[2], W):
+                window = slice(start, start + W)
+                if carry is not None:
+                    carry.next_window(torch.tensor([start == 0 or not config.persistent_state], device=env.device))
+                with _autocast(config, env.device):
+                    text_logits, audio_logits = chunk_logits(lm, inputs[:, :, window], targets[:, :, window])
+                total += _loss_terms(lm, config, text_logits, audio_logits, targets[:, :, window]).stacked()
+        finally:
+            if carry is not None:
+                carry.close()
+    lm.train(was_training)
+    return {f"eval_{k}": v for k, v in summarize(total).items()}
+
+
+def _loss_terms(lm: nn.Module, config: TrainConfig, text_logits, audio_logits, targets):
+    return loss_terms(text_logits, audio_logits, targets, lm.text_card, lm.card, lm.audio_offset,
+                      lm.text_padding_token_id, config.data.first_codebook_weight, config.data.text_padding_weight)
+
+
+def _log_eval(step: int, lm: nn.Module, entries, config: TrainConfig, carry, monitor: Monitor, env: Dist) -> dict:
+    with carry.paused() if carry is not None else contextlib.nullcontext():
+        values = evaluate(lm, entries, config, env)
+    monitor.log(step, values)
+    if env.is_main:
+        logger.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    return values
+
+
+def _plot_curves(out_dir: Path) -> None:
+    """loss.png from metrics.jsonl (train loss, eval loss when present)."""
+    import json
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if label == "eval" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (text + audio)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_dir / ".loss.png.tmp"
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_dir / "loss.png")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.wandb_offline:
+        overrides.append("wandb.mode=offline")
+    config = load_train_config(args.config, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = train(config, resume=args.resume, progress=not args.quiet)
+    except TrainingDiverged as e:
+        print(f"ttt-speech train: error: {e}", file=sys.stderr)
+        return 1
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
+    print(f"done: {result['step']} steps; {shown}")
+    print(f"outputs in {config.output_dir}: export/, checkpoints/, metrics.jsonl, loss.png"
+          + (", ttt_stats.csv" if config.ttt is not None else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_arg_parser(argparse.ArgumentParser(
+        prog="python -m finetune.train", description="Fine-tune a Moshi model with TTT layers (torchrun-ready)."))
+    args = parser.parse_args(argv)
+    try:
+        return run_cli(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"finetune.train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

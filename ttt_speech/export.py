@@ -1,0 +1,95 @@
+"""Exports: what a user needs to load a fine-tuned model (base model id + TTT/LoRA weights + config).
+
+An export directory holds `model.json` (the base `ModelConfig`, the trainable set and the LoRA
+shape) and, as trained: `ttt.safetensors` + `ttt_config.json` (see `save_ttt`), `lora.safetensors`,
+or for full fine-tuning `model.safetensors`. It is written to a temporary directory and renamed
+into place, so a reader never sees half an export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from . import schema
+from .checkpoint import load_ttt, save_tensors_atomic, save_ttt, write_text_atomic
+from .lora import add_lora, load_lora, lora_state_dict
+from .models import ModelConfig, load_lm
+
+FORMAT = "ttt-speech-export"
+VERSION = 1
+MODEL_FILE = "model.json"
+
+
+def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, trainable: str,
+                lora: dict[str, Any] | None = None) -> Path:
+    """Write the export of a trained `lm` (built from `model`) into `directory` (replaced atomically)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        patched = getattr(lm, "ttt_report", None) is not None
+        if patched:
+            save_ttt(lm, stage)
+        if lora is not None:
+            save_tensors_atomic(stage / "lora.safetensors",
+                                {k: v.detach().contiguous() for k, v in lora_state_dict(lm).items()})
+        if trainable == "full":
+            save_tensors_atomic(stage / "model.safetensors",
+                                {k: v.detach().contiguous() for k, v in lm.state_dict().items()})
+        meta = {"format": FORMAT, "version": VERSION, "model": schema.to_dict(model),
+                "trainable": trainable, "lora": lora, "ttt": patched}
+        write_text_atomic(stage / MODEL_FILE, json.dumps(meta, indent=2) + "\n")
+        os.chmod(stage, 0o755)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(stage, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    return directory
+
+
+def read_export_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (expected an export directory written by `ttt-speech train`)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: not a ttt-speech export (format {meta.get('format')!r}, version {meta.get('version')!r})")
+    return meta
+
+
+def load_exported_lm(directory: str | Path, device: torch.device | None = None,
+                     model: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig]:
+    """Rebuild a fine-tuned LM: the base model (or `model`, e.g. a local copy of the same weights),
+    its LoRA adapters, its TTT layers and their weights. Returns (lm in eval mode, ModelConfig)."""
+    directory = Path(directory)
+    meta = read_export_meta(directory)
+    model = model or schema.from_dict(ModelConfig, meta["model"], f"{directory / MODEL_FILE}:model")
+    lm = load_lm(model, device=device)
+    if meta.get("lora"):
+        add_lora(lm, meta["lora"]["rank"], meta["lora"]["scale"])
+        load_lora(lm, load_file(str(directory / "lora.safetensors")), str(directory / "lora.safetensors"))
+    if meta.get("ttt"):
+        load_ttt(lm, directory)
+    if meta.get("trainable") == "full":
+        path = directory / "model.safetensors"
+        missing, unexpected = lm.load_state_dict(load_file(str(path)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return lm.eval(), model
