@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _import  # noqa: F401
 from moshi.models.lm import LMModel, LMOutput
 from moshi.models.lm_utils import _delay_sequence, _undelay_sequence
+from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
 
 def delayed_streams(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,6 +38,30 @@ def chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor) -> tuple[Tensor, 
     return text_logits, audio_logits
 
 
+def widen_kv_caches(lm: LMModel, chunk_size: int) -> None:
+    """Make a streaming `lm`'s attention caches hold `context + chunk_size - 1` steps.
+
+    moshi sizes each ring KV cache to exactly `context` steps, which is right one step at a time
+    (`LMGen`) but not for chunks: once a stream is longer than `context`, writing a chunk of S
+    steps overwrites keys that the chunk's first S − 1 queries still attend to, so they see a
+    window up to S − 1 steps short (measured: NLL off by ~1 nat on a tiny model with context 16).
+    The attention mask still limits every query to `context` steps, so a wider cache gives
+    exactly the outputs of one full pass / of `LMGen`. Call inside `lm.streaming(B)`, before the
+    first chunk (the caches are replaced, empty).
+    """
+    for module in lm.transformer.modules():
+        state = getattr(module, "_streaming_state", None)
+        if not isinstance(module, StreamingMultiheadAttention) or module.context is None or state is None:
+            continue
+        old = state.kv_cache
+        if not isinstance(old, RingKVCache) or old.capacity >= module.context + chunk_size - 1:
+            continue
+        _, B, H, _, D = old.cache.shape
+        state.kv_cache = RingKVCache(B, H, D, module.context + chunk_size - 1,
+                                     respect_exec_mask=old.respect_exec_mask,
+                                     device=old.cache.device, dtype=old.cache.dtype)
+
+
 def undelay_logits(lm: LMModel, codes: Tensor, text_logits: Tensor, audio_logits: Tensor) -> LMOutput:
     """Delayed logits → an `LMOutput` aligned with `codes` [B, K, T], masks as `LMModel.forward`."""
     audio, audio_mask = _undelay_sequence(
@@ -57,6 +82,7 @@ def teacher_forced_logits(lm: LMModel, codes: Tensor, chunk_size: int) -> LMOutp
     inputs, targets = delayed_streams(lm, codes)
     texts, audios = [], []
     with lm.streaming(codes.shape[0]):
+        widen_kv_caches(lm, chunk_size)
         for start in range(0, codes.shape[2], chunk_size):
             t, a = chunk_logits(lm, inputs[:, :, start:start + chunk_size], targets[:, :, start:start + chunk_size])
             texts.append(t)
