@@ -97,7 +97,7 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "recompute each transformer layer in backward (saves memory)")
     persistent_state: bool = doc(True, "carry each row's TTT state across consecutive windows of its recording; "
                                        "false: every window starts fresh (the ablation)")
-    distributed: Literal["ddp", "fsdp"] = doc("ddp", "multi-process strategy under torchrun: DDP or FSDP2")
+    distributed: Literal["ddp"] = doc("ddp", "multi-process strategy under torchrun (DDP; gloo on CPU, nccl on GPU)")
     steps: int = doc(100, "optimizer steps")
     log_every: int = doc(10, "steps between log lines / wandb points / the TTT-stats CSV")
     eval_every: int = doc(0, "steps between evaluations on eval_manifest (0: only at the end)")

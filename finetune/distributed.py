@@ -64,17 +64,18 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, strategy: str, env: Dist) -> nn.Module:
-    """DDP or FSDP2 (`fully_shard` per transformer layer, then the root); unchanged when single-process."""
-    if not env.enabled:
-        return model
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+def wrap(model: nn.Module, env: Dist) -> nn.Module:
+    """DDP around a `ChunkModel` (unchanged when single-process).
 
-        for layer in model.transformer.layers:
-            fully_shard(layer)
-        fully_shard(model)
+    FSDP2 is not offered: moshi's `StreamingModule` classes (ABC + Generic) refuse FSDP2's
+    per-module class swap ("object layout differs"), and sharding only a plain wrapper turns the
+    TTT state and per-layer statistics, computed from parameters outside forward, into DTensors.
+    """
+    if not env.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # With persistent state, the TTT initial fast weights (W1, b1) only take part in a step when
+    # some row starts a new recording (their state is reset from them); DDP must allow that.
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                   find_unused_parameters=True)

@@ -132,7 +132,7 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     config_yaml = yaml.safe_dump(schema.to_dict(config), sort_keys=False)
 
     lm = build_model(config, env.device)
-    model = wrap(ChunkModel(lm), config.distributed, env)
+    model = wrap(ChunkModel(lm), env)
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")

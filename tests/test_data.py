@@ -1,0 +1,105 @@
+"""Data: code files, manifests, audio → Mimi codes (random-init Mimi) → Moshi streams → batches."""
+import numpy as np
+import pytest
+import sphn
+import torch
+
+from finetune.config import load_train_config
+from finetune.data import WindowBatcher
+from finetune.train import RecordingLoader
+from train_utils import TINY_MODEL, make_corpus, write_config
+from ttt_speech.data.codes import Recording, load_codes, save_codes
+from ttt_speech.data.layout import moshi_streams
+from ttt_speech.data.manifest import read_manifest
+from ttt_speech.data.synthetic import SynthConfig, synth_recording
+from ttt_speech.models import tiny_moshi_lm
+
+
+def test_code_file_round_trip_and_errors(tmp_path):
+    rec = Recording(torch.randint(0, 2048, (16, 7)), text=torch.arange(7), silence=torch.arange(8), codec="c")
+    back = load_codes(save_codes(tmp_path / "a.safetensors", rec))
+    assert torch.equal(back.codes, rec.codes) and torch.equal(back.text, rec.text) and back.codec == "c"
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable code file"):
+        load_codes(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"codes must be \[8 or 16, T\]"):
+        save_codes(tmp_path / "c.safetensors", Recording(torch.zeros(3, 4, dtype=torch.long)))
+
+
+def test_synthetic_corpus_is_deterministic_and_repeats_private_motifs():
+    config = SynthConfig(frames=400, num_motifs=3, motif_frames=8, seed=5)
+    codes, labels = synth_recording(config, 0)
+    again, _ = synth_recording(config, 0)
+    other, _ = synth_recording(config, 1)
+    assert torch.equal(codes, again) and not torch.equal(codes, other) and codes.shape == (8, 400)
+    starts = [t for t in range(1, 400) if labels[t] >= 0 and labels[t - 1] != labels[t]]
+    first = {}
+    for t in starts:  # every occurrence of a motif repeats its first occurrence exactly
+        m = int(labels[t])
+        if t + 8 <= 400:
+            first.setdefault(m, codes[:, t:t + 8])
+            assert torch.equal(codes[:, t:t + 8], first[m])
+    assert len(first) == 3
+
+
+@pytest.fixture(scope="module")
+def audio_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    g = np.random.default_rng(0)
+    sphn.write_wav(str(root / "mono.wav"), (0.1 * g.standard_normal(16000)).astype(np.float32), 16000)
+    sphn.write_wav(str(root / "stereo.wav"), (0.1 * g.standard_normal((2, 24000))).astype(np.float32), 24000)
+    (root / "corrupt.wav").write_bytes(b"RIFF not really")
+    (root / "train.jsonl").write_text('{"path": "mono.wav", "duration": 1.0}\n{"path": "stereo.wav", "duration": 1.0}\n')
+    return root
+
+
+def test_audio_manifest_to_codes_to_batches(tmp_path, audio_tree):
+    corpus = {"train": audio_tree / "train.jsonl"}
+    model = {**TINY_MODEL, "tiny": {**TINY_MODEL["tiny"], "card": 2048}}  # the random Mimi's codebook
+    config = load_train_config(write_config(tmp_path, corpus, model=model,
+                                            **{"data.codes_cache": str(tmp_path / "cache")}))
+    lm = tiny_moshi_lm(**config.model.tiny)
+    entries = read_manifest(config.data.train_manifest)
+    loader = RecordingLoader(entries, lm, config)
+    mono, stereo = loader(0), loader(1)  # once-delayed stream: inputs then targets, [2 * 17, T]
+    assert mono.shape == (34, 13) and stereo.shape == (34, 13)  # 1 s = 12.5 frames → 13
+    assert loader.cache.misses == 2
+    loader(0)
+    assert loader.cache.hits == 1
+    mono_codes = moshi_streams(lm, load_codes(loader.cache.path_for(entries[0].path)))
+    stereo_codes = moshi_streams(lm, load_codes(loader.cache.path_for(entries[1].path)))
+    assert (mono_codes[0] == lm.text_padding_token_id).all()  # no transcript: padding text
+    assert (mono_codes[9:] == mono_codes[9:, :1]).all()  # user stream: the silence code, every frame
+    assert stereo_codes.shape == (17, 13)
+    batcher = WindowBatcher(entries, loader, global_batch=2, window=8, shuffle=False)
+    batch = batcher.next()
+    assert batch.codes.shape == (2, 34, 8) and batch.new_recording.all()
+    assert not batcher.next().new_recording.any()
+
+
+def test_layout_of_stereo_and_mono_recordings():
+    lm = tiny_moshi_lm(card=64, text_card=100)
+    codes = torch.arange(16)[:, None].repeat(1, 5)  # row i holds code i
+    stereo = moshi_streams(lm, Recording(codes, text=torch.full((5,), 7)))
+    assert torch.equal(stereo[1:9, 0], torch.arange(8)) and torch.equal(stereo[9:, 0], torch.arange(8, 16))
+    assert (stereo[0] == 7).all()  # a given transcript is the text stream
+    mono = moshi_streams(lm, Recording(codes[:8], silence=torch.full((8,), 42)))
+    assert torch.equal(mono[1:9], codes[:8]) and (mono[9:] == 42).all()
+    with pytest.raises(ValueError, match="mono codes without 'silence'"):
+        moshi_streams(lm, Recording(codes[:8]))
+
+
+def test_corrupt_audio_is_a_clear_error(tmp_path, audio_tree):
+    (tmp_path / "m.jsonl").write_text(f'{{"path": "{audio_tree / "corrupt.wav"}"}}\n')
+    config = load_train_config(write_config(tmp_path, {"train": tmp_path / "m.jsonl"},
+                                            **{"data.codes_cache": str(tmp_path / "cache")}))
+    loader = RecordingLoader(read_manifest(config.data.train_manifest), tiny_moshi_lm(card=2048, text_card=100), config)
+    with pytest.raises(ValueError, match="corrupt.wav: cannot decode audio"):
+        loader(0)
+
+
+def test_codes_out_of_range_for_the_model(tmp_path):
+    corpus = make_corpus(tmp_path)
+    rec = load_codes(read_manifest(corpus["train"])[0].path)
+    with pytest.raises(ValueError, match="out of range for a model with card 16"):
+        moshi_streams(tiny_moshi_lm(card=16, text_card=100), rec)

@@ -1,0 +1,224 @@
+"""Fine-tuning: config validation, persistent-state batching, carried TTT state, exact resume."""
+import json
+
+import pytest
+import torch
+
+from finetune.config import TrainConfig, load_train_config
+from finetune.data import WindowBatcher
+from finetune.train import main as train_main
+from train_utils import make_corpus, write_config
+from ttt_speech import TTTConfig, patch_moshi, schema, tiny_moshi_lm
+from ttt_speech.data.manifest import ManifestEntry
+from ttt_speech.export import load_exported_lm
+from ttt_speech.moshi import ttt_stream_state
+from ttt_speech.moshi.carry import TTTCarry
+from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+def test_config_round_trip(tmp_path, corpus):
+    config = load_train_config(write_config(tmp_path, corpus), ["optim.lr=3e-4", "ttt.layers=last:0.5"])
+    assert config.optim.lr == 3e-4 and config.ttt.layers == "last:0.5"
+    assert isinstance(config.ttt, TTTConfig) and config.data.window_frames == 12
+    again = schema.from_dict(TrainConfig, schema.to_dict(config), "train")
+    assert schema.to_dict(again) == schema.to_dict(config)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "train.optim: unknown field(s) ['lrr']"),
+    ("optim.lr=fast", "train.optim.lr: expected a number, got 'fast'"),
+    ("optim.lr=0", "optim.lr: expected a positive number, got 0.0"),
+    ("data.batch_size=0", "data.batch_size: expected an integer >= 1, got 0"),
+    ("data.window_frames=-3", "data.window_frames: expected an integer >= 1"),
+    ("steps=0", "steps: expected an integer >= 1, got 0"),
+    ("trainable=everything", "train.trainable: expected one of"),
+    ("precision=fp8", "train.precision: expected one of ['fp32', 'bf16']"),
+    ("ttt.mini_batch_size=0", "TTTConfig.mini_batch_size"),
+    ("data.train_manifest=/nonexistent/train.jsonl", "data.train_manifest: manifest /nonexistent/train.jsonl not found"),
+    ("model.tiny.widht=3", "model.tiny: unknown kwarg(s) ['widht']"),
+])
+def test_bad_config_is_one_line_error_exit_2_nothing_written(tmp_path, corpus, capsys, override, message):
+    path = write_config(tmp_path, corpus)
+    assert train_main([str(path), override, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_manifest_lines(tmp_path, corpus, capsys):
+    bad = tmp_path / "bad.jsonl"
+    for content, message in [('{"path": "x.safetensors"}', "file"), ("not json", "not a JSON object"),
+                             ('{"duration": 3}', "expected an object with a 'path' string"),
+                             ('{"path": "a.txt"}', "expected audio")]:
+        bad.write_text(content + "\n")
+        path = write_config(tmp_path, corpus, **{"data.train_manifest": str(bad)})
+        assert train_main([str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}:1" in err and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert train_main([str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+
+
+# ---- persistent batching --------------------------------------------------------------------
+
+def fake_entries(lengths):
+    return [ManifestEntry(torch.tensor(0), None) for _ in lengths]  # paths unused by the fake loader
+
+
+def test_rows_read_their_recordings_in_order_and_reset_at_boundaries():
+    lengths = [10, 25, 7, 31, 12]
+    recs = [torch.arange(n)[None].repeat(2, 1) + 1000 * i for i, n in enumerate(lengths)]
+    batcher = WindowBatcher(fake_entries(lengths), lambda i: recs[i], global_batch=2, window=8, shuffle=False)
+    seen = {0: [], 1: []}
+    for _ in range(12):
+        batch = batcher.next()
+        for row, (codes, new, (index, start)) in enumerate(zip(batch.codes, batch.new_recording, batch.where)):
+            assert bool(new) == (start == 0)
+            n = lengths[index]
+            expected = torch.arange(start, start + 8)
+            real = expected < n
+            assert torch.equal(codes[0][real], expected[real] + 1000 * index)
+            assert (codes[0][~real] == -1).all()
+            seen[row].append((index, start))
+    # row 0 reads recordings 0, 2, 4 (then epoch 2), row 1 reads 1, 3; windows consecutive
+    assert seen[0][:6] == [(0, 0), (0, 8), (2, 0), (4, 0), (4, 8), (0, 0)]
+    assert seen[1][:7] == [(1, 0), (1, 8), (1, 16), (1, 24), (3, 0), (3, 8), (3, 16)]
+
+
+def test_batcher_shards_rows_over_ranks_and_restores_position():
+    lengths = [9] * 6
+    recs = [torch.full((1, n), i) for i, n in enumerate(lengths)]
+    single = WindowBatcher(fake_entries(lengths), lambda i: recs[i], 4, 4, seed=3)
+    ranks = [WindowBatcher(fake_entries(lengths), lambda i: recs[i], 4, 4, rank=r, world=2, seed=3) for r in (0, 1)]
+    for _ in range(5):
+        full = single.next().codes
+        assert torch.equal(full, torch.cat([b.next().codes for b in ranks]))
+    copy = WindowBatcher(fake_entries(lengths), lambda i: recs[i], 4, 4, seed=3)
+    copy.load_state_dict(single.state_dict())
+    assert torch.equal(copy.next().codes, single.next().codes)
+    with pytest.raises(ValueError, match="data.batch_size: 8 rows but the manifest lists only 6"):
+        WindowBatcher(fake_entries(lengths), lambda i: recs[i], 8, 4)
+
+
+def test_not_persistent_resets_every_window():
+    recs = [torch.zeros(1, 30)] * 2
+    batcher = WindowBatcher(fake_entries([30, 30]), lambda i: recs[i], 2, 8, persistent=False)
+    assert all(batcher.next().new_recording.all() for _ in range(3))
+
+
+# ---- carried TTT state ----------------------------------------------------------------------
+
+def test_carried_state_over_windows_equals_one_streaming_pass():
+    """lr 0 (parameters fixed), TTT in place of every attention: windows of the once-delayed stream
+    with the carried state give the logits and final state of one chunked streaming pass."""
+    lm = tiny_moshi_lm(card=64, text_card=100)
+    patch_moshi(lm, TTTConfig(mode="replace", mini_batch_size=4))
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 64, (2, 17, 30), generator=g)
+    codes[:, 0] = torch.randint(0, 100, (2, 30), generator=g)
+    inputs, targets = delayed_streams(lm, codes)
+    W = 7
+    with torch.no_grad(), lm.streaming(2):
+        ref = [chunk_logits(lm, inputs[:, :, s:s + W], targets[:, :, s:s + W]) for s in range(0, 30, W)]
+        ref_state = ttt_stream_state(lm)
+    lm.train()
+    with TTTCarry(lm, 2) as carry:
+        for i, s in enumerate(range(0, 30, W)):
+            carry.next_window(torch.tensor([i == 0, i == 0]))
+            text, audio = chunk_logits(lm, inputs[:, :, s:s + W], targets[:, :, s:s + W])
+            (audio.nan_to_num().sum() + text.sum()).backward()  # the graph stays within the window
+            assert (audio.detach() - ref[i][1]).abs().nan_to_num().max() < 1e-5
+            assert (text.detach() - ref[i][0]).abs().max() < 1e-5
+        state = carry.state_dict()
+    assert state.keys() == ref_state.keys()
+    assert max((state[k].float() - ref_state[k].float()).abs().max().item() for k in state) < 1e-5
+
+
+def test_carry_resets_only_the_masked_rows_and_checkpoint_recompute_is_exact():
+    lm = tiny_moshi_lm(card=64, text_card=100, num_layers=2)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, gate_init=0.5))
+    lm.train()
+    codes = torch.randint(0, 64, (2, 17, 16), generator=torch.Generator().manual_seed(1))
+    codes[:, 0] = 3
+    inputs, targets = delayed_streams(lm, codes)
+    grads = []
+    for checkpointing in (False, True):
+        lm.transformer.checkpointing = checkpointing
+        lm.zero_grad()
+        with TTTCarry(lm, 2) as carry:
+            carry.next_window(torch.tensor([True, True]))
+            chunk_logits(lm, inputs[:, :, :8], targets[:, :, :8])
+            carry.next_window(torch.tensor([False, True]))
+            fresh = carry.current()[0]
+            initial = next(m for _, m in carry.modules).layer.initial_state(2)
+            assert torch.equal(fresh.weights[0][1], initial.weights[0][1].detach())  # row 1 reset
+            assert not torch.equal(fresh.weights[0][0], initial.weights[0][0].detach())  # row 0 carried
+            text, audio = chunk_logits(lm, inputs[:, :, 8:], targets[:, :, 8:])
+            (audio.nan_to_num().square().mean() + text.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-6
+
+
+# ---- training runs --------------------------------------------------------------------------
+
+def test_exact_resume(tmp_path, corpus):
+    """4 steps in one go == 2 steps, stop, --resume, 2 more: identical per-step losses."""
+    one = write_config(tmp_path / "a", corpus, output_dir=str(tmp_path / "a" / "run"))
+    assert train_main([str(one), "--quiet"]) == 0
+    two = write_config(tmp_path / "b", corpus, output_dir=str(tmp_path / "b" / "run"), steps=2)
+    assert train_main([str(two), "--quiet"]) == 0
+    assert train_main([str(two), "steps=4", "--resume", str(tmp_path / "b" / "run"), "--quiet"]) == 0
+    full, resumed = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert len(full) == 4 and resumed == full
+
+
+def test_run_outputs_and_export_reload(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, trainable="ttt+lora", **{
+        "data.eval_manifest": str(corpus["eval"]), "lora.rank": 2, "steps": 3, "eval_every": 2,
+        "checkpoint_every": 1, "keep_checkpoints": 2})
+    assert train_main([str(path), "--quiet"]) == 0
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "ttt_stats.csv", "loss.png", "export/model.json", "export/ttt.safetensors",
+                 "export/lora.safetensors"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    header, *rows = (run / "ttt_stats.csv").read_text().splitlines()
+    assert header == "step,layer,w_norm,w_delta,eta_mean" and len(rows) == 3 * 2  # 3 log steps x 2 layers
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in m for m in metrics)
+    assert all(k in metrics[0] for k in ("loss", "text_loss", "audio_loss", "cb1_loss", "lr", "grad_norm", "tokens_per_s"))
+    lm, model = load_exported_lm(run / "export")
+    assert model.tiny["dim"] == 64 and lm.ttt_config.mini_batch_size == 4
+    trained = torch.load(run / "checkpoints" / "step_000003" / "train_state.pt", weights_only=False)
+    assert trained["step"] == 3
+
+
+def test_non_finite_loss_stops_with_checkpoint(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, **{"optim.lr": 1e30, "optim.grad_clip": 0.0, "steps": 6})
+    assert train_main([str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "last good state saved" in err
+    assert list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_baseline_without_ttt(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, ttt=None, steps=2)
+    assert train_main([str(path), "--quiet"]) == 0
+    assert not (tmp_path / "run" / "ttt_stats.csv").exists() and len(losses(tmp_path / "run")) == 2
