@@ -222,3 +222,17 @@ def test_baseline_without_ttt(tmp_path, corpus):
     path = write_config(tmp_path, corpus, ttt=None, steps=2)
     assert train_main([str(path), "--quiet"]) == 0
     assert not (tmp_path / "run" / "ttt_stats.csv").exists() and len(losses(tmp_path / "run")) == 2
+
+
+def test_training_config_reference_and_shipped_configs_are_in_sync():
+    """docs/training.md holds the generated field reference; every shipped training config loads."""
+    from pathlib import Path
+
+    from ttt_speech.schema import markdown_reference
+
+    assert markdown_reference(TrainConfig) in Path("docs/training.md").read_text(), \
+        "regenerate the table: python -c 'from finetune.config import TrainConfig; " \
+        "from ttt_speech.schema import markdown_reference; print(markdown_reference(TrainConfig))'"
+    for name in ("tiny.yaml", "moshi_7b_ttt.yaml"):
+        config = load_train_config(Path("configs") / name)
+        assert config.ttt is not None

@@ -191,3 +191,11 @@ def check(condition: bool, where: str, expected: str, value: Any) -> None:
     """Raise the standard one-line error unless `condition` holds."""
     if not condition:
         raise ValueError(f"{where}: expected {expected}, got {_show(value)}")
+
+
+def markdown_reference(cls: type) -> str:
+    """The field reference of a config tree as a Markdown table (kept in the docs, checked by a test)."""
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+    for name, default, help_text in reference(cls):
+        lines.append(f"| `{name}` | `{default}` | {help_text.replace('|', '/')} |")
+    return "\n".join(lines)
