@@ -236,3 +236,17 @@ def test_training_config_reference_and_shipped_configs_are_in_sync():
     for name in ("tiny.yaml", "moshi_7b_ttt.yaml"):
         config = load_train_config(Path("configs") / name)
         assert config.ttt is not None
+
+
+def test_bf16_autocast_with_gradient_checkpointing_runs(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, precision="bf16", gradient_checkpointing=True, steps=1)
+    assert train_main([str(path), "--quiet"]) == 0
+    assert all(map(lambda x: x == x, losses(tmp_path / "run")))
+
+
+def test_wandb_offline_needs_no_network(tmp_path, corpus, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = write_config(tmp_path, corpus, steps=2)
+    assert train_main([str(path), "--wandb-offline", "--quiet"]) == 0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
