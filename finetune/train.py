@@ -83,11 +83,15 @@ class RecordingLoader:
         model = config.model
         self.cache = CodesCache(config.data.codes_cache, model.codec_id(), lambda: load_mimi(model))
 
-    def __call__(self, index: int) -> torch.Tensor:
-        """The recording's once-delayed stream: inputs then targets stacked, [2K, T]."""
+    def codes(self, index: int) -> torch.Tensor:
+        """The recording in Moshi's stream layout, [K, T]."""
         entry = self.entries[index]
         recording = load_codes(entry.path) if entry.is_codes else self.cache.get(entry.path)
-        codes = moshi_streams(self.lm, recording, where=str(entry.path))
+        return moshi_streams(self.lm, recording, where=str(entry.path))
+
+    def __call__(self, index: int) -> torch.Tensor:
+        """The recording's once-delayed stream: inputs then targets stacked, [2K, T]."""
+        codes = self.codes(index)
         inputs, targets = delayed_streams(self.lm, codes[None].to(next(self.lm.parameters()).device))
         return torch.cat([inputs[0], targets[0]]).cpu()
 
@@ -230,6 +234,10 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     checkpoint(step, batcher.state_dict(), carry.state_dict() if carry is not None else None)
     if eval_entries:
         metrics.update(_log_eval(step, lm, eval_entries, config, carry, monitor, env))
+    if carry is not None:
+        carry.close()
+    if env.is_main and config.length_gen.enabled:
+        _length_gen(lm, eval_entries, config, monitor)
     if env.is_main:
         lora = {"rank": config.lora.rank, "scale": config.lora.scale} if config.uses_lora else None
         save_export(lm, config.model, out_dir / "export", config.trainable, lora)
@@ -305,6 +313,24 @@ def _log_eval(step: int, lm: nn.Module, entries, config: TrainConfig, carry, mon
     if env.is_main:
         logger.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     return values
+
+
+def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, monitor: Monitor) -> None:
+    """Perplexity at 0.5x..10x the training window on the held-out recordings (eval's length-gen)."""
+    from eval.length_gen import length_generalisation, write_length_gen
+
+    if not entries:
+        logger.warning("length_gen.enabled needs data.eval_manifest; skipped")
+        return
+    loader = RecordingLoader(entries, lm, config)
+    streams = {entry.path.stem: loader.codes(i) for i, entry in enumerate(entries)}
+    was_training = lm.training
+    lm.eval()
+    with torch.no_grad():
+        result = length_generalisation(lm, streams, config.data.window_frames, max_frames=config.length_gen.max_frames)
+    lm.train(was_training)
+    paths = write_length_gen({"trained": result}, config.output_dir / "length_gen", wandb_run=monitor.wandb)
+    logger.info("length generalisation written to %s", paths["markdown"])
 
 
 def _plot_curves(out_dir: Path) -> None:

@@ -250,3 +250,14 @@ def test_wandb_offline_needs_no_network(tmp_path, corpus, monkeypatch):
     path = write_config(tmp_path, corpus, steps=2)
     assert train_main([str(path), "--wandb-offline", "--quiet"]) == 0
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_length_generalisation_after_training(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, steps=1, **{"data.eval_manifest": str(corpus["eval"]),
+                                                      "length_gen.enabled": True})
+    assert train_main([str(path), "--quiet"]) == 0
+    result = json.loads((tmp_path / "run" / "length_gen" / "length_gen.json").read_text())["trained"]
+    points = next(iter(result["groups"].values()))["points"]
+    assert len(points) == 20
+    assert any("skipped" in p for p in points) and any("cumulative" in p for p in points)  # 40 frames < 10x12
+    assert (tmp_path / "run" / "length_gen" / "length_gen.png").is_file()
