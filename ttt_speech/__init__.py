@@ -17,6 +17,7 @@ _LAZY = {
     "TTTState": "ttt_speech.state",
     "PatchReport": "ttt_speech.report",
     "patch_moshi": "ttt_speech.moshi",
+    "patch_llama": "ttt_speech.llama",
     "save_ttt": "ttt_speech.checkpoint",
     "load_ttt": "ttt_speech.checkpoint",
     "ttt_state_dict": "ttt_speech.checkpoint",

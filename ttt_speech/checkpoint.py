@@ -19,7 +19,10 @@ WEIGHTS_FILE = "ttt.safetensors"
 CONFIG_FILE = "ttt_config.json"
 FORMAT_VERSION = 1
 # host name → (module, patch function, TTT-module iterator), imported only when needed.
-HOSTS = {"moshi": ("ttt_speech.moshi", "patch_moshi", "ttt_modules")}
+HOSTS = {
+    "moshi": ("ttt_speech.moshi", "patch_moshi", "ttt_modules"),
+    "llama": ("ttt_speech.llama", "patch_llama", "ttt_modules"),  # HF Llama / Qwen2 (LLaMA-Omni 1/2)
+}
 
 
 def _host(name: str, where: str) -> tuple[Any, Any]:

@@ -1,0 +1,191 @@
+"""TTT inside transformers' Llama / Qwen2 decoders: the modules `patch_llama` puts in place.
+
+- `LlamaTTT`: a `TTTLayer` with self-attention's call signature; its state lives in the
+  `TTTCache` slot of its layer. It replaces `self_attn` in "replace" mode.
+- `GatedTTTBranch` + `TTTHybridDecoderMixin`: "hybrid" mode, x + tanh(α)·TTT(norm(x)) right
+  after the attention residual of a decoder layer.
+- `TTTModelMixin`: on the decoder stack (`LlamaModel` / `Qwen2Model`); gives every forward a
+  `TTTCache` and tells the TTT layers which tokens are padding.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from . import _import  # noqa: F401
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from ..layer import TTTLayer
+from ..state import TTTState
+from .cache import TTTCache, TTTPlan
+
+
+class LlamaTTT(nn.Module):
+    """A TTT layer in decoder layer `layer_idx`: hidden_states [B, T, C] → ([B, T, C], None).
+
+    Called like transformers' attention (`self_attn(hidden_states=..., past_key_values=...,
+    position_embeddings=..., ...)`, 2-tuple back). Positions and the attention mask are not
+    needed: TTT positions come from its own state (RoPE modulo the mini-batch), padding from the
+    cache's token mask. Without a cache (e.g. under HF gradient checkpointing, which drops it)
+    every call starts from the initial fast weights.
+    """
+
+    def __init__(self, layer: TTTLayer, layer_idx: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: Tensor, position_embeddings: object = None, attention_mask: object = None,
+                past_key_values: object = None, **kwargs: object) -> tuple[Tensor, None]:
+        if past_key_values is None:
+            return self.layer(hidden_states)[0], None
+        if not isinstance(past_key_values, TTTCache):
+            raise ValueError(f"past_key_values: TTT layer {self.layer_idx} needs a TTTCache, got "
+                             f"{type(past_key_values).__name__} (call the patched model, not its layers)")
+        slot = past_key_values.ttt_slots[self.layer_idx]
+        y, slot.state = run_valid_tokens(self.layer, hidden_states, slot.state, past_key_values.token_mask)
+        slot.seen += hidden_states.shape[1]  # padding included, like the KV cache's length
+        return y, None
+
+
+class GatedTTTBranch(nn.Module):
+    """x → x + tanh(α) ⊙ TTT(norm(x)), α per channel: the hybrid residual branch. x [B, T, C]."""
+
+    def __init__(self, norm: nn.Module, ttt: LlamaTTT, dim: int, gate_init: float,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.ttt = ttt
+        self.gate_alpha = nn.Parameter(torch.full((dim,), float(gate_init), device=device, dtype=dtype))
+
+    def forward(self, x: Tensor, past_key_values: object = None) -> Tensor:
+        update, _ = self.ttt(hidden_states=self.norm(x), past_key_values=past_key_values)
+        return x + torch.tanh(self.gate_alpha).to(update.dtype) * update
+
+
+class TTTHybridDecoderMixin:
+    """Decoder-layer forward with the gated TTT branch after the attention residual.
+
+    transformers computes the attention residual inline in `forward`, so the branch can only go
+    there by overriding it: patched layers get a subclass of their own class with this mixin
+    first (`layer.__class__` is switched), which keeps parameter names and checkpointing. The
+    body is Llama's / Qwen2's decoder forward (identical in transformers 5.x) plus one line; the
+    gate-0 test checks it still reproduces the host bit for bit.
+    """
+
+    ttt_branch: GatedTTTBranch
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: object = None,
+                use_cache: bool | None = False, position_embeddings: tuple[Tensor, Tensor] | None = None,
+                **kwargs: object) -> Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
+            **kwargs)
+        hidden_states = residual + hidden_states
+        hidden_states = self.ttt_branch(hidden_states, past_key_values=past_key_values)
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class TTTModelMixin:
+    """Decoder-stack forward that runs the TTT layers against a `TTTCache`.
+
+    - no cache given: a fresh `TTTCache` (dropped from the output when `use_cache` is off, and
+      only made then if there is padding to tell the TTT layers about);
+    - a plain empty `DynamicCache` (also `generate()`'s own): converted in place (`TTTCache.adopt`);
+    - a 2-D `attention_mask`: its columns for this call's tokens mark padding, which the TTT
+      layers skip (each row's real tokens must be contiguous: left or right padding).
+    """
+
+    ttt_plan: TTTPlan
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: object = None,
+                inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
+                **kwargs: object) -> BaseModelOutputWithPast:
+        source = inputs_embeds if inputs_embeds is not None else input_ids
+        token_mask = _chunk_token_mask(attention_mask, source.shape[1]) if source is not None else None
+        keep_cache = use_cache if use_cache is not None else self.config.use_cache
+        created = past_key_values is None and (keep_cache or token_mask is not None)
+        if created:
+            past_key_values = TTTCache(self)
+        elif past_key_values is not None:
+            past_key_values = TTTCache.adopt(past_key_values, self.ttt_plan)
+        with past_key_values.chunk(token_mask) if past_key_values is not None else nullcontext():
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                  use_cache=use_cache, **kwargs)
+        if created and not keep_cache:
+            out.past_key_values = None
+        return out
+
+
+def _chunk_token_mask(attention_mask: Tensor | None, length: int) -> Tensor | None:
+    """Real (non-padding) tokens of this call, [B, T] bool, from a 2-D mask over past + current
+    tokens; None when every token is real (the common, fast case) or the mask is not 2-D."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    mask = attention_mask[:, -length:].bool()
+    return None if bool(mask.all()) else mask
+
+
+def run_valid_tokens(layer: TTTLayer, x: Tensor, state: TTTState | None,
+                     valid: Tensor | None) -> tuple[Tensor, TTTState]:
+    """`layer(x, state)` where only the tokens with valid [B, T] true exist for TTT.
+
+    Each row's real tokens must be one contiguous span (left or right padding). Rows are grouped
+    by span and each group runs on its span alone, so padding neither updates the fast weights
+    nor takes mini-batch positions; outputs at padding are 0.
+    """
+    if valid is None:
+        return layer(x, state)
+    B, T, _ = x.shape
+    if state is None:
+        state = layer.initial_state(B)
+    counts = valid.sum(dim=1)
+    starts = torch.where(counts > 0, valid.int().argmax(dim=1), 0)
+    pos = torch.arange(T, device=valid.device)
+    span = (pos >= starts[:, None]) & (pos < (starts + counts)[:, None])
+    if not torch.equal(span, valid):
+        raise ValueError("attention_mask: TTT layers need each row's tokens of a call to be contiguous "
+                         "(left or right padding only)")
+    y = torch.zeros_like(x)
+    pairs = torch.stack([starts, counts], dim=1)
+    for s, n in torch.unique(pairs, dim=0).tolist():
+        if n == 0:
+            continue  # an all-padding row: state unchanged, output 0
+        rows = ((starts == s) & (counts == n)).nonzero().squeeze(1)
+        part, new = layer(x[rows, s:s + n], _rows(state, rows))
+        y = y.index_put((rows[:, None], torch.arange(s, s + n, device=x.device)[None]), part)
+        state = _put_rows(state, rows, new)
+    return y, state
+
+
+def _rows(state: TTTState, rows: Tensor) -> TTTState:
+    pick = lambda t: t.index_select(0, rows.to(t.device))  # noqa: E731
+    return TTTState(tuple(map(pick, state.weights)), tuple(map(pick, state.grads)), pick(state.offset), state.names)
+
+
+def _put_rows(state: TTTState, rows: Tensor, part: TTTState) -> TTTState:
+    """`state` with `rows` replaced by `part`'s rows (out of place: autograd-safe)."""
+    put = lambda t, p: t.index_copy(0, rows.to(t.device), p.to(t.dtype))  # noqa: E731
+    return TTTState(tuple(map(put, state.weights, part.weights)), tuple(map(put, state.grads, part.grads)),
+                    put(state.offset, part.offset), state.names)
+
+
+@lru_cache(maxsize=None)
+def with_mixin(mixin: type, cls: type) -> type:
+    """`cls` with `mixin`'s overrides first in the MRO, made once per pair (a subclass of the
+    host's own class keeps whatever that class adds, e.g. a LLaMA-Omni subclass of LlamaModel).
+    transformers' `GradientCheckpointingLayer` wraps the new `forward` for checkpointing as it
+    does for its own subclasses. Patched models are saved with `save_ttt`, not pickled."""
+    return type(f"TTT{cls.__name__}", (mixin, cls), {"__module__": __name__})
