@@ -103,3 +103,14 @@ def test_codes_out_of_range_for_the_model(tmp_path):
     rec = load_codes(read_manifest(corpus["train"])[0].path)
     with pytest.raises(ValueError, match="out of range for a model with card 16"):
         moshi_streams(tiny_moshi_lm(card=16, text_card=100), rec)
+
+
+def test_synthetic_private_vocabulary():
+    config = SynthConfig(frames=300, card=64, vocab=5, seed=1)
+    codes, _ = synth_recording(config, 0)
+    other, _ = synth_recording(config, 1)
+    for k in range(8):
+        assert len(codes[k].unique()) <= 5
+    assert any(set(codes[k].tolist()) != set(other[k].tolist()) for k in range(8))
+    with pytest.raises(ValueError, match="synth.vocab"):
+        SynthConfig(card=8, vocab=9)

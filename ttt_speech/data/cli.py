@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--num-motifs", type=int, default=8, help="private motifs per recording (default 8)")
     synth.add_argument("--motif-frames", type=int, default=16, help="frames per motif (default 16)")
     synth.add_argument("--motif-prob", type=float, default=0.5, help="probability that a segment is a motif (default 0.5)")
+    synth.add_argument("--vocab", type=int, default=0,
+                       help="codes per codebook each recording uses, a private subset of --card (default 0: all)")
     synth.add_argument("--eval-recordings", type=int, default=4, help="recordings held out in eval.jsonl (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     synth.set_defaults(func=_synth)
@@ -42,7 +44,7 @@ def _synth(args: argparse.Namespace) -> int:
     from .synthetic import SynthConfig, write_corpus
 
     config = SynthConfig(recordings=args.recordings, frames=args.frames, card=args.card, num_motifs=args.num_motifs,
-                         motif_frames=args.motif_frames, motif_prob=args.motif_prob,
+                         motif_frames=args.motif_frames, motif_prob=args.motif_prob, vocab=args.vocab,
                          eval_recordings=args.eval_recordings, seed=args.seed)
     files = write_corpus(config, args.out, progress=True)
     print("wrote " + ", ".join(f"{k}: {v}" for k, v in files.items()))

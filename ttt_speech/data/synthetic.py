@@ -9,7 +9,11 @@ predicts them. A motif's first frame names it; the rest of an occurrence is pred
 any earlier occurrence, however far back. With num_motifs · motif_frames / motif_prob frames
 between repeats well beyond the attention context, a sliding-window model can only guess,
 while a model with memory of the whole recording (TTT) can recall.
-Filler is unpredictable by construction: it bounds the loss any model can reach.
+Optionally (`vocab` > 0) each recording also speaks its own *vocabulary*: in every codebook, its
+codes (motifs and filler) come from a private random subset of `vocab` of the `card` codes, as a
+voice uses its own region of the codec's space. A window of attention sees only a few of them;
+a model that remembers the recording so far knows the whole subset (ln card − ln vocab nats of
+gain on filler). Filler is otherwise unpredictable: it bounds the loss any model can reach.
 Deterministic by seed; written as code files + train/eval manifests (+ corpus.json).
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ class SynthConfig:
     motif_frames: int = 16
     motif_prob: float = 0.5
     eval_recordings: int = 4
+    vocab: int = 0  # codes per codebook a recording uses (0: all `card`)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -47,13 +52,22 @@ class SynthConfig:
             raise ValueError(f"synth.eval_recordings: expected 0..{self.recordings - 1}, got {self.eval_recordings}")
         if self.card < 2 or self.card > 2048:
             raise ValueError(f"synth.card: expected 2..2048, got {self.card}")
+        if isinstance(self.vocab, bool) or not isinstance(self.vocab, int) or not 0 <= self.vocab <= self.card:
+            raise ValueError(f"synth.vocab: expected 0..card ({self.card}), got {self.vocab!r}")
 
 
 def synth_recording(config: SynthConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recording `index`: (codes [8, frames], motif id per frame [frames], −1 on filler)."""
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
     L, card = config.motif_frames, config.card
-    motifs = torch.randint(0, card, (config.num_motifs, 8, L), generator=g)
+    vocab = config.vocab or card
+    # per codebook, the codes this recording uses: draws are indices into its own subset
+    subset = torch.stack([torch.randperm(card, generator=g)[:vocab] for _ in range(8)])  # [8, vocab]
+
+    def draw(n: int) -> torch.Tensor:  # [8, n] codes of this recording
+        return subset.gather(1, torch.randint(0, vocab, (8, n), generator=g))
+
+    motifs = torch.stack([draw(L) for _ in range(config.num_motifs)])
     pieces, labels, total = [], [], 0
     while total < config.frames:
         if torch.rand((), generator=g).item() < config.motif_prob:
@@ -61,7 +75,7 @@ def synth_recording(config: SynthConfig, index: int) -> tuple[torch.Tensor, torc
             piece, label = motifs[m], torch.full((L,), m)
         else:
             n = int(torch.randint(max(1, L // 2), L + L // 2 + 1, (), generator=g))
-            piece, label = torch.randint(0, card, (8, n), generator=g), torch.full((n,), -1)
+            piece, label = draw(n), torch.full((n,), -1)
         pieces.append(piece)
         labels.append(label)
         total += piece.shape[1]

@@ -1,0 +1,92 @@
+"""`ttt-speech eval librilight` and `ttt-speech eval length-gen` (arguments only; work in `run.py`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="evaluation config (YAML); see configs/eval_librilight.yaml")
+    # REMAINDER (not "*"): argparse cannot take positionals after options otherwise, and the
+    # documented form is `CONFIG [--options] [KEY=VALUE ...]`; options found there are parsed in _load.
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.max_frames=8000 eval.chunk_size=128 output_dir=runs/x")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also evaluate the same model without TTT layers (eval.baseline=true)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "eval", help="long-context evaluation: LibriLight NLL curves, chunked vs native, length generalisation",
+        description="Evaluate Moshi (+ TTT) on long streams. See docs/evaluation.md.")
+    tools = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    libri = tools.add_parser(
+        "librilight", help="teacher-forced NLL of LibriLight books vs position; JSON + Markdown + PNG report",
+        description="Concatenate each LibriLight book's chapters into one stream (Mimi codes, cached), score "
+                    "every frame teacher-forced (text, codebook 1, codebooks 2-8) in chunked mode (LMModel "
+                    "chunks), native mode (one LMGen.step per frame, ground truth forced) or both, and write "
+                    "report.json, report.md, per_position.safetensors and PNG plots into output_dir.")
+    _common(libri)
+    libri.add_argument("--mode", choices=["chunked", "native", "both"],
+                       help="override eval.mode: chunked (fast), native (LMGen.step), both (and compare them)")
+    libri.set_defaults(func=_librilight)
+    lengths = tools.add_parser(
+        "length-gen", help="perplexity at 0.5x..10x the training window (20 lengths)",
+        description="Perplexity of the first L frames of each stream (one stateful chunked pass) at "
+                    "eval.length_gen.num_lengths lengths from min_factor to max_factor x eval.train_window; "
+                    "lengths no stream reaches are reported as skipped. Writes length_gen.json/.md/.png.")
+    _common(lengths)
+    lengths.set_defaults(func=_length_gen)
+
+
+def _split_options(args: argparse.Namespace) -> list[str]:
+    """Options given after the config (they land in the REMAINDER) → args; returns the overrides."""
+    overrides, tokens = [], list(args.overrides)
+    while tokens:
+        token = tokens.pop(0)
+        name, _, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name in ("--baseline", "--quiet") and not value:
+            setattr(args, name[2:], True)
+        elif name == "--mode" and hasattr(args, "mode"):
+            value = value or (tokens.pop(0) if tokens else "")
+            if value not in ("chunked", "native", "both"):
+                raise ValueError(f"--mode: expected chunked, native or both, got {value!r}")
+            args.mode = value
+        elif token.startswith("-") or "=" not in token:
+            raise ValueError(f"unrecognised argument {token!r} (expected KEY=VALUE overrides or --baseline/--mode/--quiet)")
+        else:
+            overrides.append(token)
+    return overrides
+
+
+def _load(args: argparse.Namespace, extra: list[str]):
+    from .config import load_config
+
+    overrides = _split_options(args) + extra
+    if args.baseline:
+        overrides.append("eval.baseline=true")
+    return load_config(args.config, overrides)
+
+
+def _librilight(args: argparse.Namespace) -> int:
+    from .run import run_librilight, summary_lines
+
+    overrides = _split_options(args)  # may set args.mode
+    args.overrides = overrides
+    config = _load(args, [f"eval.mode={args.mode}"] if args.mode else [])
+    report, paths = run_librilight(config, progress=not args.quiet)
+    print("\n".join(summary_lines(report)))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _length_gen(args: argparse.Namespace) -> int:
+    from .run import run_length_gen
+
+    results, paths = run_length_gen(_load(args, []), progress=not args.quiet)
+    for name, r in results.items():
+        done = [p for p in next(iter(r["groups"].values()))["points"] if "cumulative" in p]
+        print(f"{name}: {len(done)} of {len(r['lengths'])} lengths evaluated, the rest skipped (streams too short)")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,154 @@
+"""`EvalConfig`: the YAML config of `ttt-speech eval librilight` and `ttt-speech eval length-gen`.
+
+Loaded with the shared schema (`ttt_speech.schema`): unknown keys and wrong types are one-line
+errors naming the field; `key.sub=value` overrides come from the command line. Every field is
+documented here (`doc(default, help)`) and in configs/eval_*.yaml.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ttt_speech.config import TTTConfig
+from ttt_speech.models import ModelConfig
+from ttt_speech.schema import apply_overrides, check, doc, from_dict, load_yaml
+
+FRAME_RATE = 12.5  # Mimi / Moshi frames per second
+
+
+@dataclass
+class DataConfig:
+    """Which streams to evaluate: LibriLight books (audio) or a manifest of code/audio files."""
+
+    root: Path | None = doc(None, "LibriLight root: <root>/<split>/<speaker>/<book>/*.flac, one .json per file")
+    splits: list[str] = doc(factory=list, help="split folders under root to read, e.g. [small]; empty: every folder")
+    manifest: Path | None = doc(None, "instead of root: a JSONL manifest ({\"path\": ...} per line), one stream per "
+                                      "entry, audio (encoded through the cache) or code files (.safetensors)")
+    codes_cache: Path = doc(".cache/codes", "on-disk cache of Mimi codes, keyed by file content and codec identity")
+    max_frames: int = doc(24000, "frames per stream (12.5 per second: 24000 = 32 min); a book's chapters are "
+                                 "concatenated in order up to this length")
+    min_frames: int = doc(1, "streams shorter than this (after loading) are skipped and reported")
+    max_books: int | None = doc(None, "evaluate at most this many streams (after filtering, sorted by id); null: all")
+    min_files: int = doc(1, "LibriLight: books with fewer readable audio files are skipped")
+    min_duration: float = doc(0.0, "LibriLight: books with less readable audio (seconds) are skipped")
+    min_snr: float | None = doc(None, "LibriLight: skip books whose duration-weighted mean SNR (json 'snr') is below "
+                                      "this, or unknown; null: no SNR filter")
+    genres: list[str] = doc(factory=list, help="LibriLight: keep only books with one of these genres (json "
+                                               "book_meta.genre or meta_genre, case-insensitive); empty: all")
+    exclude_genres: list[str] = doc(factory=list, help="LibriLight: skip books with any of these genres")
+    exclude_dramatic: bool = doc(True, "LibriLight: skip books flagged 'Dramatic Readings' (several voices)")
+
+    def __post_init__(self) -> None:
+        if self.root is not None and self.manifest is not None:
+            raise ValueError("set either root (LibriLight tree) or manifest, not both")
+        check(self.max_frames >= 1, "max_frames", "an integer >= 1", self.max_frames)
+        check(self.min_frames >= 1, "min_frames", "an integer >= 1", self.min_frames)
+        check(self.max_books is None or self.max_books >= 1, "max_books", "null or an integer >= 1",
+              self.max_books)
+        check(self.min_files >= 1, "min_files", "an integer >= 1", self.min_files)
+        check(self.min_duration >= 0, "min_duration", "a number of seconds >= 0", self.min_duration)
+
+
+@dataclass
+class LengthGenConfig:
+    """Evaluation lengths for length generalisation: geometric from min_factor to max_factor × window."""
+
+    num_lengths: int = doc(20, "number of evaluation lengths")
+    min_factor: float = doc(0.5, "shortest length, as a multiple of eval.train_window")
+    max_factor: float = doc(10.0, "longest length, as a multiple of eval.train_window")
+
+    def __post_init__(self) -> None:
+        check(self.num_lengths >= 1, "num_lengths", "an integer >= 1", self.num_lengths)
+        check(0 < self.min_factor <= self.max_factor, "min_factor",
+              f"a number in (0, max_factor={self.max_factor}]", self.min_factor)
+
+
+@dataclass
+class EvalSettings:
+    """How to evaluate and what to report."""
+
+    mode: Literal["chunked", "native", "both"] = doc(
+        "chunked", "chunked: LMModel chunks of the once-delayed stream (fast); native: one frame per LMGen.step "
+                   "with the ground truth forced (moshi's inference path); both: run both and compare")
+    baseline: bool = doc(False, "also evaluate the same model without TTT layers (the base model)")
+    chunk_size: int | None = doc(None, "frames per chunk in chunked mode; null: 4 x the TTT mini-batch size "
+                                       "(64 without TTT). Multiples of the mini-batch size avoid padding slots")
+    native_max_frames: int | None = doc(None, "native mode scores only the first N frames of each stream "
+                                              "(it runs one frame per call); null: the whole stream")
+    train_window: int | None = doc(None, "the fine-tuning window in frames: marked on the curves; the length-"
+                                         "generalisation points are multiples of it (null: not reported)")
+    bin_frames: int = doc(250, "frames per bin of the NLL-vs-position curves (250 = 20 s)")
+    positions: list[int] = doc(factory=lambda: [8000, 16000, 24000],
+                               help="positions (frames) at which NLL / perplexity are reported")
+    position_window: int = doc(500, "NLL 'at' position P = mean over frames [P - window, P) (local); the "
+                                    "cumulative mean over [0, P) is reported too")
+    gain_window: int = doc(1000, "context gain = mean NLL of a stream's first window minus its last window")
+    length_gen: LengthGenConfig = doc(factory=LengthGenConfig, help="")
+
+    def __post_init__(self) -> None:
+        check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "null or an integer >= 1",
+              self.chunk_size)
+        check(self.native_max_frames is None or self.native_max_frames >= 1, "native_max_frames",
+              "null or an integer >= 1", self.native_max_frames)
+        check(self.train_window is None or self.train_window >= 1, "train_window", "null or an integer >= 1",
+              self.train_window)
+        for name in ("bin_frames", "position_window", "gain_window"):
+            check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for i, p in enumerate(self.positions):
+            check(p >= 1, f"positions[{i}]", "an integer >= 1", p)
+        self.positions = sorted(set(self.positions))
+
+
+@dataclass
+class WandbConfig:
+    """Optional Weights & Biases logging of the report (scalars, curves, plots)."""
+
+    mode: Literal["online", "offline", "disabled"] = doc("disabled", "online, offline (sync later) or disabled")
+    project: str = doc("ttt-speech", "wandb project")
+    entity: str | None = doc(None, "wandb entity (team); null: your default")
+    run_name: str | None = doc(None, "wandb run name; null: the output folder's name")
+
+
+@dataclass
+class EvalConfig:
+    """`ttt-speech eval librilight` / `ttt-speech eval length-gen` configuration."""
+
+    model: ModelConfig | None = doc(None, "the base model (ModelConfig fields); null: the export's base model, "
+                                          "or the tiny random-init model without an export")
+    export: Path | None = doc(None, "a fine-tuning export folder (model.json + TTT weights): the TTT model to "
+                                    "evaluate; `model`, when set, replaces its base (e.g. a local copy)")
+    ttt: TTTConfig | None = doc(None, "patch the base model with fresh, untrained TTT layers (TTTConfig fields): "
+                                      "for smoke tests and demos; use `export` for a trained model")
+    data: DataConfig = doc(factory=DataConfig, help="")
+    eval: EvalSettings = doc(factory=EvalSettings, help="")
+    output_dir: Path = doc("runs/eval", "folder for report.json, report.md and the PNG plots")
+    wandb: WandbConfig = doc(factory=WandbConfig, help="")
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        if self.export is not None and self.ttt is not None:
+            raise ValueError("export and ttt: set one (a trained export, or fresh TTT layers), not both")
+
+    @property
+    def has_ttt(self) -> bool:
+        return self.export is not None or self.ttt is not None
+
+    def base_model(self) -> ModelConfig:
+        """The ModelConfig used for the baseline and for Mimi (the export's when not overridden)."""
+        if self.model is not None:
+            return self.model
+        if self.export is not None:
+            from ttt_speech.export import read_export_meta
+
+            return from_dict(ModelConfig, read_export_meta(self.export)["model"], f"{self.export}/model.json:model")
+        return ModelConfig()
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
+    """EvalConfig from a YAML file plus `key.sub=value` overrides (errors name the field and file)."""
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return from_dict(EvalConfig, data, "config")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

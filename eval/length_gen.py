@@ -1,0 +1,110 @@
+"""Length generalisation: perplexity at 0.5x … 10x the training window, one stateful pass per stream.
+
+`length_generalisation(lm, streams, train_window)` is the entry point for the fine-tuning loop
+(after training) and for `ttt-speech eval length-gen`. Each stream is scored once in chunked mode
+up to the longest evaluation length; the perplexity at length L is the mean NLL over its first
+L frames (exactly what evaluating a stream of length L would give: the model is causal), over
+the streams that are at least L frames long. Lengths no stream reaches are reported as skipped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from torch import Tensor
+
+from ttt_speech.checkpoint import write_text_atomic
+
+from . import metrics
+from .nll import chunked_nll
+
+
+def default_chunk_size(lm) -> int:
+    """4 TTT mini-batches (64 frames for b = 16), or 64 frames for a model without TTT."""
+    config = getattr(lm, "ttt_config", None)
+    return 4 * config.mini_batch_size if config is not None else 64
+
+
+def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], train_window: int, *,
+                          chunk_size: int | None = None, num_lengths: int = 20, min_factor: float = 0.5,
+                          max_factor: float = 10.0, max_frames: int | None = None, window: int | None = None,
+                          progress: bool = False) -> dict:
+    """Perplexity of `lm` at `num_lengths` lengths from min_factor to max_factor × `train_window`.
+
+    streams: codes [K, T] in Moshi's layout (`ttt_speech.data.layout.moshi_streams`), a list or a
+    {name: codes} mapping. max_frames caps the evaluated length (default: the longest length).
+    window: frames of the "local" NLL before each length (default: half the shortest length).
+    Returns a JSON-ready dict: {"train_window", "chunk_size", "lengths", "streams": [{id, frames}],
+    "groups": {group: {"label", "points": [{"length", "factor", "local", "cumulative"} or
+    {"length", "factor", "skipped"}]}}, "speed"}.
+    """
+    if train_window < 1:
+        raise ValueError(f"train_window: expected a positive number of frames, got {train_window}")
+    items = list(streams.items()) if isinstance(streams, Mapping) else [(f"stream {i}", s) for i, s in enumerate(streams)]
+    if not items:
+        raise ValueError("length_generalisation: no streams")
+    lengths = metrics.evaluation_lengths(train_window, num_lengths, min_factor, max_factor)
+    cap = min(max_frames or lengths[-1], lengths[-1])
+    chunk = chunk_size or default_chunk_size(lm)
+    window = window or max(1, lengths[0] // 2)
+    results = [chunked_nll(lm, codes[:, :cap], chunk, where=name, progress=progress) for name, codes in items]
+    series = [metrics.group_series(r) for r in results]
+    groups = {}
+    for group in series[0]:
+        s = [x[group] for x in series]
+        groups[group] = {"label": metrics.group_label(group),
+                         "points": metrics.length_points(s, lengths, train_window, window)}
+    frames = sum(r.frames for r in results)
+    seconds = sum(r.seconds for r in results)
+    return {"train_window": train_window, "chunk_size": chunk, "window": window, "lengths": lengths,
+            "streams": [{"id": name, "frames": r.frames} for (name, _), r in zip(items, results)],
+            "groups": groups, "speed": {"frames": frames, "seconds": seconds,
+                                        "frames_per_s": frames / seconds if seconds else None}}
+
+
+def markdown(results: dict[str, dict]) -> str:
+    """Markdown table(s) of one or more `length_generalisation` results ({run name: result})."""
+    names = list(results)
+    first = results[names[0]]
+    out = ["# Length generalisation", "",
+           f"Perplexity (cumulative NLL in brackets) of the first L frames, one stateful chunked pass per stream; "
+           f"training window {first['train_window']} frames; 'skipped' = no stream is L frames long.", ""]
+    for group, g in first["groups"].items():
+        out += [f"## {g['label']}", "", "| L (frames) | L / window | " + " | ".join(names) + " |",
+                "|---|---|" + "---|" * len(names)]
+        for i, p in enumerate(g["points"]):
+            cells = []
+            for n in names:
+                entry = results[n]["groups"][group]["points"][i]
+                c = entry.get("cumulative", {})
+                cells.append(f"{c['ppl']:.3f} ({c['nll']:.3f}, {c['n_streams']} streams)" if "nll" in c else "skipped")
+            out.append(f"| {p['length']:,} | {p['factor']:.2f}x | " + " | ".join(cells) + " |")
+        out.append("")
+    for n in names:
+        out.append(f"- {n}: streams " + ", ".join(f"{s['id']} ({s['frames']:,} frames)" for s in results[n]["streams"]))
+    return "\n".join(out) + "\n"
+
+
+def write_length_gen(results: dict[str, dict], output_dir: str | Path, wandb_run=None) -> dict[str, Path]:
+    """length_gen.json / .md / .png for {run name: result} into output_dir (atomic); optional wandb."""
+    import json
+
+    from .plots import plot_length_gen
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(results.values()))
+    paths = {"json": output_dir / "length_gen.json", "markdown": output_dir / "length_gen.md",
+             "png": output_dir / "length_gen.png"}
+    write_text_atomic(paths["json"], json.dumps(results, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(paths["markdown"], markdown(results))
+    labels = {g: v["label"] for g, v in first["groups"].items()}
+    points = {n: {g: v["points"] for g, v in r["groups"].items()} for n, r in results.items()}
+    plot_length_gen(points, labels, first["train_window"], paths["png"])
+    if wandb_run is not None:
+        from .tracking import log_results
+
+        runs = {n: {"groups": {g: {"length_gen": {"points": v["points"]}} for g, v in r["groups"].items()}}
+                for n, r in results.items()}
+        log_results(wandb_run, runs, {"length_gen_plot": paths["png"]}, [paths["json"]])
+    return paths

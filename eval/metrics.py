@@ -1,0 +1,191 @@
+"""Long-context metrics from per-position NLL (DESIGN §7), never averaging over missing data.
+
+Inputs are `StreamNLL`s ([K, T] NLL with a mask, K = 1 + dep_q). Streams are split into groups:
+`text` (row 0), `cb1` (Moshi's first, semantic, audio codebook) and `cb2-N` (the acoustic
+codebooks 2..dep_q, averaged per position over the codebooks that have a prediction there).
+
+Every aggregate is a mean over the (stream, frame) entries that exist; an aggregate with no data
+is returned as {"skipped": reason}, never as a number. Perplexity = exp(mean NLL in nats).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .nll import StreamNLL
+
+
+def groups(num_rows: int) -> dict[str, list[int]]:
+    """Group name → rows of the [K, T] NLL (K = 1 + dep_q)."""
+    out = {"text": [0], "cb1": [1]}
+    if num_rows > 2:
+        out[f"cb2-{num_rows - 1}"] = list(range(2, num_rows))
+    return out
+
+
+GROUP_LABELS = {"text": "text", "cb1": "audio codebook 1 (semantic)"}
+
+
+def group_label(name: str) -> str:
+    return GROUP_LABELS.get(name, f"audio codebooks {name[2:].replace('-', '–')} (acoustic)")
+
+
+def group_series(result: StreamNLL) -> dict[str, np.ndarray]:
+    """Per-position NLL of each group: [T] float64, NaN where the group has no prediction."""
+    nll = result.nll.double().numpy()
+    mask = result.mask.numpy()
+    out = {}
+    for name, rows in groups(nll.shape[0]).items():
+        values = np.where(mask[rows], nll[rows], 0.0).sum(0)
+        count = mask[rows].sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = np.where(count > 0, values / np.maximum(count, 1), np.nan)
+    return out
+
+
+def _mean(series: Sequence[np.ndarray], lo: int, hi: int) -> tuple[float, int]:
+    """Token-weighted mean over frames [lo, hi) of several streams' series (NaN = missing)."""
+    total, count = 0.0, 0
+    for s in series:
+        part = s[lo:hi]
+        ok = ~np.isnan(part)
+        total += float(part[ok].sum())
+        count += int(ok.sum())
+    return (total / count if count else math.nan), count
+
+
+def _entry(nll: float, n_tokens: int, n_streams: int, **extra) -> dict:
+    if n_tokens == 0 or not math.isfinite(nll):
+        return {"skipped": "no scored frames in range", **extra}
+    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_streams": n_streams,
+            "n_tokens": n_tokens, **extra}
+
+
+def binned_curve(series: Sequence[np.ndarray], bin_frames: int) -> list[dict]:
+    """Mean NLL per bin of `bin_frames` frames, over all streams that reach the bin."""
+    longest = max((len(s) for s in series), default=0)
+    out = []
+    for lo in range(0, longest, bin_frames):
+        hi = lo + bin_frames
+        reaching = [s for s in series if len(s) > lo]
+        nll, n = _mean(reaching, lo, hi)
+        if n:
+            out.append({"start": lo, "stop": min(hi, longest), "nll": nll, "n_streams": len(reaching), "n_tokens": n})
+    return out
+
+
+def at_positions(series: Sequence[np.ndarray], positions: Sequence[int], window: int) -> list[dict]:
+    """NLL / perplexity at each position P, over the streams at least P frames long.
+
+    local: mean over [P − window, P); cumulative: mean over [0, P) (= the perplexity of a stream of
+    length P evaluated in one stateful pass). Positions no stream reaches are skipped.
+    """
+    longest = max((len(s) for s in series), default=0)
+    out = []
+    for p in positions:
+        reaching = [s for s in series if len(s) >= p]
+        if not reaching:
+            out.append({"position": p, "skipped": f"no stream reaches {p} frames (longest: {longest})"})
+            continue
+        lo = max(0, p - window)
+        out.append({"position": p,
+                    "local": _entry(*_mean(reaching, lo, p), len(reaching), window=[lo, p]),
+                    "cumulative": _entry(*_mean(reaching, 0, p), len(reaching))})
+    return out
+
+
+def log_slope(series: Sequence[np.ndarray], bin_frames: int, start: int = 0) -> dict:
+    """Mean over streams of the least-squares slope of binned NLL against ln(frame), bins from `start`.
+
+    Negative = NLL keeps falling as context grows. In nats per e-fold of position (× ln 2 per
+    doubling). A stream needs at least 3 bins with data after `start`.
+    """
+    slopes = []
+    for s in series:
+        xs, ys = [], []
+        for lo in range(start, len(s), bin_frames):
+            part = s[lo:lo + bin_frames]
+            ok = ~np.isnan(part)
+            if ok.any():
+                xs.append(math.log(lo + (len(part) + 1) / 2))
+                ys.append(float(part[ok].mean()))
+        if len(xs) >= 3:
+            slopes.append(float(np.polyfit(xs, ys, 1)[0]))
+    if not slopes:
+        return {"skipped": f"no stream has 3 bins of {bin_frames} frames from frame {start}"}
+    mean = float(np.mean(slopes))
+    return {"slope": mean, "per_doubling": mean * math.log(2), "from_frame": start, "n_streams": len(slopes)}
+
+
+def context_gain(series: Sequence[np.ndarray], window: int) -> dict:
+    """Mean over streams of (mean NLL of the first `window` frames − of the last `window` frames).
+
+    Positive = the model predicts better late in a stream. Streams shorter than 2 × window are left
+    out (counted)."""
+    gains, early_all, late_all = [], [], []
+    for s in series:
+        if len(s) < 2 * window:
+            continue
+        early, n_early = _mean([s], 0, window)
+        late, n_late = _mean([s], len(s) - window, len(s))
+        if n_early and n_late:
+            gains.append(early - late)
+            early_all.append(early)
+            late_all.append(late)
+    if not gains:
+        return {"skipped": f"no stream is {2 * window} frames long (2 x gain_window)"}
+    return {"gain": float(np.mean(gains)), "early_nll": float(np.mean(early_all)),
+            "late_nll": float(np.mean(late_all)), "window": window, "n_streams": len(gains),
+            "n_too_short": len(series) - len(gains)}
+
+
+def evaluation_lengths(train_window: int, num: int = 20, min_factor: float = 0.5, max_factor: float = 10.0) -> list[int]:
+    """`num` lengths (frames) geometrically spaced from min_factor to max_factor × train_window."""
+    if num == 1:
+        factors = [min_factor]
+    else:
+        factors = np.geomspace(min_factor, max_factor, num).tolist()
+    lengths = [max(1, round(f * train_window)) for f in factors]
+    return sorted(set(lengths))
+
+
+def length_points(series: Sequence[np.ndarray], lengths: Sequence[int], train_window: int, window: int) -> list[dict]:
+    """Perplexity at evaluation lengths L: cumulative over [0, L) (stateful, one pass) and local
+    (the last `window` frames before L), over the streams at least L frames long; else skipped."""
+    out = []
+    for entry in at_positions(series, lengths, window):
+        entry = {"length": entry.pop("position"), **entry}
+        entry["factor"] = entry["length"] / train_window
+        out.append(entry)
+    return out
+
+
+def mode_difference(a: StreamNLL, b: StreamNLL) -> dict:
+    """Per-position NLL difference of two modes on the frames both scored (a common prefix).
+
+    The modes must score the same positions; only where one run stops earlier (native_max_frames)
+    may its last frames lack the predictions of the delayed codebooks.
+    """
+    T = min(a.frames, b.frames)
+    mask_a, mask_b = a.mask[:, :T], b.mask[:, :T]
+    short = a.mask if a.frames == T else b.mask
+    tail = torch.zeros_like(mask_a)
+    for k in range(short.shape[0]):  # the trailing frames a delayed codebook of the shorter run cannot score
+        scored = short[k].nonzero()
+        tail[k, (int(scored[-1]) + 1 if len(scored) else 0):] = True
+    if bool(((mask_a ^ mask_b) & ~tail).any()):
+        raise ValueError("the two modes scored different positions (masks differ): the evaluator is broken")
+    both = mask_a & mask_b
+    diff = (a.nll[:, :T] - b.nll[:, :T]).abs()
+    out = {"frames": T, "max_abs": float(diff[both].max()), "mean_abs": float(diff[both].double().mean())}
+    for name, rows in groups(a.nll.shape[0]).items():
+        d = diff[rows][both[rows]]
+        out[name] = {"max_abs": float(d.max()), "mean_abs": float(d.double().mean())}
+    return out
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

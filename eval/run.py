@@ -1,0 +1,282 @@
+"""Orchestration of `ttt-speech eval librilight` and `ttt-speech eval length-gen`.
+
+Builds the models (TTT and/or baseline), loads the streams, scores them in the configured
+mode(s), and writes report.json, report.md, per_position.safetensors and the PNG plots.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ttt_speech import schema
+from ttt_speech.data.cache import CodesCache
+from ttt_speech.models import ModelConfig, load_lm, load_mimi
+
+from .alignment import chunk_alignment
+from .books import Skipped, Stream, find_books, load_stream
+from .config import EvalConfig
+from .length_gen import default_chunk_size, length_generalisation, write_length_gen
+from .nll import MODES, StreamNLL
+from .report import (FORMAT, VERSION, mode_comparison, run_summary, save_per_position, ttt_vs_baseline,
+                     write_json, write_markdown)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalModel:
+    """A model under evaluation: "ttt" (with TTT layers) or "baseline" (the same model without)."""
+
+    name: str
+    lm: torch.nn.Module
+    source: str
+
+    def describe(self) -> dict:
+        report = getattr(self.lm, "ttt_report", None)
+        return {"source": self.source, "ttt": report.to_dict() if report is not None else None,
+                "params": sum(p.numel() for p in self.lm.parameters()),
+                "attention_context": attention_context(self.lm)}
+
+
+@dataclass
+class LoadedData:
+    streams: list[Stream]
+    skipped_files: list[Skipped] = field(default_factory=list)
+    left_out_books: list[Skipped] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "streams": [{"id": s.book.id, "frames": s.frames, "minutes": s.frames / 12.5 / 60,
+                         "files_used": len(s.file_starts), "file_starts": s.file_starts, "book": s.book.to_dict()}
+                        for s in self.streams],
+            "skipped_files": [s.to_dict() for s in self.skipped_files],
+            "left_out_books": [s.to_dict() for s in self.left_out_books],
+            "counts": {"streams": len(self.streams), "frames": sum(s.frames for s in self.streams),
+                       "files_skipped": len(self.skipped_files), "books_left_out": len(self.left_out_books)},
+            "cache": self.cache,
+        }
+
+
+def attention_context(lm) -> int | None:
+    """Steps moshi's temporal attention sees (None when every attention layer was replaced)."""
+    from moshi.modules.transformer import StreamingMultiheadAttention
+
+    for module in lm.transformer.modules():
+        if isinstance(module, StreamingMultiheadAttention) and not module.cross_attention:
+            return module.context
+    return None
+
+
+def build_models(config: EvalConfig, device: torch.device | None = None) -> list[EvalModel]:
+    """The models the config asks for: TTT (export or fresh layers) and/or the baseline."""
+    from ttt_speech import TTTConfig, patch_moshi
+
+    base = config.base_model()
+    device = device or base.torch_device()
+    models = []
+    if config.export is not None:
+        from ttt_speech.export import load_exported_lm
+
+        lm, base = load_exported_lm(config.export, device=device, model=config.model)
+        models.append(EvalModel("ttt", lm, f"export {config.export} (base {base.name})"))
+    elif config.ttt is not None:
+        lm = load_lm(base, device=device)
+        with torch.random.fork_rng(devices=[]):  # the fresh TTT layers are seeded like the tiny model
+            torch.manual_seed(base.seed)
+            patch_moshi(lm, TTTConfig.from_dict(schema.to_dict(config.ttt)))
+        models.append(EvalModel("ttt", lm, f"{base.name} + fresh (untrained) TTT layers"))
+    if not models or config.eval.baseline:
+        models.append(EvalModel("baseline", load_lm(base, device=device), f"{base.name} (no TTT)"))
+    return models
+
+
+def load_data(config: EvalConfig, lm, model_config: ModelConfig, progress: bool = True) -> LoadedData:
+    """Find the books / manifest entries, encode (or read cached) codes, lay them out for `lm`."""
+    from tqdm import tqdm
+
+    found = find_books(config.data)
+    device = model_config.torch_device()
+    cache = CodesCache(config.data.codes_cache, model_config.codec_id(), lambda: load_mimi(model_config, device))
+    data = LoadedData([], list(found.skipped_files), list(found.filtered_books))
+    with tqdm(found.books, desc="loading streams", unit="book", disable=not progress, dynamic_ncols=True) as bar:
+        for book in bar:
+            stream = load_stream(book, lm, cache, config.data.max_frames,
+                                 progress=lambda name: bar.set_postfix_str(name[-40:], refresh=False))
+            if stream is not None:
+                data.skipped_files.extend(stream.skipped_files)
+            if stream is None:
+                data.left_out_books.append(Skipped(book.id, "no readable audio file"))
+            elif stream.frames < config.data.min_frames:
+                data.left_out_books.append(Skipped(book.id, f"{stream.frames} frames < min_frames {config.data.min_frames}"))
+            else:
+                data.streams.append(stream)
+    data.cache = {"codec": cache.codec_id, "hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
+    if not data.streams:
+        raise ValueError("data: no stream left to evaluate (" + "; ".join(
+            f"{s.path}: {s.reason}" for s in (data.left_out_books + data.skipped_files)[:5]) + ")")
+    return data
+
+
+def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
+             progress: bool = True) -> dict[str, list[StreamNLL]]:
+    """Score every stream with every model in every configured mode → {"<model>/<mode>": [StreamNLL]}."""
+    modes = ["chunked", "native"] if config.eval.mode == "both" else [config.eval.mode]
+    out = {}
+    for model in models:
+        chunk = config.eval.chunk_size or default_chunk_size(model.lm)
+        for mode in modes:
+            results = []
+            for stream in streams:
+                codes = stream.codes
+                if mode == "native" and config.eval.native_max_frames is not None:
+                    codes = codes[:, :config.eval.native_max_frames]
+                kwargs = {"chunk_size": chunk} if mode == "chunked" else {}
+                results.append(MODES[mode](model.lm, codes, where=f"{model.name}: {stream.book.id}",
+                                           progress=progress, trace_every=chunk, **kwargs))
+            out[f"{model.name}/{mode}"] = results
+    return out
+
+
+def alignment_report(models: list[EvalModel], streams: list[Stream], config: EvalConfig) -> dict:
+    out = {}
+    frames = max(s.frames for s in streams)
+    for model in models:
+        ttt = getattr(model.lm, "ttt_config", None)
+        if ttt is None:
+            continue
+        chunk = config.eval.chunk_size or default_chunk_size(model.lm)
+        a = chunk_alignment(frames, chunk, ttt.mini_batch_size)
+        a["native_efficiency"] = chunk_alignment(frames, 1, ttt.mini_batch_size)["efficiency"]
+        a["frames"] = frames
+        out[model.name] = a
+    return out
+
+
+def _environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return {"torch": torch.__version__, "device": name}
+
+
+def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, progress: bool = True,
+                   plots: bool = True) -> tuple[dict, dict[str, Path]]:
+    """The whole evaluation; returns (report, {kind: path written})."""
+    model_config = config.base_model()
+    device = model_config.torch_device()
+    models = models or build_models(config, device)
+    data = load_data(config, models[0].lm, model_config, progress)
+    ids = [s.book.id for s in data.streams]
+    results = evaluate(models, data.streams, config, progress)
+    runs = {name: run_summary(r, ids, config.eval) for name, r in results.items()}
+
+    comparisons: dict = {}
+    for model in models:
+        chunked, native = results.get(f"{model.name}/chunked"), results.get(f"{model.name}/native")
+        if chunked and native:
+            comparisons.setdefault("modes", {})[model.name] = mode_comparison(
+                chunked, native, ids, runs[f"{model.name}/chunked"], runs[f"{model.name}/native"])
+    for mode in ("chunked", "native"):
+        if f"ttt/{mode}" in runs and f"baseline/{mode}" in runs:
+            comparisons.setdefault("ttt_vs_baseline", {})[mode] = ttt_vs_baseline(runs[f"ttt/{mode}"], runs[f"baseline/{mode}"])
+
+    markers = {"train_window": config.eval.train_window,
+               "attention_context": next((m.describe()["attention_context"] for m in models), None)}
+    report = {
+        "format": FORMAT, "version": VERSION, "kind": "librilight",
+        "title": "LibriLight long-context evaluation",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(device),
+        "config": schema.to_dict(config),
+        "settings": schema.to_dict(config.eval),
+        "models": {m.name: m.describe() for m in models},
+        "data": data.to_dict(),
+        "alignment": alignment_report(models, data.streams, config),
+        "markers": markers,
+        "runs": runs,
+        "comparisons": comparisons,
+    }
+    paths = write_outputs(config, report, results, ids, plots)
+    return report, paths
+
+
+def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[StreamNLL]], ids: list[str],
+                  plots: bool = True) -> dict[str, Path]:
+    """PNG plots, report.json, report.md and per_position.safetensors into config.output_dir."""
+    from .plots import plot_curves, plot_fast_weights, plot_length_gen
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = report["runs"]
+    labels = {g: v["label"] for g, v in next(iter(runs.values()))["groups"].items()}
+    images: dict[str, Path] = {}
+    if plots:
+        images["nll_curves"] = plot_curves(runs, labels, report["markers"], out / "nll_curves.png")
+        if config.eval.train_window:
+            points = {n: {g: v["length_gen"]["points"] for g, v in r["groups"].items()} for n, r in runs.items()}
+            images["length_gen"] = plot_length_gen(points, labels, config.eval.train_window, out / "length_gen.png")
+        traces = {n: max(r["fast_weights"], key=lambda t: t["positions"][-1] if t["positions"] else 0)
+                  for n, r in runs.items() if r["fast_weights"]}
+        if traces:
+            images["fast_weights"] = plot_fast_weights(traces, report["markers"], out / "fast_weights.png")
+    report["plots"] = {k: p.name for k, p in images.items()}
+    paths = {"json": write_json(out / "report.json", report), "markdown": write_markdown(out / "report.md", report),
+             "per_position": save_per_position(out / "per_position.safetensors", results, ids), **images}
+    if config.wandb.mode != "disabled":
+        from .tracking import log_results, start_run
+
+        run = start_run(config.wandb, report["config"], out.name, "eval-librilight")
+        log_results(run, runs, images, [paths["json"], paths["markdown"]])
+        run.finish()
+    return paths
+
+
+def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
+                   progress: bool = True) -> tuple[dict[str, dict], dict[str, Path]]:
+    """`ttt-speech eval length-gen`: `length_generalisation` for each model on the configured streams."""
+    settings = config.eval
+    if settings.train_window is None:
+        raise ValueError("eval.train_window: length generalisation needs the training window (frames)")
+    model_config = config.base_model()
+    models = models or build_models(config, model_config.torch_device())
+    data = load_data(config, models[0].lm, model_config, progress)
+    lg = settings.length_gen
+    results = {}
+    for model in models:
+        results[model.name] = length_generalisation(
+            model.lm, {s.book.id: s.codes for s in data.streams}, settings.train_window,
+            chunk_size=settings.chunk_size, num_lengths=lg.num_lengths, min_factor=lg.min_factor,
+            max_factor=lg.max_factor, max_frames=config.data.max_frames, window=settings.position_window,
+            progress=progress)
+        results[model.name]["skipped_files"] = [s.to_dict() for s in data.skipped_files]
+        results[model.name]["left_out_books"] = [s.to_dict() for s in data.left_out_books]
+    run = None
+    if config.wandb.mode != "disabled":
+        from .tracking import start_run
+
+        run = start_run(config.wandb, schema.to_dict(config), Path(config.output_dir).name, "eval-length-gen")
+    paths = write_length_gen(results, config.output_dir, wandb_run=run)
+    if run is not None:
+        run.finish()
+    return results, paths
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A few lines for the terminal: NLL at each reported position per run and group."""
+    lines = []
+    for name, run in report["runs"].items():
+        speed = run["speed"]
+        lines.append(f"{name}: {speed['frames']:,} frames at {speed['frames_per_s']:.1f} frames/s")
+        for group, g in run["groups"].items():
+            cells = []
+            for p in g["positions"]:
+                c = p.get("cumulative", {})
+                cells.append(f"@{p['position']}: {c['nll']:.3f}" if "nll" in c else f"@{p['position']}: skipped")
+            lines.append(f"  {group:8s} " + "  ".join(cells))
+    for model, c in report["comparisons"].get("modes", {}).items():
+        lines.append(f"{model}: chunked vs native max |dNLL| {c['max_abs']:.2e}, chunked {c['speed_ratio']:.1f}x faster")
+    return lines
+

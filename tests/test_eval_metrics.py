@@ -1,0 +1,119 @@
+"""Metrics from per-position NLL: nothing is averaged over missing data, skipped is never a number."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eval import metrics
+from eval.alignment import chunk_alignment
+from eval.config import EvalSettings, LengthGenConfig
+from eval.nll import StreamNLL
+from eval.report import markdown, run_summary, write_json
+
+
+def stream(values: torch.Tensor, missing_last: int = 1) -> StreamNLL:
+    """values [K, T]; the acoustic rows (2..) lack their last `missing_last` frames, as with delays."""
+    mask = torch.ones_like(values, dtype=torch.bool)
+    if missing_last:
+        mask[2:, -missing_last:] = False
+    nll = torch.where(mask, values, torch.full_like(values, float("nan")))
+    return StreamNLL(nll.float(), mask, "chunked", 1.0, None, "cpu_rss_sampled", None)
+
+
+def test_groups_and_series_use_only_scored_entries():
+    values = torch.arange(4 * 5, dtype=torch.float).view(4, 5)
+    s = metrics.group_series(stream(values))
+    assert list(s) == ["text", "cb1", "cb2-3"]
+    assert s["text"].tolist() == [0, 1, 2, 3, 4]
+    assert s["cb2-3"][:4].tolist() == [12.5, 13.5, 14.5, 15.5] and math.isnan(s["cb2-3"][4])
+    assert metrics.group_label("cb2-8") == "audio codebooks 2–8 (acoustic)"
+
+
+def test_positions_beyond_every_stream_are_skipped_not_zero():
+    a, b = np.ones(100), np.full(50, 3.0)
+    points = metrics.at_positions([a, b], [40, 100, 200], window=20)
+    assert points[0]["local"]["nll"] == pytest.approx(2.0) and points[0]["local"]["n_streams"] == 2
+    assert points[1]["cumulative"]["nll"] == pytest.approx(1.0) and points[1]["cumulative"]["n_streams"] == 1
+    assert "skipped" in points[2] and "nll" not in points[2]
+    assert "no stream reaches 200 frames (longest: 100)" == points[2]["skipped"]
+
+
+def test_missing_frames_are_left_out_of_means():
+    a = np.array([1.0, np.nan, 3.0, np.nan])
+    assert metrics.at_positions([a], [4], window=4)[0]["local"]["nll"] == pytest.approx(2.0)
+    all_missing = np.full(10, np.nan)
+    assert "skipped" in metrics.at_positions([all_missing], [10], 5)[0]["local"]
+
+
+def test_binned_curve_counts_streams_per_bin():
+    curve = metrics.binned_curve([np.ones(25), np.full(10, 3.0)], bin_frames=10)
+    assert [(b["start"], b["n_streams"]) for b in curve] == [(0, 2), (10, 1), (20, 1)]
+    assert curve[0]["nll"] == pytest.approx(2.0) and curve[-1]["stop"] == 25
+
+
+def test_slope_and_context_gain_signs():
+    t = np.arange(1, 2001)
+    falling = 5.0 - 0.3 * np.log(t)
+    slope = metrics.log_slope([falling], bin_frames=100)
+    assert slope["slope"] == pytest.approx(-0.3, abs=0.02) and slope["per_doubling"] < 0
+    assert "skipped" in metrics.log_slope([falling[:150]], bin_frames=100)
+    gain = metrics.context_gain([falling, falling[:300]], window=200)
+    assert gain["gain"] > 0 and gain["n_streams"] == 1 and gain["n_too_short"] == 1
+    assert "skipped" in metrics.context_gain([falling[:300]], window=200)
+
+
+def test_twenty_evaluation_lengths_from_half_to_ten_windows():
+    lengths = metrics.evaluation_lengths(3000, 20, 0.5, 10.0)
+    assert len(lengths) == 20 and lengths[0] == 1500 and lengths[-1] == 30000
+    assert all(a < b for a, b in zip(lengths, lengths[1:]))
+    points = metrics.length_points([np.ones(5000)], lengths, 3000, window=500)
+    done = [p for p in points if "cumulative" in p]
+    assert [p["length"] for p in done] == [p for p in lengths if p <= 5000]
+    assert all(p["skipped"].startswith("no stream reaches") for p in points if "cumulative" not in p)
+
+
+def test_chunk_alignment_efficiency():
+    assert chunk_alignment(64, 16, 16)["efficiency"] == 1.0
+    unaligned = chunk_alignment(64, 5, 16)
+    assert not unaligned["aligned"] and unaligned["efficiency"] < 0.5
+    assert chunk_alignment(64, 1, 16)["efficiency"] == pytest.approx(1 / 16)
+    with pytest.raises(ValueError):
+        chunk_alignment(0, 1, 16)
+
+
+def test_mode_difference_ignores_only_the_unscored_tail_of_a_shorter_run():
+    values = torch.rand(4, 30)
+    long_run, short_run = stream(values), stream(values[:, :20] + 1e-6)
+    d = metrics.mode_difference(long_run, short_run)
+    assert d["frames"] == 20 and d["max_abs"] < 1e-5
+    broken = stream(values[:, :20])
+    broken.mask[1, 5] = False
+    with pytest.raises(ValueError, match="masks differ"):
+        metrics.mode_difference(long_run, broken)
+
+
+def test_report_never_writes_nan(tmp_path):
+    settings = EvalSettings(positions=[10, 1000], train_window=8, bin_frames=5, position_window=5, gain_window=5,
+                            length_gen=LengthGenConfig(num_lengths=4))
+    run = run_summary([stream(torch.rand(4, 40))], ["s0"], settings)
+    text = json.dumps(run, allow_nan=False)  # would raise on NaN / inf
+    assert '"skipped"' in text
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "r.json", {"x": float("nan")})
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_markdown_renders_skipped_entries():
+    settings = EvalSettings(positions=[10, 1000], bin_frames=5, position_window=5, gain_window=5)
+    run = run_summary([stream(torch.rand(4, 40))], ["s0"], settings)
+    report = {"title": "t", "created": "now", "environment": {"device": "cpu", "torch": "x"},
+              "models": {"baseline": {"source": "tiny", "ttt": None, "params": 1, "attention_context": 3000}},
+              "data": {"counts": {"streams": 1, "frames": 40, "files_skipped": 0, "books_left_out": 0},
+                       "skipped_files": [], "left_out_books": []},
+              "alignment": {}, "markers": {"train_window": None},
+              "settings": {"bin_frames": 5, "position_window": 5, "gain_window": 5},
+              "runs": {"baseline/chunked": run}, "comparisons": {}}
+    text = markdown(report)
+    assert "| 1,000 | local | skipped |" in text and "train_window is not set" in text and "nan" not in text.lower()
