@@ -1,0 +1,192 @@
+"""`ttt-speech eval` end to end on a LibriLight-layout fixture of real LibriVox speech.
+
+The fixture comes from Debian's pocketsphinx-testdata (skipped cleanly when it is not installed):
+one real book (5 utterances, 24.7 s) with a corrupt, an empty and a truncated file, plus one
+short synthetic book. Audio is encoded once per module by the random-init Mimi (tiny model).
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from eval.config import EvalConfig, load_config
+from eval.length_gen import length_generalisation, write_length_gen
+from eval.run import build_models
+from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
+from ttt_speech.cli import main
+from ttt_speech.schema import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = {"dim": 64, "num_layers": 2, "num_heads": 2, "text_card": 100, "context": 100}
+
+
+def _fixture_module():
+    spec = importlib.util.spec_from_file_location("make_librilight_fixture", ROOT / "scripts/make_librilight_fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    fixture = _fixture_module()
+    if not fixture.SOURCE.is_dir():
+        pytest.skip("pocketsphinx-testdata is not installed (apt-get install -y pocketsphinx-testdata)")
+    root = tmp_path_factory.mktemp("librilight")
+    info = fixture.make_fixture(root, synthetic_books=1, synthetic_seconds=6.0, chapters=3, corrupt=True)
+    return root, info, tmp_path_factory.mktemp("codes")
+
+
+def write_config(path: Path, tree, **sections) -> Path:
+    root, _, cache = tree
+    data = {
+        "model": {"name": "tiny", "tiny": TINY, "device": "cpu"},
+        "ttt": {"mini_batch_size": 16, "gate_init": 0.5},
+        "data": {"root": str(root), "codes_cache": str(cache), "max_frames": 320},
+        "eval": {"chunk_size": 32, "native_max_frames": 32, "train_window": 32, "bin_frames": 25,
+                 "positions": [60, 300, 1000], "position_window": 50, "gain_window": 50},
+        "output_dir": str(path.parent / "out"),
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_fixture_has_the_librilight_layout(tree):
+    root, info, _ = tree
+    real = root / "small/9999/sense_and_sensibility_01_austen_64kb"
+    assert len(list(real.glob("sense*.flac"))) == 5 and len(info["bad_files"]) == 3
+    meta = json.loads(next(real.glob("sense*.json")).read_text())
+    assert {"speaker", "book_meta", "snr", "voice_activity"} <= set(meta)
+    assert {"genre", "Dramatic Readings", "meta_genre"} <= set(meta["book_meta"])
+
+
+def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
+    config = write_config(tmp_path / "eval.yaml", tree)
+    assert main(["eval", "librilight", str(config), "--mode", "both", "--baseline", "--quiet"]) == 0
+    out = tmp_path / "out"
+    for name in ("report.json", "report.md", "per_position.safetensors"):
+        assert (out / name).is_file()
+    for name in ("nll_curves.png", "length_gen.png", "fast_weights.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["runs"]) == {"ttt/chunked", "ttt/native", "baseline/chunked", "baseline/native"}
+
+    # corrupt, empty and truncated files are skipped and counted
+    skipped = {Path(s["path"]).name: s["reason"] for s in report["data"]["skipped_files"]}
+    assert set(skipped) == {"zz_corrupt.flac", "zz_empty.flac", "zz_truncated.flac"}
+    assert report["data"]["counts"]["files_skipped"] == 3 and report["data"]["counts"]["streams"] == 2
+    assert "truncated" in skipped["zz_truncated.flac"]
+
+    # the evaluator's self-check: both modes agree for the TTT model and the baseline
+    for model in ("ttt", "baseline"):
+        c = report["comparisons"]["modes"][model]
+        assert c["max_abs"] <= 1e-4 and all(s["frames"] == 32 for s in c["per_stream"])
+        assert c["speed_ratio"] > 0
+    assert set(report["comparisons"]["ttt_vs_baseline"]) == {"chunked", "native"}
+
+    run = report["runs"]["ttt/chunked"]
+    assert set(run["groups"]) == {"text", "cb1", "cb2-8"}
+    positions = {p["position"]: p for p in run["groups"]["cb1"]["positions"]}
+    assert positions[60]["cumulative"]["n_streams"] == 2 and positions[300]["cumulative"]["n_streams"] == 1
+    assert "skipped" in positions[1000] and "cumulative" not in positions[1000]  # no stream is 1000 frames long
+    points = run["groups"]["text"]["length_gen"]["points"]
+    assert len(points) == 20 and any("skipped" in p for p in points)
+    assert run["fast_weights"] and run["fast_weights"][0]["layers"][0]["layer"] == 0
+    assert report["runs"]["baseline/chunked"]["fast_weights"] is None
+    assert report["alignment"]["ttt"]["aligned"] and report["alignment"]["ttt"]["efficiency"] > 0.9
+
+    md = (out / "report.md").read_text()
+    for section in ("## NLL (perplexity) at positions", "## Length generalisation", "## Chunked vs native",
+                    "## TTT − baseline", "## Speed and memory", "zz_corrupt.flac", "![nll_curves](nll_curves.png)"):
+        assert section in md
+    assert "chunked vs native max |dNLL|" in capsys.readouterr().out
+
+
+def test_length_gen_command(tree, tmp_path, capsys):
+    config = write_config(tmp_path / "eval.yaml", tree, eval={"chunk_size": 16})
+    assert main(["eval", "length-gen", str(config), "--quiet", "data.max_frames=200"]) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "length_gen.json").read_text())
+    assert list(results) == ["ttt"]
+    points = results["ttt"]["groups"]["cb1"]["points"]
+    assert [p["length"] for p in points][:2] == [16, 19] and points[-1]["length"] == 320
+    assert "skipped" in points[-1] and "cumulative" in points[0]  # 320 > the 200 frames evaluated
+    assert (out / "length_gen.png").read_bytes()[:8] == PNG
+    assert "skipped" in (out / "length_gen.md").read_text()
+    assert "lengths evaluated" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_field_and_exit_2(tree, tmp_path, capsys):
+    config = write_config(tmp_path / "eval.yaml", tree)
+    assert main(["eval", "librilight", str(config), "eval.chunk_size=0"]) == 2
+    assert "chunk_size: expected null or an integer >= 1" in capsys.readouterr().err
+    assert main(["eval", "librilight", str(config), "data.root=/nonexistent", "--quiet"]) == 2
+    assert "data.root: /nonexistent is not a folder" in capsys.readouterr().err
+    assert main(["eval", "librilight", str(config), "--mode", "fast"]) == 2
+    assert "--mode" in capsys.readouterr().err
+    assert main(["eval", "length-gen", str(config), "eval.train_window=null"]) == 2
+    assert "eval.train_window" in capsys.readouterr().err
+    assert main(["eval", "librilight", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_configs_in_the_repository_load():
+    for path in sorted((ROOT / "configs").glob("eval_*.yaml")):
+        config = load_config(path)
+        assert isinstance(config, EvalConfig)
+
+
+def random_streams(n=2, T=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(n):
+        codes = torch.randint(0, 64, (17, T - 15 * i), generator=g)
+        codes[0] = torch.randint(0, 100, (T - 15 * i,), generator=g)
+        out[f"s{i}"] = codes
+    return out
+
+
+def test_length_generalisation_function_for_the_training_loop(tmp_path):
+    lm = tiny_moshi_lm(card=64, text_card=100, context=16)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    result = length_generalisation(lm, random_streams(), train_window=8, num_lengths=20)
+    assert result["lengths"][0] == 4 and result["lengths"][-1] == 80 and result["chunk_size"] == 16
+    points = result["groups"]["text"]["points"]
+    assert all(("cumulative" in p) == (p["length"] <= 60) for p in points)
+    at_50 = next(p for p in points if p["length"] >= 50)
+    assert at_50["cumulative"]["n_streams"] == 1  # the 45-frame stream does not reach it
+    import wandb
+
+    run = wandb.init(mode="disabled")
+    paths = write_length_gen({"ttt": result}, tmp_path, wandb_run=run)
+    run.finish()
+    assert paths["png"].read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="train_window"):
+        length_generalisation(lm, random_streams(), train_window=0)
+
+
+def test_export_and_baseline_models(tmp_path):
+    from ttt_speech.export import save_export
+    from ttt_speech.models import ModelConfig
+
+    model = ModelConfig(tiny={"card": 64, "text_card": 100}, device="cpu")
+    lm = tiny_moshi_lm(card=64, text_card=100)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, layers=[1]))
+    with torch.no_grad():
+        next(p for n, p in lm.named_parameters() if "ttt" in n).add_(1.0)
+    save_export(lm, model, tmp_path / "export", trainable="ttt")
+    config = from_dict(EvalConfig, {"export": str(tmp_path / "export"), "eval": {"baseline": True}}, "config")
+    models = build_models(config, torch.device("cpu"))
+    assert [m.name for m in models] == ["ttt", "baseline"]
+    assert models[0].lm.ttt_report.layers == [1] and getattr(models[1].lm, "ttt_report", None) is None
+    codes = random_streams(1)["s0"][None]
+    with torch.no_grad():
+        assert torch.equal(models[0].lm(codes).logits.nan_to_num(), lm(codes).logits.nan_to_num())
+    with pytest.raises(ValueError, match="not both"):
+        from_dict(EvalConfig, {"export": str(tmp_path / "export"), "ttt": {}}, "config")
