@@ -1,0 +1,312 @@
+"""A live generation stream: prompts forced frame by frame, continuations sampled, through `LMGen.step`.
+
+Timeline of one batch row (moshi's delays: text and codebook 0 at delay 0, codebooks 1-7 at 1).
+At LMGen offset o (steps this row has executed), one `step` samples the text token of frame o and
+audio codebook k of frame o − delay_k, reads the user stream's frame o − 1 (moshi takes the user
+stream one frame later than training does, DESIGN §7), and returns the complete frame
+o − max_delay. A prompt occupies frames [F0, F1) of a row: while a token of the prompt is due it is
+forced instead of sampled (per row and per codebook, so the frame where the prompt ends is part
+forced, part sampled, as in training); the user stream gets the prompt's user codes, and the
+codec's silence codes outside prompts.
+
+Rows with prompts of different lengths are aligned at their *ends*: a row with a shorter prompt
+waits (moshi's exec mask: its state is untouched) so that all rows start their continuation on the
+same step. The sampling noise of a step is drawn for the whole batch from the session's own
+`torch.Generator` (none for a greedy stream); with the state saved and restored (see
+`state_dict`), a resumed stream is the same as one that never stopped.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..moshi import _import  # noqa: F401
+from moshi.models.lm import LMGen, LMModel
+
+from ..moshi.streaming import MoshiTTT, load_ttt_stream_state, ttt_stream_state
+from .config import GenerationConfig
+from .sampling import sample_tokens
+from .state import capture_states, model_fingerprint, restore_states
+
+
+@dataclass
+class Frame:
+    """What one `LMGen.step` of the session emitted, for each of the B rows."""
+
+    step: int           # steps of this session's stream so far, this one included
+    index: Tensor       # [B] frame number in the row's stream (-1: nothing emitted)
+    text: Tensor        # [B] text token (-1 where nothing was emitted)
+    audio: Tensor       # [B, dep_q] Moshi's audio codes (-1 where nothing was emitted)
+    emitted: Tensor     # [B] bool: the row emitted a frame at this step
+    prompt: Tensor      # [B] bool: that frame came from a prompt (forced, not sampled)
+
+    @property
+    def generated(self) -> Tensor:
+        """[B] bool: the row emitted a sampled frame."""
+        return self.emitted & ~self.prompt
+
+
+class SamplingLMGen(LMGen):
+    """moshi's `LMGen` with this package's sampler (temperature, top-k, top-p, explicit noise) and
+    per-row, per-codebook forcing of prompt tokens.
+
+    moshi samples greedily here (`use_sampling=False`); the text token is chosen in the
+    `on_text_logits_hook` (the logits are overwritten with a one-hot of the choice, which moshi's
+    argmax then takes) and the audio tokens in `depformer_step`. Noise and forced tokens live in
+    buffers of the streaming state, filled before each step, so CUDA graphs can replay them.
+    """
+
+    def __init__(self, lm_model: LMModel, settings: GenerationConfig) -> None:
+        super().__init__(lm_model, use_sampling=False, on_text_logits_hook=self._choose_text,
+                         support_out_of_sync=True)
+        self.settings = settings
+
+    def _init_streaming_state(self, batch_size: int):
+        state = super()._init_streaming_state(batch_size)
+        lm, device = self.lm_model, self.lm_model.device
+        # plain attributes, not dataclass fields: per-step inputs, not state to save
+        state.force_text = torch.zeros(batch_size, dtype=torch.long, device=device)
+        state.force_text_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        state.force_audio = torch.zeros(batch_size, lm.dep_q, dtype=torch.long, device=device)
+        state.force_audio_mask = torch.zeros(batch_size, lm.dep_q, dtype=torch.bool, device=device)
+        state.noise_text = torch.ones(batch_size, lm.text_card, device=device)
+        state.noise_audio = torch.ones(lm.dep_q, batch_size, lm.card, device=device)
+        return state
+
+    def _choose_text(self, text_logits: Tensor) -> None:
+        state, s = self._streaming_state, self.settings
+        token = sample_tokens(text_logits[:, 0, 0], s.text_temperature, s.text_top_k, s.text_top_p, state.noise_text)
+        token = torch.where(state.force_text_mask, state.force_text, token)
+        text_logits.zero_().scatter_(-1, token.view(-1, 1, 1, 1), 1.0)
+
+    def depformer_step(self, text_token: Tensor, transformer_out: Tensor) -> Tensor:
+        state, s, lm = self._streaming_state, self.settings, self.lm_model
+        assert lm.depformer is not None and self.cfg_coef == 1.0
+        prev, tokens = text_token, []
+        with lm.depformer.streaming(text_token.shape[0]):
+            for cb in range(lm.dep_q):
+                logits = lm.forward_depformer(cb, prev[:, None, None], transformer_out)
+                token = sample_tokens(logits[:, 0, 0], s.temperature, s.top_k, s.top_p, state.noise_audio[cb])
+                token = torch.where(state.force_audio_mask[:, cb], state.force_audio[:, cb], token)
+                tokens.append(token)
+                prev = token
+        return torch.stack(tokens, dim=1)
+
+
+class GenerationSession:
+    """A stream of `batch_size` rows through a (TTT-patched or plain) moshi `LMModel`.
+
+        with GenerationSession(lm, 2, GenerationConfig(seed=1), silence=silence) as session:
+            for frame in session.run([prompt_a, prompt_b]):   # prompts: [lm.num_codebooks, P] streams
+                ...
+            tensors, meta = session.state_dict()              # save, and later in a new session:
+            session.load_state_dict(tensors, meta)            # continue exactly where it stopped
+
+    `silence` [n_user] are the codec's codes of silence, the user stream outside prompts.
+    `config` may be replaced between runs (e.g. another temperature); the RNG stream continues.
+    """
+
+    def __init__(self, lm: LMModel, batch_size: int, config: GenerationConfig | None = None,
+                 silence: Tensor | None = None) -> None:
+        if lm.training:
+            raise ValueError("generation needs the model in eval mode (call lm.eval())")
+        if lm.depformer is None or lm.dep_q < 1:
+            raise ValueError("generation needs a model with a depformer (audio output)")
+        if batch_size < 1:
+            raise ValueError(f"batch size: expected >= 1, got {batch_size}")
+        self.lm = lm
+        self.batch_size = batch_size
+        self.config = config or GenerationConfig()
+        self.n_user = lm.num_codebooks - 1 - lm.dep_q
+        if silence is None:
+            raise ValueError("silence codes are required (the user stream outside prompts): "
+                             "use ttt_speech.data.audio.silence_codes(mimi) or a code file's 'silence'")
+        silence = torch.as_tensor(silence).long().reshape(-1)
+        if silence.numel() < self.n_user or silence.min() < 0 or silence.max() >= lm.card:
+            raise ValueError(f"silence codes: expected >= {self.n_user} codes in [0, {lm.card}), got {silence.tolist()}")
+        self.silence = silence[:self.n_user].cpu()
+        self.delays = list(lm.delays)
+        self.lm_gen = SamplingLMGen(lm, self.config)
+        self.max_delay = self.lm_gen.max_delay
+        self.device = lm.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.config.seed)
+        self.offsets = [0] * batch_size  # LMGen offset (steps executed) of each row
+        self.steps = 0
+        self.runs = 0
+        self._exec: list[bool] | None = None
+        self._stack = ExitStack()
+        self._stack.enter_context(self.lm_gen.streaming(batch_size))
+
+    # ------------------------------------------------------------------ context
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "GenerationSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ generation
+    def plan(self, prompt_frames: Sequence[int], num_frames: int) -> list[int]:
+        """Steps each row executes in a run with prompts of these lengths and `num_frames` after them.
+
+        A row emits frame f at its step f + max_delay. With a prompt, the run ends with the
+        `num_frames`-th frame after the prompt; without one, after `num_frames` more frames.
+        """
+        steps = []
+        for o, p in zip(self.offsets, prompt_frames):
+            emitted = max(0, o - self.max_delay)
+            last = (o + p if p else emitted) + num_frames - 1
+            steps.append(last + self.max_delay + 1 - o)
+        return steps
+
+    def run(self, prompts: Sequence[Tensor | None] | None = None, num_frames: int | None = None) -> Iterator[Frame]:
+        """Force each row's prompt (streams [lm.num_codebooks, P], or None), then sample
+        `num_frames` (default: config.num_frames) more frames; yields one `Frame` per step.
+
+        A resumed stream first emits the frames it had begun (max_delay of them) before a new prompt.
+        """
+        B, lm = self.batch_size, self.lm
+        prompts = list(prompts) if prompts is not None else [None] * B
+        if len(prompts) != B:
+            raise ValueError(f"prompts: expected {B} (one per row of the stream), got {len(prompts)}")
+        prompts = [self._check_prompt(p, i) for i, p in enumerate(prompts)]
+        n = self.config.num_frames if num_frames is None else num_frames
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_frames: expected an integer >= 1, got {n!r}")
+        lengths = [0 if p is None else p.shape[1] for p in prompts]
+        steps = self.plan(lengths, n)
+        total = max(steps)
+        start = [total - s for s in steps]
+        first = list(self.offsets)  # prompt i occupies frames [first[i], first[i] + lengths[i])
+        self.lm_gen.settings = self.config
+        self._reset_graphs()
+        d_text, d_audio = self.delays[0], self.delays[1:1 + lm.dep_q]
+        state = self.lm_gen._streaming_state
+        for g in range(total):
+            run_row = [g >= s for s in start]
+            user = self.silence[None].repeat(B, 1)
+            f_text = torch.zeros(B, dtype=torch.long)
+            m_text = torch.zeros(B, dtype=torch.bool)
+            f_audio = torch.zeros(B, lm.dep_q, dtype=torch.long)
+            m_audio = torch.zeros(B, lm.dep_q, dtype=torch.bool)
+            for i, p in enumerate(prompts):
+                if p is None or not run_row[i]:
+                    continue
+                rel = self.offsets[i] - first[i]  # frame o of the row, relative to its prompt
+                if 0 <= rel - 1 < lengths[i]:
+                    user[i] = p[1 + lm.dep_q:, rel - 1]
+                if self.config.prompt_text == "force" and 0 <= rel - d_text < lengths[i]:
+                    f_text[i], m_text[i] = p[0, rel - d_text], True
+                for k, d in enumerate(d_audio):
+                    if 0 <= rel - d < lengths[i]:
+                        f_audio[i, k], m_audio[i, k] = p[1 + k, rel - d], True
+            state.force_text.copy_(f_text)
+            state.force_text_mask.copy_(m_text)
+            state.force_audio.copy_(f_audio)
+            state.force_audio_mask.copy_(m_audio)
+            if self.config.text_temperature > 0:  # greedy streams draw no noise
+                state.noise_text.exponential_(generator=self.generator)
+            if self.config.temperature > 0:
+                state.noise_audio.exponential_(generator=self.generator)
+            if run_row != self._exec:
+                self.lm_gen.set_exec_mask(torch.tensor(run_row, device=self.device))
+                self._exec = run_row
+            # every running row fully forced: skip the depformer (same tokens, less work)
+            replace = None
+            if all(m_audio[i].all() for i in range(B) if run_row[i]):
+                replace = f_audio[:, :, None].to(self.device)
+            out = self.lm_gen.step(user[:, :, None].to(self.device), replace).cpu()[:, :, 0]
+            self.steps += 1
+            index = torch.full((B,), -1, dtype=torch.long)
+            emitted = torch.zeros(B, dtype=torch.bool)
+            is_prompt = torch.zeros(B, dtype=torch.bool)
+            for i in range(B):
+                if not run_row[i]:
+                    continue
+                frame = self.offsets[i] - self.max_delay
+                self.offsets[i] += 1
+                if frame >= 0:
+                    index[i], emitted[i] = frame, True
+                    is_prompt[i] = 0 <= frame - first[i] < lengths[i]
+            out[~emitted] = -1
+            yield Frame(self.steps, index, out[:, 0].clone(), out[:, 1:].clone(), emitted, is_prompt)
+        self.runs += 1
+
+    def _check_prompt(self, prompt: Tensor | None, i: int) -> Tensor | None:
+        if prompt is None:
+            return None
+        lm = self.lm
+        prompt = torch.as_tensor(prompt)
+        if prompt.dim() != 2 or prompt.shape[0] != lm.num_codebooks:
+            raise ValueError(f"prompt {i}: expected streams [{lm.num_codebooks}, T] (text, Moshi's audio, "
+                             f"the user's audio; see ttt_speech.data.layout.moshi_streams), got {tuple(prompt.shape)}")
+        if prompt.shape[1] == 0:
+            return None
+        prompt = prompt.long().cpu()
+        if prompt.min() < 0 or prompt[0].max() >= lm.text_card or prompt[1:].max() >= lm.card:
+            raise ValueError(f"prompt {i}: tokens out of range (text < {lm.text_card}, audio < {lm.card})")
+        return prompt
+
+    def _reset_graphs(self) -> None:
+        """Sampling settings are Python constants inside a captured CUDA graph: re-capture."""
+        state = self.lm_gen._streaming_state
+        if state.graphed_depth is not None and not state.graphed_depth.disable:
+            state.graphed_depth.reset()
+
+    # ------------------------------------------------------------------ state
+    def _has_ttt(self) -> bool:
+        return any(isinstance(m, MoshiTTT) for m in self.lm.modules())
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything the stream needs to continue: (tensors, JSON-ready metadata).
+
+        Tensors: LMGen's state (token cache, offsets, exec mask), every streaming module of the LM
+        (attention KV caches and offsets, layer counters), the TTT state of every TTT layer, the
+        silence codes and the sampling RNG state. The depformer restarts at every step: nothing to keep.
+        """
+        tensors = capture_states({"": self.lm_gen._streaming_state}, "gen.")
+        tensors.update(capture_states(self.lm.get_streaming_state(), "lm."))
+        if self._has_ttt():
+            tensors.update({f"ttt.{k}": v.cpu() for k, v in ttt_stream_state(self.lm).items()})
+        tensors["session.silence"] = self.silence.clone()
+        tensors["session.offsets"] = torch.tensor(self.offsets, dtype=torch.int64)
+        tensors["session.rng"] = self.generator.get_state().cpu()
+        meta = {"batch_size": self.batch_size, "steps": self.steps, "runs": self.runs,
+                "seed": self.config.seed, "rng_device": self.generator.device.type,
+                "model": model_fingerprint(self.lm),
+                "ttt": getattr(getattr(self.lm, "ttt_config", None), "to_dict", lambda: None)()}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, Tensor], meta: dict, where: str = "generation state") -> None:
+        """Continue the stream saved by `state_dict` (same model, same batch size)."""
+        if meta.get("batch_size") != self.batch_size:
+            raise ValueError(f"{where}: saved with {meta.get('batch_size')} stream(s), this session has {self.batch_size}")
+        if meta.get("model") != model_fingerprint(self.lm):
+            raise ValueError(f"{where}: saved from a different model (weights, TTT layers or dtype differ)")
+        if meta.get("rng_device") != self.generator.device.type:
+            raise ValueError(f"{where}: the sampling RNG was saved on {meta.get('rng_device')}; it cannot "
+                             f"continue on {self.generator.device.type} (resume on the same kind of device)")
+        restore_states({"": self.lm_gen._streaming_state}, tensors, "gen.", where)
+        restore_states(self.lm.get_streaming_state(), tensors, "lm.", where)
+        ttt = {k[4:]: v for k, v in tensors.items() if k.startswith("ttt.")}
+        if self._has_ttt():
+            load_ttt_stream_state(self.lm, ttt, where)
+        elif ttt:
+            raise ValueError(f"{where}: has TTT state but the model has no TTT layers")
+        for key in ("session.silence", "session.offsets", "session.rng"):
+            if key not in tensors:
+                raise ValueError(f"{where}: missing {key}")
+        self.silence = tensors["session.silence"].long().cpu()
+        self.offsets = [int(o) for o in tensors["session.offsets"]]
+        if self.offsets != self.lm_gen._streaming_state.offsets.tolist():
+            raise ValueError(f"{where}: inconsistent offsets")
+        self.generator.set_state(tensors["session.rng"])
+        self.steps, self.runs = int(meta.get("steps", 0)), int(meta.get("runs", 0))
+        self._exec = None
