@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Modules that add subcommands. Each defines `register(subparsers)`, which only declares
 # arguments (cheap: torch and moshi are imported by the command when it runs) and sets `func`.
-COMMAND_MODULES: tuple[str, ...] = ("finetune.cli", "ttt_speech.data.cli", "eval.cli")
+COMMAND_MODULES: tuple[str, ...] = ("finetune.cli", "ttt_speech.data.cli", "eval.cli", "ttt_speech.generate_cli")
 
 
 def main(argv: list[str] | None = None) -> int:

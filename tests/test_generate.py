@@ -1,0 +1,318 @@
+"""Streaming generation (`ttt_speech.generate`, `ttt-speech generate`) on tiny random-init models.
+
+Small LM (dim 64, 2 layers) for the session tests; the random Mimi (card 2048) only where audio
+is decoded. Everything float32 on CPU, so "equal" means bit for bit.
+"""
+import numpy as np
+import pytest
+import sphn
+import torch
+
+from ttt_speech import TTTConfig, patch_moshi
+from ttt_speech.cli import main
+from ttt_speech.data.audio import encode_pcm, read_audio
+from ttt_speech.data.codes import Recording, load_codes, save_codes
+from ttt_speech.generate import (AudioDecoder, GenerationConfig, GenerationSession, continuation, load_state,
+                                 read_state, sample_tokens, save_state, stream)
+from ttt_speech.models import ModelConfig, load_lm, load_mimi
+from ttt_speech.moshi import ttt_modules
+
+CARD, TEXT_CARD = 64, 100
+SMALL = {"dim": 64, "num_layers": 2, "num_heads": 2, "card": CARD, "text_card": TEXT_CARD, "context": 40,
+         "depformer_dim": 32, "depformer_dim_feedforward": 64, "depformer_num_layers": 1}
+# card 2048 = the random Mimi's codebook size, so its codes can be decoded
+AUDIO = {"dim": 64, "num_layers": 2, "num_heads": 2, "text_card": TEXT_CARD, "context": 40,
+         "depformer_dim": 32, "depformer_dim_feedforward": 64, "depformer_num_layers": 1}
+SAMPLING = GenerationConfig(temperature=1.0, text_temperature=1.0, top_k=20, top_p=0.9, seed=7)
+
+
+def small_lm(ttt=True, seed=0, **kw):
+    lm = load_lm(ModelConfig(device="cpu", seed=seed, tiny={**SMALL, **kw}))
+    if ttt:
+        patch_moshi(lm, TTTConfig(mini_batch_size=4, mode="hybrid"))
+        with torch.no_grad():  # make the TTT branch matter
+            for m in ttt_modules(lm):
+                m.gate_alpha.fill_(0.5)
+    return lm
+
+
+def random_streams(T, seed, card=CARD):
+    g = torch.Generator().manual_seed(seed)
+    streams = torch.randint(0, card, (17, T), generator=g)
+    streams[0] = torch.randint(0, TEXT_CARD, (T,), generator=g)
+    return streams
+
+
+SILENCE = torch.arange(8) + 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eager_moshi():
+    """moshi torch.compiles a few small functions on first use, and again for each new shape:
+    seconds per shape on a 2-core CPU, more than these tests' own work. Eager mode here."""
+    from moshi.utils.compile import no_compile
+
+    with no_compile():
+        yield
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return small_lm()
+
+
+@pytest.fixture(scope="module")
+def mimi():
+    return load_mimi(ModelConfig(device="cpu"))
+
+
+def codes_of(frames, include_prompt=False):
+    return continuation(frames, include_prompt)
+
+
+# ----------------------------------------------------------------------------- sampling (pure)
+
+def test_sampler_greedy_topk_topp_and_determinism():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    noise = torch.empty(1000, 4).exponential_(generator=torch.Generator().manual_seed(0))
+    many = logits.expand(1000, 4)
+    assert sample_tokens(many, 0.0).eq(0).all()                            # greedy
+    assert sample_tokens(many, 1.0, top_k=1, noise=noise).eq(0).all()      # top-1 = greedy
+    assert set(sample_tokens(many, 1.0, top_k=2, noise=noise).tolist()) == {0, 1}
+    assert set(sample_tokens(many, 1.0, top_p=0.6, noise=noise).tolist()) == {0, 1}   # 0.5 < 0.6 ≤ 0.8
+    assert sample_tokens(many, 1.0, top_p=0.5, noise=noise).eq(0).all()    # 0.5 reaches 0.5
+    assert torch.equal(sample_tokens(many, 1.0, noise=noise), sample_tokens(many, 1.0, noise=noise.clone()))
+    # an exact draw from softmax(logits / T): empirical frequencies over 40k draws
+    big = torch.empty(40000, 4).exponential_(generator=torch.Generator().manual_seed(1))
+    for temp in (1.0, 2.0):
+        counts = torch.bincount(sample_tokens(logits.expand(40000, 4), temp, noise=big), minlength=4) / 40000
+        assert (counts - torch.softmax(logits[0] / temp, -1)).abs().max() < 0.01
+    # top-k then top-p, renormalised: tokens {0, 1, 2} by top-k, then nucleus 0.9 of those keeps all 3
+    kept = sample_tokens(logits.expand(40000, 4), 1.0, top_k=3, top_p=0.99, noise=big)
+    assert set(kept.tolist()) == {0, 1, 2}
+    assert sample_tokens(torch.zeros(2, 3, 5), 1.0, noise=torch.ones(2, 3, 5)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"top_p": 0.0}, "top_p: expected a number in (0, 1]"),
+    ({"top_p": 1.5}, "top_p: expected a number in (0, 1]"),
+    ({"text_top_p": float("nan")}, "text_top_p: expected a number in (0, 1]"),
+    ({"top_k": -1}, "top_k: expected an integer >= 0"),
+    ({"text_top_k": 2.5}, "text_top_k: expected an integer >= 0"),
+    ({"temperature": -0.1}, "temperature: expected a number >= 0"),
+    ({"text_temperature": float("inf")}, "text_temperature: expected a number >= 0"),
+    ({"max_duration": 0}, "max_duration: expected a number of seconds > 0"),
+    ({"seed": -1}, "seed: expected an integer >= 0"),
+])
+def test_bad_generation_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
+        GenerationConfig(**kwargs)
+
+
+def test_sampler_rejects_bad_values_and_missing_noise():
+    with pytest.raises(ValueError, match="top_p"):
+        sample_tokens(torch.zeros(3), 1.0, top_p=2.0, noise=torch.ones(3))
+    with pytest.raises(ValueError, match="noise"):
+        sample_tokens(torch.zeros(3), 1.0)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--top-p", "1.5", "--top-p: expected a number in (0, 1]"),
+    ("--top-p", "0", "--top-p: expected a number in (0, 1]"),
+    ("--text-top-k", "-3", "--text-top-k: expected an integer >= 0"),
+    ("--temperature", "-1", "--temperature: expected a number >= 0"),
+    ("--max-duration", "0", "--max-duration: expected a number of seconds > 0"),
+])
+def test_cli_rejects_bad_values_with_one_line_naming_the_option(tmp_path, capsys, option, value, message):
+    code = main(["generate", "x.wav", "--out", str(tmp_path), option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_input_errors(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing.wav"), "--out", str(tmp_path)]) == 2
+    assert "prompt file not found" in capsys.readouterr().err
+    assert main(["generate", "--out", str(tmp_path)]) == 2
+    assert "give at least one PROMPT, or --state-in" in capsys.readouterr().err
+    assert main(["generate", "--state-in", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]) == 2
+    assert "no such generation state file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sessions
+
+def run(lm, prompts, n, config=SAMPLING, batch=None):
+    with GenerationSession(lm, batch or len(prompts), config, SILENCE) as session:
+        return list(session.run(prompts, n))
+
+
+def test_greedy_generation_is_deterministic(lm):
+    prompts = [random_streams(6, 1)]
+    a = run(lm, prompts, 8, GenerationConfig(temperature=0, text_temperature=0, seed=1))
+    b = run(lm, prompts, 8, GenerationConfig(temperature=0, text_temperature=0, seed=2))  # seed plays no part
+    assert torch.equal(codes_of(a)[0], codes_of(b)[0]) and codes_of(a)[0].shape == (9, 8)
+
+
+def test_seed_fixes_sampling(lm):
+    prompts = [random_streams(6, 1)]
+    a, b = run(lm, prompts, 8), run(lm, prompts, 8)
+    c = run(lm, prompts, 8, GenerationConfig(**{**SAMPLING.__dict__, "seed": 8}))
+    assert torch.equal(codes_of(a)[0], codes_of(b)[0])
+    assert not torch.equal(codes_of(a)[0], codes_of(c)[0])
+
+
+def test_prompt_frames_are_forced_and_rows_start_their_continuation_together(lm):
+    """Echoed prompt frames equal the prompts (the delays are undone exactly); prompts of
+    different lengths are end-aligned, so all rows generate from the same step on."""
+    prompts = [random_streams(7, 1), random_streams(3, 2)]
+    frames = run(lm, prompts, 5)
+    for i, p in enumerate(prompts):
+        echo = codes_of(frames, include_prompt=True)[i][:, :p.shape[1]]
+        assert torch.equal(echo, p[:9])
+        assert codes_of(frames)[i].shape == (9, 5)
+    first_generated = [min(f.step for f in frames if f.generated[i]) for i in range(2)]
+    assert first_generated[0] == first_generated[1] == 7 + max(lm.delays) + 1
+    assert all(f.emitted.all() for f in frames if f.generated.any())
+
+
+@pytest.mark.parametrize("ttt", [True, False])
+def test_generate_save_resume_equals_one_uninterrupted_generation(tmp_path, ttt):
+    lm = small_lm(ttt=ttt)
+    prompts = [random_streams(6, 1), random_streams(4, 2)]
+    whole = run(lm, prompts, 14)
+    with GenerationSession(lm, 2, SAMPLING, SILENCE) as session:
+        first = list(session.run(prompts, 9))
+        save_state(tmp_path / "state.safetensors", session)
+    tensors, meta = read_state(tmp_path / "state.safetensors")
+    assert any(k.startswith("ttt.") for k in tensors) == ttt
+    assert {"gen.cache", "gen.offsets", "gen.offset_cpu", "session.rng",
+            "lm.transformer.layers.0.self_attn.kv_cache.cache"} <= set(tensors)
+    with GenerationSession(lm, 2, SAMPLING, SILENCE) as session:
+        load_state(tmp_path / "state.safetensors", session)
+        second = list(session.run(None, 5))
+    for i in range(2):
+        joined = torch.cat([codes_of(first)[i], codes_of(second)[i]], dim=1)
+        assert torch.equal(joined, codes_of(whole)[i]), i
+
+
+def test_resume_with_a_new_prompt_and_other_settings(lm):
+    """A second prompt on a live stream: the frames already begun come first, then the prompt,
+    then the continuation; a saved stream resumed the same way gives the same frames."""
+    p1, p2 = random_streams(5, 1), random_streams(4, 3)
+    greedy = GenerationConfig(temperature=0, text_temperature=0)
+    with GenerationSession(lm, 1, SAMPLING, SILENCE) as session:
+        list(session.run([p1], 3))
+        saved = session.state_dict()
+        session.config = greedy
+        live = list(session.run([p2], 4))
+    with GenerationSession(lm, 1, greedy, SILENCE) as session:
+        load_state(saved, session)
+        resumed = list(session.run([p2], 4))
+    out = codes_of(live, include_prompt=True)[0]
+    assert out.shape == (9, max(lm.delays) + 4 + 4)
+    assert torch.equal(out[:, max(lm.delays):max(lm.delays) + 4], p2[:9])
+    assert torch.equal(out, codes_of(resumed, include_prompt=True)[0])
+
+
+def test_state_mismatches_are_clear_errors(lm, tmp_path):
+    with GenerationSession(lm, 1, SAMPLING, SILENCE) as session:
+        list(session.run([random_streams(3, 1)], 2))
+        saved = session.state_dict()
+    with GenerationSession(lm, 2, SAMPLING, SILENCE) as session, pytest.raises(ValueError, match="2"):
+        load_state(saved, session)
+    with GenerationSession(small_lm(seed=1), 1, SAMPLING, SILENCE) as session, \
+            pytest.raises(ValueError, match="different model"):
+        load_state(saved, session)
+    save_codes(tmp_path / "codes.safetensors", Recording(torch.zeros(8, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="not a generation state file"):
+        read_state(tmp_path / "codes.safetensors")
+    with GenerationSession(lm, 1, SAMPLING, SILENCE) as session, pytest.raises(ValueError, match="prompt 0"):
+        list(session.run([torch.zeros(5, 3, dtype=torch.long)], 2))
+
+
+def test_stream_api_yields_frames(lm):
+    frames = list(stream(lm, [Recording(random_streams(4, 1)[1:9], silence=SILENCE)],
+                         GenerationConfig(max_duration=0.4, temperature=0, text_temperature=0)))
+    assert codes_of(frames)[0].shape == (9, 5)  # 0.4 s = 5 frames
+    assert [f.step for f in frames] == list(range(1, len(frames) + 1))
+
+
+# ----------------------------------------------------------------------------- audio (random Mimi)
+
+def test_streamed_decoding_in_chunks_equals_one_decode_and_resumes(mimi):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 2048, (2, 8, 7), generator=g)
+    with torch.no_grad():
+        whole = mimi.decode(codes)[:, 0]  # [2, 7·1920]
+        alone = mimi.decode(codes[1:, :, :4])[0, 0]
+
+    def frames(lo, hi, rows=(True, True)):
+        for t in range(lo, hi):
+            yield type("F", (), {"emitted": torch.tensor(rows), "prompt": torch.tensor([False, False]),
+                                 "audio": codes[:, :, t]})
+
+    with AudioDecoder(mimi, 2, chunk_frames=3) as dec:
+        for f in frames(0, 4):
+            dec.push(f)
+        with pytest.raises(ValueError, match="flush"):
+            dec.state_dict()
+        first = dec.pull(flush=True)
+        saved = dec.state_dict()
+    with AudioDecoder(mimi, 2, chunk_frames=2) as dec:
+        dec.load_state_dict(saved)
+        for f in frames(4, 7):
+            dec.push(f)
+        second = dec.pull(flush=True)
+    for i in range(2):
+        joined = torch.cat([first[i], second[i]])
+        assert joined.shape == (7 * mimi.frame_size,)
+        assert (joined - whole[i]).abs().max() < 1e-4
+    # rows emitting different numbers of frames (exec-masked decoding)
+    with AudioDecoder(mimi, 2, chunk_frames=2) as dec:
+        for f in frames(0, 4, rows=(False, True)):
+            dec.push(f)
+        out = dec.pull(flush=True)
+    assert out[0].numel() == 0 and (out[1] - alone).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    from ttt_speech.export import save_export
+
+    config = ModelConfig(name="tiny", device="cpu", tiny=AUDIO)
+    lm = load_lm(config)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    return save_export(lm, config, tmp_path_factory.mktemp("export") / "tiny-ttt", trainable="ttt")
+
+
+def test_cli_generates_audio_and_codes_and_resumes_exactly(tmp_path, export_dir, mimi, capsys):
+    """A wav and a code file as one batch; resumed from the saved state == one run (which gets the
+    wav's codes as a code file, encoded by the same random Mimi, so it needs no Mimi at all)."""
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * np.arange(int(0.4 * 24000)) / 24000)).astype(np.float32)
+    sphn.write_wav(str(tmp_path / "a.wav"), pcm, 24000)
+    g = torch.Generator().manual_seed(0)
+    silence = torch.randint(0, 2048, (8,), generator=g)
+    save_codes(tmp_path / "b.safetensors", Recording(torch.randint(0, 2048, (8, 3), generator=g), silence=silence))
+    (tmp_path / "codes").mkdir()
+    save_codes(tmp_path / "codes" / "a.safetensors", Recording(encode_pcm(mimi, read_audio(tmp_path / "a.wav", 24000)),
+                                                               silence=silence))
+    prompts = [str(tmp_path / "a.wav"), str(tmp_path / "b.safetensors")]
+    common = ["--export", str(export_dir), "--device", "cpu", "--seed", "3", "--top-p", "0.9"]
+    state = tmp_path / "state.safetensors"
+    assert main(["generate", *prompts, "--out", str(tmp_path / "run"), "--max-duration", "0.4",
+                 "--state-out", str(state), *common]) == 0
+    out = capsys.readouterr().out
+    assert "frames/s per stream" in out and "x real time" in out
+    assert main(["generate", "--state-in", str(state), "--out", str(tmp_path / "run"), "--max-duration", "0.24",
+                 *common]) == 0
+    assert main(["generate", str(tmp_path / "codes" / "a.safetensors"), prompts[1], "--out", str(tmp_path / "whole"),
+                 "--max-duration", "0.64", "--no-audio", *common]) == 0
+    for name, frames in (("a", 5), ("b", 5), ("a.resume1", 3), ("b.resume1", 3)):
+        pcm, rate = sphn.read(str(tmp_path / "run" / f"{name}.wav"))
+        assert rate == 24000 and pcm.shape == (1, frames * 1920), name
+        assert load_codes(tmp_path / "run" / f"{name}.safetensors").codes.shape == (8, frames)
+    assert not (tmp_path / "whole" / "a.wav").exists()
+    for name in ("a", "b"):
+        parts = [load_codes(tmp_path / "run" / f"{n}.safetensors") for n in (name, f"{name}.resume1")]
+        whole = load_codes(tmp_path / "whole" / f"{name}.safetensors")
+        assert torch.equal(torch.cat([p.codes for p in parts], 1), whole.codes)
+        assert torch.equal(torch.cat([p.text for p in parts]), whole.text)

@@ -1,0 +1,249 @@
+"""`ttt-speech generate`: continue audio prompts with a (TTT-patched) Moshi, frame by frame."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# CLI option of each GenerationConfig field (errors name the option the user typed)
+OPTIONS = {
+    "max_duration": "--max-duration", "temperature": "--temperature", "text_temperature": "--text-temperature",
+    "top_k": "--top-k", "text_top_k": "--text-top-k", "top_p": "--top-p", "text_top_p": "--text-top-p",
+    "seed": "--seed", "prompt_text": "--prompt-text",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="continue audio prompts frame by frame (LMGen.step), write audio + codes",
+        description="Continue each PROMPT (an audio file, or a code file) with Moshi (TTT-patched or not), "
+                    "frame by frame through moshi's LMGen.step, and write each continuation as a wav file "
+                    "and a code file into --out. Several prompts run as one batch. --state-out saves the "
+                    "live stream (TTT state, attention caches, LMGen and Mimi state, RNG) and --state-in "
+                    "continues it later: the result equals one uninterrupted generation. See docs/generate.md.")
+    p.add_argument("prompts", nargs="*", type=Path, metavar="PROMPT",
+                   help="audio (wav, flac, ogg, mp3, opus; mono = Moshi's voice, stereo = Moshi + user) or "
+                        "code file (.safetensors); none with --state-in: continue the saved stream")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created)")
+    model = p.add_argument_group("model")
+    model.add_argument("--export", type=Path, metavar="DIR", help="fine-tuned export directory (ttt-speech train); replaces --model")
+    model.add_argument("--model", default="tiny", metavar="NAME",
+                       help="'tiny' (random-init, no download) or a Hugging Face repo such as "
+                            "kyutai/moshiko-pytorch-bf16 (default tiny)")
+    model.add_argument("--ttt", type=Path, metavar="DIR", help="TTT weights to patch onto --model (a save_ttt directory)")
+    model.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default auto)")
+    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="LM dtype (default: float32 for --model, the export's own for --export)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-duration", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds generated after each prompt, > 0 (12.5 frames per second; default 10)")
+    s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="audio temperature, >= 0; 0 = greedy (default 0.8)")
+    s.add_argument("--text-temperature", type=float, default=0.7, metavar="T", help="text temperature, >= 0 (default 0.7)")
+    s.add_argument("--top-k", type=int, default=250, metavar="K", help="audio top-k, >= 0; 0 = off (default 250)")
+    s.add_argument("--text-top-k", type=int, default=25, metavar="K", help="text top-k, >= 0; 0 = off (default 25)")
+    s.add_argument("--top-p", type=float, default=1.0, metavar="P", help="audio nucleus top-p, in (0, 1]; 1 = off (default 1)")
+    s.add_argument("--text-top-p", type=float, default=1.0, metavar="P", help="text nucleus top-p, in (0, 1] (default 1)")
+    s.add_argument("--seed", type=int, metavar="N", help="sampling seed of a new stream (default 0; ignored "
+                                                          "with --state-in: a resumed stream continues its saved RNG)")
+    s.add_argument("--prompt-text", choices=["force", "free"], default="force",
+                   help="text stream during a prompt: its transcript or padding (force, default), or sampled (free)")
+    o = p.add_argument_group("output and state")
+    o.add_argument("--include-prompt", action="store_true", help="outputs start with the prompt, not after it")
+    o.add_argument("--no-audio", action="store_true", help="write code files only (no Mimi decoding)")
+    o.add_argument("--state-in", type=Path, metavar="FILE", help="continue the stream saved in this file")
+    o.add_argument("--state-out", type=Path, metavar="FILE", help="save the live stream here at the end (safetensors)")
+    p.set_defaults(func=_generate)
+
+
+def _config(args: argparse.Namespace):
+    from .generation.config import GenerationConfig, validate
+
+    values = {field: getattr(args, field) for field in OPTIONS}
+    values["seed"] = 0 if args.seed is None else args.seed
+    validate(values, OPTIONS)
+    return GenerationConfig(**values)
+
+
+def _load_model(args: argparse.Namespace):
+    import dataclasses
+
+    from .checkpoint import load_ttt
+    from .models import ModelConfig, load_lm
+
+    if args.export is not None:
+        from . import schema
+        from .export import MODEL_FILE, load_exported_lm, read_export_meta
+
+        if args.ttt is not None:
+            raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
+        meta = read_export_meta(args.export)
+        config = schema.from_dict(ModelConfig, meta["model"], f"{args.export / MODEL_FILE}:model")
+        config = dataclasses.replace(config, device=args.device, **({"dtype": args.dtype} if args.dtype else {}))
+        lm, config = load_exported_lm(args.export, device=config.torch_device(), model=config)
+        return lm, config
+    config = ModelConfig(name=args.model, device=args.device, dtype=args.dtype or "float32")
+    lm = load_lm(config)
+    if args.ttt is not None:
+        load_ttt(lm, args.ttt)
+    return lm.eval(), config
+
+
+def _output_names(prompts: list[Path]) -> list[str]:
+    names, seen = [], {}
+    for path in prompts:
+        stem = path.name.split(".")[0] or "prompt"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+class _Progress:
+    """`generate: 37/125 steps | 41.2 frames/s | 3.30x real time` on a terminal (stderr), live."""
+
+    def __init__(self, total: int, batch: int) -> None:
+        self.total, self.batch = total, batch
+        self.live = sys.stderr.isatty()
+        self.start = self.last_print = time.perf_counter()
+        self.window: list[float] = []
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        self.window = (self.window + [now])[-26:]
+        if self.live and (now - self.last_print > 0.25 or done == self.total):
+            self.last_print = now
+            rate = (len(self.window) - 1) / (self.window[-1] - self.window[0]) if len(self.window) > 1 else 0.0
+            sys.stderr.write(f"\rgenerate: {done}/{self.total} steps | {rate:6.1f} frames/s"
+                             f"{' per stream' if self.batch > 1 else ''} | {rate / 12.5:5.2f}x real time ")
+            sys.stderr.flush()
+
+    def finish(self) -> float:
+        if self.live:
+            sys.stderr.write("\n")
+        return time.perf_counter() - self.start
+
+
+def _write_wav(path: Path, pcm, sample_rate: int) -> None:
+    import os
+    import tempfile
+
+    import sphn
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".wav")
+    os.close(fd)
+    try:
+        sphn.write_wav(tmp, pcm.numpy(), sample_rate)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    prompts: list[Path] = list(args.prompts)
+    if not prompts and args.state_in is None:
+        raise ValueError("give at least one PROMPT, or --state-in to continue a saved stream")
+    for path in prompts:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: prompt file not found")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out: {args.out} exists and is not a folder")
+    if args.state_in is not None and args.seed is not None:
+        print("note: --seed is ignored with --state-in (the saved stream continues its own RNG)", file=sys.stderr)
+
+    import torch
+
+    from .data.audio import AUDIO_SUFFIXES, silence_codes
+    from .data.codes import Recording, save_codes
+    from .generate import AudioDecoder, GenerationSession, load_state, load_prompt, prompt_streams, read_state, save_state
+    from .models import load_mimi
+
+    saved = read_state(args.state_in) if args.state_in is not None else None
+    if saved is not None and prompts and len(prompts) != saved[1]["batch_size"]:
+        raise ValueError(f"--state-in: the saved stream has {saved[1]['batch_size']} row(s), got {len(prompts)} prompt(s)")
+
+    lm, model_config = _load_model(args)
+    if lm.dep_q != 8:
+        raise ValueError(f"the model makes {lm.dep_q} audio codebooks; Mimi and code files use 8")
+    device = lm.device
+    recordings = [load_prompt(p, None) if p.suffix.lower() not in AUDIO_SUFFIXES else None for p in prompts]
+    silence = saved[0]["session.silence"] if saved is not None else next(
+        (r.silence for r in recordings if r is not None and r.silence is not None), None)
+    need_mimi = not args.no_audio or silence is None or any(r is None for r in recordings)
+    mimi = load_mimi(model_config, device=device) if need_mimi else None
+    codec = model_config.codec_id()
+    for i, path in enumerate(prompts):
+        if recordings[i] is None:
+            recordings[i] = load_prompt(path, mimi, codec=codec)
+        elif recordings[i].codec and recordings[i].codec != codec:
+            print(f"note: {path} holds codes of codec {recordings[i].codec!r}; the model's codec is {codec!r}",
+                  file=sys.stderr)
+    if silence is None:
+        silence = silence_codes(mimi)
+    streams = [prompt_streams(lm, r, silence) for r in recordings] if prompts else None
+    names = _output_names(prompts) if prompts else list(saved[1].get("names") or [])
+    batch = len(prompts) if prompts else saved[1]["batch_size"]
+    if len(names) != batch:
+        names = [f"stream{i}" for i in range(batch)]
+    run = int(saved[1].get("runs", 0)) if saved is not None else 0  # outputs of run r > 0: <name>.resume<r>.*
+    suffix = f".resume{run}" if run > 0 else ""
+    inputs = {p.resolve() for p in [*prompts, *([args.state_in] if args.state_in else [])]}
+    for name in names:
+        for ext in (".safetensors", ".wav"):
+            if (args.out / f"{name}{suffix}{ext}").resolve() in inputs:
+                raise ValueError(f"--out: writing {args.out / (name + suffix + ext)} would overwrite an input; "
+                                 f"choose another folder")
+
+    texts: list[list[int]] = [[] for _ in range(batch)]
+    audio: list[list] = [[] for _ in range(batch)]
+    with GenerationSession(lm, batch, config, silence) as session:
+        decoder = None if args.no_audio else AudioDecoder(mimi, batch, keep_prompt=args.include_prompt)
+        try:
+            if saved is not None:
+                meta = load_state(saved, session, decoder)
+                if decoder is not None and not meta.get("audio_state"):
+                    print("note: the saved stream has no Mimi decoder state (--no-audio): its audio "
+                          "restarts at this boundary", file=sys.stderr)
+            lengths = [0 if s is None else s.shape[1] for s in (streams or [None] * batch)]
+            total = max(session.plan(lengths, config.num_frames))
+            progress = _Progress(total, batch)
+            for done, frame in enumerate(session.run(streams), start=1):
+                keep = frame.emitted if args.include_prompt else frame.generated
+                for i in torch.nonzero(keep).flatten().tolist():
+                    texts[i].append(int(frame.text[i]))
+                    audio[i].append(frame.audio[i])
+                if decoder is not None:
+                    decoder.push(frame)
+                progress.update(done)
+            elapsed = progress.finish()
+            pcm = decoder.pull(flush=True) if decoder is not None else None
+            if args.state_out is not None:
+                save_state(args.state_out, session, decoder, names=names, model_name=model_config.name)
+        finally:
+            if decoder is not None:
+                decoder.close()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, name in enumerate(names):
+        codes = torch.stack(audio[i], dim=1) if audio[i] else torch.zeros(lm.dep_q, 0, dtype=torch.long)
+        source = str(prompts[i]) if prompts else f"{args.state_in}"
+        path = save_codes(args.out / f"{name}{suffix}.safetensors",
+                          Recording(codes, torch.tensor(texts[i], dtype=torch.long), silence[:8], codec, source))
+        written.append(path)
+        if pcm is not None:
+            wav = args.out / f"{name}{suffix}.wav"
+            _write_wav(wav, pcm[i], mimi.sample_rate)
+            written.append(wav)
+    rate = total / elapsed if elapsed > 0 else float("inf")
+    counts = sorted({len(t) for t in texts})
+    print(f"{batch} stream(s), {total} LMGen steps in {elapsed:.1f} s (Mimi decoding included): {rate:.1f} frames/s "
+          f"per stream, {rate / 12.5:.2f}x real time, {batch * rate:.1f} frames/s in all; wrote "
+          f"{'/'.join(map(str, counts))} frames ({'/'.join(f'{c / 12.5:.2f}' for c in counts)} s) per stream")
+    for path in written:
+        print(f"wrote {path}")
+    if args.state_out is not None:
+        print(f"saved stream state to {args.state_out} (continue with --state-in {args.state_out})")
+    return 0
