@@ -20,12 +20,12 @@ def _rss_bytes() -> int:
 class PeakMemory:
     """`with PeakMemory(device) as m: ...` → m.peak: bytes above the level at entry, m.kind: how.
 
-    CUDA: `max_memory_allocated` (tensors only; exact). CPU: resident memory sampled every 2 ms by
+    CUDA: `max_memory_allocated` (tensors only; exact). CPU: resident memory sampled every 5 ms by
     a thread ("cpu_rss_sampled"): it includes the allocator's caches and misses spikes shorter
     than the sampling period, so compare runs made in fresh processes (scripts/bench_eval.py does).
     """
 
-    def __init__(self, device: torch.device | str, interval: float = 0.002) -> None:
+    def __init__(self, device: torch.device | str, interval: float = 0.005) -> None:
         self.device = torch.device(device)
         self.interval = interval
         self.peak: int | None = None

@@ -76,8 +76,11 @@ def plot_length_gen(points: dict[str, dict[str, list[dict]]], group_labels: dict
 
     points[run][group]: the entries of `metrics.length_points`."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     names = list(group_labels)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    max_factor = max((p["factor"] for per_group in points.values() for ps in per_group.values() for p in ps), default=10)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.8), squeeze=False, layout="constrained")
     for ax, group in zip(axes[0], names):
         for run_name, per_group in points.items():
             ok = [p for p in per_group.get(group, []) if "ppl" in p.get("cumulative", {})]
@@ -86,6 +89,9 @@ def plot_length_gen(points: dict[str, dict[str, list[dict]]], group_labels: dict
                         label=run_name)
         ax.axvline(1.0, color="k", ls="--", lw=1, label="training window")
         ax.set_xscale("log")
+        ax.set_xticks([t for t in (0.5, 1, 2, 5, 10, 20, 50) if t <= max_factor * 1.01] or [1])
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(f"evaluation length / training window ({train_window} frames)")
         ax.set_ylabel("perplexity")
         ax.set_title(group_labels[group], fontsize=10)

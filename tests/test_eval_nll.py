@@ -116,3 +116,13 @@ def test_bad_arguments_are_clear():
         chunked_nll(lm, random_codes()[:9], 4)
     with pytest.raises(ValueError, match="eval.chunk_size"):
         chunked_nll(lm, random_codes(), 0)
+
+
+@pytest.mark.gpu
+def test_modes_agree_on_cuda_with_cuda_graphs():
+    """On CUDA, LMGen replays CUDA graphs of forward_text: forcing and the logits hook must survive it."""
+    lm = make_lm("hybrid").cuda()
+    codes = random_codes()
+    native = native_nll(lm, codes)
+    for chunk in (B, 7):
+        assert nll_diff(chunked_nll(lm, codes, chunk), native) <= TOL

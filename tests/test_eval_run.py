@@ -190,3 +190,12 @@ def test_export_and_baseline_models(tmp_path):
         assert torch.equal(models[0].lm(codes).logits.nan_to_num(), lm(codes).logits.nan_to_num())
     with pytest.raises(ValueError, match="not both"):
         from_dict(EvalConfig, {"export": str(tmp_path / "export"), "ttt": {}}, "config")
+
+
+def test_docs_describe_every_config_field():
+    from ttt_speech.schema import reference
+
+    docs = (ROOT / "docs/evaluation.md").read_text()
+    missing = [name for name, _, _ in reference(EvalConfig) if f"`{name}`" not in docs
+               and not name.startswith(("model.", "ttt."))]
+    assert not missing, f"docs/evaluation.md does not describe {missing}"
