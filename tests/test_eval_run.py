@@ -102,6 +102,17 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
     assert report["runs"]["baseline/chunked"]["fast_weights"] is None
     assert report["alignment"]["ttt"]["aligned"] and report["alignment"]["ttt"]["efficiency"] > 0.9
 
+    import wandb
+
+    from eval.tracking import log_results, scalars
+
+    values = scalars(report["runs"])
+    assert values["ttt/chunked/cb1/cumulative_nll@300"] == positions[300]["cumulative"]["nll"]
+    assert not any("@1000" in k for k in values)  # skipped points are not logged as numbers
+    run = wandb.init(mode="disabled")
+    log_results(run, report["runs"], {"nll_curves": out / "nll_curves.png"}, [out / "report.json"])
+    run.finish()
+
     md = (out / "report.md").read_text()
     for section in ("## NLL (perplexity) at positions", "## Length generalisation", "## Chunked vs native",
                     "## TTT − baseline", "## Speed and memory", "zz_corrupt.flac", "![nll_curves](nll_curves.png)"):
