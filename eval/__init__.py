@@ -1,0 +1,6 @@
+"""Long-context evaluation app (DESIGN §7): LibriLight books, chunked vs native NLL, length generalisation.
+
+config.py (EvalConfig) · books.py (LibriLight discovery, chapter concatenation) · nll.py (chunked and
+native per-position NLL) · metrics.py · alignment.py · fast_weights.py · memory.py · report.py (JSON,
+Markdown) · plots.py (PNG) · tracking.py (wandb) · length_gen.py · run.py (orchestration) · cli.py.
+"""

@@ -74,7 +74,7 @@ def attention_context(lm) -> int | None:
 
 def build_models(config: EvalConfig, device: torch.device | None = None) -> list[EvalModel]:
     """The models the config asks for: TTT (export or fresh layers) and/or the baseline."""
-    from ttt_speech import TTTConfig, patch_moshi
+    from ttt_speech import patch_moshi
 
     base = config.base_model()
     device = device or base.torch_device()
@@ -88,7 +88,7 @@ def build_models(config: EvalConfig, device: torch.device | None = None) -> list
         lm = load_lm(base, device=device)
         with torch.random.fork_rng(devices=[]):  # the fresh TTT layers are seeded like the tiny model
             torch.manual_seed(base.seed)
-            patch_moshi(lm, TTTConfig.from_dict(schema.to_dict(config.ttt)))
+            patch_moshi(lm, config.ttt)
         models.append(EvalModel("ttt", lm, f"{base.name} + fresh (untrained) TTT layers"))
     if not models or config.eval.baseline:
         models.append(EvalModel("baseline", load_lm(base, device=device), f"{base.name} (no TTT)"))
