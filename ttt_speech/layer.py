@@ -13,7 +13,8 @@ from torch.nn import functional as F
 from .config import TTTConfig
 from .ops.activations import gelu_tanh
 from .ops.inner_lr import position_scale, token_lr
-from .ops.inner_models import MINIBATCH_STEPS, InnerNorm, MiniBatch
+from .ops.inner_models import MINIBATCH_STEPS, InnerNorm, pack_layers, prepare, unpack_layers
+from .ops.layer_norm import layer_norm
 from .ops.rope import rope_interleaved
 from .ops.scan import from_grid, scan_minibatches, slot_index, to_grid
 from .state import TTTState
@@ -107,39 +108,41 @@ class TTTLayer(nn.Module):
         H, d, b = self.num_heads, self.head_dim, self.mini_batch_size
         cdt = self.state_dtype
         index, grid = slot_index(state.offset, T, b)
-        n_mb = grid // b
+        n_mb, R = grid // b, B * H
 
-        def heads(t: Tensor) -> Tensor:  # [B, T, C] → [B, H, N, b, d] on the grid
-            t = to_grid(t.to(cdt), index, grid).view(B, grid, H, d).transpose(1, 2)
-            return t
+        def minibatches(t: Tensor) -> Tensor:  # [B, T, H·e] → [N, B·H, b, e]: mini-batch major
+            t = to_grid(t.to(cdt), index, grid).view(B, n_mb, b, H, -1)
+            return t.permute(1, 0, 3, 2, 4).reshape(n_mb, R, b, t.shape[-1])
 
-        slot_pos = torch.arange(grid, device=x.device) % b
-        q = rope_interleaved(heads(self.q_proj(x)), slot_pos, self.config.rope_theta)
-        k = rope_interleaved(heads(self.k_proj(x)), slot_pos, self.config.rope_theta)
-        v = heads(self.v_proj(x))
+        pos = torch.arange(b, device=x.device)  # RoPE positions: the slot inside the mini-batch
+        q = rope_interleaved(minibatches(self.q_proj(x)), pos, self.config.rope_theta)
+        k = rope_interleaved(minibatches(self.k_proj(x)), pos, self.config.rope_theta)
+        v = minibatches(self.v_proj(x))
         lr = token_lr(x.to(cdt), self.lr_gate_weight.to(cdt), self.lr_gate_bias.to(cdt),
                       self.config.base_lr, d)
-        lr = to_grid(lr.transpose(1, 2), index, grid).transpose(1, 2)  # [B, H, L], zero on padding
+        lr = minibatches(lr.transpose(1, 2))[..., 0]  # [N, B·H, b], zero on padding
         last_real = index[:, -1]  # slot of each row's last token
         slot_ends = torch.arange(b - 1, grid, b, device=x.device)  # last slot of each mini-batch
-        complete = slot_ends[None, :] <= last_real[:, None]  # [B, N]
+        complete = (slot_ends[:, None] <= last_real[None, :]).repeat_interleave(H, dim=1)  # [N, B·H]
 
-        grid5 = (B, H, n_mb, b, d)
-        inputs = MiniBatch(q.reshape(grid5), k.reshape(grid5), (v - k).reshape(grid5),
-                           lr.reshape(B, H, n_mb, b), complete)
-        norm = InnerNorm(self.ttt_norm_weight.to(cdt)[None, :, None], self.ttt_norm_bias.to(cdt)[None, :, None],
-                         self.config.ln_eps)
+        def per_row(p: Tensor) -> Tensor:  # [H, d] → [B·H, 1, d]
+            return p.to(cdt)[None, :, None].expand(B, H, 1, d).reshape(R, 1, d)
+
+        gamma, beta = per_row(self.ttt_norm_weight), per_row(self.ttt_norm_bias)
         tau = position_scale(self.tau_offset.to(cdt))
         # The inner loop must stay in full precision even under autocast (fp32 fast weights).
         no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
             else nullcontext()
         with no_autocast:
-            out, weights, grads = scan_minibatches(
-                MINIBATCH_STEPS[self.config.layer_type], state.weights, state.grads, inputs, tau, norm,
-                self.config.checkpoint_group_size)
-            out = from_grid(out.reshape(B, H, grid, d).transpose(1, 2).reshape(B, grid, C), index)
+            inputs = prepare(q, k, v, lr, complete, tau, gamma, beta)
+            z_bar, weights, grads = scan_minibatches(
+                MINIBATCH_STEPS[self.config.layer_type], pack_layers(state.weights), pack_layers(state.grads),
+                inputs, tau, InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size)
+            out = q + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
+            out = from_grid(out.view(n_mb, B, H, b, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
             out = F.layer_norm(out, (C,), self.post_norm.weight.to(cdt), self.post_norm.bias.to(cdt),
                                self.post_norm.eps)
+        weights, grads = unpack_layers(weights, B), unpack_layers(grads, B)
         out = out.to(x.dtype)
         if self.gate_proj is not None:
             out = gelu_tanh(self.gate_proj(x)) * out

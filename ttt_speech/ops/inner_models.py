@@ -8,104 +8,145 @@ A/a the λ-weighted gradient sums of tokens of this mini-batch seen in earlier c
 Every gradient g_j is taken at W0. Token i sees W_i = W0 − τ_i (A + Σ_{j≤i} λ_j k_jᵀ g_j)
 (same for b), evaluated without materialising W_i through a causal [b, b] matrix. When the
 mini-batch is complete, W ← W0 − τ_b (A + Σ_j λ_j k_jᵀ g_j) and the sums restart at zero.
+
+Layout inside the scan: batch rows and heads are folded into R = B·H rows, and every fast layer
+is one tensor [W; b] [R, i+1, o] (the bias as an extra input row), fed inputs with a trailing 1:
+x·W + b = [x 1]·[W; b], and the bias needs no separate matmul, sum or update. Everything that
+does not depend on the fast weights is computed once for all mini-batches (`prepare`).
 """
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .activations import gelu_tanh, gelu_tanh_grad
-from .layer_norm import layer_norm, layer_norm_l2_grad
+from .layer_norm import scaled_l2_grad
 
 
 class MiniBatch(NamedTuple):
-    """Inputs of one mini-batch, b slots (padding slots have lr = 0)."""
+    """Inputs of one mini-batch of b slots (padding slots have lr = 0), or of all N mini-batches
+    at once (a leading dim N on every tensor, as made by `prepare`)."""
 
-    q: Tensor  # [B, H, b, d]
-    k: Tensor  # [B, H, b, d]
-    target: Tensor  # [B, H, b, d]  v − k
-    lr: Tensor  # [B, H, b]  λ_j, zero on padding
-    complete: Tensor  # [B] bool: the mini-batch's last slot is a real token → update W
+    qk: Tensor  # [R, 2b, d+1]  [q 1] then [k 1]
+    causal: Tensor  # [R, b, b]  η_ij ([q_i 1]·[k_j 1]) for j ≤ i, 0 above: the first layer's dual matrix
+    k_step: Tensor  # [R, d+1, b]  τ_b·[k 1]ᵀ: the first layer's end-of-mini-batch step
+    target: Tensor  # [R, b, d]  (β − (v − k))·γ, the shifted reconstruction target
+    lr: Tensor  # [R, b, 1]  λ_j, zero on padding
+    complete: Tensor | bool  # [R] bool, or one bool for all rows: the last slot is a real token → update W
 
 
 class InnerNorm(NamedTuple):
-    weight: Tensor  # [1, H, 1, d]
-    bias: Tensor  # [1, H, 1, d]
+    weight_sq: Tensor  # [R, 1, d]  γ²
     eps: float
 
 
-def dual_linear(
-    x_bar: Tensor, x: Tensor, w: Tensor, b: Tensor, grad_w: Tensor, grad_b: Tensor,
-    lr_grad: Tensor, tau: Tensor, with_prior: bool,
-) -> Tensor:
-    """Outputs x̄_i · W_i + b_i of one fast linear layer for every slot i of a mini-batch.
+def prepare(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, complete: Tensor, tau: Tensor,
+            weight: Tensor, bias: Tensor) -> MiniBatch:
+    """The weight-independent inputs of N mini-batches, at once.
 
-    x_bar [B,H,b,i] inputs to evaluate; x [B,H,b,i] the inputs the gradients were taken at;
-    w [B,H,i,o], b [B,H,1,o]; grad_w/grad_b the prior sums A, a; lr_grad [B,H,b,o] = λ_j g_j;
-    tau [b]. with_prior=False skips the A/a term when it is known to be zero.
+    q, k, v [N, R, b, d]; lr [N, R, b]; complete [N, R]; tau [b]; weight, bias [R, 1, d] (the
+    inner LayerNorm's γ, β per row). Returns a MiniBatch with a leading dim N on every field.
     """
-    n = tau.shape[0]
-    eta = tau[:, None] * torch.ones(n, n, dtype=tau.dtype, device=tau.device).tril()  # τ_i, j ≤ i
-    out = x_bar @ w + b - (eta * (x_bar @ x.transpose(-1, -2))) @ lr_grad - eta @ lr_grad
+    q1, k1 = ones_column(q), ones_column(k)
+    causal = eta_matrix(tau) * (q1 @ k1.transpose(-1, -2))
+    return MiniBatch(torch.cat((q1, k1), -2), causal, (tau[-1] * k1).transpose(-1, -2),
+                     (bias - (v - k)) * weight, lr[..., None], complete)
+
+
+def eta_matrix(tau: Tensor) -> Tensor:
+    """η's position part: τ_i for j ≤ i, 0 above the diagonal. tau [b] → [b, b]."""
+    return torch.tril(tau[:, None].expand(-1, tau.shape[0]))
+
+
+def ones_column(x: Tensor) -> Tensor:
+    """[x 1]: append the bias input. [..., i] → [..., i+1]."""
+    return F.pad(x, (0, 1), value=1.0)
+
+
+def dual_output(xw: Tensor, x_bar: Tensor, sums: Tensor, causal: Tensor, lr_g: Tensor, tau: Tensor,
+                with_prior: bool) -> Tensor:
+    """Outputs x̄_i·W_i + b_i of one fast layer for every slot i of a mini-batch.
+
+    xw [R,b,o] = [x̄ 1]·[W0; b0]; x_bar [R,b,i+1] = [x̄ 1]; sums [R,i+1,o] the prior sums [A; a];
+    causal [R,b,b] η_ij ([x̄_i 1]·[x_j 1]); lr_g [R,b,o] = λ_j g_j; tau [b]. with_prior=False
+    skips the prior term when the sums are known to be zero.
+    """
+    out = torch.baddbmm(xw, causal, lr_g, alpha=-1)
     if with_prior:
-        out = out - tau[:, None] * (x_bar @ grad_w + grad_b)
+        out = out - tau[:, None] * (x_bar @ sums)
     return out
 
 
-def accumulate(
-    x: Tensor, w: Tensor, b: Tensor, grad_w: Tensor, grad_b: Tensor,
-    lr_grad: Tensor, tau_last: Tensor, complete: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Add this mini-batch's λ-weighted gradients to the sums; step W, b where it is complete."""
-    grad_w = grad_w + x.transpose(-1, -2) @ lr_grad
-    grad_b = grad_b + lr_grad.sum(-2, keepdim=True)
-    done = complete[:, None, None, None]
-    w = torch.where(done, w - tau_last * grad_w, w)
-    b = torch.where(done, b - tau_last * grad_b, b)
-    grad_w = torch.where(done, torch.zeros_like(grad_w), grad_w)
-    grad_b = torch.where(done, torch.zeros_like(grad_b), grad_b)
-    return w, b, grad_w, grad_b
+def advance(wb: Tensor, sums: Tensor, x: Tensor, lr_g: Tensor, tau_last: Tensor, complete: Tensor | bool,
+            with_prior: bool, x_step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Add this mini-batch's λ-weighted gradients [x 1]ᵀ·(λg) to the sums; step [W; b] where complete.
+
+    wb, sums [R,i+1,o]; x [R,b,i+1] = [x 1]; lr_g [R,b,o]; complete: [R] bool, or one bool;
+    x_step [R,i+1,b] = τ_b·[x 1]ᵀ when precomputed.
+    A mini-batch complete for every row, other than the first of a chunk, starts from zero sums
+    (a row with pending sums has no real token after them in this chunk), hence the short path.
+    """
+    if complete is True and not with_prior:
+        x_step = tau_last * x.transpose(-1, -2) if x_step is None else x_step
+        return torch.baddbmm(wb, x_step, lr_g, alpha=-1), sums
+    sums = torch.baddbmm(sums, x.transpose(-1, -2), lr_g)
+    if complete is False:
+        return wb, sums
+    stepped = wb - tau_last * sums
+    if complete is True:
+        return stepped, torch.zeros_like(sums)
+    done = complete[:, None, None]
+    return torch.where(done, stepped, wb), torch.where(done, 0.0, sums)
 
 
-def linear_minibatch(
-    weights: tuple[Tensor, ...], grads: tuple[Tensor, ...], mb: MiniBatch,
-    tau: Tensor, norm: InnerNorm, with_prior: bool,
-) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """TTT-Linear, f(x) = x + LN(x·W + b). weights (W [B,H,d,d], b [B,H,1,d]); grads alike."""
-    w, b = weights
-    grad_w, grad_b = grads
-    z = mb.k @ w + b
-    g = layer_norm_l2_grad(z, mb.target, norm.weight, norm.bias, norm.eps)
-    lr_g = mb.lr[..., None] * g
-    z_bar = dual_linear(mb.q, mb.k, w, b, grad_w, grad_b, lr_g, tau, with_prior)
-    out = mb.q + layer_norm(z_bar, norm.weight, norm.bias, norm.eps)
-    w, b, grad_w, grad_b = accumulate(mb.k, w, b, grad_w, grad_b, lr_g, tau[-1], mb.complete)
-    return out, (w, b), (grad_w, grad_b)
+def linear_minibatch(weights: tuple[Tensor, ...], grads: tuple[Tensor, ...], mb: MiniBatch,
+                     tau: Tensor, norm: InnerNorm, with_prior: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """TTT-Linear, f(x) = x + LN(x·W + b). weights ([W; b] [R,d+1,d],); grads alike.
+
+    Returns z̄ [R, b, d] (the output is q + LN(z̄), taken for all mini-batches at once).
+    """
+    (wb,), (sums,) = weights, grads
+    b = mb.qk.shape[-2] // 2
+    zq, z = (mb.qk @ wb).split(b, dim=-2)  # q·W0 + b0, k·W0 + b0
+    lr_g = scaled_l2_grad(z, mb.target, norm.weight_sq, mb.lr, norm.eps)
+    z_bar = dual_output(zq, mb.qk[:, :b], sums, mb.causal, lr_g, tau, with_prior)
+    wb, sums = advance(wb, sums, mb.qk[:, b:], lr_g, tau[-1], mb.complete, with_prior, mb.k_step)
+    return z_bar, (wb,), (sums,)
 
 
-def mlp_minibatch(
-    weights: tuple[Tensor, ...], grads: tuple[Tensor, ...], mb: MiniBatch,
-    tau: Tensor, norm: InnerNorm, with_prior: bool,
-) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+def mlp_minibatch(weights: tuple[Tensor, ...], grads: tuple[Tensor, ...], mb: MiniBatch,
+                  tau: Tensor, norm: InnerNorm, with_prior: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """TTT-MLP, f(x) = x + LN(gelu(x·W1 + b1)·W2 + b2), the dual-form rule applied layer by layer.
 
-    weights (W1 [B,H,d,m], b1 [B,H,1,m], W2 [B,H,m,d], b2 [B,H,1,d]); grads alike.
+    weights ([W1; b1] [R,d+1,m], [W2; b2] [R,m+1,d]); grads alike. Returns z̄2 [R, b, d].
     """
-    w1, b1, w2, b2 = weights
-    gw1, gb1, gw2, gb2 = grads
-    z1 = mb.k @ w1 + b1
-    x2 = gelu_tanh(z1)
-    z2 = x2 @ w2 + b2
-    g2 = layer_norm_l2_grad(z2, mb.target, norm.weight, norm.bias, norm.eps)
-    g1 = (g2 @ w2.transpose(-1, -2)) * gelu_tanh_grad(z1)
-    lr_g1 = mb.lr[..., None] * g1
-    lr_g2 = mb.lr[..., None] * g2
-    x2_bar = gelu_tanh(dual_linear(mb.q, mb.k, w1, b1, gw1, gb1, lr_g1, tau, with_prior))
-    z2_bar = dual_linear(x2_bar, x2, w2, b2, gw2, gb2, lr_g2, tau, with_prior)
-    out = mb.q + layer_norm(z2_bar, norm.weight, norm.bias, norm.eps)
-    w1, b1, gw1, gb1 = accumulate(mb.k, w1, b1, gw1, gb1, lr_g1, tau[-1], mb.complete)
-    w2, b2, gw2, gb2 = accumulate(x2, w2, b2, gw2, gb2, lr_g2, tau[-1], mb.complete)
-    return out, (w1, b1, w2, b2), (gw1, gb1, gw2, gb2)
+    (w1, w2), (s1, s2) = weights, grads
+    b = mb.qk.shape[-2] // 2
+    zq1, z1 = (mb.qk @ w1).split(b, dim=-2)
+    x2 = ones_column(gelu_tanh(z1))
+    lr_g2 = scaled_l2_grad(x2 @ w2, mb.target, norm.weight_sq, mb.lr, norm.eps)
+    lr_g1 = (lr_g2 @ w2[:, :-1].transpose(-1, -2)) * gelu_tanh_grad(z1)
+    x2_bar = ones_column(gelu_tanh(dual_output(zq1, mb.qk[:, :b], s1, mb.causal, lr_g1, tau, with_prior)))
+    causal2 = eta_matrix(tau) * (x2_bar @ x2.transpose(-1, -2))
+    z2_bar = dual_output(x2_bar @ w2, x2_bar, s2, causal2, lr_g2, tau, with_prior)
+    w1, s1 = advance(w1, s1, mb.qk[:, b:], lr_g1, tau[-1], mb.complete, with_prior, mb.k_step)
+    w2, s2 = advance(w2, s2, x2, lr_g2, tau[-1], mb.complete, with_prior)
+    return z2_bar, (w1, w2), (s1, s2)
+
+
+def pack_layers(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """(W1 [B,H,i,o], b1 [B,H,1,o], W2, b2, …) → ([W1; b1] [B·H, i+1, o], …)."""
+    return tuple(torch.cat((w, b), -2).flatten(0, 1) for w, b in zip(tensors[::2], tensors[1::2]))
+
+
+def unpack_layers(packed: tuple[Tensor, ...], batch_size: int) -> tuple[Tensor, ...]:
+    """Inverse of `pack_layers`: ([W; b] [B·H, i+1, o], …) → (W [B,H,i,o], b [B,H,1,o], …)."""
+    out: list[Tensor] = []
+    for wb in packed:
+        wb = wb.unflatten(0, (batch_size, -1))
+        out += [wb[..., :-1, :], wb[..., -1:, :]]
+    return tuple(out)
 
 
 MINIBATCH_STEPS = {"linear": linear_minibatch, "mlp": mlp_minibatch}

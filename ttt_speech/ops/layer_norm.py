@@ -1,13 +1,12 @@
 """Per-head LayerNorm and the analytic gradient of the LayerNorm-fused L2 reconstruction loss."""
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 
 def layer_norm(z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """LayerNorm over the last dim (biased variance). z [..., d]; weight, bias broadcast to [..., d]."""
-    mu = z.mean(-1, keepdim=True)
-    var = z.var(-1, keepdim=True, unbiased=False)
-    return (z - mu) * torch.rsqrt(var + eps) * weight + bias
+    return torch.addcmul(bias, F.layer_norm(z, z.shape[-1:], eps=eps), weight)
 
 
 def layer_norm_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -16,13 +15,19 @@ def layer_norm_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, 
     LayerNorm's backward fused with the L2 loss, so the inner loop needs no autograd (it must run
     under `torch.inference_mode()`) and stays differentiable for the outer loop. Shapes [..., d].
     """
-    d = z.shape[-1]
-    mu = z.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(z.var(-1, keepdim=True, unbiased=False) + eps)
-    x_hat = (z - mu) * rstd
-    g_x_hat = (x_hat * weight + bias - target) * weight
-    return (
-        d * g_x_hat
-        - g_x_hat.sum(-1, keepdim=True)
-        - x_hat * (g_x_hat * x_hat).sum(-1, keepdim=True)
-    ) * (rstd / d)
+    return scaled_l2_grad(z, (bias - target) * weight, weight * weight, 1.0, eps)
+
+
+def scaled_l2_grad(z: Tensor, shifted_target: Tensor, weight_sq: Tensor, scale: Tensor | float,
+                   eps: float) -> Tensor:
+    """scale · ∇_z ℓ, with the target-only terms precomputed (the form used inside the scan).
+
+    shifted_target = (β − target)·γ and weight_sq = γ² (broadcast to z [..., d]); scale [..., 1]
+    (the token learning rates λ). With x̂ = LN(z) unscaled and g = ∂ℓ/∂x̂ = x̂γ² + (β − target)γ:
+    ∇_z ℓ = (g − mean(g) − x̂·mean(g·x̂)) / σ.
+    """
+    x_hat = F.layer_norm(z, z.shape[-1:], eps=eps)
+    rstd = torch.rsqrt(z.var(-1, keepdim=True, unbiased=False) + eps)  # (native_layer_norm's rstd has no gradient)
+    g = torch.addcmul(shifted_target, x_hat, weight_sq)
+    centred = g - g.mean(-1, keepdim=True)
+    return torch.addcmul(centred, x_hat, (g * x_hat).mean(-1, keepdim=True), value=-1) * (rstd * scale)

@@ -30,15 +30,34 @@ def slot_index(offset: Tensor, length: int, mini_batch_size: int) -> tuple[Tenso
 
 
 def to_grid(x: Tensor, index: Tensor, grid: int) -> Tensor:
-    """Scatter tokens x [B, T, ...] onto their slots → [B, L, ...], zeros elsewhere."""
+    """Scatter tokens x [B, T, ...] onto their slots → [B, L, ...], zeros elsewhere.
+
+    A chunk that fills the grid (T = L) can only start at offset 0: the identity, no copy.
+    """
+    if x.shape[1] == grid:
+        return x
     idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
     return x.new_zeros(x.shape[0], grid, *x.shape[2:]).scatter(1, idx, x)
 
 
 def from_grid(y: Tensor, index: Tensor) -> Tensor:
-    """Gather the tokens back from their slots: y [B, L, ...] → [B, T, ...]."""
+    """Gather the tokens back from their slots: y [B, L, ...] → [B, T, ...] (identity if T = L)."""
+    if y.shape[1] == index.shape[1]:
+        return y
     idx = index.view(*index.shape, *([1] * (y.dim() - 2))).expand(*index.shape, *y.shape[2:])
     return y.gather(1, idx)
+
+
+def completeness(complete: Tensor) -> list[Tensor | bool]:
+    """Per mini-batch: True / False when every / no row is complete, else the [R] mask.
+
+    complete [N, R]. Plain bools let the step skip the masked update (one host sync, none while
+    a CUDA graph is being captured).
+    """
+    if complete.is_cuda and torch.cuda.is_current_stream_capturing():
+        return list(complete.unbind(0))
+    every, some = complete.all(1).tolist(), complete.any(1).tolist()
+    return [True if e else (c if s else False) for e, s, c in zip(every, some, complete.unbind(0))]
 
 
 def scan_minibatches(
@@ -52,25 +71,25 @@ def scan_minibatches(
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Run `step` over the N mini-batches of `inputs` in order, carrying (weights, grads).
 
-    inputs: q, k, target [B, H, N, b, d]; lr [B, H, N, b]; complete [B, N].
+    inputs: every field with a leading dim N (see `inner_models.prepare`); complete [N, R].
     checkpoint_group_size: G > 0 wraps every G consecutive mini-batches in activation
     checkpointing when autograd is recording (a true group size, unlike the reference's).
-    Returns outputs [B, H, N, b, d] and the final (weights, grads).
+    Returns outputs [N, R, b, d] and the final (weights, grads).
     """
-    n_mb = inputs.q.shape[2]
+    n_mb = inputs.qk.shape[0]
     n_w = len(weights)
+    fields = [t.unbind(0) for t in inputs[:-1]]  # one autograd node per field, not one per slice
+    mbs = [MiniBatch(*f, c) for *f, c in zip(*fields, completeness(inputs.complete))]
 
     def run(start: int, stop: int, *state: Tensor) -> tuple[Tensor, ...]:
         ws, gs = tuple(state[:n_w]), tuple(state[n_w:])
         outs = []
         for m in range(start, stop):
-            mb = MiniBatch(inputs.q[:, :, m], inputs.k[:, :, m], inputs.target[:, :, m],
-                           inputs.lr[:, :, m], inputs.complete[:, m])
             # Prior sums can only be non-zero for the first mini-batch of a chunk: any later
             # mini-batch holding real tokens follows a complete one, whose step reset them.
-            out, ws, gs = step(ws, gs, mb, tau, norm, with_prior=(m == 0))
+            out, ws, gs = step(ws, gs, mbs[m], tau, norm, with_prior=(m == 0))
             outs.append(out)
-        return (torch.stack(outs, dim=2), *ws, *gs)
+        return (torch.stack(outs), *ws, *gs)
 
     use_checkpoint = checkpoint_group_size > 0 and torch.is_grad_enabled()
     group = checkpoint_group_size if use_checkpoint else n_mb
@@ -84,4 +103,4 @@ def scan_minibatches(
             res = run(start, stop, *state)
         outs.append(res[0])
         state = res[1:]
-    return torch.cat(outs, dim=2), tuple(state[:n_w]), tuple(state[n_w:])
+    return torch.cat(outs) if len(outs) > 1 else outs[0], tuple(state[:n_w]), tuple(state[n_w:])
