@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from .config import TTTConfig
 from .ops.activations import gelu_tanh
 from .ops.inner_lr import position_scale, token_lr
-from .ops.inner_models import MINIBATCH_STEPS, InnerNorm, pack_layers, prepare, unpack_layers
+from .ops.inner_models import INNER_MODELS, InnerNorm, pack_layers, prepare, unpack_layers
 from .ops.layer_norm import layer_norm
 from .ops.rope import rope_interleaved
 from .ops.scan import from_grid, scan_minibatches, slot_index, to_grid
@@ -98,6 +98,13 @@ class TTTLayer(nn.Module):
         """Rows where mask [B] is true restart from the initial fast weights; others are kept."""
         return self.initial_state(state.batch_size).where(mask.to(state.offset.device), state)
 
+    def qkv_proj(self, x: Tensor) -> Tensor:
+        """[Q K V] = x·[Wq; Wk; Wv]ᵀ [B, T, 3C], one matmul (per projection if they are wrapped)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if all(type(p) is nn.Linear for p in projs):
+            return F.linear(x, torch.cat([p.weight for p in projs]))
+        return torch.cat([p(x) for p in projs], dim=-1)
+
     def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
         """x [B, T, C] → (y [B, T, C], state after the chunk)."""
         B, T, C = x.shape
@@ -110,17 +117,16 @@ class TTTLayer(nn.Module):
         index, grid = slot_index(state.offset, T, b)
         n_mb, R = grid // b, B * H
 
-        def minibatches(t: Tensor) -> Tensor:  # [B, T, H·e] → [N, B·H, b, e]: mini-batch major
-            t = to_grid(t.to(cdt), index, grid).view(B, n_mb, b, H, -1)
-            return t.permute(1, 0, 3, 2, 4).reshape(n_mb, R, b, t.shape[-1])
+        def minibatches(t: Tensor, n: int) -> Tensor:  # [B, T, n·H·e] → [N, B·H, n, b, e]: mini-batch major
+            t = to_grid(t.to(cdt), index, grid).view(B, n_mb, b, n, H, -1)
+            return t.permute(1, 0, 4, 3, 2, 5).reshape(n_mb, R, n, b, t.shape[-1])
 
+        qk, v = minibatches(self.qkv_proj(x), 3).split((2, 1), dim=2)
         pos = torch.arange(b, device=x.device)  # RoPE positions: the slot inside the mini-batch
-        q = rope_interleaved(minibatches(self.q_proj(x)), pos, self.config.rope_theta)
-        k = rope_interleaved(minibatches(self.k_proj(x)), pos, self.config.rope_theta)
-        v = minibatches(self.v_proj(x))
+        qk = rope_interleaved(qk, pos, self.config.rope_theta)  # [N, B·H, 2, b, d]
         lr = token_lr(x.to(cdt), self.lr_gate_weight.to(cdt), self.lr_gate_bias.to(cdt),
                       self.config.base_lr, d)
-        lr = minibatches(lr.transpose(1, 2))[..., 0]  # [N, B·H, b], zero on padding
+        lr = minibatches(lr.transpose(1, 2), 1)[:, :, 0, :, 0]  # [N, B·H, b], zero on padding
         last_real = index[:, -1]  # slot of each row's last token
         slot_ends = torch.arange(b - 1, grid, b, device=x.device)  # last slot of each mini-batch
         complete = (slot_ends[:, None] <= last_real[None, :]).repeat_interleave(H, dim=1)  # [N, B·H]
@@ -134,11 +140,11 @@ class TTTLayer(nn.Module):
         no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
             else nullcontext()
         with no_autocast:
-            inputs = prepare(q, k, v, lr, complete, tau, gamma, beta)
+            inputs = prepare(qk, v[:, :, 0], lr, complete, tau, gamma, beta)
             z_bar, weights, grads = scan_minibatches(
-                MINIBATCH_STEPS[self.config.layer_type], pack_layers(state.weights), pack_layers(state.grads),
+                INNER_MODELS[self.config.layer_type], pack_layers(state.weights), pack_layers(state.grads),
                 inputs, tau, InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size)
-            out = q + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
+            out = qk[:, :, 0] + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
             out = from_grid(out.view(n_mb, B, H, b, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
             out = F.layer_norm(out, (C,), self.post_norm.weight.to(cdt), self.post_norm.bias.to(cdt),
                                self.post_norm.eps)

@@ -7,15 +7,11 @@ gradients live in the carried sums), slots after the row's last token are paddin
 lr = 0, so it contributes nothing; a mini-batch updates W only if its last slot is a real token.
 One code path for every chunking: T = 1 decoding, unaligned chunks, whole sequences.
 """
-from typing import Callable
-
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .inner_models import InnerNorm, MiniBatch
-
-MiniBatchStep = Callable[..., tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]]
+from .inner_models import InnerModel, InnerNorm, MiniBatch
 
 
 def slot_index(offset: Tensor, length: int, mini_batch_size: int) -> tuple[Tensor, int]:
@@ -61,7 +57,7 @@ def completeness(complete: Tensor) -> list[Tensor | bool]:
 
 
 def scan_minibatches(
-    step: MiniBatchStep,
+    model: InnerModel,
     weights: tuple[Tensor, ...],
     grads: tuple[Tensor, ...],
     inputs: MiniBatch,
@@ -69,27 +65,32 @@ def scan_minibatches(
     norm: InnerNorm,
     checkpoint_group_size: int = 0,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """Run `step` over the N mini-batches of `inputs` in order, carrying (weights, grads).
+    """Run `model.step` over the N mini-batches of `inputs` in order, carrying (weights, grads),
+    then `model.outputs` once per group of mini-batches.
 
     inputs: every field with a leading dim N (see `inner_models.prepare`); complete [N, R].
     checkpoint_group_size: G > 0 wraps every G consecutive mini-batches in activation
     checkpointing when autograd is recording (a true group size, unlike the reference's).
-    Returns outputs [N, R, b, d] and the final (weights, grads).
+    Returns outputs z̄ [N, R, b, d] and the final (weights, grads).
     """
-    n_mb = inputs.qk.shape[0]
+    n_mb = inputs.q.shape[0]
     n_w = len(weights)
     fields = [t.unbind(0) for t in inputs[:-1]]  # one autograd node per field, not one per slice
     mbs = [MiniBatch(*f, c) for *f, c in zip(*fields, completeness(inputs.complete))]
 
     def run(start: int, stop: int, *state: Tensor) -> tuple[Tensor, ...]:
         ws, gs = tuple(state[:n_w]), tuple(state[n_w:])
-        outs = []
+        saved = []
         for m in range(start, stop):
             # Prior sums can only be non-zero for the first mini-batch of a chunk: any later
             # mini-batch holding real tokens follows a complete one, whose step reset them.
-            out, ws, gs = step(ws, gs, mbs[m], tau, norm, with_prior=(m == 0))
-            outs.append(out)
-        return (torch.stack(outs), *ws, *gs)
+            s, ws, gs = model.step(ws, gs, mbs[m], tau, norm, with_prior=(m == 0))
+            saved.append(s)
+        part = inputs if (start, stop) == (0, n_mb) else MiniBatch(*(t[start:stop] for t in inputs[:-1]), None)
+        rows = part._replace(q=part.q.flatten(0, 1), causal=part.causal.flatten(0, 1))  # [n·R, ...]
+        saved_rows = tuple(torch.cat(t) for t in zip(*saved))
+        out = model.outputs(saved_rows, rows, tau, state[n_w:] if start == 0 else None)
+        return (out.unflatten(0, (stop - start, -1)), *ws, *gs)
 
     use_checkpoint = checkpoint_group_size > 0 and torch.is_grad_enabled()
     group = checkpoint_group_size if use_checkpoint else n_mb
