@@ -117,16 +117,16 @@ class TTTLayer(nn.Module):
         index, grid = slot_index(state.offset, T, b)
         n_mb, R = grid // b, B * H
 
-        def minibatches(t: Tensor, n: int) -> Tensor:  # [B, T, n·H·e] → [N, B·H, n, b, e]: mini-batch major
+        def minibatches(t: Tensor, n: int) -> Tensor:  # [B, T, n·H·e] → [n, N, B·H, b, e]: mini-batch major
             t = to_grid(t.to(cdt), index, grid).view(B, n_mb, b, n, H, -1)
-            return t.permute(1, 0, 4, 3, 2, 5).reshape(n_mb, R, n, b, t.shape[-1])
+            return t.permute(3, 1, 0, 4, 2, 5).reshape(n, n_mb, R, b, t.shape[-1])
 
-        qk, v = minibatches(self.qkv_proj(x), 3).split((2, 1), dim=2)
+        qk, v = minibatches(self.qkv_proj(x), 3).split((2, 1))
         pos = torch.arange(b, device=x.device)  # RoPE positions: the slot inside the mini-batch
-        qk = rope_interleaved(qk, pos, self.config.rope_theta)  # [N, B·H, 2, b, d]
+        qk = rope_interleaved(qk, pos, self.config.rope_theta)  # [2, N, B·H, b, d]
         lr = token_lr(x.to(cdt), self.lr_gate_weight.to(cdt), self.lr_gate_bias.to(cdt),
                       self.config.base_lr, d)
-        lr = minibatches(lr.transpose(1, 2), 1)[:, :, 0, :, 0]  # [N, B·H, b], zero on padding
+        lr = minibatches(lr.transpose(1, 2), 1)[0, ..., 0]  # [N, B·H, b], zero on padding
         last_real = index[:, -1]  # slot of each row's last token
         slot_ends = torch.arange(b - 1, grid, b, device=x.device)  # last slot of each mini-batch
         complete = (slot_ends[:, None] <= last_real[None, :]).repeat_interleave(H, dim=1)  # [N, B·H]
@@ -140,11 +140,11 @@ class TTTLayer(nn.Module):
         no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
             else nullcontext()
         with no_autocast:
-            inputs = prepare(qk, v[:, :, 0], lr, complete, tau, gamma, beta)
+            inputs = prepare(qk, v[0], lr, complete, tau, gamma, beta)
             z_bar, weights, grads = scan_minibatches(
                 INNER_MODELS[self.config.layer_type], pack_layers(state.weights), pack_layers(state.grads),
                 inputs, tau, InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size)
-            out = qk[:, :, 0] + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
+            out = qk[0] + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
             out = from_grid(out.view(n_mb, B, H, b, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
             out = F.layer_norm(out, (C,), self.post_norm.weight.to(cdt), self.post_norm.bias.to(cdt),
                                self.post_norm.eps)

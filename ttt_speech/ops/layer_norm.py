@@ -1,6 +1,7 @@
 """Per-head LayerNorm and the analytic gradient of the LayerNorm-fused L2 reconstruction loss."""
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -23,11 +24,44 @@ def scaled_l2_grad(z: Tensor, shifted_target: Tensor, weight_sq: Tensor, scale: 
     """scale · ∇_z ℓ, with the target-only terms precomputed (the form used inside the scan).
 
     shifted_target = (β − target)·γ and weight_sq = γ² (broadcast to z [..., d]); scale [..., 1]
-    (the token learning rates λ). With x̂ = LN(z) unscaled and g = ∂ℓ/∂x̂ = x̂γ² + (β − target)γ:
-    ∇_z ℓ = (g − mean(g) − x̂·mean(g·x̂)) / σ.
+    (the token learning rates λ). With x̂ = (z − μ)/σ and g = ∂ℓ/∂x̂ = x̂γ² + (β − target)γ:
+    ∇_z ℓ = (g − mean(g) − x̂·mean(g·x̂)) / σ. One autograd node with a hand-written backward
+    (the outer loop differentiates this once per mini-batch; op by op it was a dozen nodes).
     """
-    x_hat = F.layer_norm(z, z.shape[-1:], eps=eps)
-    rstd = torch.rsqrt(z.var(-1, keepdim=True, unbiased=False) + eps)  # (native_layer_norm's rstd has no gradient)
-    g = torch.addcmul(shifted_target, x_hat, weight_sq)
-    centred = g - g.mean(-1, keepdim=True)
-    return torch.addcmul(centred, x_hat, (g * x_hat).mean(-1, keepdim=True), value=-1) * (rstd * scale)
+    return _ScaledL2Grad.apply(z, shifted_target, weight_sq, scale, eps)
+
+
+class _ScaledL2Grad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, t: Tensor, w2: Tensor, s: Tensor | float, eps: float) -> Tensor:
+        c = z - z.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((c * c).mean(-1, keepdim=True) + eps)
+        x_hat = c * rstd
+        g = torch.addcmul(t, x_hat, w2)
+        m = (g * x_hat).mean(-1, keepdim=True)
+        h = torch.addcmul(g - g.mean(-1, keepdim=True), x_hat, m, value=-1)
+        a = rstd * s
+        ctx.save_for_backward(x_hat, rstd, g, m, h, a, w2, s if isinstance(s, Tensor) else None)
+        ctx.shapes = (t.shape, w2.shape)
+        return h * a
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x_hat, rstd, g, m, h, a, w2, s = ctx.saved_tensors
+        t_shape, w2_shape = ctx.shapes
+        d = x_hat.shape[-1]
+        grad_h = grad * a
+        grad_a = (grad * h).sum(-1, keepdim=True)  # out = h·a, a = σ⁻¹·s
+        grad_m = (grad_h * x_hat).sum(-1, keepdim=True).neg_()  # h = g − mean(g) − x̂·m
+        grad_g = grad_h - grad_h.mean(-1, keepdim=True) + x_hat * (grad_m / d)
+        grad_x_hat = grad_g * w2 - grad_h * m + g * (grad_m / d)
+        # x̂ = (z − μ)·σ⁻¹ (LayerNorm backward), plus σ⁻¹'s own path through a: ∂σ⁻¹/∂z = −σ⁻²·x̂/d
+        grad_z = rstd * (grad_x_hat - grad_x_hat.mean(-1, keepdim=True)
+                         - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True))
+        grad_z = grad_z - x_hat * (grad_a * a * rstd / d)
+        need = ctx.needs_input_grad
+        grad_t = grad_g.sum_to_size(t_shape) if need[1] else None
+        grad_w2 = (grad_g * x_hat).sum_to_size(w2_shape) if need[2] else None
+        grad_s = (grad_a * rstd).sum_to_size(s.shape) if s is not None and need[3] else None
+        return grad_z, grad_t, grad_w2, grad_s, None
