@@ -35,7 +35,7 @@ class MiniBatch(NamedTuple):
     q: Tensor  # [R, b, d+1]  [q 1]
     k: Tensor  # [R, b, d+1]  [k 1]
     causal: Tensor  # [R, b, b]  η_ij ([q_i 1]·[k_j 1]) for j ≤ i, 0 above: the first layer's dual matrix
-    k_step: Tensor  # [R, d+1, b]  τ_b·[k 1]ᵀ: the first layer's end-of-mini-batch step
+    k_step: Tensor  # [R, d+1, b]  −τ_b·[k 1]ᵀ: the first layer's end-of-mini-batch step
     target: Tensor  # [R, b, d]  (β − (v − k))·γ, the shifted reconstruction target
     lr: Tensor  # [R, b, 1]  λ_j, zero on padding
     complete: Tensor | bool  # [R] bool, or one bool for all rows: the last slot is a real token → update W
@@ -57,7 +57,7 @@ def prepare(qk: Tensor, v: Tensor, lr: Tensor, complete: Tensor, tau: Tensor,
     q1, k1 = ones_column(qk).unbind(0)
     causal = eta_matrix(tau) * (q1 @ k1.transpose(-1, -2))
     target = (bias - (v - qk[1])) * weight
-    return MiniBatch(q1, k1, causal, (tau[-1] * k1).transpose(-1, -2), target, lr[..., None], complete)
+    return MiniBatch(q1, k1, causal, (-tau[-1] * k1).transpose(-1, -2), target, lr[..., None], complete)
 
 
 def eta_matrix(tau: Tensor) -> Tensor:
@@ -87,17 +87,16 @@ def dual_output(x_bar: Tensor, wb: Tensor, causal: Tensor, lr_g: Tensor, tau: Te
 
 
 def advance(wb: Tensor, sums: Tensor, x: Tensor, lr_g: Tensor, tau_last: Tensor, complete: Tensor | bool,
-            with_prior: bool, x_step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            with_prior: bool, x_step: Tensor) -> tuple[Tensor, Tensor]:
     """Add this mini-batch's λ-weighted gradients [x 1]ᵀ·(λg) to the sums; step [W; b] where complete.
 
     wb, sums [R,i+1,o]; x [R,b,i+1] = [x 1]; lr_g [R,b,o]; complete: [R] bool, or one bool;
-    x_step [R,i+1,b] = τ_b·[x 1]ᵀ when precomputed.
+    x_step [R,i+1,b] = −τ_b·[x 1]ᵀ (negated: baddbmm's alpha = −1 would cost two multiplies in backward).
     A mini-batch complete for every row, other than the first of a chunk, starts from zero sums
     (a row with pending sums has no real token after them in this chunk), hence the short path.
     """
     if complete is True and not with_prior:
-        x_step = tau_last * x.transpose(1, 2) if x_step is None else x_step
-        return torch.baddbmm(wb, x_step, lr_g, alpha=-1), sums
+        return torch.baddbmm(wb, x_step, lr_g), sums
     sums = torch.baddbmm(sums, x.transpose(1, 2), lr_g)
     if complete is False:
         return wb, sums
@@ -146,7 +145,7 @@ def mlp_step(weights: Weights, grads: Weights, mb: MiniBatch, tau: Tensor, norm:
     lr_g2 = scaled_l2_grad(torch.bmm(x2, w2), mb.target, norm.weight_sq, mb.lr, norm.eps)
     lr_g1 = torch.bmm(lr_g2, w2[:, :-1].transpose(1, 2)) * gelu_tanh_grad(z1)
     new_w1, s1 = advance(w1, s1, mb.k, lr_g1, tau[-1], mb.complete, with_prior, mb.k_step)
-    new_w2, s2 = advance(w2, s2, x2, lr_g2, tau[-1], mb.complete, with_prior)
+    new_w2, s2 = advance(w2, s2, x2, lr_g2, tau[-1], mb.complete, with_prior, x2.transpose(1, 2) * -tau[-1])
     return (w1, w2, x2, lr_g1, lr_g2), (new_w1, new_w2), (s1, s2)
 
 

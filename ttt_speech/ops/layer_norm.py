@@ -48,18 +48,20 @@ class _ScaledL2Grad(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # out = a·L(g), with L(u) = u − mean(u) − x̂·mean(u·x̂) (symmetric in u), g = x̂·γ² + t,
+        # x̂ = LN(z), a = σ⁻¹·s.
         x_hat, rstd, g, m, h, a, w2, s = ctx.saved_tensors
         t_shape, w2_shape = ctx.shapes
         d = x_hat.shape[-1]
+        grad_a = (grad * h).sum(-1, keepdim=True)
         grad_h = grad * a
-        grad_a = (grad * h).sum(-1, keepdim=True)  # out = h·a, a = σ⁻¹·s
-        grad_m = (grad_h * x_hat).sum(-1, keepdim=True).neg_()  # h = g − mean(g) − x̂·m
-        grad_g = grad_h - grad_h.mean(-1, keepdim=True) + x_hat * (grad_m / d)
-        grad_x_hat = grad_g * w2 - grad_h * m + g * (grad_m / d)
-        # x̂ = (z − μ)·σ⁻¹ (LayerNorm backward), plus σ⁻¹'s own path through a: ∂σ⁻¹/∂z = −σ⁻²·x̂/d
-        grad_z = rstd * (grad_x_hat - grad_x_hat.mean(-1, keepdim=True)
-                         - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True))
-        grad_z = grad_z - x_hat * (grad_a * a * rstd / d)
+        mean_hx = (grad_h * x_hat).mean(-1, keepdim=True)
+        grad_g = torch.addcmul(grad_h - grad_h.mean(-1, keepdim=True), x_hat, mean_hx, value=-1)  # L(a·ȳ)
+        # through g, and through x̂ in L itself (g fixed): −a·ȳ·m − g·mean(a·ȳ·x̂)
+        grad_x_hat = torch.addcmul(torch.addcmul(grad_g * w2, grad_h, m, value=-1), g, mean_hx, value=-1)
+        # LayerNorm backward σ⁻¹·L(x̂̄), plus σ⁻¹'s own path through a (∂σ⁻¹/∂z = −σ⁻²·x̂/d)
+        coef = ((grad_x_hat * x_hat).sum(-1, keepdim=True) + grad_a * a) / d
+        grad_z = torch.addcmul(grad_x_hat - grad_x_hat.mean(-1, keepdim=True), x_hat, coef, value=-1) * rstd
         need = ctx.needs_input_grad
         grad_t = grad_g.sum_to_size(t_shape) if need[1] else None
         grad_w2 = (grad_g * x_hat).sum_to_size(w2_shape) if need[2] else None
