@@ -26,7 +26,8 @@ def scaled_l2_grad(z: Tensor, shifted_target: Tensor, weight_sq: Tensor, scale: 
     shifted_target = (β − target)·γ and weight_sq = γ² (broadcast to z [..., d]); scale [..., 1]
     (the token learning rates λ). With x̂ = (z − μ)/σ and g = ∂ℓ/∂x̂ = x̂γ² + (β − target)γ:
     ∇_z ℓ = (g − mean(g) − x̂·mean(g·x̂)) / σ. One autograd node with a hand-written backward
-    (the outer loop differentiates this once per mini-batch; op by op it was a dozen nodes).
+    (the outer loop differentiates this once per mini-batch; op by op it was a dozen nodes, and
+    `native_layer_norm`'s σ⁻¹, which has no autograd formula of its own, is fine here).
     """
     return _ScaledL2Grad.apply(z, shifted_target, weight_sq, scale, eps)
 
@@ -34,9 +35,7 @@ def scaled_l2_grad(z: Tensor, shifted_target: Tensor, weight_sq: Tensor, scale: 
 class _ScaledL2Grad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, t: Tensor, w2: Tensor, s: Tensor | float, eps: float) -> Tensor:
-        c = z - z.mean(-1, keepdim=True)
-        rstd = torch.rsqrt((c * c).mean(-1, keepdim=True) + eps)
-        x_hat = c * rstd
+        x_hat, _, rstd = torch.native_layer_norm(z, z.shape[-1:], None, None, eps)  # rstd [..., 1]
         g = torch.addcmul(t, x_hat, w2)
         m = (g * x_hat).mean(-1, keepdim=True)
         h = torch.addcmul(g - g.mean(-1, keepdim=True), x_hat, m, value=-1)
