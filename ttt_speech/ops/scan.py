@@ -47,10 +47,10 @@ def from_grid(y: Tensor, index: Tensor) -> Tensor:
 def completeness(complete: Tensor) -> list[Tensor | bool]:
     """Per mini-batch: True / False when every / no row is complete, else the [R] mask.
 
-    complete [N, R]. Plain bools let the step skip the masked update (one host sync, none while
-    a CUDA graph is being captured).
+    complete [N, R]. Plain bools let the step skip the masked update, which saves many small ops
+    on CPU; on an accelerator that would cost a host sync per call, so the masks are kept there.
     """
-    if complete.is_cuda and torch.cuda.is_current_stream_capturing():
+    if complete.device.type != "cpu":
         return list(complete.unbind(0))
     every, some = complete.all(1).tolist(), complete.any(1).tolist()
     return [True if e else (c if s else False) for e, s, c in zip(every, some, complete.unbind(0))]
