@@ -123,7 +123,7 @@ class TTTLayer(nn.Module):
 
         qk, v = minibatches(self.qkv_proj(x), 3).split((2, 1))
         pos = torch.arange(b, device=x.device)  # RoPE positions: the slot inside the mini-batch
-        qk = rope_interleaved(qk, pos, self.config.rope_theta)  # [2, N, B·H, b, d]
+        q, k = rope_interleaved(qk, pos, self.config.rope_theta).unbind(0)  # [N, B·H, b, d]
         lr = token_lr(x.to(cdt), self.lr_gate_weight.to(cdt), self.lr_gate_bias.to(cdt),
                       self.config.base_lr, d)
         lr = minibatches(lr.transpose(1, 2), 1)[0, ..., 0]  # [N, B·H, b], zero on padding
@@ -140,11 +140,11 @@ class TTTLayer(nn.Module):
         no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
             else nullcontext()
         with no_autocast:
-            inputs = prepare(qk, v[0], lr, complete, tau, gamma, beta)
+            inputs = prepare(q, k, v[0], lr, complete, tau, gamma, beta)
             z_bar, weights, grads = scan_minibatches(
                 INNER_MODELS[self.config.layer_type], pack_layers(state.weights), pack_layers(state.grads),
                 inputs, tau, InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size)
-            out = qk[0] + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
+            out = q + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
             out = from_grid(out.view(n_mb, B, H, b, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
             out = F.layer_norm(out, (C,), self.post_norm.weight.to(cdt), self.post_norm.bias.to(cdt),
                                self.post_norm.eps)

@@ -46,17 +46,17 @@ class InnerNorm(NamedTuple):
     eps: float
 
 
-def prepare(qk: Tensor, v: Tensor, lr: Tensor, complete: Tensor, tau: Tensor,
+def prepare(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, complete: Tensor, tau: Tensor,
             weight: Tensor, bias: Tensor) -> MiniBatch:
     """The weight-independent inputs of N mini-batches, at once.
 
-    qk [2, N, R, b, d] queries and keys; v [N, R, b, d]; lr [N, R, b]; complete [N, R]; tau [b];
+    q, k, v [N, R, b, d]; lr [N, R, b]; complete [N, R]; tau [b];
     weight, bias [R, 1, d] (the inner LayerNorm's γ, β per row). Returns a MiniBatch with a
     leading dim N on every field.
     """
-    q1, k1 = ones_column(qk).unbind(0)
+    q1, k1 = ones_column(q), ones_column(k)
     causal = eta_matrix(tau) * (q1 @ k1.transpose(-1, -2))
-    target = (bias - (v - qk[1])) * weight
+    target = (bias - (v - k)) * weight
     return MiniBatch(q1, k1, causal, (-tau[-1] * k1).transpose(-1, -2), target, lr[..., None], complete)
 
 
