@@ -80,15 +80,10 @@ class TTTConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, key: str | None = None) -> "TTTConfig":
         """Load from a YAML file: the whole file, or the mapping under `key` (e.g. "ttt")."""
-        import yaml
+        from .schema import load_yaml
 
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        data = load_yaml(path)
         if key is not None:
             if not isinstance(data, Mapping) or key not in data:
                 raise ValueError(f"{path}: no '{key}' section")

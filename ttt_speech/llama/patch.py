@@ -14,7 +14,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from ..config import TTTConfig
 from ..layer import TTTLayer, count_parameters
-from ..report import PatchReport
+from ..report import PatchReport, finish_patch
 from .cache import TTTPlan
 from .modules import GatedTTTBranch, LlamaTTT, TTTHybridDecoderMixin, TTTModelMixin, with_mixin
 
@@ -67,15 +67,8 @@ def patch_llama(model: nn.Module, config: TTTConfig) -> PatchReport:
     stack.ttt_plan = TTTPlan(depth=len(layers), ttt_layers=tuple(indices),
                              replaced=tuple(indices) if config.mode == "replace" else ())
     per_layer = count_parameters(next(iter(ttt_modules(model))))
-    report = PatchReport(
-        host="llama", mode=config.mode, layer_type=config.layer_type, layers=indices,
-        depth=len(layers), width=width, num_heads=ttt.layer.num_heads, head_dim=ttt.layer.head_dim,
-        mini_batch_size=config.mini_batch_size, params_per_layer=per_layer,
-        params_added=per_layer * len(indices), params_removed=removed,
-        params_before=params_before, params_after=count_parameters(model),
-    )
-    model.ttt_config = config
-    model.ttt_report = report
+    report = finish_patch("llama", model, config, indices, len(layers), width, ttt.layer, per_layer,
+                          params_before, removed)
     logger.info("patched %s with TTT layers:\n%s", type(model).__name__, report)
     return report
 

@@ -15,7 +15,7 @@ from moshi.modules.transformer import StreamingMultiheadAttention
 
 from ..config import TTTConfig
 from ..layer import TTTLayer, count_parameters
-from ..report import PatchReport
+from ..report import PatchReport, finish_patch
 from .streaming import GatedTTTBranch, MoshiTTT, TTTHybridTransformerLayer
 
 logger = logging.getLogger(__name__)
@@ -55,15 +55,8 @@ def patch_moshi(lm: LMModel, config: TTTConfig) -> PatchReport:
                                               device=ref.device, dtype=ref.dtype).train(layer.training)
     _forget_streaming_children(lm)
     per_layer = count_parameters(next(iter(ttt_modules(lm))))
-    report = PatchReport(
-        host="moshi", mode=config.mode, layer_type=config.layer_type, layers=indices,
-        depth=len(layers), width=width, num_heads=ttt.layer.num_heads, head_dim=ttt.layer.head_dim,
-        mini_batch_size=config.mini_batch_size, params_per_layer=per_layer,
-        params_added=per_layer * len(indices), params_removed=removed,
-        params_before=params_before, params_after=count_parameters(lm),
-    )
-    lm.ttt_config = config
-    lm.ttt_report = report
+    report = finish_patch("moshi", lm, config, indices, len(layers), width, ttt.layer, per_layer,
+                          params_before, removed)
     logger.info("patched moshi LMModel with TTT layers:\n%s", report)
     return report
 
