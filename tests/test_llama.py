@@ -1,6 +1,13 @@
 """TTT inside tiny random-init transformers Llama / Qwen2 models (width 64, 4 layers) and the
-LLaMA-Omni-style speech front end. Needs the `omni` extra (transformers 5.x)."""
+LLaMA-Omni-style speech front end. Needs the `omni` extra (transformers 5.x).
+
+Caches are passed under the keyword the installed transformers uses (`cache` from 5.24 on,
+`past_key_values` on 5.23), and passing the cache must never trip transformers' deprecation of
+the old name: on 5.24 that keyword, if it reached transformers, would be dropped (TTT layers
+without their state) or would warn.
+"""
 import json
+import warnings
 
 import pytest
 
@@ -15,12 +22,20 @@ from ttt_speech.llama import (  # noqa: E402
     SPEECH_TOKEN_INDEX, TTTCache, TTTMonitor, load_omni_pretrained, plot_monitor, read_monitor,
     speech_prompt_ids, tiny_llm, tiny_omni, ttt_modules)
 from ttt_speech.llama import modules  # noqa: E402
+from ttt_speech.llama.compat import CACHE_FIELD, CACHE_KWARG  # noqa: E402
 from ttt_speech.llama.modules import LlamaTTT  # noqa: E402
 
 VOCAB, TOL = 128, 1e-4
 ARCHS = ["llama", "qwen2"]
 CONFIGS = [(arch, mode, lt) for arch in ARCHS for mode in ("replace", "hybrid") for lt in ("linear", "mlp")]
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+pytestmark = pytest.mark.filterwarnings("error:.*`past_key_values`:FutureWarning")
+
+
+def kv(cache):
+    """The cache as a keyword argument under the installed transformers' name."""
+    return {CACHE_KWARG: cache}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,7 +100,7 @@ def test_hybrid_with_zero_gate_reproduces_the_model_exactly(arch, layer_type):
     model = tiny_llm(arch)
     patch_llama(model, TTTConfig(layer_type=layer_type, mode="hybrid", gate_init=0.0, mini_batch_size=4))
     assert torch.equal(full_logits(model, ids), before_full)
-    after_gen = generate(model, ids, past_key_values=TTTCache(model), attention_mask=torch.ones_like(ids))
+    after_gen = generate(model, ids, **kv(TTTCache(model)), attention_mask=torch.ones_like(ids))
     assert torch.equal(after_gen[0], before_gen[0]) and torch.equal(after_gen[1], before_gen[1])
     # ... and a nonzero gate does change it
     with torch.no_grad():
@@ -103,8 +118,8 @@ def test_prefill_then_token_by_token_equals_full_forward(arch, mode, layer_type)
     full = full_logits(model, ids)
     cache = TTTCache(model)
     with torch.no_grad():
-        parts = [model(ids[:, :13], past_key_values=cache).logits]  # 13: not a multiple of b = 4
-        parts += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(13, 24)]
+        parts = [model(ids[:, :13], **kv(cache)).logits]  # 13: not a multiple of b = 4
+        parts += [model(ids[:, t:t + 1], **kv(cache)).logits for t in range(13, 24)]
     assert max_diff(torch.cat(parts, dim=1), full) <= TOL
     assert cache.get_seq_length() == 24
 
@@ -116,9 +131,9 @@ def test_the_decode_check_catches_a_lost_ttt_state(mode):
     full = full_logits(model, ids)
     cache = TTTCache(model)
     with torch.no_grad():
-        model(ids[:, :13], past_key_values=cache)
+        model(ids[:, :13], **kv(cache))
         reset_ttt_only(cache)
-        decoded = torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(13, 24)], dim=1)
+        decoded = torch.cat([model(ids[:, t:t + 1], **kv(cache)).logits for t in range(13, 24)], dim=1)
     assert max_diff(decoded, full[:, 13:]) > 1e-2
 
 
@@ -134,13 +149,13 @@ def test_generate_without_a_cache_or_with_a_plain_dynamic_cache():
     model, ids = patched("llama", "replace", layers=[0, 2]), tokens(T=9)
     reference, _ = generate(model, ids)  # generate() makes its own cache: converted to a TTTCache
     user = DynamicCache()
-    seq, _ = generate(model, ids, past_key_values=user)
+    seq, _ = generate(model, ids, **kv(user))
     assert isinstance(user, TTTCache) and user.ttt_slots[0].state is not None  # converted in place
     assert torch.equal(seq, reference) and user.get_seq_length() == 9 + 6 - 1
     used = DynamicCache()
-    tiny_llm()(ids, past_key_values=used)  # holds tokens seen without TTT state
-    with pytest.raises(ValueError, match="past_key_values: this DynamicCache already holds tokens"):
-        model(ids, past_key_values=used)
+    tiny_llm()(ids, **kv(used))  # holds tokens seen without TTT state
+    with pytest.raises(ValueError, match=f"{CACHE_KWARG}: this DynamicCache already holds tokens"):
+        model(ids, **kv(used))
 
 
 def test_beam_search_and_sampling_run():
@@ -156,7 +171,7 @@ def test_cache_rows_follow_beam_reordering():
     model, ids = patched("llama", "hybrid"), tokens(B=3, T=6)
     cache = TTTCache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **kv(cache))
     before = cache.ttt_state(0).weights[0].clone()
     cache.reorder_cache(torch.tensor([2, 0, 0]))
     assert torch.equal(cache.ttt_state(0).weights[0], before[[2, 0, 0]])
@@ -172,17 +187,17 @@ def test_two_turns_with_one_cache_equal_one_pass_over_both(arch, mode):
     model = patched(arch, mode, layer_type="mlp" if mode == "hybrid" else "linear")
     turn1, user2 = tokens(T=9, seed=1), tokens(T=5, seed=2)
     cache = TTTCache(model)
-    seq1, logits1 = generate(model, turn1, past_key_values=cache)
+    seq1, logits1 = generate(model, turn1, **kv(cache))
     history = torch.cat([seq1, user2], dim=1)  # next turn: whole history + the same cache
-    seq2, logits2 = generate(model, history, past_key_values=cache)
+    seq2, logits2 = generate(model, history, **kv(cache))
     full = full_logits(model, seq2)
     assert max_diff(logits2, full[:, history.shape[1] - 1:-1]) <= TOL
     assert max_diff(logits1, full[:, turn1.shape[1] - 1:seq1.shape[1] - 1]) <= TOL
     # forward-level turns: the second turn's logits equal the tail of one pass
     cache = TTTCache(model)
     with torch.no_grad():
-        model(seq1, past_key_values=cache)
-        second = model(user2, past_key_values=cache).logits
+        model(seq1, **kv(cache))
+        second = model(user2, **kv(cache)).logits
     assert max_diff(second, full_logits(model, history)[:, seq1.shape[1]:]) <= TOL
 
 
@@ -190,11 +205,11 @@ def test_turn_two_without_the_ttt_state_differs():
     model = patched("llama", "hybrid")
     turn1, user2 = tokens(T=9, seed=1), tokens(T=5, seed=2)
     cache = TTTCache(model)
-    seq1, _ = generate(model, turn1, past_key_values=cache)
+    seq1, _ = generate(model, turn1, **kv(cache))
     reset_ttt_only(cache)
     history = torch.cat([seq1, user2], dim=1)
     with torch.no_grad():
-        second = model(history[:, cache.get_seq_length():], past_key_values=cache).logits
+        second = model(history[:, cache.get_seq_length():], **kv(cache)).logits
     assert max_diff(second, full_logits(model, history)[:, cache.get_seq_length() - second.shape[1]:]) > 1e-2
 
 
@@ -203,17 +218,17 @@ def test_reset_or_new_cache_gives_first_turn_behaviour_again(mode):
     model = patched("llama", mode)
     turn1, user2, other = tokens(T=9, seed=1), tokens(T=5, seed=2), tokens(T=9, seed=3)
     cache = TTTCache(model)
-    seq1, logits1 = generate(model, turn1, past_key_values=cache)
-    generate(model, torch.cat([seq1, user2], dim=1), past_key_values=cache)
+    seq1, logits1 = generate(model, turn1, **kv(cache))
+    generate(model, torch.cat([seq1, user2], dim=1), **kv(cache))
     cache.reset()
     assert cache.get_seq_length() == 0 and all(s.state is None for s in cache.ttt_slots.values())
-    again = generate(model, turn1, past_key_values=cache)
-    fresh = generate(model, turn1, past_key_values=TTTCache(model))
+    again = generate(model, turn1, **kv(cache))
+    fresh = generate(model, turn1, **kv(TTTCache(model)))
     for seq, logits in (again, fresh):
         assert torch.equal(seq, seq1) and max_diff(logits, logits1) <= 1e-6
     # a conversation that continues instead of resetting sees other logits for the same tokens
     with torch.no_grad():
-        continued = model(other, past_key_values=cache).logits
+        continued = model(other, **kv(cache)).logits
     assert max_diff(continued, full_logits(model, other)) > 1e-2
 
 
@@ -222,13 +237,36 @@ def test_inference_mode_two_turns():
     turn1, user2 = tokens(T=9, seed=1), tokens(T=5, seed=2)
     with torch.no_grad():
         cache = TTTCache(model)
-        seq1, _ = generate(model, turn1, past_key_values=cache)
-        ref = generate(model, torch.cat([seq1, user2], dim=1), past_key_values=cache)
+        seq1, _ = generate(model, turn1, **kv(cache))
+        ref = generate(model, torch.cat([seq1, user2], dim=1), **kv(cache))
     with torch.inference_mode():
         cache = TTTCache(model)
-        seq1, _ = generate(model, turn1, past_key_values=cache)
-        got = generate(model, torch.cat([seq1, user2], dim=1), past_key_values=cache)
+        seq1, _ = generate(model, turn1, **kv(cache))
+        got = generate(model, torch.cat([seq1, user2], dim=1), **kv(cache))
     assert torch.equal(got[0], ref[0]) and max_diff(got[1], ref[1]) <= 1e-6
+
+
+def test_forward_and_generate_with_a_cache_raise_no_future_warning():
+    """Every path a cache takes through a patched model (hybrid and replace layers, the model's
+    own cache, the speech front end, the monitor's hook) stays clear of deprecated keywords."""
+    model, ids = patched("llama", "hybrid", layers=[0]), tokens(T=6)
+    replace = patched("qwen2", "replace", layers=[1])
+    omni = tiny_omni()
+    patch_llama(omni.llm, TTTConfig(mode="hybrid", layers=[2], mini_batch_size=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for m in (model, replace):
+            cache = TTTCache(m)
+            with torch.no_grad(), TTTMonitor(m):
+                m(ids, **kv(cache))
+                m.generate(torch.cat([ids, tokens(T=2)], dim=1), max_new_tokens=3, do_sample=False, **kv(cache))
+                m.generate(ids, max_new_tokens=2, do_sample=False)
+                assert isinstance(getattr(m(ids), CACHE_FIELD), TTTCache)  # the output's cache field, read
+                assert getattr(m(ids, use_cache=False), CACHE_FIELD) is None    # without its deprecated alias
+        feats = omni.encode_speech(torch.randn(1, 40, 16))
+        for name in ("cache", "past_key_values"):
+            omni.generate(speech_prompt(), speech_features=feats, max_new_tokens=2, do_sample=False,
+                          **{name: TTTCache(omni.llm)})
 
 
 # --- batch rows --------------------------------------------------------------------------------
@@ -239,7 +277,7 @@ def test_batch_rows_are_independent(mode):
     model, ids = patched("llama", mode), tokens(B=3, T=14)
     cache = TTTCache(model)
     with torch.no_grad():
-        batch = torch.cat([model(ids[:, s:e], past_key_values=cache).logits for s, e in ((0, 6), (6, 14))], dim=1)
+        batch = torch.cat([model(ids[:, s:e], **kv(cache)).logits for s, e in ((0, 6), (6, 14))], dim=1)
     for r in range(3):
         assert max_diff(batch[r], full_logits(model, ids[r:r + 1])[0]) <= TOL
 
@@ -251,13 +289,13 @@ def test_left_padded_batch_generates_like_each_row_alone(mode, monkeypatch):
     ids = torch.cat([torch.cat([torch.zeros(1, 6, dtype=torch.long), short], dim=1), long])
     mask = torch.ones_like(ids)
     mask[0, :6] = 0
-    _, batch = generate(model, ids, attention_mask=mask, past_key_values=TTTCache(model))
+    _, batch = generate(model, ids, attention_mask=mask, **kv(TTTCache(model)))
     for row, alone in enumerate((short, long)):
-        _, single = generate(model, alone, past_key_values=TTTCache(model))
+        _, single = generate(model, alone, **kv(TTTCache(model)))
         assert max_diff(batch[row], single[0]) <= TOL
     # TTT layers that read the padding as tokens (attention still masking it) change row 0
     monkeypatch.setattr(modules, "_chunk_token_mask", lambda attention_mask, length: None)
-    _, unmasked = generate(model, ids, attention_mask=mask, past_key_values=TTTCache(model))
+    _, unmasked = generate(model, ids, attention_mask=mask, **kv(TTTCache(model)))
     assert max_diff(unmasked[0], batch[0]) > 1e-2 and max_diff(unmasked[1], batch[1]) <= TOL
 
 
@@ -274,7 +312,7 @@ def test_gradients_reach_the_ttt_parameters_and_state_detaches():
     model = patched("llama", "hybrid", layer_type="mlp").train()
     ids = tokens(B=2, T=12)
     cache = TTTCache(model)
-    model(ids[:, :6], labels=ids[:, :6], past_key_values=cache).loss.backward()
+    model(ids[:, :6], labels=ids[:, :6], **kv(cache)).loss.backward()
     cache.detach_ttt_()
     assert all(not t.requires_grad for s in cache.ttt_slots.values() for t in s.state.tensors())
     names = [n for n, p in model.named_parameters() if "ttt_branch" in n]
@@ -333,7 +371,7 @@ def test_dtype_bf16_keeps_fp32_state():
     patch_llama(model, TTTConfig(mode="replace", mini_batch_size=4))
     cache = TTTCache(model)
     with torch.no_grad():
-        out = model(tokens(T=6), past_key_values=cache).logits
+        out = model(tokens(T=6), **kv(cache)).logits
     assert out.dtype == torch.bfloat16 and cache.ttt_state(0).weights[0].dtype == torch.float32
 
 
@@ -361,7 +399,8 @@ def test_speech_front_end_runs_end_to_end_with_ttt(arch):
         embeds[0, :3], omni.llm.get_input_embeddings()(ids[0, :3]))
     cache = TTTCache(omni.llm)
     with torch.inference_mode():
-        new = omni.generate(ids, speech=mel, speech_lengths=torch.tensor([40]), past_key_values=cache,
+        # the front end takes either name on any 5.x (this test `cache=`, the next `past_key_values=`)
+        new = omni.generate(ids, speech=mel, speech_lengths=torch.tensor([40]), cache=cache,
                             max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert new.shape == (1, 5) and cache.get_seq_length() == 17 + 5 - 1
     # speech_lengths trims an utterance: 30 valid mel frames → 15 encoder frames → 7 positions
@@ -380,7 +419,7 @@ def test_speech_turns_carry_state_and_match_one_pass():
         new1 = omni.generate(ids1, speech_features=feats[:1], past_key_values=cache, max_new_tokens=4,
                              min_new_tokens=4, do_sample=False)
         history = torch.cat([ids1, new1, speech_prompt(seed=5)], dim=1)  # turn 2: another utterance
-        out2 = omni.llm.generate(inputs_embeds=omni.embed(history, feats)[0], past_key_values=cache,
+        out2 = omni.llm.generate(inputs_embeds=omni.embed(history, feats)[0], **kv(cache),
                                  max_new_tokens=3, min_new_tokens=3, **GEN)
         embeds = omni.embed(torch.cat([history, out2.sequences], dim=1), feats)[0]
         full = omni.llm(inputs_embeds=embeds, use_cache=False).logits
@@ -399,7 +438,7 @@ def test_speech_batch_is_left_padded_and_rows_independent():
     embeds, mask = omni.prepare_inputs(ids, mels, lengths)
     assert mask.sum(1).tolist() == [17, 13] and mask[1, :4].sum() == 0
     with torch.no_grad():
-        batch = omni.llm(inputs_embeds=embeds, attention_mask=mask, past_key_values=TTTCache(omni.llm)).logits
+        batch = omni.llm(inputs_embeds=embeds, attention_mask=mask, **kv(TTTCache(omni.llm))).logits
         alone = omni(ids[1:], mels[1:], lengths[1:]).logits
     assert max_diff(batch[1, 4:], alone[0]) <= TOL
 
@@ -441,9 +480,9 @@ def test_monitor_writes_a_csv_and_a_plot(tmp_path):
     turn1 = tokens(T=9, seed=1)
     cache = TTTCache(model)
     with TTTMonitor(model, tmp_path / "state.csv") as monitor:
-        seq1, _ = generate(model, turn1, n=4, past_key_values=cache)
+        seq1, _ = generate(model, turn1, n=4, **kv(cache))
         cache.reset()
-        generate(model, turn1, n=4, past_key_values=cache)
+        generate(model, turn1, n=4, **kv(cache))
     data = read_monitor(tmp_path / "state.csv")
     assert sorted(data) == [1, 3] and len(monitor.rows) == 2 * 2 * 4  # 2 layers x 2 turns x (prefill + 3)
     first = data[1]

@@ -1,7 +1,8 @@
 """`TTTCache`: a transformers `DynamicCache` that also holds the TTT state of every patched layer.
 
-The TTT state of a conversation lives in the cache passed to `generate(past_key_values=...)` or
-`model(..., past_key_values=...)`, next to the attention KV: one cache per conversation, reused
+The TTT state of a conversation lives in the cache passed to `generate(cache=...)` or
+`model(..., cache=...)` (`past_key_values=` on transformers 5.23, see `compat`), next to the
+attention KV: one cache per conversation, reused
 from turn to turn, carries the fast weights across turns; a new cache, or `cache.reset()`, starts
 from the initial fast weights (the parameters). Rows of a batch are independent streams.
 
@@ -21,6 +22,7 @@ from . import _import  # noqa: F401
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from ..state import TTTState
+from .compat import CACHE_KWARG
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,11 @@ class TTTCache(DynamicCache):
     """KV cache + TTT state of a patched Llama / Qwen2 model (one per conversation).
 
         cache = TTTCache(model)                      # model: a model patched by `patch_llama`
-        out = model.generate(ids_turn1, past_key_values=cache, ...)
-        out = model.generate(history_and_turn2, past_key_values=cache, ...)   # state carried
+        out = model.generate(ids_turn1, cache=cache, ...)
+        out = model.generate(history_and_turn2, cache=cache, ...)   # state carried
         cache.reset()                                # next conversation: initial fast weights
+
+    (transformers 5.23: `past_key_values=cache`.)
 
     `ttt_slots[i]` holds layer i's `TTTSlot`; for a replaced layer it is also `layers[i]`.
     Extra keyword arguments go to `DynamicCache` (e.g. `offloading=True`).
@@ -117,14 +121,14 @@ class TTTCache(DynamicCache):
         plain `DynamicCache` is converted in place (so its owner keeps the TTT state)."""
         if isinstance(cache, TTTCache):
             if cache.ttt_plan != plan:
-                raise ValueError("past_key_values: this TTTCache was made for a model with other TTT layers "
+                raise ValueError(f"{CACHE_KWARG}: this TTTCache was made for a model with other TTT layers "
                                  f"({cache.ttt_plan.ttt_layers} vs {plan.ttt_layers})")
             return cache
         if type(cache) is not DynamicCache:
-            raise ValueError(f"past_key_values: a TTT-patched model needs a TTTCache or a DynamicCache, "
+            raise ValueError(f"{CACHE_KWARG}: a TTT-patched model needs a TTTCache or a DynamicCache, "
                              f"got {type(cache).__name__}")
         if cache.get_seq_length() > 0:
-            raise ValueError("past_key_values: this DynamicCache already holds tokens seen without TTT "
+            raise ValueError(f"{CACHE_KWARG}: this DynamicCache already holds tokens seen without TTT "
                              "state; start the conversation with TTTCache(model)")
         cache.__class__ = cls
         cache._install(plan)
@@ -134,7 +138,7 @@ class TTTCache(DynamicCache):
         if self.layer_class_to_replicate is not None:  # lazily grown cache: lay out every layer now
             self.layers.extend(DynamicLayer() for _ in range(plan.depth - len(self.layers)))
         if len(self.layers) != plan.depth:
-            raise ValueError(f"past_key_values: cache has {len(self.layers)} layers, the model {plan.depth}")
+            raise ValueError(f"{CACHE_KWARG}: cache has {len(self.layers)} layers, the model {plan.depth}")
         self.ttt_plan = plan
         self.ttt_slots = {}
         for i in plan.ttt_layers:

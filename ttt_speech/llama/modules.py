@@ -21,13 +21,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..layer import TTTLayer
 from ..state import TTTState
 from .cache import TTTCache, TTTPlan
+from .compat import CACHE_FIELD, CACHE_KWARG, pick_cache
 
 
 class LlamaTTT(nn.Module):
     """A TTT layer in decoder layer `layer_idx`: hidden_states [B, T, C] → ([B, T, C], None).
 
-    Called like transformers' attention (`self_attn(hidden_states=..., past_key_values=...,
-    position_embeddings=..., ...)`, 2-tuple back). Positions and the attention mask are not
+    Called like transformers' attention (`self_attn(hidden_states=..., cache=...,
+    position_embeddings=..., ...)`, 2-tuple back; the cache as `cache` on transformers 5.24+,
+    `past_key_values` on 5.23, either is taken). Positions and the attention mask are not
     needed: TTT positions come from its own state (RoPE modulo the mini-batch), padding from the
     cache's token mask. Without a cache (e.g. under HF gradient checkpointing, which drops it)
     every call starts from the initial fast weights.
@@ -39,14 +41,15 @@ class LlamaTTT(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: Tensor, position_embeddings: object = None, attention_mask: object = None,
-                past_key_values: object = None, **kwargs: object) -> tuple[Tensor, None]:
-        if past_key_values is None:
+                cache: object = None, past_key_values: object = None, **kwargs: object) -> tuple[Tensor, None]:
+        cache = pick_cache(cache, past_key_values)
+        if cache is None:
             return self.layer(hidden_states)[0], None
-        if not isinstance(past_key_values, TTTCache):
-            raise ValueError(f"past_key_values: TTT layer {self.layer_idx} needs a TTTCache, got "
-                             f"{type(past_key_values).__name__} (call the patched model, not its layers)")
-        slot = past_key_values.ttt_slots[self.layer_idx]
-        y, slot.state = run_valid_tokens(self.layer, hidden_states, slot.state, past_key_values.token_mask)
+        if not isinstance(cache, TTTCache):
+            raise ValueError(f"{CACHE_KWARG}: TTT layer {self.layer_idx} needs a TTTCache, got "
+                             f"{type(cache).__name__} (call the patched model, not its layers)")
+        slot = cache.ttt_slots[self.layer_idx]
+        y, slot.state = run_valid_tokens(self.layer, hidden_states, slot.state, cache.token_mask)
         slot.seen += hidden_states.shape[1]  # padding included, like the KV cache's length
         return y, None
 
@@ -61,8 +64,9 @@ class GatedTTTBranch(nn.Module):
         self.ttt = ttt
         self.gate_alpha = nn.Parameter(torch.full((dim,), float(gate_init), device=device, dtype=dtype))
 
-    def forward(self, x: Tensor, past_key_values: object = None) -> Tensor:
-        update, _ = self.ttt(hidden_states=self.norm(x), past_key_values=past_key_values)
+    def forward(self, x: Tensor, cache: object = None, past_key_values: object = None) -> Tensor:
+        # under the installed name: TTTMonitor's hook reads the cache from the call's kwargs
+        update, _ = self.ttt(hidden_states=self.norm(x), **{CACHE_KWARG: pick_cache(cache, past_key_values)})
         return x + torch.tanh(self.gate_alpha).to(update.dtype) * update
 
 
@@ -72,24 +76,25 @@ class TTTHybridDecoderMixin:
     transformers computes the attention residual inline in `forward`, so the branch can only go
     there by overriding it: patched layers get a subclass of their own class with this mixin
     first (`layer.__class__` is switched), which keeps parameter names and checkpointing. The
-    body is Llama's / Qwen2's decoder forward (identical in transformers 5.x) plus one line; the
-    gate-0 test checks it still reproduces the host bit for bit.
+    body is Llama's / Qwen2's decoder forward (identical in transformers 5.x up to the cache
+    keyword, see `compat`) plus one line; the gate-0 test checks it still reproduces the host
+    bit for bit.
     """
 
     ttt_branch: GatedTTTBranch
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values: object = None,
+                position_ids: Tensor | None = None, cache: object = None, past_key_values: object = None,
                 use_cache: bool | None = False, position_embeddings: tuple[Tensor, Tensor] | None = None,
                 **kwargs: object) -> Tensor:
+        cache = pick_cache(cache, past_key_values)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
-            **kwargs)
+            use_cache=use_cache, position_embeddings=position_embeddings, **{CACHE_KWARG: cache}, **kwargs)
         hidden_states = residual + hidden_states
-        hidden_states = self.ttt_branch(hidden_states, past_key_values=past_key_values)
+        hidden_states = self.ttt_branch(hidden_states, cache=cache)
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(hidden_states)
@@ -104,28 +109,32 @@ class TTTModelMixin:
     - a plain empty `DynamicCache` (also `generate()`'s own): converted in place (`TTTCache.adopt`);
     - a 2-D `attention_mask`: its columns for this call's tokens mark padding, which the TTT
       layers skip (each row's real tokens must be contiguous: left or right padding).
+
+    The cache comes as `cache` (transformers 5.24+) or `past_key_values` (5.23) and goes on to
+    the host's forward under the installed name.
     """
 
     ttt_plan: TTTPlan
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, past_key_values: object = None,
+                position_ids: Tensor | None = None, cache: object = None, past_key_values: object = None,
                 inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
                 **kwargs: object) -> BaseModelOutputWithPast:
+        cache = pick_cache(cache, past_key_values)
         source = inputs_embeds if inputs_embeds is not None else input_ids
         token_mask = _chunk_token_mask(attention_mask, source.shape[1]) if source is not None else None
         keep_cache = use_cache if use_cache is not None else self.config.use_cache
-        created = past_key_values is None and (keep_cache or token_mask is not None)
+        created = cache is None and (keep_cache or token_mask is not None)
         if created:
-            past_key_values = TTTCache(self)
-        elif past_key_values is not None:
-            past_key_values = TTTCache.adopt(past_key_values, self.ttt_plan)
-        with past_key_values.chunk(token_mask) if past_key_values is not None else nullcontext():
+            cache = TTTCache(self)
+        elif cache is not None:
+            cache = TTTCache.adopt(cache, self.ttt_plan)
+        with cache.chunk(token_mask) if cache is not None else nullcontext():
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                  use_cache=use_cache, **kwargs)
+                                  inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_KWARG: cache},
+                                  **kwargs)
         if created and not keep_cache:
-            out.past_key_values = None
+            setattr(out, CACHE_FIELD, None)
         return out
 
 

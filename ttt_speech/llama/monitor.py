@@ -2,7 +2,8 @@
 and the mean inner learning rate, written to a CSV that `plot_monitor` turns into a PNG.
 
     with TTTMonitor(model, "ttt_state.csv"):
-        model.generate(ids, past_key_values=cache, ...)      # one row per TTT layer per forward
+        model.generate(ids, cache=cache, ...)      # one row per TTT layer per forward
+                                                   # (transformers 5.23: past_key_values=cache)
     plot_monitor("ttt_state.csv", "ttt_state.png")
     # or: python -m ttt_speech.llama.monitor ttt_state.csv ttt_state.png
 
@@ -29,6 +30,7 @@ from ..layer import TTTLayer
 from ..ops.inner_lr import token_lr
 from ..state import TTTState
 from .cache import TTTCache
+from .compat import pick_cache
 from .modules import LlamaTTT
 
 FIELDS = ("call", "layer", "tokens", "w_norm", "w_delta", "eta_mean")
@@ -76,7 +78,7 @@ class TTTMonitor:
         self._handles = [m.register_forward_hook(self._record, with_kwargs=True) for m in self.modules]
 
     def _record(self, module: LlamaTTT, args: tuple, kwargs: dict, output: Any) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
         if not isinstance(cache, TTTCache):
             return
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

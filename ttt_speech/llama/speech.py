@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _import  # noqa: F401
+from .compat import cache_kwargs
 
 SPEECH_TOKEN_INDEX = -200  # LLaMA-Omni's `<speech>` placeholder id in input_ids (omni_speech/constants.py)
 
@@ -137,10 +138,11 @@ class OmniSpeechLM(nn.Module):
     def forward(self, input_ids: Tensor, speech: Tensor | None = None, speech_lengths: Tensor | None = None,
                 speech_features: list[Tensor] | None = None, attention_mask: Tensor | None = None,
                 **kwargs: Any):
-        """The LLM's forward on the spliced embeddings (kwargs: `past_key_values`, `labels`, …;
-        labels must then be given for the spliced positions)."""
+        """The LLM's forward on the spliced embeddings (kwargs: `cache`, `labels`, …; labels must
+        then be given for the spliced positions). The cache may come as `cache` or `past_key_values`
+        on any transformers 5.x: it is passed on under the installed name."""
         embeds, mask = self.prepare_inputs(input_ids, speech, speech_lengths, speech_features, attention_mask)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, **cache_kwargs(kwargs))
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, speech: Tensor | None = None, speech_lengths: Tensor | None = None,
@@ -148,6 +150,7 @@ class OmniSpeechLM(nn.Module):
                  **kwargs: Any):
         """`llm.generate` on the spliced embeddings; returns the new tokens only (as transformers
         does for `inputs_embeds`). Next turn: pass the whole history (ids with placeholders, all
-        speech segments so far) and the same `past_key_values`: the cached prefix is skipped."""
+        speech segments so far) and the same `cache` (`cache=` or `past_key_values=`, as `forward`):
+        the cached prefix is skipped."""
         embeds, mask = self.prepare_inputs(input_ids, speech, speech_lengths, speech_features, attention_mask)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **cache_kwargs(kwargs))
