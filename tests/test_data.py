@@ -11,7 +11,7 @@ from train_utils import TINY_MODEL, make_corpus, write_config
 from ttt_speech.data.codes import Recording, load_codes, save_codes
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import read_manifest
-from ttt_speech.data.synthetic import SynthConfig, synth_recording
+from ttt_speech.data.synthetic import SynthConfig, acoustic_maps, synth_recording, write_corpus
 from ttt_speech.models import tiny_moshi_lm
 
 
@@ -105,12 +105,26 @@ def test_codes_out_of_range_for_the_model(tmp_path):
         moshi_streams(tiny_moshi_lm(card=16, text_card=100), rec)
 
 
-def test_synthetic_private_vocabulary():
-    config = SynthConfig(frames=300, card=64, vocab=5, seed=1)
+def test_synthetic_private_vocabulary_repeats_and_acoustic_coupling():
+    config = SynthConfig(frames=4000, card=64, vocab=5, repeat_prob=0.5, acoustic_coupling=1.0, seed=1)
     codes, _ = synth_recording(config, 0)
     other, _ = synth_recording(config, 1)
-    for k in range(8):
-        assert len(codes[k].unique()) <= 5
-    assert any(set(codes[k].tolist()) != set(other[k].tolist()) for k in range(8))
+    assert len(codes[0].unique()) == 5 and set(codes[0].tolist()) != set(other[0].tolist())
+    repeats = (codes[0, 1:] == codes[0, :-1]).float().mean().item()
+    assert abs(repeats - (0.5 + 0.5 / 5)) < 0.03  # kept, or redrawn the same code
+    maps = acoustic_maps(config)  # shared by every recording: acoustics are a function of semantics
+    assert torch.equal(codes[1:], maps[:, codes[0]]) and torch.equal(other[1:], maps[:, other[0]])
+    noisy, _ = synth_recording(SynthConfig(frames=4000, card=64, acoustic_coupling=0.0, seed=1), 0)
+    assert (noisy[1:] == maps[:, noisy[0]]).float().mean() < 0.05
     with pytest.raises(ValueError, match="synth.vocab"):
         SynthConfig(card=8, vocab=9)
+    with pytest.raises(ValueError, match="synth.repeat_prob"):
+        SynthConfig(repeat_prob=1.0)
+
+
+def test_synthetic_lengths_jitter_and_held_out_length(tmp_path):
+    config = SynthConfig(recordings=12, frames=100, length_jitter=0.5, eval_recordings=2, eval_frames=300)
+    lengths = [synth_recording(config, i)[0].shape[1] for i in range(12)]
+    assert all(50 <= n <= 150 for n in lengths[:10]) and len(set(lengths[:10])) > 3 and lengths[10:] == [300, 300]
+    files = write_corpus(config, tmp_path)
+    assert len(read_manifest(files["train"])) == 10 and len(read_manifest(files["eval"])) == 2

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..schema import reference
+from .synth_config import SynthConfig
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="make or encode training data (synthetic corpus, Mimi codes)",
@@ -11,20 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     tools = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     synth = tools.add_parser(
         "synth", help="write the synthetic long-context corpus (code files + train/eval manifests)",
-        description="Deterministic by seed. Each recording re-uses its own private motifs many windows "
-                    "apart, with random filler between: only memory of the recording predicts them "
-                    "(see ttt_speech/data/synthetic.py).")
+        description="Deterministic by seed. Each recording is a 'speaker' with a private vocabulary of "
+                    "semantic codes (and optional private motifs) that only memory of the recording "
+                    "reveals; acoustic codebooks follow the semantic one or are noise "
+                    "(see ttt_speech/data/synthetic.py). Fields come from --config, then the flags.")
     synth.add_argument("out", type=Path, help="output folder")
-    synth.add_argument("--recordings", type=int, default=16, help="number of recordings (default 16)")
-    synth.add_argument("--frames", type=int, default=2048, help="frames per recording, 12.5 per second (default 2048)")
-    synth.add_argument("--card", type=int, default=64, help="audio codes used, 0..card-1 (default 64)")
-    synth.add_argument("--num-motifs", type=int, default=8, help="private motifs per recording (default 8)")
-    synth.add_argument("--motif-frames", type=int, default=16, help="frames per motif (default 16)")
-    synth.add_argument("--motif-prob", type=float, default=0.5, help="probability that a segment is a motif (default 0.5)")
-    synth.add_argument("--vocab", type=int, default=0,
-                       help="codes per codebook each recording uses, a private subset of --card (default 0: all)")
-    synth.add_argument("--eval-recordings", type=int, default=4, help="recordings held out in eval.jsonl (default 4)")
-    synth.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    synth.add_argument("--config", type=Path, help="YAML file with the corpus fields (e.g. configs/demo.yaml)")
+    synth.add_argument("--section", help="the mapping of --config that holds them (e.g. corpus); default: the whole file")
+    for name, default, help_text in reference(SynthConfig):
+        synth.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_number_or_null(default),
+                           help=f"{help_text} (default {default})")
     synth.set_defaults(func=_synth)
 
     encode = tools.add_parser(
@@ -40,12 +39,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     encode.set_defaults(func=_encode)
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from .synthetic import SynthConfig, write_corpus
+def _number_or_null(default: str):
+    """argparse type of a SynthConfig field from its shown default ('null' fields take an int or null)."""
+    def parse(text: str):
+        if text == "null":
+            return None
+        return float(text) if "." in default else int(text)
+    return parse
 
-    config = SynthConfig(recordings=args.recordings, frames=args.frames, card=args.card, num_motifs=args.num_motifs,
-                         motif_frames=args.motif_frames, motif_prob=args.motif_prob, vocab=args.vocab,
-                         eval_recordings=args.eval_recordings, seed=args.seed)
+
+def _synth(args: argparse.Namespace) -> int:
+    from ..schema import from_dict, load_yaml
+    from .synthetic import write_corpus
+
+    data = {}
+    if args.config is not None:
+        data = load_yaml(args.config)
+        if args.section is not None:
+            if not isinstance(data.get(args.section), dict):
+                raise ValueError(f"{args.config}: no '{args.section}' section")
+            data = data[args.section]
+    data.update({name: getattr(args, name) for name, _, _ in reference(SynthConfig)
+                 if getattr(args, name) is not None})
+    config = from_dict(SynthConfig, data, "synth")
     files = write_corpus(config, args.out, progress=True)
     print("wrote " + ", ".join(f"{k}: {v}" for k, v in files.items()))
     return 0

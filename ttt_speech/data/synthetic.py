@@ -1,85 +1,99 @@
 """A synthetic long-context code corpus whose structure rewards memory beyond the attention window.
 
-Each recording r draws its own set of `num_motifs` motifs (random code sequences of
-`motif_frames` frames over all 8 codebooks) and is a sequence of segments: with probability
-`motif_prob` a motif of r (uniformly chosen), otherwise filler (i.i.d. random codes, length
-uniform in [motif_frames/2, 3·motif_frames/2]). Motifs are never shared between recordings, so
-they cannot be learned into the weights: only what the model saw earlier *in this recording*
-predicts them. A motif's first frame names it; the rest of an occurrence is predictable from
-any earlier occurrence, however far back. With num_motifs · motif_frames / motif_prob frames
-between repeats well beyond the attention context, a sliding-window model can only guess,
-while a model with memory of the whole recording (TTT) can recall.
-Optionally (`vocab` > 0) each recording also speaks its own *vocabulary*: in every codebook, its
-codes (motifs and filler) come from a private random subset of `vocab` of the `card` codes, as a
-voice uses its own region of the codec's space. A window of attention sees only a few of them;
-a model that remembers the recording so far knows the whole subset (ln card − ln vocab nats of
-gain on filler). Filler is otherwise unpredictable: it bounds the loss any model can reach.
-Deterministic by seed; written as code files + train/eval manifests (+ corpus.json).
+Each recording is a "speaker" reading: 8 codebooks per frame, like Mimi's codes.
+
+- **Semantic codebook (1)**: the speaker has a private *vocabulary* of `vocab` of the `card`
+  codes; each frame draws one of them uniformly, or with probability `repeat_prob` keeps the
+  previous frame's code (units last several frames, as in speech). Vocabularies are drawn per
+  recording, so they cannot be learned into the weights: only what the model heard earlier in
+  *this* recording tells them. An attention window of C frames holds only a few of them (about
+  vocab·(1 − (1 − 1/vocab)^(C·(1 − repeat_prob))) distinct codes); a model that remembers the
+  whole recording knows them all: ln(card) − ln(vocab) nats per frame minus what the window
+  already gives. This is what the TTT fast weights can accumulate and attention cannot.
+- **Acoustic codebooks (2–8)**: with probability `acoustic_coupling` each is a fixed function
+  of the frame's semantic code (one random permutation per codebook, shared by every recording of
+  the corpus: learnable into the weights, like a codec's acoustic detail given its semantics),
+  otherwise uniform noise that bounds the loss any model can reach.
+- **Motifs** (optional, `num_motifs` > 0): the recording is a sequence of segments; with
+  probability `motif_prob` a segment replays one of the recording's private motifs (a fixed
+  stretch of `motif_frames` frames, all codebooks), otherwise it is free speech as above. A
+  motif's first frames name it; the rest is predictable from any earlier occurrence, however far
+  back (exact recall, a harder memory than the vocabulary).
+
+Recording lengths are uniform in frames·[1 − length_jitter, 1 + length_jitter] (rows of a
+training batch then switch recordings at different steps); held-out recordings are
+`eval_frames` long. Deterministic by seed; written as code files + train/eval manifests
+(+ corpus.json with the config).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..checkpoint import write_text_atomic
 from .codes import FRAME_RATE, Recording, save_codes
 from .manifest import ManifestEntry, write_manifest
+from .synth_config import SynthConfig
+
+__all__ = ["SynthConfig", "acoustic_maps", "synth_recording", "write_corpus"]
+NUM_CODEBOOKS = 8
 
 
-@dataclass
-class SynthConfig:
-    recordings: int = 16
-    frames: int = 2048
-    card: int = 64
-    num_motifs: int = 8
-    motif_frames: int = 16
-    motif_prob: float = 0.5
-    eval_recordings: int = 4
-    vocab: int = 0  # codes per codebook a recording uses (0: all `card`)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("recordings", "frames", "card", "num_motifs", "motif_frames"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"synth.{name}: expected a positive integer, got {value!r}")
-        if not 0 < self.motif_prob <= 1:
-            raise ValueError(f"synth.motif_prob: expected a number in (0, 1], got {self.motif_prob!r}")
-        if not 0 <= self.eval_recordings < self.recordings:
-            raise ValueError(f"synth.eval_recordings: expected 0..{self.recordings - 1}, got {self.eval_recordings}")
-        if self.card < 2 or self.card > 2048:
-            raise ValueError(f"synth.card: expected 2..2048, got {self.card}")
-        if isinstance(self.vocab, bool) or not isinstance(self.vocab, int) or not 0 <= self.vocab <= self.card:
-            raise ValueError(f"synth.vocab: expected 0..card ({self.card}), got {self.vocab!r}")
+def acoustic_maps(config: SynthConfig) -> Tensor:
+    """The corpus's fixed semantic → acoustic code maps, [7, card] (one permutation per codebook)."""
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
+    return torch.stack([torch.randperm(config.card, generator=g) for _ in range(NUM_CODEBOOKS - 1)])
 
 
-def synth_recording(config: SynthConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recording `index`: (codes [8, frames], motif id per frame [frames], −1 on filler)."""
+def _speech(config: SynthConfig, vocab: Tensor, maps: Tensor, n: int, g: torch.Generator) -> Tensor:
+    """n frames of free speech, [8, n]: semantic codes from `vocab` with repeats, coupled acoustics."""
+    draws = vocab[torch.randint(0, len(vocab), (n,), generator=g)]
+    keep = torch.rand(n, generator=g) < config.repeat_prob
+    keep[:1] = False
+    source = torch.where(keep, 0, torch.arange(n)).cummax(0).values  # last frame that drew anew
+    semantic = draws[source]
+    coupled = maps[:, semantic]
+    noise = torch.randint(0, config.card, coupled.shape, generator=g)
+    acoustic = torch.where(torch.rand(coupled.shape, generator=g) < config.acoustic_coupling, coupled, noise)
+    return torch.cat([semantic[None], acoustic])
+
+
+def recording_frames(config: SynthConfig, index: int, g: torch.Generator) -> int:
+    if config.is_eval(index) and config.eval_frames is not None:
+        return config.eval_frames
+    if config.length_jitter == 0:
+        return config.frames
+    lo = max(1, round(config.frames * (1 - config.length_jitter)))
+    hi = max(lo, round(config.frames * (1 + config.length_jitter)))
+    return int(torch.randint(lo, hi + 1, (), generator=g))
+
+
+def synth_recording(config: SynthConfig, index: int, maps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Recording `index`: (codes [8, T], motif id per frame [T], −1 outside motifs)."""
+    maps = acoustic_maps(config) if maps is None else maps
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-    L, card = config.motif_frames, config.card
-    vocab = config.vocab or card
-    # per codebook, the codes this recording uses: draws are indices into its own subset
-    subset = torch.stack([torch.randperm(card, generator=g)[:vocab] for _ in range(8)])  # [8, vocab]
-
-    def draw(n: int) -> torch.Tensor:  # [8, n] codes of this recording
-        return subset.gather(1, torch.randint(0, vocab, (8, n), generator=g))
-
-    motifs = torch.stack([draw(L) for _ in range(config.num_motifs)])
+    frames = recording_frames(config, index, g)
+    vocab = torch.randperm(config.card, generator=g)[:config.vocab or config.card]
+    if config.num_motifs == 0:
+        return _speech(config, vocab, maps, frames, g), torch.full((frames,), -1)
+    L = config.motif_frames
+    motifs = [_speech(config, vocab, maps, L, g) for _ in range(config.num_motifs)]
     pieces, labels, total = [], [], 0
-    while total < config.frames:
+    while total < frames:
         if torch.rand((), generator=g).item() < config.motif_prob:
             m = int(torch.randint(0, config.num_motifs, (), generator=g))
             piece, label = motifs[m], torch.full((L,), m)
         else:
             n = int(torch.randint(max(1, L // 2), L + L // 2 + 1, (), generator=g))
-            piece, label = draw(n), torch.full((n,), -1)
+            piece, label = _speech(config, vocab, maps, n, g), torch.full((n,), -1)
         pieces.append(piece)
         labels.append(label)
         total += piece.shape[1]
-    return torch.cat(pieces, 1)[:, :config.frames], torch.cat(labels)[:config.frames]
+    return torch.cat(pieces, 1)[:, :frames], torch.cat(labels)[:frames]
 
 
 def write_corpus(config: SynthConfig, out: str | Path, progress: bool = False) -> dict[str, Path]:
@@ -87,17 +101,17 @@ def write_corpus(config: SynthConfig, out: str | Path, progress: bool = False) -
     from tqdm import tqdm
 
     out = Path(out)
-    entries = []
+    maps = acoustic_maps(config)
+    train, held_out = [], []
     for i in tqdm(range(config.recordings), desc="synth corpus", unit="rec", disable=not progress):
-        codes, _ = synth_recording(config, i)
+        codes, _ = synth_recording(config, i, maps)
         path = save_codes(out / "recordings" / f"rec_{i:05d}.safetensors",
-                          Recording(codes, silence=torch.zeros(8, dtype=torch.long),
+                          Recording(codes, silence=torch.zeros(NUM_CODEBOOKS, dtype=torch.long),
                                     codec=f"synthetic-card{config.card}", source=f"synthetic:{config.seed}:{i}"))
-        entries.append(ManifestEntry(path, config.frames / FRAME_RATE))
-    n_eval = config.eval_recordings
-    train = write_manifest(out / "train.jsonl", entries[:len(entries) - n_eval])
-    files = {"train": train, "corpus": out / "corpus.json"}
-    if n_eval:
-        files["eval"] = write_manifest(out / "eval.jsonl", entries[len(entries) - n_eval:])
+        (held_out if config.is_eval(i) else train).append(ManifestEntry(path, codes.shape[1] / FRAME_RATE))
+    files = {"train": write_manifest(out / "train.jsonl", train)}
+    if held_out:
+        files["eval"] = write_manifest(out / "eval.jsonl", held_out)
     write_text_atomic(out / "corpus.json", json.dumps({"synthetic": asdict(config)}, indent=2) + "\n")
+    files["corpus"] = out / "corpus.json"
     return files
