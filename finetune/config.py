@@ -11,7 +11,7 @@ from typing import Literal
 
 from ttt_speech.config import TTTConfig
 from ttt_speech.models import ModelConfig
-from ttt_speech.schema import apply_overrides, check, doc, from_dict, load_yaml
+from ttt_speech.schema import check, doc, load_config
 
 
 @dataclass
@@ -128,10 +128,4 @@ class TrainConfig:
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """YAML file + `key.sub=value` overrides → a validated `TrainConfig` (ValueError naming the field).
     Relative paths in the config are relative to the working directory, as in moshi-finetune."""
-    path = Path(path)
-    data = apply_overrides(load_yaml(path), list(overrides))
-    try:
-        config = from_dict(TrainConfig, data, "train")
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return config
+    return load_config(TrainConfig, path, overrides, "train")

@@ -77,6 +77,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_config(cls: type[T], path: str | Path, overrides: list[str] = (), where: str = "config") -> T:
+    """Dataclass tree `cls` from a YAML file plus `key.sub=value` overrides; every error is one line
+    naming the file and the field (`runs/x.yaml: train.optim.lr: expected a number, got 'fast'`)."""
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return from_dict(cls, data, where)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` strings (values parsed as YAML scalars/lists) to a nested mapping."""
     import yaml
