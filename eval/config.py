@@ -12,7 +12,8 @@ from typing import Literal
 
 from ttt_speech.config import TTTConfig
 from ttt_speech.models import ModelConfig
-from ttt_speech.schema import apply_overrides, check, doc, from_dict, load_yaml
+from ttt_speech.schema import check, doc, from_dict
+from ttt_speech.schema import load_config as load_config_file
 
 FRAME_RATE = 12.5  # Mimi / Moshi frames per second
 
@@ -76,6 +77,7 @@ class EvalSettings:
                                        "(64 without TTT). Multiples of the mini-batch size avoid padding slots")
     native_max_frames: int | None = doc(None, "native mode scores only the first N frames of each stream "
                                               "(it runs one frame per call); null: the whole stream")
+    native_max_streams: int | None = doc(None, "native mode scores only the first N streams; null: all of them")
     train_window: int | None = doc(None, "the fine-tuning window in frames: marked on the curves; the length-"
                                          "generalisation points are multiples of it (null: not reported)")
     bin_frames: int = doc(250, "frames per bin of the NLL-vs-position curves (250 = 20 s)")
@@ -91,6 +93,8 @@ class EvalSettings:
               self.chunk_size)
         check(self.native_max_frames is None or self.native_max_frames >= 1, "native_max_frames",
               "null or an integer >= 1", self.native_max_frames)
+        check(self.native_max_streams is None or self.native_max_streams >= 1, "native_max_streams",
+              "null or an integer >= 1", self.native_max_streams)
         check(self.train_window is None or self.train_window >= 1, "train_window", "null or an integer >= 1",
               self.train_window)
         for name in ("bin_frames", "position_window", "gain_window"):
@@ -120,6 +124,8 @@ class EvalConfig:
                                     "evaluate; `model`, when set, replaces its base (e.g. a local copy)")
     ttt: TTTConfig | None = doc(None, "patch the base model with fresh, untrained TTT layers (TTTConfig fields): "
                                       "for smoke tests and demos; use `export` for a trained model")
+    baseline_export: Path | None = doc(None, "a fine-tuning export *without* TTT layers used as the baseline (the "
+                                             "same recipe trained with ttt: null); null: the base model itself")
     data: DataConfig = doc(factory=DataConfig, help="")
     eval: EvalSettings = doc(factory=EvalSettings, help="")
     output_dir: Path = doc("runs/eval", "folder for report.json, report.md and the PNG plots")
@@ -129,6 +135,8 @@ class EvalConfig:
         self.output_dir = Path(self.output_dir)
         if self.export is not None and self.ttt is not None:
             raise ValueError("export and ttt: set one (a trained export, or fresh TTT layers), not both")
+        if self.baseline_export is not None:
+            self.eval.baseline = True  # a baseline export is always evaluated
 
     @property
     def has_ttt(self) -> bool:
@@ -147,8 +155,4 @@ class EvalConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
     """EvalConfig from a YAML file plus `key.sub=value` overrides (errors name the field and file)."""
-    data = apply_overrides(load_yaml(path), list(overrides))
-    try:
-        return from_dict(EvalConfig, data, "config")
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return load_config_file(EvalConfig, path, overrides, "config")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Build a small LibriLight-layout tree (FLAC + per-file JSON) for tests and demos.
 
 Real speech: the 5 consecutive LibriVox utterances of *Sense and Sensibility* (chapter 1, 24.7 s,
@@ -9,6 +8,7 @@ with low noise), deterministic by seed, to exceed a training window. `--corrupt`
 undecodable file, an empty one and a truncated one, which the evaluator must skip and count.
 
     python scripts/make_librilight_fixture.py data/librilight_fixture --synthetic-books 2 --synthetic-seconds 120
+    (or: python -m eval.fixture ...; the demo calls make_fixture directly)
 
 Layout: OUT/small/<speaker>/<book>/<file>.flac + <file>.json with the LibriLight fields
 {"speaker", "book_meta": {"id", "title", "genre", "Dramatic Readings", "meta_genre", ...}, "snr",
@@ -177,3 +177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -35,8 +35,13 @@ def group_label(name: str) -> str:
 
 def group_series(result: StreamNLL) -> dict[str, np.ndarray]:
     """Per-position NLL of each group: [T] float64, NaN where the group has no prediction."""
-    nll = result.nll.double().numpy()
-    mask = result.mask.numpy()
+    return series_by_group(result.nll, result.mask)
+
+
+def series_by_group(nll: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+    """`group_series` of a [K, T] NLL and its mask (e.g. read back from per_position.safetensors)."""
+    nll = nll.double().numpy()
+    mask = mask.bool().numpy()
     out = {}
     for name, rows in groups(nll.shape[0]).items():
         values = np.where(mask[rows], nll[rows], 0.0).sum(0)
@@ -62,6 +67,12 @@ def _entry(nll: float, n_tokens: int, n_streams: int, **extra) -> dict:
         return {"skipped": "no scored frames in range", **extra}
     return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_streams": n_streams,
             "n_tokens": n_tokens, **extra}
+
+
+def range_nll(series: Sequence[np.ndarray], lo: int, hi: int) -> dict:
+    """Mean NLL over frames [lo, hi) of the streams that reach frame lo (token-weighted)."""
+    reaching = [s for s in series if len(s) > lo]
+    return _entry(*_mean(reaching, lo, hi), len(reaching), start=lo, stop=hi)
 
 
 def binned_curve(series: Sequence[np.ndarray], bin_frames: int) -> list[dict]:

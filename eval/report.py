@@ -114,6 +114,19 @@ def save_per_position(path: Path, runs: dict[str, Sequence[StreamNLL]], stream_i
     return path
 
 
+def read_per_position(path: Path) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """per_position.safetensors → {run: [(nll [K, T], mask [K, T] bool) per stream]}."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    runs: dict[str, dict[int, tuple]] = {}
+    for key in tensors:
+        run, index, kind = key.rsplit("/", 2)
+        if kind == "nll":
+            runs.setdefault(run, {})[int(index)] = (tensors[key], tensors[f"{run}/{index}/mask"].bool())
+    return {run: [streams[i] for i in sorted(streams)] for run, streams in runs.items()}
+
+
 def write_json(path: Path, report: dict) -> Path:
     """report.json, atomically; NaN/inf anywhere is a bug and raises instead of being written."""
     write_text_atomic(path, json.dumps(report, indent=1, allow_nan=False) + "\n")

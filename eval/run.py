@@ -90,7 +90,15 @@ def build_models(config: EvalConfig, device: torch.device | None = None) -> list
             torch.manual_seed(base.seed)
             patch_moshi(lm, config.ttt)
         models.append(EvalModel("ttt", lm, f"{base.name} + fresh (untrained) TTT layers"))
-    if not models or config.eval.baseline:
+    if config.baseline_export is not None:
+        from ttt_speech.export import load_exported_lm, read_export_meta
+
+        if read_export_meta(config.baseline_export).get("ttt"):
+            raise ValueError(f"baseline_export: {config.baseline_export} has TTT layers (expected a model trained "
+                             "with ttt: null)")
+        lm, _ = load_exported_lm(config.baseline_export, device=device)
+        models.append(EvalModel("baseline", lm, f"export {config.baseline_export} (no TTT)"))
+    elif not models or config.eval.baseline:
         models.append(EvalModel("baseline", load_lm(base, device=device), f"{base.name} (no TTT)"))
     return models
 
@@ -131,7 +139,12 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
         chunk = config.eval.chunk_size or default_chunk_size(model.lm)
         for mode in modes:
             results = []
-            for stream in streams:
+            scored = streams[:config.eval.native_max_streams] if mode == "native" else streams
+            # an untimed warm-up on a few frames: one-time costs (allocator, kernels, thread pools)
+            # would otherwise be charged to the first stream's time and peak memory
+            warm = {"chunk_size": chunk} if mode == "chunked" else {}
+            MODES[mode](model.lm, scored[0].codes[:, :2 * chunk if mode == "chunked" else 4], **warm)
+            for stream in scored:
                 codes = stream.codes
                 if mode == "native" and config.eval.native_max_frames is not None:
                     codes = codes[:, :config.eval.native_max_frames]

@@ -4,7 +4,6 @@ The fixture comes from Debian's pocketsphinx-testdata (skipped cleanly when it i
 one real book (5 utterances, 24.7 s) with a corrupt, an empty and a truncated file, plus one
 short synthetic book. Audio is encoded once per module by the random-init Mimi (tiny model).
 """
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from eval import fixture
 from eval.config import EvalConfig, load_config
 from eval.length_gen import length_generalisation, write_length_gen
 from eval.run import build_models
@@ -24,16 +24,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {"dim": 64, "num_layers": 2, "num_heads": 2, "text_card": 100, "context": 100}
 
 
-def _fixture_module():
-    spec = importlib.util.spec_from_file_location("make_librilight_fixture", ROOT / "scripts/make_librilight_fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    fixture = _fixture_module()
     if not fixture.SOURCE.is_dir():
         pytest.skip("pocketsphinx-testdata is not installed (apt-get install -y pocketsphinx-testdata)")
     root = tmp_path_factory.mktemp("librilight")
