@@ -1,4 +1,4 @@
-"""The `ttt-speech` command line: help texts, the demo, clear errors with exit code 2."""
+"""The `ttt-speech` command line: help texts, the install check, clear errors with exit code 2."""
 import subprocess
 import sys
 
@@ -10,23 +10,24 @@ from ttt_speech.cli import main
 
 def test_help_describes_every_command():
     out = subprocess.run([sys.executable, "-m", "ttt_speech.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "demo" in out.stdout and "inspect" in out.stdout
-    demo = subprocess.run([sys.executable, "-m", "ttt_speech.cli", "demo", "--help"], capture_output=True, text=True)
+    for command in ("demo", "check", "train", "eval", "generate", "data", "inspect"):
+        assert command in out.stdout
+    check = subprocess.run([sys.executable, "-m", "ttt_speech.cli", "check", "--help"], capture_output=True, text=True)
     for option in ("--frames", "--layer-type", "--mode", "--layers", "--mini-batch-size", "--seed"):
-        assert option in demo.stdout
+        assert option in check.stdout
 
 
-def test_demo_runs(capsys):
-    assert main(["demo", "--frames", "5", "--layers", "last:0.5", "--mini-batch-size", "4"]) == 0
+def test_check_runs(capsys):
+    assert main(["check", "--frames", "5", "--layers", "last:0.5", "--mini-batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "patched layers            2-3 (2 of 4)" in out
     assert "max |logit diff|" in out and "frames/s" in out
 
 
-def test_demo_bad_input_exits_2(capsys):
-    assert main(["demo", "--frames", "0"]) == 2
+def test_check_bad_input_exits_2(capsys):
+    assert main(["check", "--frames", "0"]) == 2
     assert "--frames: expected a positive integer" in capsys.readouterr().err
-    assert main(["demo", "--mini-batch-size", "0"]) == 2
+    assert main(["check", "--mini-batch-size", "0"]) == 2
     assert "TTTConfig.mini_batch_size" in capsys.readouterr().err
 
 

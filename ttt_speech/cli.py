@@ -10,27 +10,29 @@ from pathlib import Path
 
 # Modules that add subcommands. Each defines `register(subparsers)`, which only declares
 # arguments (cheap: torch and moshi are imported by the command when it runs) and sets `func`.
-COMMAND_MODULES: tuple[str, ...] = ("finetune.cli", "ttt_speech.data.cli", "eval.cli", "ttt_speech.generate_cli")
+COMMAND_MODULES: tuple[str, ...] = ("demo.cli", "finetune.cli", "ttt_speech.data.cli", "eval.cli",
+                                   "ttt_speech.generate_cli")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree (also walked by the tests: every option must have a help text)."""
     parser = argparse.ArgumentParser(
         prog="ttt-speech",
         description="Test-Time-Training layers for speech language models (Moshi).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo", help="patch a tiny random-init Moshi with TTT and stream frames through LMGen.step",
+    check = sub.add_parser(
+        "check", help="seconds-long install check: patch a tiny Moshi, check streaming, time LMGen.step",
         description="Build a tiny random-init Moshi-architecture LM (CPU, no weights needed), patch it "
                     "with TTT layers, check that chunked streaming equals one full forward, and stream "
                     "frames through moshi's LMGen.step, timing the TTT model against the unpatched one.")
-    demo.add_argument("--frames", type=int, default=300, help="frames to stream through LMGen.step (default 300)")
-    demo.add_argument("--layer-type", choices=["linear", "mlp"], default="linear", help="TTT inner model (default linear)")
-    demo.add_argument("--mode", choices=["replace", "hybrid"], default="hybrid", help="patch mode (default hybrid)")
-    demo.add_argument("--layers", default="all", help="layers to patch: all, every:k, last:f (default all)")
-    demo.add_argument("--mini-batch-size", type=int, default=16, help="TTT mini-batch size b (default 16)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.set_defaults(func=_demo)
+    check.add_argument("--frames", type=int, default=300, help="frames to stream through LMGen.step (default 300)")
+    check.add_argument("--layer-type", choices=["linear", "mlp"], default="linear", help="TTT inner model (default linear)")
+    check.add_argument("--mode", choices=["replace", "hybrid"], default="hybrid", help="patch mode (default hybrid)")
+    check.add_argument("--layers", default="all", help="layers to patch: all, every:k, last:f (default all)")
+    check.add_argument("--mini-batch-size", type=int, default=16, help="TTT mini-batch size b (default 16)")
+    check.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    check.set_defaults(func=_check)
 
     inspect = sub.add_parser("inspect", help="print the patch report of a saved TTT export",
                              description="Print what a TTT export (save_ttt directory) contains.")
@@ -39,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for module in COMMAND_MODULES:
         import_module(module).register(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> int:
     import torch
     from moshi.models.lm import LMGen
     from tqdm import tqdm

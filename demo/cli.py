@@ -1,0 +1,38 @@
+"""`ttt-speech demo` (arguments only; the work is in `run.py`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "demo", help="the whole mission on a CPU in minutes: fine-tune TTT and a baseline, evaluate both",
+        description="Write the synthetic long-context corpus, fine-tune a tiny TTT-patched Moshi and the same "
+                    "model without TTT (same data, same steps, persistent state), evaluate both on held-out "
+                    "streams far longer than the training window in chunked and native (LMGen.step) modes, "
+                    "run the audio path on the LibriVox fixture, and print one comparison table. Writes "
+                    "demo.md, demo.json and the evaluation's report and plots under output_dir.")
+    parser.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG,
+                        help="demo config (YAML; default configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.steps=200 corpus.seed=1 output_dir=runs/demo1")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_demo_config
+    from .run import run_demo
+
+    import sys
+
+    config = load_demo_config(args.config, args.overrides)
+    try:
+        run_demo(config, progress=not args.quiet)
+    except RuntimeError as e:  # a training subprocess failed: its log is named in the message
+        print(f"ttt-speech demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
