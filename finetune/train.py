@@ -25,7 +25,8 @@ from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
 from ttt_speech.export import save_export
 from ttt_speech.lora import add_lora
-from ttt_speech.models import load_lm, load_mimi
+from ttt_speech.data.transcript import transcript_text
+from ttt_speech.models import load_lm, load_mimi, load_text_tokenizer
 from ttt_speech.moshi.teacher_forcing import ChunkModel, chunk_logits, delayed_streams
 
 from .checkpointing import (load_checkpoint, resolve_resume, rng_state, save_checkpoint,
@@ -79,14 +80,26 @@ class RecordingLoader:
     """Manifest entry → Moshi streams [K, T] (code files directly; audio through the codes cache)."""
 
     def __init__(self, entries: list[ManifestEntry], lm: nn.Module, config: TrainConfig) -> None:
-        self.entries, self.lm = entries, lm
-        model = config.model
-        self.cache = CodesCache(config.data.codes_cache, model.codec_id(), lambda: load_mimi(model))
+        self.entries, self.lm, self.model = entries, lm, config.model
+        self.cache = CodesCache(config.data.codes_cache, self.model.codec_id(), lambda: load_mimi(self.model))
+        self._tokenizer: list = []  # [processor] once loaded (None for a model without one)
+
+    def tokenizer(self):
+        if not self._tokenizer:
+            self._tokenizer.append(load_text_tokenizer(self.model))
+        return self._tokenizer[0]
 
     def codes(self, index: int) -> torch.Tensor:
-        """The recording in Moshi's stream layout, [K, T]."""
+        """The recording in Moshi's stream layout, [K, T]; audio files with a word-timed transcript
+        next to them (moshi-finetune's `.json`) get its text stream, others padding."""
         entry = self.entries[index]
-        recording = load_codes(entry.path) if entry.is_codes else self.cache.get(entry.path)
+        if entry.is_codes:
+            recording = load_codes(entry.path)
+        else:
+            recording = self.cache.get(entry.path)
+            text = transcript_text(entry.path, recording.num_frames, self.lm, self.tokenizer)
+            if text is not None:
+                recording.text = text
         return moshi_streams(self.lm, recording, where=str(entry.path))
 
     def __call__(self, index: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ttt_speech.data.codes import Recording, load_codes, save_codes
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import read_manifest
 from ttt_speech.data.synthetic import SynthConfig, acoustic_maps, synth_recording, write_corpus
+from ttt_speech.data.transcript import Word, read_alignments, text_stream
 from ttt_speech.models import tiny_moshi_lm
 
 
@@ -27,7 +28,7 @@ def test_code_file_round_trip_and_errors(tmp_path):
 
 
 def test_synthetic_corpus_is_deterministic_and_repeats_private_motifs():
-    config = SynthConfig(frames=400, num_motifs=3, motif_frames=8, seed=5)
+    config = SynthConfig(frames=400, length_jitter=0.0, num_motifs=3, motif_frames=8, seed=5)
     codes, labels = synth_recording(config, 0)
     again, _ = synth_recording(config, 0)
     other, _ = synth_recording(config, 1)
@@ -128,3 +129,60 @@ def test_synthetic_lengths_jitter_and_held_out_length(tmp_path):
     assert all(50 <= n <= 150 for n in lengths[:10]) and len(set(lengths[:10])) > 3 and lengths[10:] == [300, 300]
     files = write_corpus(config, tmp_path)
     assert len(read_manifest(files["train"])) == 10 and len(read_manifest(files["eval"])) == 2
+
+
+def _letters(word):  # a stand-in tokenizer: one token per letter
+    return [10 + ord(c) - ord("a") for c in word]
+
+
+def test_transcript_to_text_stream_layout():
+    P, E = 3, 0  # moshi's padding and end-of-padding ids
+    words = [Word("ab", 0.10, 0.30), Word("cde", 0.40, 0.60), Word("x", 0.45, 0.5, "SPEAKER_OTHER"),
+             Word("f", 0.9, 0.9), Word("gh", 1.0, 1.4)]  # "x": other speaker, "f": no duration
+    stream = text_stream(words, 16, _letters, P, E).tolist()
+    # frame t covers [t/12.5, (t+1)/12.5): "ab" starts in frame 1, "cde" in frame 5, "gh" in frame 12
+    assert stream == [E, 10, 11, P, E, 12, 13, 14, P, P, P, E, 16, 17, P, P]
+    # a word that starts before the previous one is written out cuts it off (Moshi's convention)
+    cut = text_stream([Word("abcd", 0.0, 0.1), Word("e", 0.1, 0.2)], 6, _letters, P, E).tolist()
+    assert cut == [10, 14, P, P, P, P]
+
+
+def test_transcript_files(tmp_path):
+    assert read_alignments(tmp_path / "none.json") is None
+    (tmp_path / "meta.json").write_text('{"speaker": "1", "snr": 4.0}')  # LibriLight metadata: no transcript
+    assert read_alignments(tmp_path / "meta.json") is None
+    (tmp_path / "t.json").write_text('{"alignments": [["hi", [0.0, 0.5], "SPEAKER_MAIN"], ["there", [0.6]]]}')
+    with pytest.raises(ValueError, match=r"t.json: alignments\[1\]: expected \[word, \[start, end\], speaker\]"):
+        read_alignments(tmp_path / "t.json")
+    (tmp_path / "u.json").write_text("{not json")
+    with pytest.raises(ValueError, match="u.json: not a readable transcript"):
+        read_alignments(tmp_path / "u.json")
+
+
+def test_audio_with_transcript_gets_its_text_stream(tmp_path, audio_tree):
+    import sentencepiece
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "mono.wav").write_bytes((audio_tree / "mono.wav").read_bytes())
+    (corpus / "mono.json").write_text('{"alignments": [["hello", [0.1, 0.4], "SPEAKER_MAIN"], '
+                                      '["world", [0.5, 0.9], "SPEAKER_MAIN"]]}')
+    (corpus / "train.jsonl").write_text('{"path": "mono.wav", "duration": 1.0}\n')
+    (tmp_path / "text.txt").write_text("hello world\nthe world says hello\n" * 20)
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "spm"),
+                                             vocab_size=16, minloglevel=2)
+    model = {**TINY_MODEL, "tiny": {**TINY_MODEL["tiny"], "card": 2048}, "text_tokenizer": str(tmp_path / "spm.model")}
+    config = load_train_config(write_config(tmp_path, {"train": corpus / "train.jsonl"}, model=model,
+                                            **{"data.codes_cache": str(tmp_path / "cache")}))
+    lm = tiny_moshi_lm(**config.model.tiny)
+    codes = RecordingLoader(read_manifest(config.data.train_manifest), lm, config).codes(0)
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    expected = text_stream([Word("hello", 0.1, 0.4), Word("world", 0.5, 0.9)], 13, lambda w: spm.encode(w),
+                           lm.text_padding_token_id, lm.end_of_text_padding_id)
+    assert torch.equal(codes[0], expected) and (codes[0] != lm.text_padding_token_id).sum() >= 3
+    # the tiny model has no tokenizer of its own: a transcript without model.text_tokenizer is an error
+    config = load_train_config(write_config(tmp_path / "b", {"train": corpus / "train.jsonl"},
+                                            model={**model, "text_tokenizer": None},
+                                            **{"data.codes_cache": str(tmp_path / "cache")}))
+    with pytest.raises(ValueError, match="mono.json: a word-timed transcript needs a text tokenizer"):
+        RecordingLoader(read_manifest(config.data.train_manifest), lm, config).codes(0)

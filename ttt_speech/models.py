@@ -77,6 +77,8 @@ class ModelConfig:
     moshi_weights: Path | None = doc(None, "local Moshi LM weights (.safetensors) used instead of the hub file")
     mimi_weights: Path | None = doc(None, "local Mimi codec weights used instead of the hub file")
     config_path: Path | None = doc(None, "local config.json of the checkpoint (hub repos ship one)")
+    text_tokenizer: Path | None = doc(None, "local SentencePiece .model of the text stream (for word-timed "
+                                            "transcripts); null: the checkpoint's (hub); the tiny model has none")
     tiny: dict = doc(factory=dict, help="overrides of the tiny model's kwargs (e.g. {dim: 64, card: 64, context: 32})")
     seed: int = doc(0, "initialisation seed of the tiny model and of the random Mimi")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "parameter dtype of the LM (TTT state is always float32)")
@@ -85,7 +87,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model.name: expected 'tiny' or a Hugging Face repo id, got ''")
-        for key in ("moshi_weights", "mimi_weights", "config_path"):
+        for key in ("moshi_weights", "mimi_weights", "config_path", "text_tokenizer"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"model.{key}: {path} is not a readable file")
@@ -136,6 +138,18 @@ def load_mimi(config: ModelConfig, device: torch.device | None = None):
             torch.manual_seed(config.seed)
             return loaders.get_mimi(None, device=device).eval()
     return _checkpoint(config).get_mimi(device=device).eval()
+
+
+def load_text_tokenizer(config: ModelConfig):
+    """The SentencePiece processor of the text stream: `text_tokenizer`, else the checkpoint's;
+    None for the tiny model without one (its text stream can only be padding)."""
+    import sentencepiece
+
+    if config.text_tokenizer is not None:
+        return sentencepiece.SentencePieceProcessor(model_file=str(config.text_tokenizer))
+    if config.is_tiny:
+        return None
+    return _checkpoint(config).get_text_tokenizer()
 
 
 def _checkpoint(config: ModelConfig):
