@@ -11,7 +11,8 @@ TINY_MODEL = {"name": "tiny", "tiny": {"card": 64, "text_card": 100, "dim": 64, 
 
 
 def make_corpus(root: Path, recordings: int = 6, frames: int = 40, eval_recordings: int = 2) -> dict:
-    return write_corpus(SynthConfig(recordings=recordings, frames=frames, card=64, num_motifs=2, motif_frames=4,
+    return write_corpus(SynthConfig(recordings=recordings, frames=frames, length_jitter=0.0, eval_frames=None,
+                                    card=64, num_motifs=2, motif_frames=4,
                                     eval_recordings=eval_recordings), root / "corpus")
 
 

@@ -13,11 +13,11 @@ from ..schema import check, doc
 class SynthConfig:
     """The synthetic corpus (`ttt-speech data synth`; the demo's `corpus` section)."""
 
-    recordings: int = doc(16, "recordings in all (training + held-out)")
-    frames: int = doc(2048, "mean frames per training recording (12.5 frames = 1 s)")
-    length_jitter: float = doc(0.0, "training recording lengths are uniform in frames x [1 - jitter, 1 + jitter]")
-    eval_recordings: int = doc(4, "recordings held out in eval.jsonl (the last ones)")
-    eval_frames: int | None = doc(None, "frames per held-out recording (null: like the training recordings)")
+    recordings: int = doc(2416, "recordings in all (training + held-out)")
+    frames: int = doc(512, "mean frames per training recording (12.5 frames = 1 s)")
+    length_jitter: float = doc(0.5, "training recording lengths are uniform in frames x [1 - jitter, 1 + jitter]")
+    eval_recordings: int = doc(16, "recordings held out in eval.jsonl (the last ones)")
+    eval_frames: int | None = doc(1024, "frames per held-out recording (null: like the training recordings)")
     card: int = doc(64, "audio codes 0..card-1 (the model's card must be at least this)")
     vocab: int = doc(8, "private vocabulary of the semantic codebook per recording (0: all card codes)")
     repeat_prob: float = doc(0.5, "probability that a frame keeps the previous frame's semantic code")
