@@ -24,10 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import sys
+
     from .config import load_demo_config
     from .run import run_demo
-
-    import sys
 
     config = load_demo_config(args.config, args.overrides)
     try:

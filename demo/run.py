@@ -55,7 +55,7 @@ def train_configs(config: DemoConfig, train_manifest: Path) -> dict[str, TrainCo
     return {"ttt": ttt, "baseline": schema.from_dict(TrainConfig, base, "train (baseline)")}
 
 
-def _steps_done(run_dir: Path, log_every: int) -> int:
+def _steps_done(run_dir: Path) -> int:
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:
@@ -84,7 +84,7 @@ def train_side_by_side(configs: dict[str, Path], runs: dict[str, TrainConfig], p
             for name, proc in procs.items():
                 if name in seconds:
                     continue
-                done = _steps_done(runs[name].output_dir, runs[name].log_every)
+                done = _steps_done(runs[name].output_dir)
                 bars[name].update(done - bars[name].n)
                 code = proc.poll()
                 if code is None:
@@ -142,8 +142,7 @@ def audio_check(config: DemoConfig, progress: bool) -> dict:
     model = config.train.model
     tiny = {k: v for k, v in model.tiny.items() if k != "card"}  # Mimi's own codebook size (2048)
     settings = replace(config.eval, native_max_frames=config.audio.native_max_frames, native_max_streams=None,
-                       positions=[config.audio.max_frames], position_window=config.eval.position_window,
-                       baseline=False, train_window=None)
+                       positions=[config.audio.max_frames], baseline=False, train_window=None)
     evaluation = EvalConfig(model=ModelConfig(name="tiny", tiny=tiny, seed=model.seed, device=model.device),
                             ttt=config.train.ttt,
                             data=DataConfig(root=out / "librilight", max_frames=config.audio.max_frames,

@@ -21,8 +21,10 @@ from torch import Tensor
 
 from ttt_speech.data.audio import AUDIO_SUFFIXES
 from ttt_speech.data.cache import CodesCache
-from ttt_speech.data.codes import FRAME_RATE, Recording, load_codes
+from ttt_speech.data.codes import FRAME_RATE, Recording
 from ttt_speech.data.layout import moshi_streams
+from ttt_speech.data.recording import load_recording
+from ttt_speech.data.transcript import TokenizerMissing
 
 from .config import DataConfig
 
@@ -225,11 +227,14 @@ def find_books(config: DataConfig) -> Discovery:
 
 
 def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
-                progress: Callable[[str], None] | None = None) -> Stream | None:
+                progress: Callable[[str], None] | None = None,
+                tokenizer: Callable[[], object | None] = lambda: None) -> Stream | None:
     """Codes of a book's files, concatenated in order up to `max_frames`, laid out for `lm`.
 
     Files past `max_frames` are not encoded. Files that fail to decode are skipped (warning) and
-    listed in `Stream.skipped_files`; None when no file could be read.
+    listed in `Stream.skipped_files`; None when no file could be read. A file with a word-timed
+    transcript next to it gives its text stream (`tokenizer()` → the SentencePiece processor), as in
+    training; the stream's text is padding unless every file used has one.
     """
     pieces, starts, skipped, silence, total = [], [], [], None, 0
     durations = book.durations or [None] * len(book.files)
@@ -239,7 +244,9 @@ def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
         if progress is not None:
             progress(path.name)
         try:
-            recording = load_codes(path) if path.suffix == ".safetensors" else cache.get(path)
+            recording = load_recording(path, cache, lm, tokenizer)
+        except TokenizerMissing:
+            raise  # the config lacks a tokenizer: not a bad file to skip
         except (ValueError, OSError) as e:
             logger.warning("skipping %s: %s", path, e)
             skipped.append(Skipped(str(path), str(e).removeprefix(f"{path}: ")))

@@ -135,8 +135,6 @@ class EvalConfig:
         self.output_dir = Path(self.output_dir)
         if self.export is not None and self.ttt is not None:
             raise ValueError("export and ttt: set one (a trained export, or fresh TTT layers), not both")
-        if self.baseline_export is not None:
-            self.eval.baseline = True  # a baseline export is always evaluated
 
     @property
     def has_ttt(self) -> bool:

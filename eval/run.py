@@ -6,6 +6,7 @@ mode(s), and writes report.json, report.md, per_position.safetensors and the PNG
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from ttt_speech import schema
 from ttt_speech.data.cache import CodesCache
-from ttt_speech.models import ModelConfig, load_lm, load_mimi
+from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokenizer
 
 from .alignment import chunk_alignment
 from .books import Skipped, Stream, find_books, load_stream
@@ -110,11 +111,13 @@ def load_data(config: EvalConfig, lm, model_config: ModelConfig, progress: bool 
     found = find_books(config.data)
     device = model_config.torch_device()
     cache = CodesCache(config.data.codes_cache, model_config.codec_id(), lambda: load_mimi(model_config, device))
+    tokenizer = functools.cache(lambda: load_text_tokenizer(model_config))  # only for files with a transcript
     data = LoadedData([], list(found.skipped_files), list(found.filtered_books))
     with tqdm(found.books, desc="loading streams", unit="book", disable=not progress, dynamic_ncols=True) as bar:
         for book in bar:
             stream = load_stream(book, lm, cache, config.data.max_frames,
-                                 progress=lambda name: bar.set_postfix_str(name[-40:], refresh=False))
+                                 progress=lambda name: bar.set_postfix_str(name[-40:], refresh=False),
+                                 tokenizer=tokenizer)
             if stream is not None:
                 data.skipped_files.extend(stream.skipped_files)
             if stream is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -20,12 +21,11 @@ from torch import nn
 
 from ttt_speech import schema
 from ttt_speech.data.cache import CodesCache
-from ttt_speech.data.codes import load_codes
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
 from ttt_speech.export import save_export
 from ttt_speech.lora import add_lora
-from ttt_speech.data.transcript import transcript_text
+from ttt_speech.data.recording import load_recording
 from ttt_speech.models import load_lm, load_mimi, load_text_tokenizer
 from ttt_speech.moshi.teacher_forcing import ChunkModel, chunk_logits, delayed_streams
 
@@ -80,27 +80,16 @@ class RecordingLoader:
     """Manifest entry → Moshi streams [K, T] (code files directly; audio through the codes cache)."""
 
     def __init__(self, entries: list[ManifestEntry], lm: nn.Module, config: TrainConfig) -> None:
-        self.entries, self.lm, self.model = entries, lm, config.model
-        self.cache = CodesCache(config.data.codes_cache, self.model.codec_id(), lambda: load_mimi(self.model))
-        self._tokenizer: list = []  # [processor] once loaded (None for a model without one)
-
-    def tokenizer(self):
-        if not self._tokenizer:
-            self._tokenizer.append(load_text_tokenizer(self.model))
-        return self._tokenizer[0]
+        self.entries, self.lm = entries, lm
+        model = config.model
+        self.cache = CodesCache(config.data.codes_cache, model.codec_id(), lambda: load_mimi(model))
+        self.tokenizer = functools.cache(lambda: load_text_tokenizer(model))  # loaded once, on first need
 
     def codes(self, index: int) -> torch.Tensor:
-        """The recording in Moshi's stream layout, [K, T]; audio files with a word-timed transcript
-        next to them (moshi-finetune's `.json`) get its text stream, others padding."""
-        entry = self.entries[index]
-        if entry.is_codes:
-            recording = load_codes(entry.path)
-        else:
-            recording = self.cache.get(entry.path)
-            text = transcript_text(entry.path, recording.num_frames, self.lm, self.tokenizer)
-            if text is not None:
-                recording.text = text
-        return moshi_streams(self.lm, recording, where=str(entry.path))
+        """The recording in Moshi's stream layout, [K, T] (text from a word-timed transcript next to an
+        audio file, moshi-finetune's `.json`; padding otherwise)."""
+        path = self.entries[index].path
+        return moshi_streams(self.lm, load_recording(path, self.cache, self.lm, self.tokenizer), where=str(path))
 
     def __call__(self, index: int) -> torch.Tensor:
         """The recording's once-delayed stream: inputs then targets stacked, [2K, T]."""
@@ -170,7 +159,6 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     else:
         torch.manual_seed(config.seed + env.rank)
     monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main)
-    names = [n for n, p in lm.named_parameters() if p.requires_grad]
 
     def checkpoint(at_step: int, data_state: Any, carry_state: dict | None) -> Path | None:
         states = env.gather_objects({"data": data_state, "rng": rng_state(),

@@ -1,4 +1,5 @@
 """Data: code files, manifests, audio → Mimi codes (random-init Mimi) → Moshi streams → batches."""
+import json
 import numpy as np
 import pytest
 import sphn
@@ -186,3 +187,18 @@ def test_audio_with_transcript_gets_its_text_stream(tmp_path, audio_tree):
                                             **{"data.codes_cache": str(tmp_path / "cache")}))
     with pytest.raises(ValueError, match="mono.json: a word-timed transcript needs a text tokenizer"):
         RecordingLoader(read_manifest(config.data.train_manifest), lm, config).codes(0)
+
+
+def test_data_synth_command_reads_a_config_section_then_flags(tmp_path, capsys):
+    from ttt_speech.cli import main
+
+    out = tmp_path / "corpus"
+    assert main(["data", "synth", str(out), "--config", "configs/demo.yaml", "--section", "corpus",
+                 "--recordings", "6", "--eval-recordings", "2", "--frames", "40", "--eval-frames", "null"]) == 0
+    saved = json.loads((out / "corpus.json").read_text())["synthetic"]
+    assert saved["recordings"] == 6 and saved["eval_frames"] is None and saved["vocab"] == 8  # flag > config
+    assert len(read_manifest(out / "train.jsonl")) == 4 and len(read_manifest(out / "eval.jsonl")) == 2
+    assert main(["data", "synth", str(tmp_path / "bad"), "--recordings", "2.5"]) == 2
+    assert "synth.recordings: expected an integer, got 2.5" in capsys.readouterr().err
+    assert main(["data", "synth", str(tmp_path / "bad"), "--config", "configs/demo.yaml", "--section", "nope"]) == 2
+    assert "no 'nope' section" in capsys.readouterr().err and not (tmp_path / "bad").exists()

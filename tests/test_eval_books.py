@@ -128,6 +128,26 @@ def test_load_stream_concatenates_in_order_and_skips_bad_files(tree):
     assert load_stream(book, lm, FakeCache(broken={"1_a.flac", "2_a.flac", "10_a.flac"}), 1000) is None
 
 
+
+class LetterTokenizer:  # a stand-in SentencePiece processor: one token per letter
+    def encode(self, word):
+        return [10 + ord(c) - ord("a") for c in word]
+
+
+def test_load_stream_takes_word_timed_transcripts_like_training(tree):
+    lm = tiny_moshi_lm(card=64, text_card=100)
+    book = discover_books(DataConfig(root=tree, splits=["small"])).books[0]
+    for path in book.files:  # the LibriLight metadata json gains moshi-finetune's "alignments"
+        meta = json.loads(path.with_suffix(".json").read_text())
+        path.with_suffix(".json").write_text(json.dumps({**meta, "alignments": [["ab", [0.1, 0.3], "SPEAKER_MAIN"]]}))
+    stream = load_stream(book, lm, FakeCache(), max_frames=1000, tokenizer=LetterTokenizer)
+    text = stream.codes[0].tolist()
+    for start in stream.file_starts:  # each chapter's word at its own frame 1, end-of-padding before it
+        assert text[start:start + 4] == [lm.end_of_text_padding_id, 10, 11, lm.text_padding_token_id]
+    assert sum(t != lm.text_padding_token_id for t in text) == 9
+    with pytest.raises(ValueError, match="needs a text tokenizer"):  # tiny model, no tokenizer: loud
+        load_stream(book, lm, FakeCache(), max_frames=1000)
+
 def test_manifest_of_code_files(tmp_path):
     lm = tiny_moshi_lm(card=64, text_card=100)
     paths = []

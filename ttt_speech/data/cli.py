@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--config", type=Path, help="YAML file with the corpus fields (e.g. configs/demo.yaml)")
     synth.add_argument("--section", help="the mapping of --config that holds them (e.g. corpus); default: the whole file")
     for name, default, help_text in reference(SynthConfig):
-        synth.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_number_or_null(default),
+        synth.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
                            help=f"{help_text} (default {default})")
     synth.set_defaults(func=_synth)
 
@@ -39,16 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     encode.set_defaults(func=_encode)
 
 
-def _number_or_null(default: str):
-    """argparse type of a SynthConfig field from its shown default ('null' fields take an int or null)."""
-    def parse(text: str):
-        if text == "null":
-            return None
-        return float(text) if "." in default else int(text)
-    return parse
-
-
 def _synth(args: argparse.Namespace) -> int:
+    import yaml
+
     from ..schema import from_dict, load_yaml
     from .synthetic import write_corpus
 
@@ -59,7 +52,8 @@ def _synth(args: argparse.Namespace) -> int:
             if not isinstance(data.get(args.section), dict):
                 raise ValueError(f"{args.config}: no '{args.section}' section")
             data = data[args.section]
-    data.update({name: getattr(args, name) for name, _, _ in reference(SynthConfig)
+    # flag values are YAML scalars, typed and validated by the schema like the config file's
+    data.update({name: yaml.safe_load(getattr(args, name)) for name, _, _ in reference(SynthConfig)
                  if getattr(args, name) is not None})
     config = from_dict(SynthConfig, data, "synth")
     files = write_corpus(config, args.out, progress=True)

@@ -6,9 +6,9 @@ Each recording is a "speaker" reading: 8 codebooks per frame, like Mimi's codes.
   codes; each frame draws one of them uniformly, or with probability `repeat_prob` keeps the
   previous frame's code (units last several frames, as in speech). Vocabularies are drawn per
   recording, so they cannot be learned into the weights: only what the model heard earlier in
-  *this* recording tells them. An attention window of C frames holds only a few of them (about
-  vocab·(1 − (1 − 1/vocab)^(C·(1 − repeat_prob))) distinct codes); a model that remembers the
-  whole recording knows them all: ln(card) − ln(vocab) nats per frame minus what the window
+  *this* recording tells them. An attention window holds only a few of them (the demo's 8 frames,
+  with vocabulary 8 and repeat probability 0.5: 3.5 distinct codes on average); a model that
+  remembers the whole recording knows them all: ln(card) − ln(vocab) nats per frame minus what the window
   already gives. This is what the TTT fast weights can accumulate and attention cannot.
 - **Acoustic codebooks (2–8)**: with probability `acoustic_coupling` each is a fixed function
   of the frame's semantic code (one random permutation per codebook, shared by every recording of

@@ -25,6 +25,10 @@ from .codes import FRAME_RATE
 MAIN_SPEAKER = "SPEAKER_MAIN"
 
 
+class TokenizerMissing(ValueError):
+    """A transcript needs a tokenizer the model config does not give: a config error, not a bad file."""
+
+
 @dataclass(frozen=True)
 class Word:
     text: str
@@ -91,6 +95,6 @@ def transcript_text(audio_path: str | Path, frames: int, lm, tokenizer: Callable
         return None
     processor = tokenizer()
     if processor is None:
-        raise ValueError(f"{path}: a word-timed transcript needs a text tokenizer; set model.text_tokenizer "
+        raise TokenizerMissing(f"{path}: a word-timed transcript needs a text tokenizer; set model.text_tokenizer "
                          "(a SentencePiece .model; the tiny model has none)")
     return text_stream(words, frames, spm_tokenizer(processor), lm.text_padding_token_id, lm.end_of_text_padding_id)
