@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
+
+from ttt_speech.moshi.loss import masked_ce, real_targets
 
 
 @dataclass
@@ -40,25 +41,17 @@ def loss_terms(text_logits: Tensor, audio_logits: Tensor, targets: Tensor, text_
     """
     dep_q = audio_logits.shape[1]
     audio_targets = targets[:, audio_offset:audio_offset + dep_q]
-    audio_mask = (audio_targets >= 0) & (audio_targets < card)
-    ce = _ce(audio_logits, audio_targets, audio_mask)  # [B, dep_q, W]
+    audio_mask = real_targets(audio_targets, card)
+    ce = masked_ce(audio_logits, audio_targets, audio_mask)  # [B, dep_q, W]
     w = torch.ones(dep_q, device=ce.device, dtype=ce.dtype)
     w[0] = first_codebook_weight
     audio_w = audio_mask * w[None, :, None]
     text_targets = targets[:, :1]
-    text_mask = (text_targets >= 0) & (text_targets < text_card)
-    text_ce = _ce(text_logits, text_targets, text_mask)
+    text_mask = real_targets(text_targets, text_card)
+    text_ce = masked_ce(text_logits, text_targets, text_mask)
     text_w = text_mask * torch.where(text_targets == text_padding_id, text_padding_weight, 1.0)
     return LossTerms((text_ce * text_w).sum(), text_w.sum(), (ce * audio_w).sum(), audio_w.sum(),
                      (ce[:, 0] * audio_mask[:, 0]).sum(), audio_mask[:, 0].sum().to(ce.dtype))
-
-
-def _ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """logits [B, S, T, V], targets [B, S, T] → CE [B, S, T], 0 where masked."""
-    safe_logits = torch.where(mask[..., None], logits.float(), 0.0)
-    safe_targets = torch.where(mask, targets, 0)
-    ce = F.cross_entropy(safe_logits.flatten(0, 2), safe_targets.flatten(), reduction="none")
-    return ce.view_as(targets) * mask
 
 
 def total_loss(terms: LossTerms, global_weights: Tensor | None = None, world: int = 1) -> Tensor:

@@ -9,7 +9,7 @@ from ttt_speech import TTTConfig
     ("mini_batch_size", 0, r"TTTConfig.mini_batch_size: expected an integer >= 1"),
     ("mini_batch_size", -3, r"TTTConfig.mini_batch_size"),
     ("mini_batch_size", 2.5, r"TTTConfig.mini_batch_size"),
-    ("layer_type", "rnn", r"TTTConfig.layer_type: expected one of \['linear', 'mlp'\]"),
+    ("layer_type", "rnn", r"TTTConfig.layer_type: expected one of \['linear', 'mlp', 'e2e_mlp'\]"),
     ("mode", "parallel", r"TTTConfig.mode: expected one of \['replace', 'hybrid'\]"),
     ("num_heads", 0, r"TTTConfig.num_heads"),
     ("base_lr", -1.0, r"TTTConfig.base_lr"),

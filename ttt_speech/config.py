@@ -6,9 +6,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-LAYER_TYPES = ("linear", "mlp")
+LAYER_TYPES = ("linear", "mlp", "e2e_mlp")
 MODES = ("replace", "hybrid")
-DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}  # ttt-lm-jax / ttt-video-dit defaults
+# linear / mlp: ttt-lm-jax / ttt-video-dit defaults. e2e_mlp: SGD step on the model's mean next-frame
+# cross-entropy (measured on the synthetic corpus, docs/e2e.md).
+DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1, "e2e_mlp": 1.0}
+DEFAULT_LAYERS = {"linear": "all", "mlp": "all", "e2e_mlp": "last:0.25"}  # TTT-E2E: the last quarter of blocks
 
 LayerSpec = Union[str, list[int]]
 
@@ -17,27 +20,36 @@ LayerSpec = Union[str, list[int]]
 class TTTConfig:
     """Configuration of the TTT layers inserted into a host model.
 
-    layer_type: inner model, "linear" (f(x) = x + LN(xW + b)) or "mlp" (two layers, 4x hidden).
-    mini_batch_size: tokens per inner gradient step b (1 = online gradient descent).
-    base_lr: inner learning rate scale; None picks 1.0 for linear, 0.1 for mlp.
+    layer_type: inner model, "linear" (f(x) = x + LN(xW + b)) or "mlp" (two layers, 4x hidden) of a
+        TTT layer (self-supervised reconstruction loss, DESIGN §2); or "e2e_mlp" (TTT-E2E): an extra
+        MLP beside the static one whose weights take a gradient step on the *model's own* next-frame
+        loss after every mini-batch (docs/e2e.md).
+    mini_batch_size: tokens per inner gradient step b (1 = online gradient descent); for e2e_mlp the
+        frames per update (chunks must be split at multiples of it, docs/e2e.md).
+    base_lr: inner learning rate scale; None picks 1.0 for linear, 0.1 for mlp, 1.0 for e2e_mlp.
     num_heads: TTT heads; None uses the host attention's head count. Must divide the width.
     layers: which host layers get TTT: "all", a list of indices (negative counts from the end),
-        "every:k" (layers k-1, 2k-1, …: every k-th), or "last:f" (the last ceil(f·depth) layers).
+        "every:k" (layers k-1, 2k-1, …: every k-th), or "last:f" (the last ceil(f·depth) layers);
+        None picks "all", or "last:0.25" for e2e_mlp.
     mode: "replace" (TTT takes the place of self-attention) or "hybrid" (attention is kept and a
-        gated branch x + tanh(α)·TTT(norm(x)) follows it).
+        gated branch x + tanh(α)·TTT(norm(x)) follows it; e2e_mlp: the gated MLP runs beside the
+        layer's feed-forward block). e2e_mlp is hybrid only.
     gate_init: initial α of the hybrid gate (0 reproduces the host model exactly).
     output_gate: multiply the TTT output by gelu(x·Wg) before the output projection.
     rope_theta: RoPE base for Q/K (positions are taken modulo mini_batch_size).
-    mlp_expansion: hidden width multiple of the TTT-MLP inner model.
+    mlp_expansion: hidden width multiple of the TTT-MLP inner model (of the model width for e2e_mlp).
     checkpoint_group_size: mini-batches per activation-checkpoint group in training (0 = off).
     init_from_attention: in "replace" mode, start Q/K/V/O from the replaced attention's weights.
+
+    e2e_mlp uses layer_type, mini_batch_size, base_lr, layers, gate_init and mlp_expansion; the
+    other fields only concern TTT layers.
     """
 
     layer_type: str = "linear"
     mini_batch_size: int = 16
     base_lr: float | None = None
     num_heads: int | None = None
-    layers: LayerSpec = "all"
+    layers: LayerSpec | None = None
     mode: str = "hybrid"
     gate_init: float = 0.1
     output_gate: bool = False
@@ -50,6 +62,9 @@ class TTTConfig:
     def __post_init__(self) -> None:
         _check_choice("layer_type", self.layer_type, LAYER_TYPES)
         _check_choice("mode", self.mode, MODES)
+        if self.layer_type == "e2e_mlp" and self.mode != "hybrid":
+            raise ValueError("TTTConfig.mode: e2e_mlp adds an MLP beside the layer's own; expected 'hybrid', "
+                             f"got {self.mode!r}")
         _check_int("mini_batch_size", self.mini_batch_size, minimum=1)
         _check_int("mlp_expansion", self.mlp_expansion, minimum=1)
         _check_int("checkpoint_group_size", self.checkpoint_group_size, minimum=0)
@@ -64,6 +79,8 @@ class TTTConfig:
         for name in ("output_gate", "init_from_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TTTConfig.{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.layers is None:
+            self.layers = DEFAULT_LAYERS[self.layer_type]
         self.layers = _check_layer_spec(self.layers)
 
     @classmethod

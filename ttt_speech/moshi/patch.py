@@ -14,8 +14,10 @@ from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingMultiheadAttention
 
 from ..config import TTTConfig
+from ..e2e import E2EMLP
 from ..layer import TTTLayer, count_parameters
 from ..report import PatchReport, finish_patch
+from .e2e import MoshiE2E, TTTE2ETransformerLayer
 from .streaming import GatedTTTBranch, MoshiTTT, TTTHybridTransformerLayer
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,8 @@ def patch_moshi(lm: LMModel, config: TTTConfig) -> PatchReport:
 
     "replace": `layers[i].self_attn` becomes a TTT layer. "hybrid": attention is kept and
     `x + tanh(α)·TTT(norm(x))` follows its residual; with gate_init = 0 the outputs are exactly
-    the unpatched model's. New modules take the device and dtype of the layer they join.
+    the unpatched model's. layer_type "e2e_mlp" (hybrid only): a gated `E2EMLP` beside the
+    feed-forward block, updated by the model's loss (`ttt_speech.moshi.e2e`). New modules take the device and dtype of the layer they join.
     Returns a `PatchReport` (also logged); `lm.ttt_config` / `lm.ttt_report` record the patch.
     """
     if not isinstance(lm, LMModel):
@@ -42,17 +45,23 @@ def patch_moshi(lm: LMModel, config: TTTConfig) -> PatchReport:
         layer = layers[i]
         attn = layer.self_attn
         ref = next(layer.parameters())
-        ttt = MoshiTTT(TTTLayer(width, config, num_heads=config.num_heads or attn.num_heads,
-                                device=ref.device, dtype=ref.dtype)).train(layer.training)
+        kw = {"device": ref.device, "dtype": ref.dtype}
+        if config.layer_type == "e2e_mlp":  # TTT-E2E: beside the feed-forward block
+            ttt = MoshiE2E(E2EMLP(width, config, **kw)).train(layer.training)
+            hybrid_class, norm = TTTE2ETransformerLayer, layer.norm2
+        else:
+            ttt = MoshiTTT(TTTLayer(width, config, num_heads=config.num_heads or attn.num_heads, **kw))
+            ttt.train(layer.training)
+            hybrid_class, norm = TTTHybridTransformerLayer, layer.norm1
         if config.mode == "replace":
             if config.init_from_attention:
                 _copy_attention_projections(attn, ttt.layer)
             removed += count_parameters(attn)
             layer.self_attn = ttt
         else:
-            layer.__class__ = TTTHybridTransformerLayer
-            layer.ttt_branch = GatedTTTBranch(copy.deepcopy(layer.norm1), ttt, width, config.gate_init,
-                                              device=ref.device, dtype=ref.dtype).train(layer.training)
+            layer.__class__ = hybrid_class
+            layer.ttt_branch = GatedTTTBranch(copy.deepcopy(norm), ttt, width, config.gate_init, **kw)
+            layer.ttt_branch.train(layer.training)
     _forget_streaming_children(lm)
     per_layer = count_parameters(next(iter(ttt_modules(lm))))
     report = finish_patch("moshi", lm, config, indices, len(layers), width, ttt.layer, per_layer,

@@ -102,9 +102,13 @@ class GatedTTTBranch(nn.Module):
         self.ttt = ttt
         self.gate_alpha = nn.Parameter(torch.full((dim,), float(gate_init), device=device, dtype=dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def residual(self, x: Tensor) -> Tensor:
+        """tanh(α) ⊙ TTT(norm(x)): what the branch adds to x."""
         update = self.ttt(self.norm(x))
-        return x + torch.tanh(self.gate_alpha).to(update.dtype) * update
+        return torch.tanh(self.gate_alpha).to(update.dtype) * update
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.residual(x)
 
 
 class TTTHybridTransformerLayer(StreamingTransformerLayer):

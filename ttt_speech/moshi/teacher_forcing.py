@@ -15,6 +15,8 @@ from moshi.models.lm import LMModel, LMOutput
 from moshi.models.lm_utils import _delay_sequence, _undelay_sequence
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
+from .e2e import e2e_chunk_logits, has_e2e
+
 
 def delayed_streams(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor]:
     """codes [B, K, T] → (inputs, targets), each [B, K, T]: the delayed stream with the initial
@@ -27,12 +29,16 @@ def delayed_streams(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor]:
     return delayed[:, :, :-1], delayed[:, :, 1:]
 
 
-def chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = False) -> tuple[Tensor, Tensor]:
     """One chunk of the delayed stream through a streaming `lm`.
 
     inputs, targets [B, K, S] → (text logits [B, 1, S, text_card], audio logits [B, dep_q, S, card]),
     both still delayed. `lm` must be inside `lm.streaming(B)` for chunks to continue each other.
+    Models with E2E layers learn from the chunk as they go (`e2e.e2e_chunk_logits`; `meta`: keep
+    the inner gradients in the graph).
     """
+    if has_e2e(lm):
+        return e2e_chunk_logits(lm, inputs, targets, meta=meta)
     transformer_out, text_logits = lm.forward_text(inputs)
     audio_logits = lm.forward_depformer_training(targets, transformer_out)
     return text_logits, audio_logits
@@ -97,9 +103,10 @@ class ChunkModel(torch.nn.Module):
     [B, dep_q, S, card]), delayed like the inputs.
     """
 
-    def __init__(self, lm: LMModel) -> None:
+    def __init__(self, lm: LMModel, meta: bool = False) -> None:
         super().__init__()
         self.lm = lm
+        self.meta = meta  # E2E layers: second-order inner updates (trainable: e2e-meta)
 
     def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        return chunk_logits(self.lm, inputs, targets)
+        return chunk_logits(self.lm, inputs, targets, meta=self.meta)
