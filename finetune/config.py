@@ -42,7 +42,8 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = doc(16, "LoRA rank (trainable: ttt+lora)")
+    rank: int = doc(16, "LoRA rank (trainable: ttt+lora, lora, e2e-meta+lora); 1-4 gives TinyLoRA-style adapters "
+                        "of a few thousand parameters per layer")
     scale: float = doc(2.0, "LoRA scaling of B·A")
 
     def __post_init__(self) -> None:
@@ -89,8 +90,11 @@ class TrainConfig:
     ttt: TTTConfig | None = doc(None, "TTT layers to insert (the TTTConfig fields); null trains the plain model "
                                       "(the baseline)")
     data: DataConfig = doc(factory=lambda: DataConfig(train_manifest=Path("train.jsonl")), help="")
-    trainable: Literal["ttt", "ttt+lora", "lora", "full"] = doc(
-        "ttt", "what is trained: the TTT layers; TTT + LoRA adapters; LoRA only; or every parameter")
+    trainable: Literal["ttt", "ttt+lora", "lora", "full", "e2e-meta", "e2e-meta+lora"] = doc(
+        "ttt", "what is trained: the TTT layers; TTT + LoRA adapters; LoRA only; every parameter; or, for "
+               "e2e_mlp layers, meta-training (the inner updates kept in the graph, second order): every "
+               "parameter (e2e-meta) or the E2E layers + LoRA (e2e-meta+lora). With ttt/ttt+lora/full, E2E "
+               "layers train first order (docs/e2e.md)")
     lora: LoraConfig = doc(factory=LoraConfig, help="")
     optim: OptimConfig = doc(factory=OptimConfig, help="")
     precision: Literal["fp32", "bf16"] = doc("fp32", "fp32, or bf16 autocast (TTT fast weights stay float32)")
@@ -119,10 +123,28 @@ class TrainConfig:
             raise ValueError(f"trainable: {self.trainable!r} needs a 'ttt' section (the baseline trains 'lora' or 'full')")
         if self.ttt is not None and self.trainable == "lora":
             raise ValueError("trainable: 'lora' leaves the TTT layers untrained; use 'ttt+lora'")
+        e2e = self.ttt is not None and self.ttt.layer_type == "e2e_mlp"
+        if self.meta and not e2e:
+            raise ValueError(f"trainable: {self.trainable!r} meta-trains E2E layers; it needs ttt.layer_type: e2e_mlp")
+        if e2e:
+            b, window = self.ttt.mini_batch_size, self.data.window_frames
+            if window % b:
+                raise ValueError(f"data.window_frames: {window} is not a multiple of ttt.mini_batch_size ({b}); "
+                                 "E2E updates must fall on window boundaries")
+            if self.meta and window < 2 * b:
+                raise ValueError(f"data.window_frames: meta-training needs >= 2 mini-batches per window (the loss "
+                                 f"after an adaptation), got {window} frames for mini_batch_size {b}")
+            if self.gradient_checkpointing:
+                raise ValueError("gradient_checkpointing: not available with e2e_mlp layers")
 
     @property
     def uses_lora(self) -> bool:
         return "lora" in self.trainable
+
+    @property
+    def meta(self) -> bool:
+        """Meta-training of E2E layers: second-order gradients through the inner updates."""
+        return self.trainable.startswith("e2e-meta")
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttt_speech.moshi.e2e import MoshiE2E
 from ttt_speech.moshi.streaming import MoshiTTT
 from ttt_speech.ops.inner_lr import token_lr
 
@@ -31,6 +32,9 @@ class InnerLrProbe:
             if not self.armed:
                 return
             layer = module.layer
+            if isinstance(module, MoshiE2E):  # one learned scalar η per layer
+                self.values[name] = layer.inner_lr().item()
+                return
             with torch.no_grad():
                 x = args[0].float()
                 lr = token_lr(x, layer.lr_gate_weight.float(), layer.lr_gate_bias.float(), layer.config.base_lr,

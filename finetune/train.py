@@ -56,10 +56,11 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     if config.uses_lora:
         skip = list(ttt_modules(lm)) if config.ttt is not None else []
         add_lora(lm, config.lora.rank, config.lora.scale, skip=skip)
+    layers = config.trainable in ("ttt", "ttt+lora", "e2e-meta+lora")
     for name, p in lm.named_parameters():
-        p.requires_grad_(config.trainable == "full"
-                         or ("lora" in config.trainable and (".lora_A." in name or ".lora_B." in name))
-                         or ("ttt" in config.trainable and _is_ttt_param(lm, name)))
+        p.requires_grad_(config.trainable in ("full", "e2e-meta")
+                         or (config.uses_lora and (".lora_A." in name or ".lora_B." in name))
+                         or (layers and _is_ttt_param(lm, name)))
     if config.gradient_checkpointing:
         lm.transformer.checkpointing = True
     return lm.train()
@@ -138,7 +139,7 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     config_yaml = yaml.safe_dump(schema.to_dict(config), sort_keys=False)
 
     lm = build_model(config, env.device)
-    model = wrap(ChunkModel(lm), env)
+    model = wrap(ChunkModel(lm, meta=config.meta), env)
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")

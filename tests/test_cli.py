@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from ttt_speech import TTTConfig, patch_moshi, save_ttt, tiny_moshi_lm
 from ttt_speech.cli import main

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from finetune.train import main as train_main
 from train_utils import make_corpus, write_config
