@@ -2,5 +2,6 @@
 
 config.py (EvalConfig) · books.py (LibriLight discovery, chapter concatenation) · nll.py (chunked and
 native per-position NLL) · metrics.py · alignment.py · fast_weights.py · memory.py · report.py (JSON,
-Markdown) · plots.py (PNG) · tracking.py (wandb) · length_gen.py · run.py (orchestration) · cli.py.
+Markdown) · plots.py (PNG) · tracking.py (wandb) · length_gen.py · run.py (orchestration) · cli.py ·
+memory_probe.py (`eval memory`: NLL of a segment before / after TTT on it).
 """

@@ -9,6 +9,8 @@ with a warning and counted; nothing is dropped silently.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import re
@@ -252,8 +254,7 @@ def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
             skipped.append(Skipped(str(path), str(e).removeprefix(f"{path}: ")))
             continue
         if recording.codec and recording.codec != cache.codec_id:
-            logger.warning("%s: codes of codec %r evaluated with a model whose codec is %r",
-                           path, recording.codec, cache.codec_id)
+            _warn_codec_mismatch(recording.codec, cache.codec_id)
         if recording.num_frames == 0:
             skipped.append(Skipped(str(path), "no frames"))
             continue
@@ -281,3 +282,10 @@ def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
 
 def stream_seconds(frames: int) -> float:
     return frames / FRAME_RATE
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_codec_mismatch(codes_codec: str, model_codec: str) -> None:
+    """Once per pair of codecs (a corpus of code files would repeat it for every file)."""
+    logger.warning("code files of codec %r evaluated with a model whose codec is %r (reported once)",
+                   codes_codec, model_codec)

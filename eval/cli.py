@@ -1,4 +1,4 @@
-"""`ttt-speech eval librilight` and `ttt-speech eval length-gen` (arguments only; work in `run.py`)."""
+"""`ttt-speech eval librilight`, `length-gen` (work in `run.py`) and `memory` (`memory_probe.py`): arguments only."""
 from __future__ import annotations
 
 import argparse
@@ -38,15 +38,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "lengths no stream reaches are reported as skipped. Writes length_gen.json/.md/.png.")
     _common(lengths)
     lengths.set_defaults(func=_length_gen)
+    memory = tools.add_parser(
+        "memory", help="does a model remember a segment after test-time training on it? NLL pre vs post",
+        description="For each model and stream, score S = the first segment_frames frames in a fresh stream "
+                    "(pre), then again in a new fresh stream (empty KV cache) that starts from the TTT state "
+                    "the first pass ended with (post), and as the second half of one stream [S; S] (in context). "
+                    "Writes memory.json, memory.md and memory.png into output_dir. See docs/evaluation.md.")
+    memory.add_argument("config", type=Path, help="memory-test config (YAML); see configs/eval_memory.yaml")
+    memory.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                        help="config overrides, e.g. segment_frames=128 max_streams=4 output_dir=runs/x")
+    memory.add_argument("--quiet", action="store_true", help="no progress bars")
+    memory.set_defaults(func=_memory)
 
 
-def _split_options(args: argparse.Namespace) -> list[str]:
+def _split_options(args: argparse.Namespace, flags: tuple[str, ...] = ("--baseline", "--quiet")) -> list[str]:
     """Options given after the config (they land in the REMAINDER) → args; returns the overrides."""
     overrides, tokens = [], list(args.overrides)
     while tokens:
         token = tokens.pop(0)
         name, _, value = token.partition("=") if token.startswith("--") else (token, "", "")
-        if name in ("--baseline", "--quiet") and not value:
+        if name in flags and not value:
             setattr(args, name[2:], True)
         elif name == "--mode" and hasattr(args, "mode"):
             value = value or (tokens.pop(0) if tokens else "")
@@ -54,7 +65,8 @@ def _split_options(args: argparse.Namespace) -> list[str]:
                 raise ValueError(f"--mode: expected chunked, native or both, got {value!r}")
             args.mode = value
         elif token.startswith("-") or "=" not in token:
-            raise ValueError(f"unrecognised argument {token!r} (expected KEY=VALUE overrides or --baseline/--mode/--quiet)")
+            options = "/".join(flags + (("--mode",) if hasattr(args, "mode") else ()))
+            raise ValueError(f"unrecognised argument {token!r} (expected KEY=VALUE overrides or {options})")
         else:
             overrides.append(token)
     return overrides
@@ -88,5 +100,15 @@ def _length_gen(args: argparse.Namespace) -> int:
     for name, r in results.items():
         done = [p for p in next(iter(r["groups"].values()))["points"] if "cumulative" in p]
         print(f"{name}: {len(done)} of {len(r['lengths'])} lengths evaluated, the rest skipped (streams too short)")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from .memory_probe import load_config, run_memory, summary_lines
+
+    config = load_config(args.config, _split_options(args, flags=("--quiet",)))
+    report, paths = run_memory(config, progress=not args.quiet)
+    print("\n".join(summary_lines(report)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -38,12 +38,15 @@ def group_series(result: StreamNLL) -> dict[str, np.ndarray]:
     return series_by_group(result.nll, result.mask)
 
 
-def series_by_group(nll: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
-    """`group_series` of a [K, T] NLL and its mask (e.g. read back from per_position.safetensors)."""
+def series_by_group(nll: torch.Tensor, mask: torch.Tensor,
+                    rows_by_group: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """`group_series` of a [K, T] NLL and its mask (e.g. read back from per_position.safetensors).
+
+    rows_by_group: group name → rows averaged per position (default: `groups(K)`)."""
     nll = nll.double().numpy()
     mask = mask.bool().numpy()
     out = {}
-    for name, rows in groups(nll.shape[0]).items():
+    for name, rows in (rows_by_group or groups(nll.shape[0])).items():
         values = np.where(mask[rows], nll[rows], 0.0).sum(0)
         count = mask[rows].sum(0)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -23,6 +23,8 @@ from torch import Tensor
 
 from ttt_speech.moshi import _import  # noqa: F401  (clear message when moshi is missing)
 from moshi.models.lm import LMGen, LMModel
+from ttt_speech.moshi.e2e import inference_context
+from ttt_speech.moshi.streaming import MoshiTTT, load_ttt_stream_state, ttt_stream_state
 from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams, undelay_logits, widen_kv_caches
 
 from .fast_weights import FastWeightTrace
@@ -49,6 +51,9 @@ class StreamNLL:
     peak_memory: int | None  # bytes above the level at the start (see memory.PeakMemory)
     memory_kind: str
     weights: FastWeightTrace | None  # ‖W_t − W_0‖ per TTT layer at chunk boundaries, None without TTT
+    # the TTT stream state at the end (`ttt_stream_state`, on the model's device; {} without TTT
+    # layers), when asked for with `chunked_nll(..., return_state=True)`; None otherwise
+    state: dict[str, Tensor] | None = None
 
     @property
     def frames(self) -> int:
@@ -102,12 +107,18 @@ def _check_codes(lm: LMModel, codes: Tensor, where: str) -> None:
 
 
 def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int, *, where: str = "stream",
-                progress: bool = False, trace_every: int | None = None) -> StreamNLL:
+                progress: bool = False, trace_every: int | None = None,
+                initial_state: dict[str, Tensor] | None = None, return_state: bool = False) -> StreamNLL:
     """Chunked mode: codes [K, T] (one stream, Moshi's layout) → `StreamNLL`.
 
     A fresh `lm.streaming(1)` (empty KV cache and TTT state); chunks of `chunk_size` frames of the
     once-delayed stream. ‖W_t − W_0‖ is recorded at every multiple of `trace_every` (default: every
     chunk end; it must be a multiple of chunk_size) and at the end.
+
+    initial_state: a TTT stream state (`StreamNLL.state` of an earlier call, `ttt_stream_state`)
+    loaded before the first chunk: the stream starts with an empty KV cache but with these fast
+    weights ({} for a model without TTT layers). return_state: keep the final TTT state in
+    `StreamNLL.state`.
     """
     _check_codes(lm, codes, where)
     if chunk_size < 1:
@@ -121,9 +132,12 @@ def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int, *, where: str = "st
     inputs, targets = delayed_streams(lm, codes[None])
     a0, a1 = lm.audio_offset, lm.audio_offset + lm.dep_q
     texts, audios = [], []
-    with torch.inference_mode(), PeakMemory(device) as memory, lm.streaming(1), \
+    state = None
+    with inference_context(lm), PeakMemory(device) as memory, lm.streaming(1), \
             _progress(T, f"{where} (chunked)", progress) as bar:
         widen_kv_caches(lm, chunk_size)  # moshi's ring cache is one chunk too short beyond its context
+        if initial_state is not None:
+            load_stream_state(lm, initial_state, f"{where}: initial_state")
         trace = FastWeightTrace.attach(lm)
         start_time = time.perf_counter()
         for start in range(0, T, chunk_size):
@@ -136,8 +150,26 @@ def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int, *, where: str = "st
             bar.update(stop - start)
         _sync(device)
         seconds = time.perf_counter() - start_time
+        if return_state:
+            state = stream_state(lm)
     nll, mask = undelay_nll(lm, codes, torch.cat(texts, dim=2), torch.cat(audios, dim=2), f"{where} (chunked)")
-    return StreamNLL(nll.cpu(), mask.cpu(), "chunked", seconds, memory.peak, memory.kind, trace)
+    return StreamNLL(nll.cpu(), mask.cpu(), "chunked", seconds, memory.peak, memory.kind, trace, state)
+
+
+def has_ttt_state(lm: LMModel) -> bool:
+    """True when `lm` has streaming TTT modules (a state to snapshot and carry between streams)."""
+    return any(isinstance(m, MoshiTTT) for m in lm.modules())
+
+
+def stream_state(lm: LMModel) -> dict[str, Tensor]:
+    """`ttt_stream_state` of a streaming `lm`, or {} for a model without TTT layers (nothing to carry)."""
+    return ttt_stream_state(lm) if has_ttt_state(lm) else {}
+
+
+def load_stream_state(lm: LMModel, tensors: dict[str, Tensor], where: str = "stream state") -> None:
+    """Inverse of `stream_state`: {} is a no-op for a model without TTT layers, an error otherwise."""
+    if tensors or has_ttt_state(lm):
+        load_ttt_stream_state(lm, tensors, where)
 
 
 def native_step_inputs(lm: LMModel, codes: Tensor, targets: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,7 +225,7 @@ def native_nll(lm: LMModel, codes: Tensor, *, where: str = "stream", progress: b
     if not hasattr(gen, "_step"):
         raise RuntimeError("this moshi version has no LMGen._step; native mode needs moshi 0.2.x")
     audios = []
-    with torch.inference_mode(), PeakMemory(device) as memory, gen.streaming(1), \
+    with inference_context(lm), PeakMemory(device) as memory, gen.streaming(1), \
             _progress(T, f"{where} (native)", progress) as bar:
         trace = FastWeightTrace.attach(lm)
         start_time = time.perf_counter()

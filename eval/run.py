@@ -16,6 +16,7 @@ import torch
 from ttt_speech import schema
 from ttt_speech.data.cache import CodesCache
 from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokenizer
+from ttt_speech.moshi.e2e import has_e2e
 
 from .alignment import chunk_alignment
 from .books import Skipped, Stream, find_books, load_stream
@@ -139,6 +140,10 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
     modes = ["chunked", "native"] if config.eval.mode == "both" else [config.eval.mode]
     out = {}
     for model in models:
+        if "native" in modes and has_e2e(model.lm):
+            raise ValueError(f"eval.mode: {config.eval.mode!r} includes native (LMGen.step), which e2e_mlp models "
+                             "cannot run: their update differentiates the model's loss over a whole mini-batch; "
+                             "use eval.mode=chunked")
         chunk = config.eval.chunk_size or default_chunk_size(model.lm)
         for mode in modes:
             results = []
@@ -173,7 +178,7 @@ def alignment_report(models: list[EvalModel], streams: list[Stream], config: Eva
     return out
 
 
-def _environment(device: torch.device) -> dict:
+def environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     return {"torch": torch.__version__, "device": name}
 
@@ -205,7 +210,7 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
         "format": FORMAT, "version": VERSION, "kind": "librilight",
         "title": "LibriLight long-context evaluation",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": _environment(device),
+        "environment": environment(device),
         "config": schema.to_dict(config),
         "settings": schema.to_dict(config.eval),
         "models": {m.name: m.describe() for m in models},

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..moshi import _import  # noqa: F401
 from moshi.models.lm import LMGen, LMModel
 
+from ..moshi.e2e import has_e2e
 from ..moshi.streaming import MoshiTTT, load_ttt_stream_state, ttt_stream_state
 from .config import GenerationConfig
 from .sampling import sample_tokens
@@ -118,6 +119,9 @@ class GenerationSession:
             raise ValueError("generation needs a model with a depformer (audio output)")
         if batch_size < 1:
             raise ValueError(f"batch size: expected >= 1, got {batch_size}")
+        if has_e2e(lm):
+            raise ValueError("generation: e2e_mlp models cannot run LMGen.step (their update differentiates the "
+                             "model's loss over whole mini-batches); score them with `ttt-speech eval` (chunked)")
         self.lm = lm
         self.batch_size = batch_size
         self.config = config or GenerationConfig()

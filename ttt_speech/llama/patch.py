@@ -35,6 +35,8 @@ def patch_llama(model: nn.Module, config: TTTConfig) -> PatchReport:
     The TTT state then lives in the cache (`TTTCache`, see `ttt_speech.llama.cache`).
     Returns a `PatchReport` (also logged); `model.ttt_config` / `model.ttt_report` record the patch.
     """
+    if config.layer_type == "e2e_mlp":
+        raise ValueError("patch_llama: layer_type e2e_mlp is implemented for Moshi only (ttt_speech.moshi.e2e)")
     stack = _decoder_stack(model)
     if getattr(model, "ttt_config", None) is not None or isinstance(stack, TTTModelMixin):
         raise ValueError("patch_llama: this model is already patched with TTT layers")

@@ -1,0 +1,441 @@
+"""`ttt-speech eval memory`: does a model remember a segment once test-time training has seen it?
+
+For each model and each held-out stream, S = the stream's first `segment_frames` frames (codes
+[K, S], Moshi's layout) is scored teacher-forced, chunked mode, three times:
+
+- **pre**: S in a fresh stream (empty KV cache, initial TTT state);
+- **post**: S again in a *new* fresh stream (empty KV cache, so attention cannot copy from the
+  first occurrence) that starts from the TTT state the pre pass ended with (`ttt_stream_state`
+  snapshot, `load_ttt_stream_state`): only the fast weights carry the first occurrence. A model
+  without TTT layers has nothing to carry, so its post pass is a fresh pass again: post == pre;
+- **post_in_context**: the second occurrence of S in one stream [S; S] (attention and TTT state
+  both live): what a user streaming a repeated segment sees.
+
+Δ = post − pre per group (text, codebook 1, codebooks 2..8, all audio): negative = remembered.
+`run_memory` writes memory.json, memory.md and memory.png into the output folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ttt_speech import schema
+from ttt_speech.checkpoint import write_text_atomic
+from ttt_speech.config import TTTConfig
+from ttt_speech.models import ModelConfig
+from ttt_speech.schema import check, doc
+
+from . import metrics
+from .books import Skipped, Stream
+from .config import FRAME_RATE, DataConfig, EvalConfig
+from .nll import StreamNLL, chunked_nll
+from .report import FORMAT, VERSION, write_json
+
+PASSES = ("pre", "post", "post_in_context")
+PASS_LABELS = {"pre": "pre", "post": "post", "post_in_context": "in context"}
+NO_TTT_CHUNK = 32  # chunk size of a model without TTT layers when chunk_size is null
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class MemoryModel:
+    """One model of the memory test (an entry of `models`)."""
+
+    name: str = doc(help="the model's label in the report; unique")
+    export: Path | None = doc(None, "a fine-tuning export folder (`ttt-speech train`'s <output_dir>/export), with "
+                                    "or without TTT layers; null: the base model `model`")
+    ttt: TTTConfig | None = doc(None, "patch the base model with fresh, untrained TTT layers (TTTConfig fields, "
+                                      "seeded by model.seed): for smoke tests; not together with export")
+
+    def __post_init__(self) -> None:
+        check(bool(self.name.strip()), "name", "a non-empty string", self.name)
+        if self.export is not None and self.ttt is not None:
+            raise ValueError("export and ttt: set one (a trained export, or fresh TTT layers), not both")
+
+
+@dataclass
+class MemoryData:
+    """Where the held-out streams come from (read with the evaluator's loader, `eval.run.load_data`)."""
+
+    manifest: Path | None = doc(None, "a JSONL manifest ({\"path\": ...} per line), one stream per entry: code "
+                                      "files (.safetensors, e.g. data synth's eval.jsonl) or audio (encoded, cached)")
+    root: Path | None = doc(None, "instead of manifest: a LibriLight tree <root>/<split>/<speaker>/<book>/*.flac "
+                                  "(a book's chapters in order are one stream)")
+    splits: list[str] = doc(factory=list, help="LibriLight: split folders under root, e.g. [small]; empty: all")
+    codes_cache: Path = doc(".cache/codes", "on-disk cache of Mimi codes of audio files")
+
+    def __post_init__(self) -> None:
+        if (self.manifest is None) == (self.root is None):
+            raise ValueError("set manifest (a JSONL of code or audio files) or root (a LibriLight tree), one of them")
+
+
+@dataclass
+class MemoryConfig:
+    """`ttt-speech eval memory` configuration."""
+
+    models: list[MemoryModel] = doc(help="the models to test, a list of {name, export, ttt} (MemoryModel fields); "
+                                         "an entry with neither export nor ttt is the base model")
+    model: ModelConfig | None = doc(None, "the base model (ModelConfig fields); null: the first export's base "
+                                          "model, or the tiny random-init model without exports")
+    data: MemoryData = doc(factory=MemoryData, help="")
+    max_streams: int | None = doc(None, "read at most this many streams (sorted by id); null: all")
+    segment_frames: int = doc(256, "S = the first segment_frames frames of each stream (12.5 per second); shorter "
+                                   "streams are skipped")
+    chunk_size: int | None = doc(None, "frames per chunk (chunked mode); must be a multiple of every model's TTT "
+                                       "mini-batch size; null: 2 x the model's mini-batch size (32 without TTT)")
+    output_dir: Path = doc("runs/memory/eval", "folder for memory.json, memory.md and memory.png")
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        check(len(self.models) >= 1, "models", "a list of at least one {name: ...}", self.models)
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate name(s) {duplicates}; every model needs its own name")
+        check(self.segment_frames >= 1, "segment_frames", "an integer >= 1", self.segment_frames)
+        check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "null or an integer >= 1",
+              self.chunk_size)
+        check(self.max_streams is None or self.max_streams >= 1, "max_streams", "null or an integer >= 1",
+              self.max_streams)
+        for m in self.models:  # exports are checked by `check_chunk_size` (reading them is I/O)
+            if m.ttt is not None:
+                chunk_size_for(self.chunk_size, m.ttt.mini_batch_size, m.name)
+
+    def base_model(self) -> ModelConfig:
+        """`model`, else the first export's base model, else the tiny default (as `EvalConfig.base_model`)."""
+        first_export = next((m.export for m in self.models if m.export is not None), None)
+        return EvalConfig(model=self.model, export=first_export).base_model()
+
+    def eval_config(self, entry: MemoryModel) -> EvalConfig:
+        """The `EvalConfig` that makes `eval.run.build_models` build exactly `entry` (and our data)."""
+        # an export brings its own base (unless `model` overrides it); the others use the common base
+        model = self.model if entry.export is not None else self.base_model()
+        data = DataConfig(root=self.data.root, splits=self.data.splits, manifest=self.data.manifest,
+                          codes_cache=self.data.codes_cache, max_frames=self.segment_frames,
+                          max_books=self.max_streams)
+        return EvalConfig(model=model, export=entry.export, ttt=entry.ttt, data=data, output_dir=self.output_dir)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> MemoryConfig:
+    """MemoryConfig from a YAML file plus `key.sub=value` overrides (errors name the file and field)."""
+    return schema.load_config(MemoryConfig, path, list(overrides), "config")
+
+
+def chunk_size_for(chunk_size: int | None, mini_batch_size: int | None, name: str) -> int:
+    """The chunk a model is scored with: `chunk_size` (checked to be a multiple of the model's TTT
+    mini-batch, which E2E layers require), else 2 mini-batches (NO_TTT_CHUNK without TTT)."""
+    if chunk_size is None:
+        return 2 * mini_batch_size if mini_batch_size else NO_TTT_CHUNK
+    if mini_batch_size and chunk_size % mini_batch_size:
+        raise ValueError(f"chunk_size: expected a multiple of every model's TTT mini-batch size "
+                         f"({name}: {mini_batch_size}), got {chunk_size}")
+    return chunk_size
+
+
+def planned_mini_batch_size(entry: MemoryModel, where: str) -> int | None:
+    """An entry's TTT mini-batch size from its config or its export's metadata (no weights loaded);
+    None without TTT layers."""
+    if entry.ttt is not None:
+        return entry.ttt.mini_batch_size
+    if entry.export is None:
+        return None
+    from ttt_speech.checkpoint import CONFIG_FILE
+    from ttt_speech.export import read_export_meta
+
+    if not read_export_meta(entry.export).get("ttt"):
+        return None
+    path = Path(entry.export) / CONFIG_FILE
+    try:
+        return int(json.loads(path.read_text())["ttt"]["mini_batch_size"])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}.export: {path}: cannot read the TTT config ({type(e).__name__}: {e})") from None
+
+
+def check_chunk_size(config: MemoryConfig) -> dict[str, int]:
+    """Every model's chunk size ({name: frames}), before any model is built: a bad chunk_size fails
+    in seconds, not after the first models were scored."""
+    return {m.name: chunk_size_for(config.chunk_size, planned_mini_batch_size(m, f"models[{i}]"), m.name)
+            for i, m in enumerate(config.models)}
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass
+class MemoryProbe:
+    """One model's three scorings of one segment S (each a `StreamNLL` with nll/mask [K, S])."""
+
+    pre: StreamNLL
+    post: StreamNLL
+    post_in_context: StreamNLL
+    carried: bool  # a TTT state was carried from the first occurrence into the post pass
+
+    @property
+    def post_equals_pre(self) -> bool:
+        """Bit-identical NLL at every scored position (what a model without TTT layers must give)."""
+        return torch.equal(self.pre.mask, self.post.mask) and torch.equal(
+            self.pre.nll[self.pre.mask], self.post.nll[self.post.mask])
+
+
+def probe_segment(lm, segment: Tensor, chunk_size: int, where: str = "segment") -> MemoryProbe:
+    """Score segment [K, S] pre, post (fresh stream + the TTT state left by pre) and post_in_context
+    (second half of one stream [S; S]); see the module docstring."""
+    first = chunked_nll(lm, segment, chunk_size, where=f"{where} (pre)", return_state=True)
+    post = chunked_nll(lm, segment, chunk_size, where=f"{where} (post)", initial_state=first.state)
+    twice = chunked_nll(lm, torch.cat([segment, segment], dim=1), chunk_size, where=f"{where} (in context)")
+    S = segment.shape[1]
+    # the delays lose the same positions at the end of [S; S] as at the end of S: the masks agree
+    second = dataclasses.replace(twice, nll=twice.nll[:, S:], mask=twice.mask[:, S:])
+    return MemoryProbe(dataclasses.replace(first, state=None), post, second, carried=bool(first.state))
+
+
+def memory_groups(num_rows: int) -> dict[str, list[int]]:
+    """The evaluator's groups (`metrics.groups`: text, cb1, cb2-N) plus "audio": every audio row."""
+    return {**metrics.groups(num_rows), "audio": list(range(1, num_rows))}
+
+
+def group_label(name: str, num_rows: int) -> str:
+    return f"all audio codebooks (1–{num_rows - 1})" if name == "audio" else metrics.group_label(name)
+
+
+def _difference(a: dict, b: dict) -> float | dict:
+    if "nll" in a and "nll" in b:
+        return a["nll"] - b["nll"]
+    return {"skipped": "no scored frames in one of the passes"}
+
+
+def summarize(probes: Sequence[MemoryProbe], stream_ids: Sequence[str]) -> dict:
+    """One model's JSON-ready result: per group the mean NLL of each pass over all streams
+    (token-weighted, `metrics.range_nll`), Δ = post − pre, Δ in context; per-stream values."""
+    if not probes:
+        raise ValueError("summarize: no streams were probed")
+    K, S = probes[0].pre.nll.shape
+    rows = memory_groups(K)
+    series = {p: [metrics.series_by_group(getattr(x, p).nll, getattr(x, p).mask, rows) for x in probes]
+              for p in PASSES}
+    groups = {}
+    for g in rows:
+        entry = {"label": group_label(g, K)}
+        entry.update({p: metrics.range_nll([s[g] for s in series[p]], 0, S) for p in PASSES})
+        entry["delta"] = _difference(entry["post"], entry["pre"])
+        entry["delta_in_context"] = _difference(entry["post_in_context"], entry["pre"])
+        groups[g] = entry
+    streams = []
+    for i, (sid, probe) in enumerate(zip(stream_ids, probes)):
+        row: dict = {"id": sid, "frames": probe.pre.frames}
+        for p in PASSES:
+            row[p] = {g: metrics.range_nll([series[p][i][g]], 0, S).get("nll") for g in rows}
+        row["delta"] = {g: None if row["pre"][g] is None or row["post"][g] is None else row["post"][g] - row["pre"][g]
+                        for g in rows}
+        both = probe.pre.mask & probe.post.mask
+        row["max_abs_post_minus_pre"] = float((probe.post.nll[both] - probe.pre.nll[both]).abs().max()) \
+            if both.any() else None
+        streams.append(row)
+    seconds = sum(getattr(x, p).seconds for x in probes for p in PASSES)
+    return {"groups": groups, "streams": streams, "carried_state": any(x.carried for x in probes),
+            "post_equals_pre": all(x.post_equals_pre for x in probes), "seconds": seconds}
+
+
+def remembered(result: dict, group: str = "cb1") -> str:
+    """The one-line verdict of a model: "post < pre on codebook 1: yes/no (...)"."""
+    g = result["groups"][group]
+    head = f"post < pre on {'codebook 1' if group == 'cb1' else g['label']}"
+    if not result["carried_state"]:
+        same = "post = pre exactly" if result["post_equals_pre"] else "yet post differs from pre (nondeterminism?)"
+        return f"{head}: no (no TTT layers, no state to carry: {same})"
+    if not isinstance(g["delta"], float):
+        return f"{head}: unknown (no scored frames)"
+    return f"{head}: {'yes' if g['delta'] < 0 else 'no'} (Δ {g['delta']:+.4f} nats)"
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) -> tuple[dict, dict[str, Path]]:
+    """Build each model in turn (one in memory at a time), probe every stream, write the outputs.
+    Returns (report, {kind: path written})."""
+    from tqdm import tqdm
+
+    from .run import environment, build_models
+
+    chunks = check_chunk_size(config)
+    base = config.base_model()
+    device = base.torch_device()
+    streams: list[Stream] | None = None
+    data: dict = {}
+    results, models, bar = {}, {}, None
+    for entry in config.models:
+        (model,) = build_models(config.eval_config(entry), device)
+        if streams is None:  # the layout (moshi_streams) needs a model: the first one's
+            streams, data = load_segments(config, model.lm, base, progress)
+            bar = tqdm(total=len(config.models) * len(streams), desc="memory test", unit="stream",
+                       disable=not progress, dynamic_ncols=True)
+        probes = []
+        for stream in streams:
+            bar.set_postfix_str(entry.name, refresh=False)
+            probes.append(probe_segment(model.lm, stream.codes[:, :config.segment_frames], chunks[entry.name],
+                                        where=f"{entry.name}: {stream.book.id}"))
+            bar.update(1)
+        results[entry.name] = summarize(probes, [s.book.id for s in streams])
+        models[entry.name] = {**model.describe(), "chunk_size": chunks[entry.name]}
+        del model, probes  # one model at a time: four 7B models would not fit side by side
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    report = {
+        "format": FORMAT, "version": VERSION, "kind": "memory",
+        "title": "Memory test: NLL of a segment before and after test-time training on it",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device),
+        "config": schema.to_dict(config),
+        "segment_frames": config.segment_frames,
+        "groups": {g: v["label"] for g, v in next(iter(results.values()))["groups"].items()},
+        "models": models,
+        "data": data,
+        "results": results,
+    }
+    return report, write_memory(report, config.output_dir, plots)
+
+
+def load_segments(config: MemoryConfig, lm, model_config: ModelConfig,
+                  progress: bool = True) -> tuple[list[Stream], dict]:
+    """The streams at least segment_frames long (read up to that length with `eval.run.load_data`),
+    and a JSON-ready account of them and of what was left out, and why."""
+    from .run import load_data
+
+    loaded = load_data(config.eval_config(config.models[0]), lm, model_config, progress)
+    S = config.segment_frames
+    kept = [s for s in loaded.streams if s.frames >= S]
+    short = [Skipped(s.book.id, f"{s.frames} frames < segment_frames {S}") for s in loaded.streams if s.frames < S]
+    left_out = loaded.left_out_books + short
+    if not kept:
+        longest = max(s.frames for s in loaded.streams)
+        raise ValueError(f"segment_frames: {S} frames is longer than every stream (longest: {longest} frames); "
+                         f"lower segment_frames")
+    data = {"streams": [{"id": s.book.id, "segment_frames": S} for s in kept],
+            "left_out": [s.to_dict() for s in left_out],
+            "skipped_files": [s.to_dict() for s in loaded.skipped_files],
+            "counts": {"streams": len(kept), "left_out": len(left_out), "files_skipped": len(loaded.skipped_files)}}
+    return kept, data
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _nll(entry) -> str:
+    return f"{entry['nll']:.4f}" if isinstance(entry, dict) and "nll" in entry else "skipped"
+
+
+def _signed(value) -> str:
+    return f"{value:+.4f}" if isinstance(value, float) else "skipped"
+
+
+def markdown(report: dict) -> str:
+    """memory.md: what was measured, the model × group table, one verdict per model, the plot."""
+    S, results = report["segment_frames"], report["results"]
+    n = report["data"]["counts"]["streams"]
+    out = [f"# {report['title']}", "",
+           (f"Created {report['created']} on {report['environment']['device']} (torch "
+            f"{report['environment']['torch']}). S = the first {S:,} frames ({S / FRAME_RATE:.1f} s) of each of {n} "
+            "stream(s); teacher-forced NLL in nats per token, chunked mode, mean over all streams."), "",
+           "- **pre**: S in a fresh stream (empty KV cache, initial TTT state).",
+           ("- **post**: S again in a new fresh stream (empty KV cache: attention cannot copy) that starts from the "
+            "TTT state left by the pre pass. A model without TTT layers carries nothing: post = pre."),
+           "- **in context**: the second S of one stream [S; S] (attention and TTT state both live).",
+           "- Δ = post − pre, Δ in context = in context − pre (negative: the model remembers).", ""]
+    header = ["model", "group", "pre", "post", "Δ post − pre", "in context", "Δ in context − pre"]
+    rows = [[name, g["label"], _nll(g["pre"]), _nll(g["post"]), _signed(g["delta"]), _nll(g["post_in_context"]),
+             _signed(g["delta_in_context"])] for name, r in results.items() for g in r["groups"].values()]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    out += [f"- **{name}**: {remembered(r)}." for name, r in results.items()] + [""]
+    if report.get("plots"):
+        out += [f"![{k}]({v})" for k, v in report["plots"].items()] + [""]
+    out += ["## Models", ""]
+    for name, m in report["models"].items():
+        patch = m.get("ttt")
+        desc = "no TTT layers" if patch is None else (f"TTT {patch['layer_type']} {patch['mode']}, layers "
+                                                      f"{patch['layers']}, b={patch['mini_batch_size']}")
+        out.append(f"- **{name}**: {m['source']}; {desc}; {m['params']:,} parameters; chunks of {m['chunk_size']} "
+                   f"frames; attention context {m['attention_context'] or 'none'} frames")
+    out += ["", "## Left out", ""]
+    left = report["data"]["left_out"] + report["data"]["skipped_files"]
+    out += [f"- `{s['path']}`: {s['reason']}" for s in left] or ["Nothing."]
+    return "\n".join(out) + "\n"
+
+
+def plot_memory(report: dict, path: str | Path, groups: Sequence[str] = ("cb1", "audio")) -> Path:
+    """Grouped bars per model: mean NLL pre / post / in context, one panel per group."""
+    from .plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    names = list(report["results"])
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(4.5, 1.4 * len(names) + 1.5) * len(groups), 3.8),
+                             squeeze=False, layout="constrained")
+    x = np.arange(len(names))
+    width = 0.8 / len(PASSES)
+    for ax, group in zip(axes[0], groups):
+        shown = []
+        for j, p in enumerate(PASSES):
+            values = [report["results"][n]["groups"][group][p].get("nll", math.nan) for n in names]
+            ax.bar(x + (j - (len(PASSES) - 1) / 2) * width, values, width, label=PASS_LABELS[p])
+            shown += [v for v in values if math.isfinite(v)]
+        for i, n in enumerate(names):  # Δ post − pre above each model's bars
+            delta = report["results"][n]["groups"][group]["delta"]
+            if isinstance(delta, float):
+                ax.annotate(f"post − pre {delta:+.3f}", (x[i], 1), xycoords=("data", "axes fraction"), ha="center",
+                            va="bottom", fontsize=8)
+        if shown:  # NLL differences are small next to the NLL itself: zoom in (the axis does not start at 0)
+            lo, hi = min(shown), max(shown)
+            pad = max(hi - lo, 1e-3)
+            ax.set_ylim(max(0.0, lo - 1.5 * pad), hi + 0.5 * pad)
+        ax.set_xticks(x, names)
+        ax.set_ylabel("mean NLL (nats)")
+        ax.set_title(report["groups"][group], fontsize=10, pad=16)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Memory test: first {report['segment_frames']} frames, before (pre) and after (post) TTT on them")
+    return save_figure(fig, path)
+
+
+def write_memory(report: dict, output_dir: str | Path, plots: bool = True) -> dict[str, Path]:
+    """memory.png, memory.json and memory.md into output_dir (each written atomically)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    if plots:
+        paths["png"] = plot_memory(report, out / "memory.png")
+    report["plots"] = {"memory": paths["png"].name} if plots else {}
+    paths["json"] = write_json(out / "memory.json", report)
+    paths["markdown"] = out / "memory.md"
+    write_text_atomic(paths["markdown"], markdown(report))
+    return paths
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The terminal summary: codebook 1 and all-audio NLL pre / post / Δ / in context per model."""
+    groups = ("cb1", "audio")
+    head = f"{'model':<14}" + "".join(f" | {report['groups'][g][:30]:<36}" for g in groups)
+    sub = f"{'':<14}" + "".join(f" | {'pre':>8} {'post':>8} {'Δ':>8} {'in ctx':>8}" for _ in groups)
+    lines = [(f"memory test: first {report['segment_frames']} frames of {report['data']['counts']['streams']} "
+              "stream(s), NLL in nats per token (chunked, teacher forced)"), head, sub]
+    for name, r in report["results"].items():
+        cells = ""
+        for g in groups:
+            e = r["groups"][g]
+            cells += (f" | {_nll(e['pre']):>8} {_nll(e['post']):>8} {_signed(e['delta']):>8} "
+                      f"{_nll(e['post_in_context']):>8}")
+        lines.append(f"{name[:14]:<14}{cells}")
+    lines += [f"{name}: {remembered(r)}" for name, r in report["results"].items()]
+    return lines
