@@ -23,7 +23,7 @@ from ttt_speech import schema
 from ttt_speech.data.cache import CodesCache
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
-from ttt_speech.export import save_export
+from ttt_speech.export import TRAINS_EVERYTHING, save_export
 from ttt_speech.lora import add_lora
 from ttt_speech.data.recording import load_recording
 from ttt_speech.models import load_lm, load_mimi, load_text_tokenizer
@@ -58,7 +58,7 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
         add_lora(lm, config.lora.rank, config.lora.scale, skip=skip)
     layers = config.trainable in ("ttt", "ttt+lora", "e2e-meta+lora")
     for name, p in lm.named_parameters():
-        p.requires_grad_(config.trainable in ("full", "e2e-meta")
+        p.requires_grad_(config.trainable in TRAINS_EVERYTHING
                          or (config.uses_lora and (".lora_A." in name or ".lora_B." in name))
                          or (layers and _is_ttt_param(lm, name)))
     if config.gradient_checkpointing:

@@ -80,3 +80,22 @@ def test_tiny_lora_with_every_flavour(tmp_path, corpus, layer_type):
     lm, _ = load_exported_lm(tmp_path / "run" / "export")
     lora_b = [p for n, p in lm.named_parameters() if ".lora_B." in n]
     assert lora_b and all(p.shape[1] == 1 for p in lora_b) and any(p.abs().max() > 0 for p in lora_b)
+
+
+def test_meta_trained_export_holds_every_weight(tmp_path, corpus):
+    """e2e-meta trains every parameter: the export must carry them all (the reloaded model gives
+    the run's final held-out loss exactly)."""
+    from finetune.distributed import Dist
+    from finetune.train import evaluate
+    from ttt_speech.data.manifest import read_manifest
+
+    path = write_config(tmp_path, corpus, ttt=E2E, trainable="e2e-meta", steps=2,
+                        **{"data.eval_manifest": str(corpus["eval"]), "optim.lr": 1e-2})
+    assert train_main([str(path), "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert (run / "export" / "model.safetensors").is_file()
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
+    lm, _ = load_exported_lm(run / "export")
+    config = load_train_config(path)
+    reloaded = evaluate(lm, read_manifest(config.data.eval_manifest, "eval"), config, Dist())["eval_loss"]
+    assert abs(reloaded - final) < 1e-6

@@ -284,3 +284,13 @@ def test_example_config_loads_and_docs_hold_the_reference():
             f"docs/evaluation.md is out of date; regenerate with: python -c 'from eval.memory_probe import "
             f"{cls.__name__}; from ttt_speech.schema import markdown_reference; "
             f"print(markdown_reference({cls.__name__}))'")
+
+
+def test_e2e_layers_carry_their_fast_weights_and_remember_a_random_segment():
+    """An E2E model (fresh layers, open gate) learns S by gradient steps on its own loss: the
+    post pass, which only has the fast weights, scores S lower than the pre pass."""
+    lm = tiny_lm(TTTConfig(layer_type="e2e_mlp", mini_batch_size=B, gate_init=1.0, base_lr=10.0))
+    probe = probe_segment(lm, segment(), CHUNK)
+    assert probe.carried and masked_diff(probe.pre, probe.post) > 1e-3
+    result = summarize([probe], ["s0"])
+    assert result["groups"]["audio"]["delta"] < 0 and remembered(result).startswith("post < pre on codebook 1")

@@ -26,6 +26,7 @@ from .models import ModelConfig, load_lm
 FORMAT = "ttt-speech-export"
 VERSION = 1
 MODEL_FILE = "model.json"
+TRAINS_EVERYTHING = ("full", "e2e-meta")  # `trainable` values whose export holds every weight
 
 
 def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, trainable: str,
@@ -41,7 +42,7 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
         if lora is not None:
             save_tensors_atomic(stage / "lora.safetensors",
                                 {k: v.detach().contiguous() for k, v in lora_state_dict(lm).items()})
-        if trainable == "full":
+        if trainable in TRAINS_EVERYTHING:
             save_tensors_atomic(stage / "model.safetensors",
                                 {k: v.detach().contiguous() for k, v in lm.state_dict().items()})
         meta = {"format": FORMAT, "version": VERSION, "model": schema.to_dict(model),
@@ -87,7 +88,7 @@ def load_exported_lm(directory: str | Path, device: torch.device | None = None,
         load_lora(lm, load_file(str(directory / "lora.safetensors")), str(directory / "lora.safetensors"))
     if meta.get("ttt"):
         load_ttt(lm, directory)
-    if meta.get("trainable") == "full":
+    if meta.get("trainable") in TRAINS_EVERYTHING:
         path = directory / "model.safetensors"
         missing, unexpected = lm.load_state_dict(load_file(str(path)), strict=False)
         if missing or unexpected:
