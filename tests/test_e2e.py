@@ -208,3 +208,31 @@ def test_streaming_forward_outside_chunk_logits_and_inference_mode_are_refused()
 def test_ttt_modules_lists_the_gated_e2e_branches():
     lm = e2e_lm(layers=[1, 3])
     assert [type(m).__name__ for m in ttt_modules(lm)] == ["GatedTTTBranch", "GatedTTTBranch"]
+
+
+@pytest.mark.parametrize("weight", [1.0, 100.0])
+def test_inner_loss_is_the_per_row_next_frame_cross_entropy(weight):
+    """ℓ = Σ_rows [mean text CE + audio CE averaged with codebook 1 weighted `weight`], written
+    here directly with F.cross_entropy over the scored targets."""
+    from torch.nn import functional as F
+
+    from ttt_speech.moshi.e2e import next_frame_loss
+
+    lm, c = e2e_lm(), codes(T=8)
+    inputs, targets = delayed_streams(lm, c)
+    with torch.no_grad(), lm.streaming(2):
+        text, audio = chunk_logits(lm, inputs, targets)
+    loss = next_frame_loss(lm, text, audio, targets, weight)
+    expected = 0.0
+    for row in range(2):
+        t_real = targets[row, 0] < TEXT_CARD
+        expected += F.cross_entropy(text[row, 0][t_real], targets[row, 0][t_real])
+        num = den = 0.0
+        for k in range(audio.shape[1]):
+            tgt = targets[row, lm.audio_offset + k]
+            real = tgt < CARD  # the delay pattern's initial token (= card) is not a target
+            w = weight if k == 0 else 1.0
+            num += w * F.cross_entropy(audio[row, k][real], tgt[real], reduction="sum")
+            den += w * real.sum()
+        expected += num / den
+    assert abs(loss.item() - float(expected)) < 1e-12

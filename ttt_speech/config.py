@@ -41,8 +41,11 @@ class TTTConfig:
     checkpoint_group_size: mini-batches per activation-checkpoint group in training (0 = off).
     init_from_attention: in "replace" mode, start Q/K/V/O from the replaced attention's weights.
 
-    e2e_mlp uses layer_type, mini_batch_size, base_lr, layers, gate_init and mlp_expansion; the
-    other fields only concern TTT layers.
+    e2e_first_codebook_weight: e2e_mlp only: weight of the first (semantic) audio codebook in the
+        inner loss's audio mean (the others weigh 1); 100 as in moshi-finetune's training loss.
+
+    e2e_mlp uses layer_type, mini_batch_size, base_lr, layers, gate_init, mlp_expansion and
+    e2e_first_codebook_weight; the other fields only concern TTT layers.
     """
 
     layer_type: str = "linear"
@@ -57,6 +60,7 @@ class TTTConfig:
     mlp_expansion: int = 4
     checkpoint_group_size: int = 0
     init_from_attention: bool = False
+    e2e_first_codebook_weight: float = 100.0
     ln_eps: float = field(default=1e-6, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,7 @@ class TTTConfig:
             self.base_lr = DEFAULT_BASE_LR[self.layer_type]
         _check_number("base_lr", self.base_lr, positive=False, nonnegative=True)
         _check_number("gate_init", self.gate_init)
+        _check_number("e2e_first_codebook_weight", self.e2e_first_codebook_weight, positive=True)
         _check_number("rope_theta", self.rope_theta, positive=True)
         _check_number("ln_eps", self.ln_eps, positive=True)
         for name in ("output_gate", "init_from_attention"):

@@ -103,14 +103,23 @@ def inference_context(lm: nn.Module) -> contextlib.AbstractContextManager:
     return torch.no_grad() if has_e2e(lm) else torch.inference_mode()
 
 
-def next_frame_loss(lm: LMModel, text_logits: Tensor, audio_logits: Tensor, targets: Tensor) -> Tensor:
-    """The inner objective ℓ: Σ over rows of (mean text CE + mean audio CE) of the row's real
-    targets (each row's gradient then only reaches its own fast weights). Shapes as `chunk_logits`."""
-    audio_targets = targets[:, lm.audio_offset:lm.audio_offset + audio_logits.shape[1]]
-    total = text_logits.new_zeros((), dtype=torch.promote_types(text_logits.dtype, torch.float32))
-    for logits, tgt, card in ((text_logits, targets[:, :1], lm.text_card), (audio_logits, audio_targets, lm.card)):
-        mask = real_targets(tgt, card)
-        per_row = masked_ce(logits, tgt, mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp_min(1)
+def next_frame_loss(lm: LMModel, text_logits: Tensor, audio_logits: Tensor, targets: Tensor,
+                    first_codebook_weight: float = 1.0) -> Tensor:
+    """The inner objective ℓ: Σ over rows of (mean text CE + weighted mean audio CE) of the row's
+    real targets, the first audio codebook weighted `first_codebook_weight` (each row's gradient
+    then only reaches its own fast weights). Shapes as `chunk_logits`."""
+    dep_q = audio_logits.shape[1]
+    audio_targets = targets[:, lm.audio_offset:lm.audio_offset + dep_q]
+    dtype = torch.promote_types(text_logits.dtype, torch.float32)
+    audio_weights = torch.ones(dep_q, device=audio_logits.device, dtype=dtype)
+    audio_weights[0] = first_codebook_weight
+    total = text_logits.new_zeros((), dtype=dtype)
+    for logits, tgt, card, stream_weights in (
+            (text_logits, targets[:, :1], lm.text_card, torch.ones_like(audio_weights[:1])),
+            (audio_logits, audio_targets, lm.card, audio_weights)):
+        real = real_targets(tgt, card)
+        w = real * stream_weights[None, :, None]  # [B, streams, S]
+        per_row = (masked_ce(logits, tgt, real) * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2)).clamp_min(1e-8)
         total = total + per_row.sum()
     return total
 
@@ -157,7 +166,7 @@ def e2e_chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = 
                 if windowed:
                     hidden, text = hidden[:, s0:], text[:, :, s0:]
                 audio = lm.forward_depformer_training(targets[:, :, s0:s1], hidden)
-                loss = next_frame_loss(lm, text, audio, targets[:, :, s0:s1])
+                loss = next_frame_loss(lm, text, audio, targets[:, :, s0:s1], lm.ttt_config.e2e_first_codebook_weight)
                 fast = [w for st in current for w in st.weights]
                 grads = iter(torch.autograd.grad(loss, fast, create_graph=meta, retain_graph=meta or outer_grad,
                                                  allow_unused=True))
