@@ -8,7 +8,7 @@ TTT-E2E (e2e_mlp in the last quarter of layers, `trainable: e2e-meta`). Then the
 the held-out recordings: NLL of each recording's first `--segment` frames before and after
 test-time training on them (docs/evaluation.md, "Memory test").
 
-    .venv/bin/python scripts/memory_study.py                       # ~20 minutes on 2 CPU cores
+    .venv/bin/python scripts/memory_study.py                       # ~16 minutes on 2 CPU cores
     .venv/bin/python scripts/memory_study.py --steps 20 --output-dir runs/memory_smoke   # a smoke run
 """
 from __future__ import annotations

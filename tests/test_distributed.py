@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from finetune.train import main as train_main
 from train_utils import make_corpus, write_config
@@ -13,13 +14,18 @@ from train_utils import make_corpus, write_config
 TOLERANCE = 1e-4
 
 
-def test_torchrun_two_processes_matches_single_process(tmp_path):
+E2E_META = {"ttt": {"layer_type": "e2e_mlp", "mini_batch_size": 4, "gate_init": 0.5}, "trainable": "e2e-meta"}
+
+
+@pytest.mark.parametrize("flavour", [{}, E2E_META], ids=["ttt-linear", "e2e-meta"])
+def test_torchrun_two_processes_matches_single_process(tmp_path, flavour):
+    """E2E meta-training too: its inner `autograd.grad` runs inside DDP's forward."""
     corpus = make_corpus(tmp_path, recordings=6, frames=30)
     single = write_config(tmp_path / "single", corpus, steps=3, output_dir=str(tmp_path / "single" / "run"),
-                          **{"data.batch_size": 4})
+                          **{"data.batch_size": 4}, **flavour)
     assert train_main([str(single), "--quiet"]) == 0
     multi = write_config(tmp_path / "multi", corpus, steps=3, output_dir=str(tmp_path / "multi" / "run"),
-                         **{"data.batch_size": 4})
+                         **{"data.batch_size": 4}, **flavour)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(29500 + os.getpid() % 1000), "-m", "finetune.train", str(multi),

@@ -9,7 +9,7 @@ from typing import Any
 class PatchReport:
     host: str  # "moshi", "llama", …
     mode: str  # "replace" | "hybrid"
-    layer_type: str  # "linear" | "mlp"
+    layer_type: str  # "linear" | "mlp" | "e2e_mlp"
     layers: list[int]  # patched host-layer indices
     depth: int  # host layers in total
     width: int
@@ -29,8 +29,9 @@ class PatchReport:
         rows = [
             ("host", self.host),
             ("mode", self.mode),
-            ("TTT layer", f"{self.layer_type}, b={self.mini_batch_size}, "
-                          f"{self.num_heads} heads x {self.head_dim}"),
+            ("TTT layer", f"{self.layer_type}, b={self.mini_batch_size}, " + (
+                "an MLP beside the feed-forward block" if self.layer_type == "e2e_mlp"
+                else f"{self.num_heads} heads x {self.head_dim}")),
             ("patched layers", f"{_ranges(self.layers)} ({len(self.layers)} of {self.depth})"),
             ("TTT params", f"{self.params_added:,} ({self.params_per_layer:,} per layer)"),
             ("attention params removed", f"{self.params_removed:,}"),
