@@ -177,7 +177,8 @@ def e2e_chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = 
                     new.append(updated if outer_grad else updated.detach())
                 if not windowed:
                     _detach_kv_caches(lm)  # the cache was written with graph; the next write must not chain it
-                history.append(current)
+                if windowed:  # streaming keeps the past in the KV cache, not as earlier weights
+                    history.append(current)
                 current = new
                 texts.append(text if outer_grad else text.detach())
                 audios.append(audio if outer_grad else audio.detach())
