@@ -99,3 +99,7 @@ def test_meta_trained_export_holds_every_weight(tmp_path, corpus):
     config = load_train_config(path)
     reloaded = evaluate(lm, read_manifest(config.data.eval_manifest, "eval"), config, Dist())["eval_loss"]
     assert abs(reloaded - final) < 1e-6
+    from ttt_speech.models import ModelConfig
+
+    with pytest.raises(ValueError, match="does not fit the model 'tiny'"):  # another architecture: one clear line
+        load_exported_lm(run / "export", model=ModelConfig(name="tiny", tiny={"dim": 64, "num_layers": 2}))

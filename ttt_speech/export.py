@@ -90,7 +90,12 @@ def load_exported_lm(directory: str | Path, device: torch.device | None = None,
         load_ttt(lm, directory)
     if meta.get("trainable") in TRAINS_EVERYTHING:
         path = directory / "model.safetensors"
-        missing, unexpected = lm.load_state_dict(load_file(str(path)), strict=False)
+        try:
+            missing, unexpected = lm.load_state_dict(load_file(str(path)), strict=False)
+        except RuntimeError as e:  # shapes differ: `model` is not the architecture the export was trained on
+            detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+            raise ValueError(f"{path}: does not fit the model {model.name!r} ({detail}); leave `model` unset to use "
+                             "the export's own base model") from None
         if missing or unexpected:
             raise ValueError(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return lm.eval(), model
