@@ -236,3 +236,19 @@ def test_inner_loss_is_the_per_row_next_frame_cross_entropy(weight):
             den += w * real.sum()
         expected += num / den
     assert abs(loss.item() - float(expected)) < 1e-12
+
+
+def test_native_evaluation_generation_and_llama_refuse_e2e():
+    """The paths that run one frame at a time without gradients say so in one line."""
+    from eval.config import EvalConfig, EvalSettings
+    from eval.run import EvalModel, evaluate
+    from ttt_speech import patch_llama
+    from ttt_speech.generation.session import GenerationSession
+
+    lm = e2e_lm()
+    with pytest.raises(ValueError, match="eval.mode: 'both' includes native"):
+        evaluate([EvalModel("ttt", lm, "test")], [], EvalConfig(eval=EvalSettings(mode="both")))
+    with pytest.raises(ValueError, match="e2e_mlp models cannot run LMGen.step"):
+        GenerationSession(lm, batch_size=1, silence=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="e2e_mlp is implemented for Moshi only"):
+        patch_llama(torch.nn.Module(), TTTConfig(layer_type="e2e_mlp"))
