@@ -17,8 +17,6 @@ For each model and each held-out stream, S = the stream's first `segment_frames`
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from . import metrics
 from .books import Skipped, Stream
 from .config import FRAME_RATE, DataConfig, EvalConfig
 from .nll import StreamNLL, chunked_nll
-from .report import FORMAT, VERSION, write_json
+from .report import report_header, write_json
 
 PASSES = ("pre", "post", "post_in_context")
 PASS_LABELS = {"pre": "pre", "post": "post", "post_in_context": "in context"}
@@ -150,16 +148,15 @@ def planned_mini_batch_size(entry: MemoryModel, where: str) -> int | None:
         return entry.ttt.mini_batch_size
     if entry.export is None:
         return None
-    from ttt_speech.checkpoint import CONFIG_FILE
+    from ttt_speech.checkpoint import read_ttt_config
     from ttt_speech.export import read_export_meta
 
     if not read_export_meta(entry.export).get("ttt"):
         return None
-    path = Path(entry.export) / CONFIG_FILE
     try:
-        return int(json.loads(path.read_text())["ttt"]["mini_batch_size"])
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}.export: {path}: cannot read the TTT config ({type(e).__name__}: {e})") from None
+        return read_ttt_config(entry.export)[1].mini_batch_size
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}.export: {e}") from None
 
 
 def check_chunk_size(config: MemoryConfig) -> dict[str, int]:
@@ -267,7 +264,7 @@ def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) 
     Returns (report, {kind: path written})."""
     from tqdm import tqdm
 
-    from .run import environment, build_models
+    from .run import build_models
 
     chunks = check_chunk_size(config)
     base = config.base_model()
@@ -294,11 +291,8 @@ def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) 
             torch.cuda.empty_cache()
     bar.close()
     report = {
-        "format": FORMAT, "version": VERSION, "kind": "memory",
-        "title": "Memory test: NLL of a segment before and after test-time training on it",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(device),
-        "config": schema.to_dict(config),
+        **report_header("memory", "Memory test: NLL of a segment before and after test-time training on it",
+                        config, device),
         "segment_frames": config.segment_frames,
         "groups": {g: v["label"] for g, v in next(iter(results.values()))["groups"].items()},
         "models": models,

@@ -23,6 +23,18 @@ FORMAT = "ttt-speech-eval"
 VERSION = 1
 
 
+def report_header(kind: str, title: str, config, device: torch.device) -> dict:
+    """The fields every report starts with: format, kind, title, when, where (torch, device), config."""
+    import datetime
+
+    from ttt_speech import schema
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return {"format": FORMAT, "version": VERSION, "kind": kind, "title": title,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "environment": {"torch": torch.__version__, "device": name}, "config": schema.to_dict(config)}
+
+
 def run_summary(results: Sequence[StreamNLL], stream_ids: Sequence[str], settings: EvalSettings) -> dict:
     """Everything reported about one run: speed, memory, per-group curves and points, fast weights."""
     if not results:

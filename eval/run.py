@@ -5,7 +5,6 @@ mode(s), and writes report.json, report.md, per_position.safetensors and the PNG
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from .books import Skipped, Stream, find_books, load_stream
 from .config import EvalConfig
 from .length_gen import default_chunk_size, length_generalisation, write_length_gen
 from .nll import MODES, StreamNLL
-from .report import (FORMAT, VERSION, mode_comparison, run_summary, save_per_position, ttt_vs_baseline,
+from .report import (mode_comparison, report_header, run_summary, save_per_position, ttt_vs_baseline,
                      write_json, write_markdown)
 
 logger = logging.getLogger(__name__)
@@ -178,11 +177,6 @@ def alignment_report(models: list[EvalModel], streams: list[Stream], config: Eva
     return out
 
 
-def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    return {"torch": torch.__version__, "device": name}
-
-
 def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, progress: bool = True,
                    plots: bool = True) -> tuple[dict, dict[str, Path]]:
     """The whole evaluation; returns (report, {kind: path written})."""
@@ -207,11 +201,7 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
     markers = {"train_window": config.eval.train_window,
                "attention_context": next((m.describe()["attention_context"] for m in models), None)}
     report = {
-        "format": FORMAT, "version": VERSION, "kind": "librilight",
-        "title": "LibriLight long-context evaluation",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(device),
-        "config": schema.to_dict(config),
+        **report_header("librilight", "LibriLight long-context evaluation", config, device),
         "settings": schema.to_dict(config.eval),
         "models": {m.name: m.describe() for m in models},
         "data": data.to_dict(),

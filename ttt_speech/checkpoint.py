@@ -54,21 +54,32 @@ def save_ttt(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def load_ttt(model: nn.Module, directory: str | Path) -> PatchReport:
-    """Patch a fresh base model as recorded in `directory` and load the saved TTT weights."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (expected a directory written by save_ttt)")
+def read_ttt_config(directory: str | Path) -> tuple[str, TTTConfig]:
+    """(host name, TTTConfig) recorded by `save_ttt` in `directory` (no weights are read)."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing (expected a directory written by save_ttt)")
     try:
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    patch, _ = _host(meta.get("host"), str(config_path))
-    report = patch(model, TTTConfig.from_dict(meta["ttt"]))
+    try:
+        return meta.get("host"), TTTConfig.from_dict(meta["ttt"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
+
+
+def load_ttt(model: nn.Module, directory: str | Path) -> PatchReport:
+    """Patch a fresh base model as recorded in `directory` and load the saved TTT weights."""
+    directory = Path(directory)
+    host, config = read_ttt_config(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: missing (expected a directory written by save_ttt)")
+    patch, _ = _host(host, str(directory / CONFIG_FILE))
+    report = patch(model, config)
     tensors = load_file(str(weights_path))
     expected = ttt_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
