@@ -14,6 +14,7 @@ test-time training on them (docs/evaluation.md, "Memory test").
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -28,22 +29,18 @@ from ttt_speech import schema
 from ttt_speech.checkpoint import write_text_atomic
 from ttt_speech.data.synthetic import write_corpus
 
-FLAVOURS = {  # name → changes to the demo's `train` section
-    "baseline": {"ttt": None},
-    "ttt-linear": {},
-    "ttt-mlp": {"ttt.layer_type": "mlp", "ttt.base_lr": None},
-    "e2e": {"ttt.layer_type": "e2e_mlp", "ttt.base_lr": None, "ttt.layers": None, "trainable": "e2e-meta"},
+FLAVOURS = {  # name → overrides of the demo's `train` section
+    "baseline": ["ttt=null"],
+    "ttt-linear": [],
+    "ttt-mlp": ["ttt.layer_type=mlp", "ttt.base_lr=null"],
+    "e2e": ["ttt.layer_type=e2e_mlp", "ttt.base_lr=null", "ttt.layers=null", "trainable=e2e-meta"],
 }
 
 
-def train_config(base: dict, name: str, out: Path, steps: int, manifest: Path) -> TrainConfig:
-    data = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
-    for key, value in {**FLAVOURS[name], "steps": steps, "output_dir": str(out / name),
-                       "data.train_manifest": str(manifest), "data.eval_manifest": None}.items():
-        node, *path = data, *key.split(".")
-        for part in path[:-1]:
-            node = node[part]
-        node[path[-1]] = value
+def train_config(recipe: dict, name: str, out: Path, steps: int, manifest: Path) -> TrainConfig:
+    data = schema.apply_overrides(copy.deepcopy(recipe), [
+        *FLAVOURS[name], f"steps={steps}", f"output_dir={out / name}", f"data.train_manifest={manifest}",
+        "data.eval_manifest=null"])
     return schema.from_dict(TrainConfig, data, f"train ({name})")
 
 
