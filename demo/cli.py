@@ -6,15 +6,19 @@ from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
+DESCRIPTION = (
+    "Write the synthetic long-context corpus, fine-tune a tiny TTT-patched Moshi and the same "
+    "model without TTT (same data, same steps, persistent state), evaluate both on held-out "
+    "streams far longer than the training window in chunked and native (LMGen.step) modes, "
+    "run the audio path on the LibriVox fixture, and print one comparison table. Writes "
+    "demo.md, demo.json and the evaluation's report and plots under output_dir."
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "demo", help="the whole mission on a CPU in minutes: fine-tune TTT and a baseline, evaluate both",
-        description="Write the synthetic long-context corpus, fine-tune a tiny TTT-patched Moshi and the same "
-                    "model without TTT (same data, same steps, persistent state), evaluate both on held-out "
-                    "streams far longer than the training window in chunked and native (LMGen.step) modes, "
-                    "run the audio path on the LibriVox fixture, and print one comparison table. Writes "
-                    "demo.md, demo.json and the evaluation's report and plots under output_dir.")
+        "demo", description=DESCRIPTION,
+        help="the whole mission on a CPU in minutes: fine-tune TTT and a baseline, evaluate both")
     parser.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG,
                         help="demo config (YAML; default configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.config import EvalSettings
-from finetune.config import TrainConfig
 from ttt_speech.data.synth_config import SynthConfig
 from ttt_speech.models import TINY_MOSHI_KWARGS
 from ttt_speech.schema import check, doc, load_config
+from ttt_speech_apps.eval.config import EvalSettings
+from ttt_speech_apps.finetune.config import TrainConfig
 
 
 @dataclass

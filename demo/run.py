@@ -2,7 +2,7 @@
 
 1. write the synthetic long-context corpus (`ttt_speech.data.synthetic`);
 2. fine-tune the TTT model and the baseline (the same recipe with `ttt: null`) with persistent
-   state, side by side (`finetune.train`, one process and one CPU thread each);
+   state, side by side (the training app, one process and one CPU thread each);
 3. evaluate both on held-out streams far longer than the training window, in chunked and native
    (`LMGen.step`) modes (`eval.run.run_librilight` with `baseline_export`);
 4. run the audio path on the LibriVox fixture (real speech → Mimi → both modes) when available;
@@ -22,10 +22,11 @@ from typing import Callable
 
 import yaml
 
-from eval.config import DataConfig, EvalConfig, WandbConfig
-from finetune.config import TrainConfig
 from ttt_speech import schema
 from ttt_speech.checkpoint import write_text_atomic
+from ttt_speech.tracking import WandbConfig
+from ttt_speech_apps.eval.config import DataConfig, EvalConfig
+from ttt_speech_apps.finetune.config import TrainConfig
 
 from .config import DemoConfig
 from .summary import audio_summary, comparison, render_markdown, render_terminal
@@ -64,7 +65,8 @@ def _steps_done(run_dir: Path) -> int:
 
 
 def train_side_by_side(configs: dict[str, Path], runs: dict[str, TrainConfig], progress: bool) -> dict[str, float]:
-    """`python -m finetune.train` per config, in parallel, one CPU thread each; returns seconds per run."""
+    """`python -m ttt_speech_apps.finetune` per config, in parallel, one CPU thread each; returns
+    seconds per run."""
     from tqdm import tqdm
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -75,7 +77,7 @@ def train_side_by_side(configs: dict[str, Path], runs: dict[str, TrainConfig], p
             run_dir = runs[name].output_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             logs[name] = open(run_dir / "train.log", "w")
-            procs[name] = subprocess.Popen([sys.executable, "-m", "finetune.train", str(path), "--quiet"],
+            procs[name] = subprocess.Popen([sys.executable, "-m", "ttt_speech_apps.finetune", str(path), "--quiet"],
                                            stdout=logs[name], stderr=subprocess.STDOUT, env=env)
             bars[name] = tqdm(total=runs[name].steps, desc=f"train {name:8s}", unit="step", position=i,
                               disable=not progress, dynamic_ncols=True)
@@ -107,7 +109,7 @@ def train_side_by_side(configs: dict[str, Path], runs: dict[str, TrainConfig], p
 
 
 def train_one_after_the_other(runs: dict[str, TrainConfig], progress: bool) -> dict[str, float]:
-    from finetune.train import train
+    from ttt_speech_apps.finetune.train import train
 
     seconds = {}
     for name, run in runs.items():
@@ -128,9 +130,9 @@ def eval_config(config: DemoConfig, eval_manifest: Path) -> EvalConfig:
 def audio_check(config: DemoConfig, progress: bool) -> dict:
     """Real LibriVox speech through the random-init Mimi and both evaluation modes (fresh TTT layers):
     the audio path works and the modes agree; the NLLs themselves mean nothing (random model)."""
-    from eval import fixture
-    from eval.run import run_librilight
     from ttt_speech.models import ModelConfig
+    from ttt_speech_apps.eval import fixture
+    from ttt_speech_apps.eval.run import run_librilight
 
     if not config.audio.enabled:
         return {"skipped": "audio.enabled is false"}
@@ -154,8 +156,8 @@ def audio_check(config: DemoConfig, progress: bool) -> dict:
 
 def run_demo(config: DemoConfig, progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """The whole demo; returns the summary written to demo.json."""
-    from eval.run import run_librilight
     from ttt_speech.data.synthetic import write_corpus
+    from ttt_speech_apps.eval.run import run_librilight
 
     out = config.output_dir
     prepare_output(out)

@@ -10,8 +10,8 @@ import datetime
 import math
 from pathlib import Path
 
-from eval import metrics
-from eval.report import read_per_position
+from ttt_speech_apps.eval import metrics
+from ttt_speech_apps.eval.report import read_per_position
 
 GROUPS = {"cb1": "audio codebook 1 (semantic)", "cb2-8": "audio codebooks 2-8 (acoustic)"}
 

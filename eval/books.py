@@ -10,8 +10,6 @@ with a warning and counted; nothing is dropped silently.
 from __future__ import annotations
 
 import functools
-
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -21,9 +19,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ttt_speech.checkpoint import read_json
+from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.audio import AUDIO_SUFFIXES
 from ttt_speech.data.cache import CodesCache
-from ttt_speech.data.codes import FRAME_RATE, Recording
+from ttt_speech.data.codes import Recording
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.recording import load_recording
 from ttt_speech.data.transcript import TokenizerMissing
@@ -105,16 +105,7 @@ def _audio_seconds(path: Path) -> float:
 
 def _read_meta(path: Path) -> dict | None:
     """The LibriLight .json next to an audio file (None when there is none)."""
-    meta_path = path.with_suffix(".json")
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable metadata {meta_path.name} ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"metadata {meta_path.name} is not a JSON object")
-    return meta
+    return read_json(path.with_suffix(".json"), "LibriLight metadata", missing_ok=True)
 
 
 def _book_genres(meta: dict) -> list[str]:
@@ -278,10 +269,6 @@ def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
     joined = Recording(torch.cat([p.codes for p in pieces], dim=1)[:, :max_frames], text=text, silence=silence,
                        codec=pieces[0].codec, source=book.id)
     return Stream(book, moshi_streams(lm, joined, where=book.id), starts, skipped)
-
-
-def stream_seconds(frames: int) -> float:
-    return frames / FRAME_RATE
 
 
 @functools.lru_cache(maxsize=None)

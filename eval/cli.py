@@ -4,6 +4,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+LIBRILIGHT = (
+    "Concatenate each LibriLight book's chapters into one stream (Mimi codes, cached), score "
+    "every frame teacher-forced (text, codebook 1, codebooks 2-8) in chunked mode (LMModel "
+    "chunks), native mode (one LMGen.step per frame, ground truth forced) or both, and write "
+    "report.json, report.md, per_position.safetensors and PNG plots into output_dir."
+)
+LENGTH_GEN = (
+    "Perplexity of the first L frames of each stream (one stateful chunked pass) at "
+    "eval.length_gen.num_lengths lengths from min_factor to max_factor x eval.train_window; "
+    "lengths no stream reaches are reported as skipped. Writes length_gen.json/.md/.png."
+)
+MEMORY = (
+    "For each model and stream, score S = the first segment_frames frames in a fresh stream "
+    "(pre), then again in a new fresh stream (empty KV cache) that starts from the TTT state "
+    "the first pass ended with (post), and as the second half of one stream [S; S] (in context). "
+    "Writes memory.json, memory.md and memory.png into output_dir. See docs/evaluation.md."
+)
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="evaluation config (YAML); see configs/eval_librilight.yaml")
@@ -22,31 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate Moshi (+ TTT) on long streams. See docs/evaluation.md.")
     tools = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     libri = tools.add_parser(
-        "librilight", help="teacher-forced NLL of LibriLight books vs position; JSON + Markdown + PNG report",
-        description="Concatenate each LibriLight book's chapters into one stream (Mimi codes, cached), score "
-                    "every frame teacher-forced (text, codebook 1, codebooks 2-8) in chunked mode (LMModel "
-                    "chunks), native mode (one LMGen.step per frame, ground truth forced) or both, and write "
-                    "report.json, report.md, per_position.safetensors and PNG plots into output_dir.")
+        "librilight", description=LIBRILIGHT,
+        help="teacher-forced NLL of LibriLight books vs position; JSON + Markdown + PNG report")
     _common(libri)
     libri.add_argument("--mode", choices=["chunked", "native", "both"],
                        help="override eval.mode: chunked (fast), native (LMGen.step), both (and compare them)")
     libri.set_defaults(func=_librilight)
     lengths = tools.add_parser(
-        "length-gen", help="perplexity at 0.5x..10x the training window (20 lengths)",
-        description="Perplexity of the first L frames of each stream (one stateful chunked pass) at "
-                    "eval.length_gen.num_lengths lengths from min_factor to max_factor x eval.train_window; "
-                    "lengths no stream reaches are reported as skipped. Writes length_gen.json/.md/.png.")
+        "length-gen", help="perplexity at 0.5x..10x the training window (20 lengths)", description=LENGTH_GEN)
     _common(lengths)
     lengths.set_defaults(func=_length_gen)
     memory = tools.add_parser(
-        "memory", help="does a model remember a segment after test-time training on it? NLL pre vs post",
-        description="For each model and stream, score S = the first segment_frames frames in a fresh stream "
-                    "(pre), then again in a new fresh stream (empty KV cache) that starts from the TTT state "
-                    "the first pass ended with (post), and as the second half of one stream [S; S] (in context). "
-                    "Writes memory.json, memory.md and memory.png into output_dir. See docs/evaluation.md.")
+        "memory", description=MEMORY,
+        help="does a model remember a segment after test-time training on it? NLL pre vs post")
     memory.add_argument("config", type=Path, help="memory-test config (YAML); see configs/eval_memory.yaml")
     memory.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
-                        help="config overrides, e.g. segment_frames=128 max_streams=4 output_dir=runs/x")
+                        help="config overrides, e.g. segment_frames=128 data.max_books=4 output_dir=runs/x")
     memory.add_argument("--quiet", action="store_true", help="no progress bars")
     memory.set_defaults(func=_memory)
 

@@ -1,4 +1,5 @@
-"""`EvalConfig`: the YAML config of `ttt-speech eval librilight` and `ttt-speech eval length-gen`.
+"""`EvalConfig`: the YAML config of `ttt-speech eval librilight` and `ttt-speech eval length-gen`
+(and its `DataConfig` / `LengthGenConfig`, reused by `eval memory` and the training config).
 
 Loaded with the shared schema (`ttt_speech.schema`): unknown keys and wrong types are one-line
 errors naming the field; `key.sub=value` overrides come from the command line. Every field is
@@ -11,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 from ttt_speech.config import TTTConfig
+from ttt_speech.data import CODES_CACHE
 from ttt_speech.models import ModelConfig
-from ttt_speech.schema import check, doc, from_dict
+from ttt_speech.schema import check, doc
 from ttt_speech.schema import load_config as load_config_file
-
-FRAME_RATE = 12.5  # Mimi / Moshi frames per second
+from ttt_speech.tracking import WandbConfig
 
 
 @dataclass
@@ -26,7 +27,7 @@ class DataConfig:
     splits: list[str] = doc(factory=list, help="split folders under root to read, e.g. [small]; empty: every folder")
     manifest: Path | None = doc(None, "instead of root: a JSONL manifest ({\"path\": ...} per line), one stream per "
                                       "entry, audio (encoded through the cache) or code files (.safetensors)")
-    codes_cache: Path = doc(".cache/codes", "on-disk cache of Mimi codes, keyed by file content and codec identity")
+    codes_cache: Path = doc(CODES_CACHE, "on-disk cache of Mimi codes, keyed by file content and codec identity")
     max_frames: int = doc(24000, "frames per stream (12.5 per second: 24000 = 32 min); a book's chapters are "
                                  "concatenated in order up to this length")
     min_frames: int = doc(1, "streams shorter than this (after loading) are skipped and reported")
@@ -53,11 +54,12 @@ class DataConfig:
 
 @dataclass
 class LengthGenConfig:
-    """Evaluation lengths for length generalisation: geometric from min_factor to max_factor × window."""
+    """Evaluation lengths for length generalisation: geometric from min_factor to max_factor × the
+    training window (eval.train_window; in a training config, data.window_frames)."""
 
     num_lengths: int = doc(20, "number of evaluation lengths")
-    min_factor: float = doc(0.5, "shortest length, as a multiple of eval.train_window")
-    max_factor: float = doc(10.0, "longest length, as a multiple of eval.train_window")
+    min_factor: float = doc(0.5, "shortest length, as a multiple of the training window")
+    max_factor: float = doc(10.0, "longest length, as a multiple of the training window")
 
     def __post_init__(self) -> None:
         check(self.num_lengths >= 1, "num_lengths", "an integer >= 1", self.num_lengths)
@@ -74,7 +76,8 @@ class EvalSettings:
                    "with the ground truth forced (moshi's inference path); both: run both and compare")
     baseline: bool = doc(False, "also evaluate the same model without TTT layers (the base model)")
     chunk_size: int | None = doc(None, "frames per chunk in chunked mode; null: 4 x the TTT mini-batch size "
-                                       "(64 without TTT). Multiples of the mini-batch size avoid padding slots")
+                                       "(64 without TTT). Multiples of the mini-batch size avoid padding slots; "
+                                       "E2E models need them")
     native_max_frames: int | None = doc(None, "native mode scores only the first N frames of each stream "
                                               "(it runs one frame per call); null: the whole stream")
     native_max_streams: int | None = doc(None, "native mode scores only the first N streams; null: all of them")
@@ -105,16 +108,6 @@ class EvalSettings:
 
 
 @dataclass
-class WandbConfig:
-    """Optional Weights & Biases logging of the report (scalars, curves, plots)."""
-
-    mode: Literal["online", "offline", "disabled"] = doc("disabled", "online, offline (sync later) or disabled")
-    project: str = doc("ttt-speech", "wandb project")
-    entity: str | None = doc(None, "wandb entity (team); null: your default")
-    run_name: str | None = doc(None, "wandb run name; null: the output folder's name")
-
-
-@dataclass
 class EvalConfig:
     """`ttt-speech eval librilight` / `ttt-speech eval length-gen` configuration."""
 
@@ -133,22 +126,23 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        if self.export is not None and self.ttt is not None:
-            raise ValueError("export and ttt: set one (a trained export, or fresh TTT layers), not both")
-
-    @property
-    def has_ttt(self) -> bool:
-        return self.export is not None or self.ttt is not None
+        check_model_source(self.export, self.ttt)
 
     def base_model(self) -> ModelConfig:
         """The ModelConfig used for the baseline and for Mimi (the export's when not overridden)."""
         if self.model is not None:
             return self.model
         if self.export is not None:
-            from ttt_speech.export import read_export_meta
+            from ttt_speech.export import export_model_config
 
-            return from_dict(ModelConfig, read_export_meta(self.export)["model"], f"{self.export}/model.json:model")
+            return export_model_config(self.export)
         return ModelConfig()
+
+
+def check_model_source(export: Path | None, ttt: TTTConfig | None) -> None:
+    """A model under evaluation is a trained export or the base model with fresh TTT layers, not both."""
+    if export is not None and ttt is not None:
+        raise ValueError("export and ttt: set one (a trained export, or fresh TTT layers), not both")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:

@@ -14,15 +14,11 @@ from typing import Mapping, Sequence
 from torch import Tensor
 
 from ttt_speech.checkpoint import write_text_atomic
+from ttt_speech.config import resolve_chunk_size
+from ttt_speech.handle import TTTModel
 
 from . import metrics
 from .nll import chunked_nll
-
-
-def default_chunk_size(lm) -> int:
-    """4 TTT mini-batches (64 frames for b = 16), or 64 frames for a model without TTT."""
-    config = getattr(lm, "ttt_config", None)
-    return 4 * config.mini_batch_size if config is not None else 64
 
 
 def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], train_window: int, *,
@@ -45,7 +41,8 @@ def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], 
         raise ValueError("length_generalisation: no streams")
     lengths = metrics.evaluation_lengths(train_window, num_lengths, min_factor, max_factor)
     cap = min(max_frames or lengths[-1], lengths[-1])
-    chunk = chunk_size or default_chunk_size(lm)
+    handle = TTTModel.find(lm)
+    chunk = resolve_chunk_size(chunk_size, handle.config if handle else None, "eval.chunk_size")
     window = window or max(1, lengths[0] // 2)
     results = [chunked_nll(lm, codes[:, :cap], chunk, where=name, progress=progress) for name, codes in items]
     series = [metrics.group_series(r) for r in results]

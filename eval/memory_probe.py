@@ -28,19 +28,19 @@ from torch import Tensor
 
 from ttt_speech import schema
 from ttt_speech.checkpoint import write_text_atomic
-from ttt_speech.config import TTTConfig
+from ttt_speech.config import TTTConfig, resolve_chunk_size
+from ttt_speech.data import FRAME_RATE
 from ttt_speech.models import ModelConfig
 from ttt_speech.schema import check, doc
 
 from . import metrics
 from .books import Skipped, Stream
-from .config import FRAME_RATE, DataConfig, EvalConfig
+from .config import DataConfig, EvalConfig, EvalSettings, check_model_source
 from .nll import StreamNLL, chunked_nll
 from .report import report_header, write_json
 
 PASSES = ("pre", "post", "post_in_context")
 PASS_LABELS = {"pre": "pre", "post": "post", "post_in_context": "in context"}
-NO_TTT_CHUNK = 32  # chunk size of a model without TTT layers when chunk_size is null
 
 
 # ---------------------------------------------------------------- config
@@ -58,24 +58,7 @@ class MemoryModel:
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "name", "a non-empty string", self.name)
-        if self.export is not None and self.ttt is not None:
-            raise ValueError("export and ttt: set one (a trained export, or fresh TTT layers), not both")
-
-
-@dataclass
-class MemoryData:
-    """Where the held-out streams come from (read with the evaluator's loader, `eval.run.load_data`)."""
-
-    manifest: Path | None = doc(None, "a JSONL manifest ({\"path\": ...} per line), one stream per entry: code "
-                                      "files (.safetensors, e.g. data synth's eval.jsonl) or audio (encoded, cached)")
-    root: Path | None = doc(None, "instead of manifest: a LibriLight tree <root>/<split>/<speaker>/<book>/*.flac "
-                                  "(a book's chapters in order are one stream)")
-    splits: list[str] = doc(factory=list, help="LibriLight: split folders under root, e.g. [small]; empty: all")
-    codes_cache: Path = doc(".cache/codes", "on-disk cache of Mimi codes of audio files")
-
-    def __post_init__(self) -> None:
-        if (self.manifest is None) == (self.root is None):
-            raise ValueError("set manifest (a JSONL of code or audio files) or root (a LibriLight tree), one of them")
+        check_model_source(self.export, self.ttt)
 
 
 @dataclass
@@ -86,12 +69,11 @@ class MemoryConfig:
                                          "an entry with neither export nor ttt is the base model")
     model: ModelConfig | None = doc(None, "the base model (ModelConfig fields); null: the first export's base "
                                           "model, or the tiny random-init model without exports")
-    data: MemoryData = doc(factory=MemoryData, help="")
-    max_streams: int | None = doc(None, "read at most this many streams (sorted by id); null: all")
-    segment_frames: int = doc(256, "S = the first segment_frames frames of each stream (12.5 per second); shorter "
-                                   "streams are skipped")
-    chunk_size: int | None = doc(None, "frames per chunk (chunked mode); must be a multiple of every model's TTT "
-                                       "mini-batch size; null: 2 x the model's mini-batch size (32 without TTT)")
+    data: DataConfig = doc(factory=DataConfig, help="")
+    segment_frames: int = doc(256, f"S = the first segment_frames frames of each stream ({FRAME_RATE:g} per second; "
+                                   "data.max_frames is set to it); shorter streams are skipped")
+    chunk_size: int | None = doc(None, "frames per chunk (chunked mode); null: 4 x each model's TTT mini-batch size "
+                                       "(64 without TTT); E2E models need multiples of their mini-batch size")
     output_dir: Path = doc("runs/memory/eval", "folder for memory.json, memory.md and memory.png")
 
     def __post_init__(self) -> None:
@@ -102,13 +84,10 @@ class MemoryConfig:
         if duplicates:
             raise ValueError(f"models: duplicate name(s) {duplicates}; every model needs its own name")
         check(self.segment_frames >= 1, "segment_frames", "an integer >= 1", self.segment_frames)
-        check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "null or an integer >= 1",
-              self.chunk_size)
-        check(self.max_streams is None or self.max_streams >= 1, "max_streams", "null or an integer >= 1",
-              self.max_streams)
+        check(self.data.root is not None or self.data.manifest is not None, "data",
+              "manifest (a JSONL of code or audio files) or root (a LibriLight tree)", None)
         for m in self.models:  # exports are checked by `check_chunk_size` (reading them is I/O)
-            if m.ttt is not None:
-                chunk_size_for(self.chunk_size, m.ttt.mini_batch_size, m.name)
+            resolve_chunk_size(self.chunk_size, m.ttt, "chunk_size")
 
     def base_model(self) -> ModelConfig:
         """`model`, else the first export's base model, else the tiny default (as `EvalConfig.base_model`)."""
@@ -116,13 +95,12 @@ class MemoryConfig:
         return EvalConfig(model=self.model, export=first_export).base_model()
 
     def eval_config(self, entry: MemoryModel) -> EvalConfig:
-        """The `EvalConfig` that makes `eval.run.build_models` build exactly `entry` (and our data)."""
+        """The `EvalConfig` that makes `eval.run.build_models` build exactly `entry` (and reads our data)."""
         # an export brings its own base (unless `model` overrides it); the others use the common base
         model = self.model if entry.export is not None else self.base_model()
-        data = DataConfig(root=self.data.root, splits=self.data.splits, manifest=self.data.manifest,
-                          codes_cache=self.data.codes_cache, max_frames=self.segment_frames,
-                          max_books=self.max_streams)
-        return EvalConfig(model=model, export=entry.export, ttt=entry.ttt, data=data, output_dir=self.output_dir)
+        return EvalConfig(model=model, export=entry.export, ttt=entry.ttt,
+                          data=dataclasses.replace(self.data, max_frames=self.segment_frames),
+                          eval=EvalSettings(mode="chunked", chunk_size=self.chunk_size), output_dir=self.output_dir)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> MemoryConfig:
@@ -130,40 +108,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> MemoryConfig
     return schema.load_config(MemoryConfig, path, list(overrides), "config")
 
 
-def chunk_size_for(chunk_size: int | None, mini_batch_size: int | None, name: str) -> int:
-    """The chunk a model is scored with: `chunk_size` (checked to be a multiple of the model's TTT
-    mini-batch, which E2E layers require), else 2 mini-batches (NO_TTT_CHUNK without TTT)."""
-    if chunk_size is None:
-        return 2 * mini_batch_size if mini_batch_size else NO_TTT_CHUNK
-    if mini_batch_size and chunk_size % mini_batch_size:
-        raise ValueError(f"chunk_size: expected a multiple of every model's TTT mini-batch size "
-                         f"({name}: {mini_batch_size}), got {chunk_size}")
-    return chunk_size
-
-
-def planned_mini_batch_size(entry: MemoryModel, where: str) -> int | None:
-    """An entry's TTT mini-batch size from its config or its export's metadata (no weights loaded);
-    None without TTT layers."""
-    if entry.ttt is not None:
-        return entry.ttt.mini_batch_size
-    if entry.export is None:
-        return None
-    from ttt_speech.checkpoint import read_ttt_config
-    from ttt_speech.export import read_export_meta
-
-    if not read_export_meta(entry.export).get("ttt"):
-        return None
-    try:
-        return read_ttt_config(entry.export)[1].mini_batch_size
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{where}.export: {e}") from None
-
-
 def check_chunk_size(config: MemoryConfig) -> dict[str, int]:
-    """Every model's chunk size ({name: frames}), before any model is built: a bad chunk_size fails
-    in seconds, not after the first models were scored."""
-    return {m.name: chunk_size_for(config.chunk_size, planned_mini_batch_size(m, f"models[{i}]"), m.name)
-            for i, m in enumerate(config.models)}
+    """Every model's chunk size ({name: frames}), before any model is built (exports are read for their
+    TTT config only): a bad chunk_size fails in seconds, not after the first models were scored."""
+    from .run import model_chunk_size, planned_ttt_configs
+
+    out = {}
+    for i, entry in enumerate(config.models):
+        try:
+            (ttt,) = planned_ttt_configs(config.eval_config(entry)).values()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"models[{i}].export: {e}") from None
+        out[entry.name] = model_chunk_size(config.eval_config(entry).eval, ttt)
+    return out
 
 
 # ---------------------------------------------------------------- scoring

@@ -1,4 +1,4 @@
-"""Long-context metrics from per-position NLL (DESIGN §7), never averaging over missing data.
+"""Long-context metrics from per-position NLL (docs/evaluation.md), never averaging over missing data.
 
 Inputs are `StreamNLL`s ([K, T] NLL with a mask, K = 1 + dep_q). Streams are split into groups:
 `text` (row 0), `cb1` (Moshi's first, semantic, audio codebook) and `cb2-N` (the acoustic
@@ -199,7 +199,3 @@ def mode_difference(a: StreamNLL, b: StreamNLL) -> dict:
         d = diff[rows][both[rows]]
         out[name] = {"max_abs": float(d.max()), "mean_abs": float(d.double().mean())}
     return out
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

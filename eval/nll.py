@@ -1,4 +1,4 @@
-"""Teacher-forced per-position NLL of one stream, in the two evaluation modes (DESIGN §7).
+"""Teacher-forced per-position NLL of one stream, in the two evaluation modes (docs/architecture.md §8).
 
 Both modes score the same thing: for every frame t and every predicted stream k (text, then
 Moshi's audio codebooks), −log p(code[k, t] | everything the model may see), in nats. NLL is
@@ -23,8 +23,9 @@ from torch import Tensor
 
 from ttt_speech.moshi import _import  # noqa: F401  (clear message when moshi is missing)
 from moshi.models.lm import LMGen, LMModel
-from ttt_speech.moshi.e2e import inference_context
-from ttt_speech.moshi.streaming import MoshiTTT, load_ttt_stream_state, ttt_stream_state
+from ttt_speech.config import resolve_chunk_size
+from ttt_speech.handle import TTTModel, inference_context
+from ttt_speech.moshi.internals import step_with_transformer_output
 from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams, undelay_logits, widen_kv_caches
 
 from .fast_weights import FastWeightTrace
@@ -51,17 +52,13 @@ class StreamNLL:
     peak_memory: int | None  # bytes above the level at the start (see memory.PeakMemory)
     memory_kind: str
     weights: FastWeightTrace | None  # ‖W_t − W_0‖ per TTT layer at chunk boundaries, None without TTT
-    # the TTT stream state at the end (`ttt_stream_state`, on the model's device; {} without TTT
+    # the TTT stream state at the end (`TTTModel.stream_state`, on the model's device; {} without TTT
     # layers), when asked for with `chunked_nll(..., return_state=True)`; None otherwise
     state: dict[str, Tensor] | None = None
 
     @property
     def frames(self) -> int:
         return self.nll.shape[1]
-
-    @property
-    def frames_per_second(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else float("inf")
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
@@ -106,23 +103,24 @@ def _check_codes(lm: LMModel, codes: Tensor, where: str) -> None:
         raise ValueError(f"{where}: empty stream")
 
 
-def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int, *, where: str = "stream",
+def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int | None = None, *, where: str = "stream",
                 progress: bool = False, trace_every: int | None = None,
                 initial_state: dict[str, Tensor] | None = None, return_state: bool = False) -> StreamNLL:
     """Chunked mode: codes [K, T] (one stream, Moshi's layout) → `StreamNLL`.
 
     A fresh `lm.streaming(1)` (empty KV cache and TTT state); chunks of `chunk_size` frames of the
-    once-delayed stream. ‖W_t − W_0‖ is recorded at every multiple of `trace_every` (default: every
-    chunk end; it must be a multiple of chunk_size) and at the end.
+    once-delayed stream (None: the default of `resolve_chunk_size`). ‖W_t − W_0‖ is recorded at
+    every multiple of `trace_every` (default: every chunk end; it must be a multiple of
+    chunk_size) and at the end.
 
-    initial_state: a TTT stream state (`StreamNLL.state` of an earlier call, `ttt_stream_state`)
+    initial_state: a TTT stream state (`StreamNLL.state` of an earlier call, `TTTModel.stream_state`)
     loaded before the first chunk: the stream starts with an empty KV cache but with these fast
     weights ({} for a model without TTT layers). return_state: keep the final TTT state in
     `StreamNLL.state`.
     """
     _check_codes(lm, codes, where)
-    if chunk_size < 1:
-        raise ValueError(f"eval.chunk_size: expected a positive integer, got {chunk_size}")
+    handle = TTTModel.find(lm)
+    chunk_size = resolve_chunk_size(chunk_size, handle.config if handle else None, "eval.chunk_size")
     trace_every = trace_every or chunk_size
     if trace_every % chunk_size:
         raise ValueError(f"trace_every ({trace_every}) must be a multiple of chunk_size ({chunk_size})")
@@ -137,7 +135,7 @@ def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int, *, where: str = "st
             _progress(T, f"{where} (chunked)", progress) as bar:
         widen_kv_caches(lm, chunk_size)  # moshi's ring cache is one chunk too short beyond its context
         if initial_state is not None:
-            load_stream_state(lm, initial_state, f"{where}: initial_state")
+            load_stream_state(handle, initial_state, f"{where}: initial_state")
         trace = FastWeightTrace.attach(lm)
         start_time = time.perf_counter()
         for start in range(0, T, chunk_size):
@@ -151,29 +149,21 @@ def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int, *, where: str = "st
         _sync(device)
         seconds = time.perf_counter() - start_time
         if return_state:
-            state = stream_state(lm)
+            state = handle.stream_state() if handle is not None else {}
     nll, mask = undelay_nll(lm, codes, torch.cat(texts, dim=2), torch.cat(audios, dim=2), f"{where} (chunked)")
     return StreamNLL(nll.cpu(), mask.cpu(), "chunked", seconds, memory.peak, memory.kind, trace, state)
 
 
-def has_ttt_state(lm: LMModel) -> bool:
-    """True when `lm` has streaming TTT modules (a state to snapshot and carry between streams)."""
-    return any(isinstance(m, MoshiTTT) for m in lm.modules())
-
-
-def stream_state(lm: LMModel) -> dict[str, Tensor]:
-    """`ttt_stream_state` of a streaming `lm`, or {} for a model without TTT layers (nothing to carry)."""
-    return ttt_stream_state(lm) if has_ttt_state(lm) else {}
-
-
-def load_stream_state(lm: LMModel, tensors: dict[str, Tensor], where: str = "stream state") -> None:
-    """Inverse of `stream_state`: {} is a no-op for a model without TTT layers, an error otherwise."""
-    if tensors or has_ttt_state(lm):
-        load_ttt_stream_state(lm, tensors, where)
+def load_stream_state(handle: TTTModel | None, tensors: dict[str, Tensor], where: str) -> None:
+    """Load a `StreamNLL.state`: {} is a no-op for a model without TTT layers (`handle` None)."""
+    if handle is not None:
+        handle.load_stream_state(tensors, where)
+    elif tensors:
+        raise ValueError(f"{where}: the model has no TTT layers to load a TTT state into")
 
 
 def native_step_inputs(lm: LMModel, codes: Tensor, targets: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
-    """What `LMGen` must be given at step t to see exactly the training inputs (DESIGN §7).
+    """What `LMGen` must be given at step t to see exactly the training inputs (docs/architecture.md §8).
 
     codes [1, K, T] (undelayed), targets [1, K, T] (delayed, from `delayed_streams`). Returns
     - user [1, n_user, 1]: the user's frame t−1. LMGen writes what it is given at step t into its
@@ -218,12 +208,9 @@ def native_nll(lm: LMModel, codes: Tensor, *, where: str = "stream", progress: b
         text_logits.fill_(float("-inf"))
         text_logits[0, 0, 0, target] = 0.0
 
-    # support_out_of_sync: `_step` returns the transformer output from the first step on (by
-    # default LMGen returns None for the first max_delay steps). `_step` is the only public-ish
-    # entry point that hands back the step's transformer output, which the audio logits need.
+    # support_out_of_sync: the step returns the transformer output from the first step on (by
+    # default LMGen returns nothing for the first max_delay steps); the audio logits need it.
     gen = LMGen(lm, use_sampling=False, on_text_logits_hook=force_text, support_out_of_sync=True)
-    if not hasattr(gen, "_step"):
-        raise RuntimeError("this moshi version has no LMGen._step; native mode needs moshi 0.2.x")
     audios = []
     with inference_context(lm), PeakMemory(device) as memory, gen.streaming(1), \
             _progress(T, f"{where} (native)", progress) as bar:
@@ -232,9 +219,7 @@ def native_nll(lm: LMModel, codes: Tensor, *, where: str = "stream", progress: b
         for t in range(T):
             user, audio_forced, text_forced = native_step_inputs(lm, codes, targets, t)
             forced.append(text_forced)
-            out = gen._step(user, depformer_replace_tokens=audio_forced)
-            assert out is not None  # support_out_of_sync
-            _, transformer_out = out
+            _, transformer_out = step_with_transformer_output(gen, user, audio_forced)
             logits = lm.forward_depformer_training(targets[:, :, t:t + 1], transformer_out)
             audios.append(token_nll(logits, targets[:, a0:a1, t:t + 1]))
             if trace is not None and trace_every and ((t + 1) % trace_every == 0 or t + 1 == T):

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-FRAME_RATE = 12.5
+from ttt_speech.data import FRAME_RATE
 
 
 def _pyplot():

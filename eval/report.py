@@ -14,9 +14,10 @@ from typing import Sequence
 import torch
 
 from ttt_speech.checkpoint import save_tensors_atomic, write_text_atomic
+from ttt_speech.data import FRAME_RATE
 
 from . import metrics
-from .config import FRAME_RATE, EvalSettings
+from .config import EvalSettings
 from .nll import StreamNLL
 
 FORMAT = "ttt-speech-eval"

@@ -7,23 +7,34 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ttt_speech import schema
+from ttt_speech.config import TTTConfig, resolve_chunk_size
+from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.cache import CodesCache
+from ttt_speech.export import export_ttt_config
+from ttt_speech.handle import TTTModel
 from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokenizer
-from ttt_speech.moshi.e2e import has_e2e
+from ttt_speech.tracking import start_wandb
 
 from .alignment import chunk_alignment
 from .books import Skipped, Stream, find_books, load_stream
-from .config import EvalConfig
-from .length_gen import default_chunk_size, length_generalisation, write_length_gen
+from .config import EvalConfig, EvalSettings
+from .length_gen import length_generalisation, write_length_gen
 from .nll import MODES, StreamNLL
-from .report import (mode_comparison, report_header, run_summary, save_per_position, ttt_vs_baseline,
-                     write_json, write_markdown)
+from .report import (
+    mode_comparison,
+    report_header,
+    run_summary,
+    save_per_position,
+    ttt_vs_baseline,
+    write_json,
+    write_markdown,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +47,19 @@ class EvalModel:
     lm: torch.nn.Module
     source: str
 
+    @property
+    def ttt(self) -> TTTModel | None:
+        """The handle on the model's TTT layers (None for the baseline)."""
+        return TTTModel.find(self.lm)
+
+    @property
+    def ttt_config(self) -> TTTConfig | None:
+        return self.ttt.config if self.ttt else None
+
     def describe(self) -> dict:
-        report = getattr(self.lm, "ttt_report", None)
-        return {"source": self.source, "ttt": report.to_dict() if report is not None else None,
+        from ttt_speech.moshi import attention_context
+
+        return {"source": self.source, "ttt": self.ttt.report.to_dict() if self.ttt else None,
                 "params": sum(p.numel() for p in self.lm.parameters()),
                 "attention_context": attention_context(self.lm)}
 
@@ -52,7 +73,7 @@ class LoadedData:
 
     def to_dict(self) -> dict:
         return {
-            "streams": [{"id": s.book.id, "frames": s.frames, "minutes": s.frames / 12.5 / 60,
+            "streams": [{"id": s.book.id, "frames": s.frames, "minutes": s.frames / FRAME_RATE / 60,
                          "files_used": len(s.file_starts), "file_starts": s.file_starts, "book": s.book.to_dict()}
                         for s in self.streams],
             "skipped_files": [s.to_dict() for s in self.skipped_files],
@@ -63,14 +84,33 @@ class LoadedData:
         }
 
 
-def attention_context(lm) -> int | None:
-    """Steps moshi's temporal attention sees (None when every attention layer was replaced)."""
-    from moshi.modules.transformer import StreamingMultiheadAttention
+def planned_ttt_configs(config: EvalConfig) -> dict[str, TTTConfig | None]:
+    """The TTT config of each model the config will build ({"ttt": ..., "baseline": None}), read from
+    the config and the exports' metadata without loading any weights."""
+    planned: dict[str, TTTConfig | None] = {}
+    if config.export is not None:
+        planned["ttt"] = export_ttt_config(config.export)
+    elif config.ttt is not None:
+        planned["ttt"] = config.ttt
+    if config.baseline_export is not None or not planned or config.eval.baseline:
+        planned["baseline"] = None
+    return planned
 
-    for module in lm.transformer.modules():
-        if isinstance(module, StreamingMultiheadAttention) and not module.cross_attention:
-            return module.context
-    return None
+
+def model_chunk_size(settings: EvalSettings, ttt: TTTConfig | None) -> int:
+    """The chunk a model patched with `ttt` (None: no TTT layers) is scored with; refuses the settings
+    that model cannot run (a chunk E2E layers cannot take, native mode for E2E layers)."""
+    if ttt is not None and ttt.is_e2e and settings.mode in ("native", "both"):
+        raise ValueError(f"eval.mode: {settings.mode!r} includes native (LMGen.step), which e2e_mlp models "
+                         "cannot run: their update differentiates the model's loss over a whole mini-batch; "
+                         "use eval.mode=chunked")
+    return resolve_chunk_size(settings.chunk_size, ttt, "eval.chunk_size")
+
+
+def check_settings(config: EvalConfig) -> None:
+    """`model_chunk_size` for every model the config plans, before any model or data is loaded."""
+    for ttt in planned_ttt_configs(config).values():
+        model_chunk_size(config.eval, ttt)
 
 
 def build_models(config: EvalConfig, device: torch.device | None = None) -> list[EvalModel]:
@@ -139,11 +179,7 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
     modes = ["chunked", "native"] if config.eval.mode == "both" else [config.eval.mode]
     out = {}
     for model in models:
-        if "native" in modes and has_e2e(model.lm):
-            raise ValueError(f"eval.mode: {config.eval.mode!r} includes native (LMGen.step), which e2e_mlp models "
-                             "cannot run: their update differentiates the model's loss over a whole mini-batch; "
-                             "use eval.mode=chunked")
-        chunk = config.eval.chunk_size or default_chunk_size(model.lm)
+        chunk = model_chunk_size(config.eval, model.ttt_config)
         for mode in modes:
             results = []
             scored = streams[:config.eval.native_max_streams] if mode == "native" else streams
@@ -166,12 +202,11 @@ def alignment_report(models: list[EvalModel], streams: list[Stream], config: Eva
     out = {}
     frames = max(s.frames for s in streams)
     for model in models:
-        ttt = getattr(model.lm, "ttt_config", None)
-        if ttt is None:
+        if model.ttt is None:
             continue
-        chunk = config.eval.chunk_size or default_chunk_size(model.lm)
-        a = chunk_alignment(frames, chunk, ttt.mini_batch_size)
-        a["native_efficiency"] = chunk_alignment(frames, 1, ttt.mini_batch_size)["efficiency"]
+        b = model.ttt.config.mini_batch_size
+        a = chunk_alignment(frames, model_chunk_size(config.eval, model.ttt_config), b)
+        a["native_efficiency"] = chunk_alignment(frames, 1, b)["efficiency"]
         a["frames"] = frames
         out[model.name] = a
     return out
@@ -180,6 +215,7 @@ def alignment_report(models: list[EvalModel], streams: list[Stream], config: Eva
 def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, progress: bool = True,
                    plots: bool = True) -> tuple[dict, dict[str, Path]]:
     """The whole evaluation; returns (report, {kind: path written})."""
+    check_settings(config)
     model_config = config.base_model()
     device = model_config.torch_device()
     models = models or build_models(config, device)
@@ -236,10 +272,10 @@ def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[Stre
     report["plots"] = {k: p.name for k, p in images.items()}
     paths = {"json": write_json(out / "report.json", report), "markdown": write_markdown(out / "report.md", report),
              "per_position": save_per_position(out / "per_position.safetensors", results, ids), **images}
-    if config.wandb.mode != "disabled":
-        from .tracking import log_results, start_run
+    run = start_wandb(config.wandb, report["config"], out, "eval-librilight")
+    if run is not None:
+        from .tracking import log_results
 
-        run = start_run(config.wandb, report["config"], out.name, "eval-librilight")
         log_results(run, runs, images, [paths["json"], paths["markdown"]])
         run.finish()
     return paths
@@ -251,6 +287,7 @@ def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
     settings = config.eval
     if settings.train_window is None:
         raise ValueError("eval.train_window: length generalisation needs the training window (frames)")
+    check_settings(replace(config, eval=replace(settings, mode="chunked")))  # length-gen runs chunked only
     model_config = config.base_model()
     models = models or build_models(config, model_config.torch_device())
     data = load_data(config, models[0].lm, model_config, progress)
@@ -264,11 +301,7 @@ def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
             progress=progress)
         results[model.name]["skipped_files"] = [s.to_dict() for s in data.skipped_files]
         results[model.name]["left_out_books"] = [s.to_dict() for s in data.left_out_books]
-    run = None
-    if config.wandb.mode != "disabled":
-        from .tracking import start_run
-
-        run = start_run(config.wandb, schema.to_dict(config), Path(config.output_dir).name, "eval-length-gen")
+    run = start_wandb(config.wandb, schema.to_dict(config), Path(config.output_dir), "eval-length-gen")
     paths = write_length_gen(results, config.output_dir, wandb_run=run)
     if run is not None:
         run.finish()

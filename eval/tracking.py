@@ -1,4 +1,5 @@
-"""Optional Weights & Biases logging of evaluation results (scalars, tables, plots).
+"""What evaluation results look like in Weights & Biases (scalars, tables, plots); runs are started
+by `ttt_speech.tracking.start_wandb`.
 
 Only imported when wandb is used. Missing values are not logged (wandb would chart them as
 numbers); the full report, skipped entries included, is attached as a file.
@@ -7,18 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-from .config import WandbConfig
-
-
-def start_run(settings: WandbConfig, config: dict[str, Any], default_name: str, job_type: str):
-    """A wandb run (mode online / offline / disabled), or the caller's active run when one exists."""
-    import wandb
-
-    if wandb.run is not None:  # called from inside the fine-tuning loop: log into its run
-        return wandb.run
-    return wandb.init(project=settings.project, entity=settings.entity, name=settings.run_name or default_name,
-                      mode=settings.mode, job_type=job_type, config=config, reinit="finish_previous")
 
 
 def scalars(report_runs: dict[str, dict]) -> dict[str, float]:

@@ -1,8 +1,20 @@
-"""`ttt-speech train`: the same entry point as `torchrun -m finetune.train` (arguments only here)."""
+"""`ttt-speech train`: the command line of the training app (the loop is `train.py`).
+
+Under torchrun: `torchrun --nproc-per-node N --no-python ttt-speech train CONFIG.yaml`, or
+`torchrun --nproc-per-node N -m ttt_speech_apps.finetune CONFIG.yaml` (`__main__.py`, the same `main`).
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+DESCRIPTION = (
+    "Fine-tune a Moshi-architecture model with TTT layers on audio or code manifests, "
+    "TTT state carried across consecutive windows of each recording. Multi-GPU: "
+    "torchrun --nproc-per-node N --no-python ttt-speech train CONFIG.yaml [KEY=VALUE ...]. "
+    "Writes checkpoints/, export/, metrics.jsonl, ttt_stats.csv and loss.png into output_dir."
+)
 
 
 def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -17,17 +29,42 @@ def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "train", help="fine-tune Moshi with TTT layers from a YAML config",
-        description="Fine-tune a Moshi-architecture model with TTT layers on audio or code manifests, "
-                    "TTT state carried across consecutive windows of each recording. Multi-GPU: "
-                    "torchrun --nproc-per-node N -m finetune.train CONFIG.yaml [KEY=VALUE ...]. "
-                    "Writes checkpoints/, export/, metrics.jsonl, ttt_stats.csv and loss.png into output_dir.")
+    parser = sub.add_parser("train", help="fine-tune Moshi with TTT layers from a YAML config", description=DESCRIPTION)
     build_arg_parser(parser)
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .train import run_cli
+    """The command: config + overrides → `train`; a diverged run exits 1 (its checkpoint is named)."""
+    import logging
 
-    return run_cli(args)
+    from .config import load_train_config
+    from .train import TrainingDiverged, train
+
+    overrides = list(args.overrides)
+    if args.wandb_offline:
+        overrides.append("wandb.mode=offline")
+    config = load_train_config(args.config, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = train(config, resume=args.resume, progress=not args.quiet)
+    except TrainingDiverged as e:
+        print(f"ttt-speech train: error: {e}", file=sys.stderr)
+        return 1
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
+    print(f"done: {result['step']} steps; {shown}")
+    print(f"outputs in {config.output_dir}: export/, checkpoints/, metrics.jsonl, loss.png"
+          + (", ttt_stats.csv" if config.ttt is not None else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ttt_speech_apps.finetune CONFIG.yaml [KEY=VALUE ...]` (torchrun-ready)."""
+    parser = build_arg_parser(argparse.ArgumentParser(
+        prog="python -m ttt_speech_apps.finetune", description=DESCRIPTION))
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ttt-speech train: error: {e}", file=sys.stderr)
+        return 2

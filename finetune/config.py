@@ -1,7 +1,7 @@
 """The training config: one dataclass per concern, loaded from YAML and validated here only.
 
-`ttt-speech train CONFIG.yaml key.sub=value ...` and `torchrun -m finetune.train CONFIG.yaml`
-both go through `load_train_config`; the resolved config is saved with every checkpoint.
+`ttt-speech train CONFIG.yaml key.sub=value ...` (also under torchrun) goes through
+`load_train_config`; the resolved config is saved with every checkpoint.
 """
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ttt_speech.config import TTTConfig
+from ttt_speech.config import TTTConfig, resolve_chunk_size
+from ttt_speech.data import CODES_CACHE, FRAME_RATE
 from ttt_speech.models import ModelConfig
 from ttt_speech.schema import check, doc, load_config
+from ttt_speech.tracking import WandbConfig
+from ttt_speech_apps.eval.config import LengthGenConfig
 
 
 @dataclass
-class DataConfig:
+class TrainDataConfig:
     train_manifest: Path = doc(None, "JSONL manifest of training recordings (audio files or code files)")
     eval_manifest: Path | None = doc(None, "JSONL manifest of held-out recordings (null: no evaluation)")
-    window_frames: int | None = doc(256, "frames per training window (12.5 frames = 1 s); or set window_seconds")
+    window_frames: int | None = doc(256, f"frames per training window ({FRAME_RATE:g} frames = 1 s); or set window_seconds")
     window_seconds: float | None = doc(None, "window length in seconds (overrides window_frames when set)")
     batch_size: int = doc(4, "recordings read side by side per step, across all ranks (global batch)")
-    num_workers: int = doc(0, "reserved: recordings are loaded lazily in the main process (codes are small)")
-    codes_cache: Path = doc(".cache/codes", "folder of the content-addressed Mimi codes cache (audio manifests)")
+    codes_cache: Path = doc(CODES_CACHE, "folder of the content-addressed Mimi codes cache (audio manifests)")
     first_codebook_weight: float = doc(100.0, "loss weight of the first (semantic) audio codebook, as moshi-finetune")
     text_padding_weight: float = doc(0.5, "loss weight of text padding tokens, as moshi-finetune")
     shuffle: bool = doc(True, "shuffle the order of recordings each epoch (seeded)")
@@ -31,11 +33,10 @@ class DataConfig:
         check(self.train_manifest is not None, "data.train_manifest", "a path to a JSONL manifest", None)
         if self.window_seconds is not None:
             check(self.window_seconds > 0, "data.window_seconds", "a positive number", self.window_seconds)
-            self.window_frames = max(1, round(self.window_seconds * 12.5))
+            self.window_frames = max(1, round(self.window_seconds * FRAME_RATE))
         check(self.window_frames is not None and self.window_frames >= 1, "data.window_frames",
               "an integer >= 1", self.window_frames)
         check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
-        check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
         check(self.first_codebook_weight > 0, "data.first_codebook_weight", "a positive number", self.first_codebook_weight)
         check(self.text_padding_weight >= 0, "data.text_padding_weight", "a non-negative number", self.text_padding_weight)
 
@@ -71,25 +72,11 @@ class OptimConfig:
 
 
 @dataclass
-class WandbConfig:
-    project: str = doc("ttt-speech", "wandb project")
-    run_name: str | None = doc(None, "wandb run name (null: the output folder's name)")
-    mode: Literal["online", "offline", "disabled"] = doc("online", "online, offline (sync later) or disabled")
-    entity: str | None = doc(None, "wandb entity (team); null: your default")
-
-
-@dataclass
-class LengthGenConfig:
-    enabled: bool = doc(False, "after training, evaluate perplexity at 0.5x..10x the training window on eval_manifest")
-    max_frames: int | None = doc(None, "cap on evaluated stream length (null: 10x the window)")
-
-
-@dataclass
 class TrainConfig:
     model: ModelConfig = doc(factory=ModelConfig, help="")
     ttt: TTTConfig | None = doc(None, "TTT layers to insert (the TTTConfig fields); null trains the plain model "
                                       "(the baseline)")
-    data: DataConfig = doc(factory=lambda: DataConfig(train_manifest=Path("train.jsonl")), help="")
+    data: TrainDataConfig = doc(factory=lambda: TrainDataConfig(train_manifest=Path("train.jsonl")), help="")
     trainable: Literal["ttt", "ttt+lora", "lora", "full", "e2e-meta", "e2e-meta+lora"] = doc(
         "ttt", "what is trained: the TTT layers; TTT + LoRA adapters; LoRA only; every parameter; or, for "
                "e2e_mlp layers, meta-training (the inner updates kept in the graph, second order): every "
@@ -111,7 +98,9 @@ class TrainConfig:
     output_dir: Path = doc("runs/train", "folder of checkpoints, the export, logs and the TTT-stats CSV")
     seed: int = doc(0, "seed of data order and initialisation of new layers")
     wandb: WandbConfig = doc(factory=WandbConfig, help="")
-    length_gen: LengthGenConfig = doc(factory=LengthGenConfig, help="")
+    length_gen: LengthGenConfig | None = doc(None, "after training, evaluate perplexity at lengths from min_factor to "
+                                                   "max_factor x the training window on eval_manifest ({} for the "
+                                                   "defaults, or eval's length_gen fields); null: not")
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -119,18 +108,19 @@ class TrainConfig:
             check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         for name in ("eval_every", "checkpoint_every"):
             check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+        if self.length_gen is not None and self.data.eval_manifest is None:
+            raise ValueError("length_gen: evaluates on data.eval_manifest, which is not set")
         if self.ttt is None and self.trainable in ("ttt", "ttt+lora"):
             raise ValueError(f"trainable: {self.trainable!r} needs a 'ttt' section (the baseline trains 'lora' or 'full')")
         if self.ttt is not None and self.trainable == "lora":
             raise ValueError("trainable: 'lora' leaves the TTT layers untrained; use 'ttt+lora'")
-        e2e = self.ttt is not None and self.ttt.layer_type == "e2e_mlp"
+        e2e = self.ttt is not None and self.ttt.is_e2e
         if self.meta and not e2e:
             raise ValueError(f"trainable: {self.trainable!r} meta-trains E2E layers; it needs ttt.layer_type: e2e_mlp")
+        if self.ttt is not None:  # a window is a chunk of the stream: the one chunk rule (E2E: multiples of b)
+            resolve_chunk_size(self.data.window_frames, self.ttt, "data.window_frames")
         if e2e:
             b, window = self.ttt.mini_batch_size, self.data.window_frames
-            if window % b:
-                raise ValueError(f"data.window_frames: {window} is not a multiple of ttt.mini_batch_size ({b}); "
-                                 "E2E updates must fall on window boundaries")
             if self.meta and window < 2 * b:
                 raise ValueError(f"data.window_frames: meta-training needs >= 2 mini-batches per window (the loss "
                                  f"after an adaptation), got {window} frames for mini_batch_size {b}")

@@ -1,4 +1,4 @@
-"""Persistent-state batching (DESIGN §6): each batch row reads one recording in consecutive windows.
+"""Persistent-state batching (docs/architecture.md §9): each batch row reads one recording in consecutive windows.
 
 Rows are global (`data.batch_size` of them across all ranks) and independent of the number of
 processes: in epoch e, row g reads recordings order_e[g], order_e[g + G], … (order_e a seeded

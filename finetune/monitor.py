@@ -4,42 +4,32 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ttt_speech.moshi.e2e import MoshiE2E
-from ttt_speech.moshi.streaming import MoshiTTT
-from ttt_speech.ops.inner_lr import token_lr
+from ttt_speech.handle import TTTModel
+from ttt_speech.stats import FastWeightStats
+from ttt_speech.tracking import WandbConfig, start_wandb
 
 logger = logging.getLogger(__name__)
 
 
 class InnerLrProbe:
-    """Mean inner learning rate η of each TTT module over the last forward (when `armed`)."""
+    """Mean inner learning rate η of each TTT layer over the last forward (when `armed`), {layer index: η}
+    (the cores' `mean_inner_lr`: per-token λ for TTT layers, the learned scalar for E2E layers)."""
 
     def __init__(self, lm: nn.Module) -> None:
         self.armed = False
-        self.values: dict[str, float] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name))
-                         for name, m in lm.named_modules() if isinstance(m, MoshiTTT)]
+        self.values: dict[int, float] = {}
+        self._handles = [site.ttt.register_forward_pre_hook(self._hook(site.layer_index))
+                         for site in TTTModel.of(lm).sites]
 
-    def _hook(self, name: str):
-        def hook(module: MoshiTTT, args: tuple) -> None:
-            if not self.armed:
-                return
-            layer = module.layer
-            if isinstance(module, MoshiE2E):  # one learned scalar η per layer
-                self.values[name] = layer.inner_lr().item()
-                return
-            with torch.no_grad():
-                x = args[0].float()
-                lr = token_lr(x, layer.lr_gate_weight.float(), layer.lr_gate_bias.float(), layer.config.base_lr,
-                              layer.head_dim)
-                self.values[name] = lr.mean().item()
+    def _hook(self, layer_index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.armed:
+                self.values[layer_index] = module.layer.mean_inner_lr(args[0].detach())
         return hook
 
 
@@ -48,24 +38,12 @@ class Monitor:
 
     CSV_FIELDS = ("step", "layer", "w_norm", "w_delta", "eta_mean")
 
-    def __init__(self, output_dir: Path, wandb_config, run_config: dict[str, Any], enabled: bool) -> None:
+    def __init__(self, output_dir: Path, wandb_config: WandbConfig, run_config: dict[str, Any], enabled: bool) -> None:
         self.enabled = enabled
         self.dir = output_dir
-        self.wandb = None
-        if not enabled:
-            return
-        mode = os.environ.get("WANDB_MODE") or wandb_config.mode
-        if mode != "disabled":
-            try:
-                import wandb
+        self.wandb = start_wandb(wandb_config, run_config, output_dir, "train") if enabled else None
 
-                self.wandb = wandb.init(project=wandb_config.project, entity=wandb_config.entity,
-                                        name=wandb_config.run_name or output_dir.name, mode=mode,
-                                        dir=str(output_dir), config=run_config)
-            except Exception as e:  # noqa: BLE001 - a tracker failure must not stop training
-                logger.warning("wandb unavailable (%s); continuing without it", str(e).splitlines()[0])
-
-    def log(self, step: int, metrics: dict[str, float], layer_stats: dict[str, dict[str, float]] | None = None) -> None:
+    def log(self, step: int, metrics: dict[str, float], layer_stats: dict[int, FastWeightStats] | None = None) -> None:
         if not self.enabled:
             return
         with open(self.dir / "metrics.jsonl", "a") as f:
@@ -78,8 +56,9 @@ class Monitor:
                 if new:
                     writer.writeheader()
                 for layer, stats in layer_stats.items():
-                    writer.writerow({"step": step, "layer": layer, **{k: f"{v:.6g}" for k, v in stats.items()}})
-                    flat.update({f"ttt/{layer}/{k}": v for k, v in stats.items()})
+                    values = stats.to_dict()
+                    writer.writerow({"step": step, "layer": layer, **{k: f"{v:.6g}" for k, v in values.items()}})
+                    flat.update({f"ttt/layer{layer}/{k}": v for k, v in values.items()})
         if self.wandb is not None:
             self.wandb.log(flat, step=step)
 

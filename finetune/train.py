@@ -1,16 +1,16 @@
-"""The training loop: `torchrun --nproc-per-node N -m finetune.train CONFIG.yaml [overrides]`.
+"""The training loop (`train(config)`); its command line is `cli.py` (`ttt-speech train`, also
+`torchrun --nproc-per-node N --no-python ttt-speech train CONFIG.yaml` or `-m ttt_speech_apps.finetune`).
 
-Orchestration only: the model comes from `ttt_speech.models`, TTT from `patch_moshi`, the carried
-state from `TTTCarry`, batches from `WindowBatcher`, the loss from `finetune.loss`.
+Orchestration only: the model comes from `ttt_speech.models`, TTT from `patch_moshi` (and its
+`TTTModel` handle), the carried state from `TTTCarry`, batches from `WindowBatcher`, the loss from
+`loss.py`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,16 +23,17 @@ from ttt_speech import schema
 from ttt_speech.data.cache import CodesCache
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
-from ttt_speech.export import TRAINS_EVERYTHING, save_export
-from ttt_speech.lora import add_lora
 from ttt_speech.data.recording import load_recording
+from ttt_speech.export import TRAINS_EVERYTHING, save_export
+from ttt_speech.handle import TTTModel
+from ttt_speech.lora import add_lora
 from ttt_speech.models import load_lm, load_mimi, load_text_tokenizer
+from ttt_speech.moshi import patch_moshi
+from ttt_speech.moshi.carry import TTTCarry
 from ttt_speech.moshi.teacher_forcing import ChunkModel, chunk_logits, delayed_streams
 
-from .checkpointing import (load_checkpoint, resolve_resume, rng_state, save_checkpoint,
-                            set_rng_state, split_rows)
-from .cli import build_arg_parser
-from .config import TrainConfig, load_train_config
+from .checkpointing import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state, split_rows
+from .config import TrainConfig
 from .data import WindowBatcher
 from .distributed import Dist, close_distributed, init_distributed, wrap
 from .loss import loss_terms, summarize, total_loss
@@ -47,34 +48,24 @@ class TrainingDiverged(RuntimeError):
 
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """Base LM (+ TTT layers, + LoRA) with exactly the configured parameters trainable."""
-    from ttt_speech.moshi import patch_moshi, ttt_modules
-
     lm = load_lm(config.model, device=device)
     torch.manual_seed(config.seed)  # the new layers' initialisation depends on the seed only
+    handle = None
     if config.ttt is not None:
         patch_moshi(lm, config.ttt)  # logs its report
+        handle = TTTModel.of(lm)
     if config.uses_lora:
-        skip = list(ttt_modules(lm)) if config.ttt is not None else []
+        skip = [site.inserted for site in handle.sites] if handle is not None else []
         add_lora(lm, config.lora.rank, config.lora.scale, skip=skip)
+    ttt_params = set(handle.named_parameters()) if handle is not None else set()
     layers = config.trainable in ("ttt", "ttt+lora", "e2e-meta+lora")
     for name, p in lm.named_parameters():
         p.requires_grad_(config.trainable in TRAINS_EVERYTHING
                          or (config.uses_lora and (".lora_A." in name or ".lora_B." in name))
-                         or (layers and _is_ttt_param(lm, name)))
+                         or (layers and name in ttt_params))
     if config.gradient_checkpointing:
         lm.transformer.checkpointing = True
     return lm.train()
-
-
-def _is_ttt_param(lm: nn.Module, name: str) -> bool:
-    from ttt_speech.moshi import ttt_modules
-
-    prefixes = getattr(lm, "_ttt_prefixes", None)
-    if prefixes is None:
-        ids = {id(m) for m in ttt_modules(lm)}
-        prefixes = tuple(n + "." for n, m in lm.named_modules() if id(m) in ids)
-        lm._ttt_prefixes = prefixes
-    return name.startswith(prefixes)
 
 
 class RecordingLoader:
@@ -127,8 +118,6 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
 
 def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
-
-    from ttt_speech.moshi.carry import TTTCarry
 
     out_dir = config.output_dir
     entries = read_manifest(config.data.train_manifest, "data.train_manifest")
@@ -220,11 +209,7 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
             elapsed = time.perf_counter() - window_start_time
             metrics = {**values, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                        "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9)}
-            stats = None
-            if carry is not None:
-                stats = carry.layer_stats()
-                for name, eta in probe.values.items():
-                    stats.setdefault(name, {})["eta_mean"] = eta
+            stats = carry.handle.fast_weight_stats(carry.current(), probe.values) if carry is not None else None
             monitor.log(step, metrics, stats)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             window_start_time, window_steps = time.perf_counter(), 0
@@ -238,7 +223,7 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
         metrics.update(_log_eval(step, lm, eval_entries, config, carry, monitor, env))
     if carry is not None:
         carry.close()
-    if env.is_main and config.length_gen.enabled:
+    if env.is_main and config.length_gen is not None:
         _length_gen(lm, eval_entries, config, monitor)
     if env.is_main:
         lora = {"rank": config.lora.rank, "scale": config.lora.scale} if config.uses_lora else None
@@ -278,8 +263,6 @@ def _restore(path: Path, lm: nn.Module, optimizer, scheduler, batcher: WindowBat
 def evaluate(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, env: Dist) -> dict[str, float]:
     """Teacher-forced loss on the first `eval_frames` of each held-out recording, window by window
     with the TTT state carried (persistent_state) exactly as in training; one recording at a time."""
-    from ttt_speech.moshi.carry import TTTCarry
-
     was_training = lm.training
     lm.eval()
     loader = RecordingLoader(entries, lm, config)
@@ -318,18 +301,17 @@ def _log_eval(step: int, lm: nn.Module, entries, config: TrainConfig, carry, mon
 
 
 def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, monitor: Monitor) -> None:
-    """Perplexity at 0.5x..10x the training window on the held-out recordings (eval's length-gen)."""
-    from eval.length_gen import length_generalisation, write_length_gen
+    """Perplexity at min_factor..max_factor x the training window on the held-out recordings (eval's length-gen)."""
+    from ttt_speech_apps.eval.length_gen import length_generalisation, write_length_gen
 
-    if not entries:
-        logger.warning("length_gen.enabled needs data.eval_manifest; skipped")
-        return
     loader = RecordingLoader(entries, lm, config)
     streams = {entry.path.stem: loader.codes(i) for i, entry in enumerate(entries)}
     was_training = lm.training
     lm.eval()
     with torch.no_grad():
-        result = length_generalisation(lm, streams, config.data.window_frames, max_frames=config.length_gen.max_frames)
+        lg = config.length_gen
+        result = length_generalisation(lm, streams, config.data.window_frames, num_lengths=lg.num_lengths,
+                                       min_factor=lg.min_factor, max_factor=lg.max_factor)
     lm.train(was_training)
     paths = write_length_gen({"trained": result}, config.output_dir / "length_gen", wandb_run=monitor.wandb)
     logger.info("length generalisation written to %s", paths["markdown"])
@@ -362,36 +344,3 @@ def _plot_curves(out_dir: Path) -> None:
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     os.replace(tmp, out_dir / "loss.png")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.wandb_offline:
-        overrides.append("wandb.mode=offline")
-    config = load_train_config(args.config, overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        result = train(config, resume=args.resume, progress=not args.quiet)
-    except TrainingDiverged as e:
-        print(f"ttt-speech train: error: {e}", file=sys.stderr)
-        return 1
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
-    print(f"done: {result['step']} steps; {shown}")
-    print(f"outputs in {config.output_dir}: export/, checkpoints/, metrics.jsonl, loss.png"
-          + (", ttt_stats.csv" if config.ttt is not None else ""))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_arg_parser(argparse.ArgumentParser(
-        prog="python -m finetune.train", description="Fine-tune a Moshi model with TTT layers (torchrun-ready)."))
-    args = parser.parse_args(argv)
-    try:
-        return run_cli(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"finetune.train: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

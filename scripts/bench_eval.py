@@ -25,17 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this process: build the model and stream, score it, report."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from eval.memory import PeakMemory
-    from eval.nll import chunked_nll, native_nll
     from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
+    from ttt_speech_apps.eval.memory import PeakMemory
+    from ttt_speech_apps.eval.nll import chunked_nll, native_nll
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from finetune.config import load_train_config
-from finetune.loss import loss_terms, total_loss
-from finetune.train import build_model
 from ttt_speech.models import load_lm
 from ttt_speech.moshi.carry import TTTCarry
 from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
+from ttt_speech_apps.finetune.config import load_train_config
+from ttt_speech_apps.finetune.loss import loss_terms, total_loss
+from ttt_speech_apps.finetune.train import build_model
 
 
 def make_step(lm, config, carry):

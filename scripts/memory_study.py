@@ -21,13 +21,14 @@ from pathlib import Path
 
 import yaml
 
-from demo.config import load_demo_config
-from demo.run import train_side_by_side
-from eval.memory_probe import MemoryConfig, MemoryData, MemoryModel, run_memory, summary_lines
-from finetune.config import TrainConfig
 from ttt_speech import schema
 from ttt_speech.checkpoint import write_text_atomic
 from ttt_speech.data.synthetic import write_corpus
+from ttt_speech_apps.demo.config import load_demo_config
+from ttt_speech_apps.demo.run import train_side_by_side
+from ttt_speech_apps.eval.config import DataConfig
+from ttt_speech_apps.eval.memory_probe import MemoryConfig, MemoryModel, run_memory, summary_lines
+from ttt_speech_apps.finetune.config import TrainConfig
 
 FLAVOURS = {  # name → overrides of the demo's `train` section
     "baseline": ["ttt=null"],
@@ -66,7 +67,7 @@ def main() -> int:
     seconds = train_side_by_side(paths, runs, progress=True)
     print("training: " + ", ".join(f"{n} {s / 60:.1f} min" for n, s in seconds.items()))
     config = MemoryConfig(models=[MemoryModel(name, runs[name].output_dir / "export") for name in FLAVOURS],
-                          data=MemoryData(manifest=files["eval"]), segment_frames=args.segment,
+                          data=DataConfig(manifest=files["eval"]), segment_frames=args.segment,
                           output_dir=out / "eval")
     report, written = run_memory(config)
     print("\n".join(summary_lines(report)))

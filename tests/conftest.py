@@ -37,3 +37,10 @@ def make_layer(layer_type="linear", b=4, dim=16, heads=2, dtype=torch.float64, s
 
 def max_diff(a, b):
     return (a - b).abs().max().item()
+
+
+def inserted_modules(model):
+    """What a patch added to each patched layer (the gated branch, or the TTT module in replace mode)."""
+    from ttt_speech import TTTModel
+
+    return [site.inserted for site in TTTModel.of(model).sites]

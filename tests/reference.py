@@ -1,4 +1,4 @@
-"""An independent, slow TTT reference: a per-token primal loop written from the math (DESIGN §2).
+"""An independent, slow TTT reference: a per-token primal loop written from the math (docs/architecture.md §2).
 
 It shares no code with `ttt_speech.ops`: the inner gradient comes from autograd, RoPE is written
 as explicit 2x2 rotations, LayerNorm as torch's own, and every token is processed with its own

@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-
 from ttt_speech import TTTConfig, patch_moshi, save_ttt, tiny_moshi_lm
 from ttt_speech.cli import main
 
@@ -20,7 +19,19 @@ def test_check_runs(capsys):
     assert main(["check", "--frames", "5", "--layers", "last:0.5", "--mini-batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "patched layers            2-3 (2 of 4)" in out
-    assert "max |logit diff|" in out and "frames/s" in out
+    assert "max |logit diff|" in out and "(OK, tolerance 0.0001)" in out and "frames/s" in out
+
+
+def test_check_fails_when_streaming_breaks_the_contract(monkeypatch, capsys):
+    """A TTT layer that drops its state between calls (every chunk starts from the initial fast
+    weights) breaks chunked == full forward: the check must say so and exit 1, before timing."""
+    from ttt_speech.moshi.streaming import TTTStreamState
+
+    monkeypatch.setattr(TTTStreamState, "assign", lambda self, new: None)
+    assert main(["check", "--frames", "5", "--mini-batch-size", "4"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED, tolerance 0.0001" in captured.out and "frames/s" not in captured.out
+    assert "chunked streaming does not reproduce the full forward" in captured.err
 
 
 def test_check_bad_input_exits_2(capsys):

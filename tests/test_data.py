@@ -1,13 +1,11 @@
 """Data: code files, manifests, audio → Mimi codes (random-init Mimi) → Moshi streams → batches."""
 import json
+
 import numpy as np
 import pytest
 import sphn
 import torch
 
-from finetune.config import load_train_config
-from finetune.data import WindowBatcher
-from finetune.train import RecordingLoader
 from train_utils import TINY_MODEL, make_corpus, write_config
 from ttt_speech.data.codes import Recording, load_codes, save_codes
 from ttt_speech.data.layout import moshi_streams
@@ -15,6 +13,9 @@ from ttt_speech.data.manifest import read_manifest
 from ttt_speech.data.synthetic import SynthConfig, acoustic_maps, synth_recording, write_corpus
 from ttt_speech.data.transcript import Word, read_alignments, text_stream
 from ttt_speech.models import tiny_moshi_lm
+from ttt_speech_apps.finetune.config import load_train_config
+from ttt_speech_apps.finetune.data import WindowBatcher
+from ttt_speech_apps.finetune.train import RecordingLoader
 
 
 def test_code_file_round_trip_and_errors(tmp_path):
@@ -156,7 +157,7 @@ def test_transcript_files(tmp_path):
     with pytest.raises(ValueError, match=r"t.json: alignments\[1\]: expected \[word, \[start, end\], speaker\]"):
         read_alignments(tmp_path / "t.json")
     (tmp_path / "u.json").write_text("{not json")
-    with pytest.raises(ValueError, match="u.json: not a readable transcript"):
+    with pytest.raises(ValueError, match="u.json: not valid JSON, expected a readable transcript"):
         read_alignments(tmp_path / "u.json")
 
 

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from demo.config import load_demo_config
-from demo.run import train_configs
-from demo.summary import ascii_plot, range_edges
-from finetune.config import load_train_config
 from ttt_speech.cli import main
+from ttt_speech_apps.demo.config import load_demo_config
+from ttt_speech_apps.demo.run import train_configs
+from ttt_speech_apps.demo.summary import ascii_plot, range_edges
+from ttt_speech_apps.finetune.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/demo.yaml"

@@ -3,11 +3,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from finetune.train import main as train_main
 from train_utils import make_corpus, write_config
+from ttt_speech_apps.finetune.cli import main as train_main
 
 # DDP averages per-rank gradients; with the loss normalised by the global token weight that is the
 # single-process gradient up to float32 summation order.
@@ -28,7 +29,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path, flavour):
                          **{"data.batch_size": 4}, **flavour)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(29500 + os.getpid() % 1000), "-m", "finetune.train", str(multi),
+                          str(29500 + os.getpid() % 1000), "--no-python", str(Path(sys.executable).parent / "ttt-speech"), "train", str(multi),
                           "--quiet"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 

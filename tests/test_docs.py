@@ -1,6 +1,7 @@
 """The documentation matches the code: every command the README names exists, every option has a
 help text, every config field is in a reference kept in sync with the dataclasses."""
 import argparse
+import importlib.util
 import re
 from pathlib import Path
 
@@ -49,15 +50,15 @@ def test_commands_named_in_the_readme_exist():
     for path in set(re.findall(r"\b((?:scripts|configs|docs)/[\w./-]+\.(?:py|yaml|md))", README)):
         assert (ROOT / path).is_file(), f"README names {path}, which does not exist"
     for module in re.findall(r"-m ([a-z_]+(?:\.[a-z_]+)+)", README):
-        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"README: python -m {module} does not exist"
+        assert importlib.util.find_spec(module) is not None, f"README: python -m {module} does not exist"
 
 
 def test_demo_config_reference_is_in_sync():
-    from demo.config import DemoConfig
+    from ttt_speech_apps.demo.config import DemoConfig
 
     reference = markdown_reference(DemoConfig)
     assert reference in (ROOT / "docs/demo.md").read_text(), (
-        "docs/demo.md is out of date; regenerate it with: python -c 'from demo.config import DemoConfig; "
+        "docs/demo.md is out of date; regenerate it with: python -c 'from ttt_speech_apps.demo.config import DemoConfig; "
         "from ttt_speech.schema import markdown_reference; print(markdown_reference(DemoConfig))'")
 
 

@@ -6,11 +6,12 @@ Tiny float64 Moshi-architecture models (dim 32, 4 layers, 2 + 2 audio streams, a
 import pytest
 import torch
 
-from conftest import max_diff
-from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
-from ttt_speech.moshi import load_ttt_stream_state, teacher_forced_logits, ttt_modules, ttt_stream_state
+from conftest import inserted_modules, max_diff
+from ttt_speech import TTTConfig, TTTModel, patch_moshi, tiny_moshi_lm
+from ttt_speech.handle import inference_context
+from ttt_speech.moshi import teacher_forced_logits
 from ttt_speech.moshi.carry import TTTCarry
-from ttt_speech.moshi.e2e import MoshiE2E, inference_context
+from ttt_speech.moshi.e2e import MoshiE2E
 from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams, widen_kv_caches
 
 CARD, TEXT_CARD, B_MB = 16, 20, 4
@@ -81,7 +82,7 @@ def test_inner_updates_change_only_the_updatable_mlps():
     with inference_context(lm), lm.streaming(2):
         widen_kv_caches(lm, 24)
         chunk_logits(lm, inputs, targets)
-        state = ttt_stream_state(lm)
+        state = TTTModel.of(lm).stream_state()
     assert all(torch.equal(p, params[n]) for n, p in lm.named_parameters())  # parameters untouched
     (name, module), = [(n, m) for n, m in lm.named_modules() if isinstance(m, MoshiE2E)]
     for w in module.layer.fast_names:  # only the E2E layer's fast weights moved, in every row
@@ -119,8 +120,9 @@ def test_window_mode_equals_streaming():
     with inference_context(lm), lm.streaming(2):
         widen_kv_caches(lm, 24)
         text2, audio2 = chunk_logits(lm, inputs, targets)
-        stream_state = ttt_stream_state(lm)
+        stream_state = TTTModel.of(lm).stream_state()
     assert max_diff(text, text2) < 1e-12 and max_diff(audio, audio2) < 1e-12
+    assert set(window_state) == set(stream_state) and any(k.endswith(".W1") for k in stream_state)
     assert all(max_diff(window_state[k], stream_state[k]) < 1e-12 for k in stream_state)
 
 
@@ -174,11 +176,12 @@ def test_reset_rows_and_save_restore_state():
     with inference_context(lm), lm.streaming(2):
         widen_kv_caches(lm, 24)
         chunk_logits(lm, inputs[..., :8], targets[..., :8])
-        saved = ttt_stream_state(lm)
+        saved = TTTModel.of(lm).stream_state()
         lm.reset_streaming(torch.tensor([True, False]))
-        after_reset = ttt_stream_state(lm)
-        load_ttt_stream_state(lm, saved)
-        assert all(torch.equal(v, saved[k]) for k, v in ttt_stream_state(lm).items())
+        after_reset = TTTModel.of(lm).stream_state()
+        TTTModel.of(lm).load_stream_state(saved)
+        restored = TTTModel.of(lm).stream_state()
+        assert set(restored) == set(saved) and all(torch.equal(v, saved[k]) for k, v in restored.items())
     (name, module), = [(n, m) for n, m in lm.named_modules() if isinstance(m, MoshiE2E)]
     w0 = module.layer.W1.detach()
     assert torch.equal(after_reset[f"{name}.W1"][0], w0) and not torch.equal(saved[f"{name}.W1"][0], w0)
@@ -192,7 +195,7 @@ def test_fast_weights_are_float32_in_a_bf16_model():
     inputs, targets = delayed_streams(lm, c)
     with inference_context(lm), lm.streaming(2):
         text, _ = chunk_logits(lm, inputs, targets)
-        state = ttt_stream_state(lm)
+        state = TTTModel.of(lm).stream_state()
     assert text.dtype == torch.bfloat16 and {v.dtype for k, v in state.items() if not k.endswith("offset")} == {torch.float32}
 
 
@@ -207,7 +210,7 @@ def test_streaming_forward_outside_chunk_logits_and_inference_mode_are_refused()
 
 def test_ttt_modules_lists_the_gated_e2e_branches():
     lm = e2e_lm(layers=[1, 3])
-    assert [type(m).__name__ for m in ttt_modules(lm)] == ["GatedTTTBranch", "GatedTTTBranch"]
+    assert [type(m).__name__ for m in inserted_modules(lm)] == ["GatedTTTBranch", "GatedTTTBranch"]
 
 
 @pytest.mark.parametrize("weight", [1.0, 100.0])
@@ -240,10 +243,10 @@ def test_inner_loss_is_the_per_row_next_frame_cross_entropy(weight):
 
 def test_native_evaluation_generation_and_llama_refuse_e2e():
     """The paths that run one frame at a time without gradients say so in one line."""
-    from eval.config import EvalConfig, EvalSettings
-    from eval.run import EvalModel, evaluate
     from ttt_speech import patch_llama
     from ttt_speech.generation.session import GenerationSession
+    from ttt_speech_apps.eval.config import EvalConfig, EvalSettings
+    from ttt_speech_apps.eval.run import EvalModel, evaluate
 
     lm = e2e_lm()
     with pytest.raises(ValueError, match="eval.mode: 'both' includes native"):

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from finetune.config import load_train_config
-from finetune.train import build_model
-from finetune.train import main as train_main
 from train_utils import make_corpus, write_config
+from ttt_speech import TTTModel
 from ttt_speech.export import load_exported_lm
-from ttt_speech.moshi.e2e import has_e2e
+from ttt_speech_apps.finetune.config import load_train_config
+from ttt_speech_apps.finetune.train import build_model
+from ttt_speech_apps.finetune.cli import main as train_main
 
 E2E = {"layer_type": "e2e_mlp", "mode": "hybrid", "mini_batch_size": 4, "gate_init": 0.5}
 
@@ -25,7 +25,7 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("data.window_frames=10", "data.window_frames: 10 is not a multiple of ttt.mini_batch_size (4)"),
+    ("data.window_frames=10", "data.window_frames: 10 frames is not a multiple of the E2E mini-batch size (4)"),
     ("data.window_frames=4", "meta-training needs >= 2 mini-batches per window"),
     ("gradient_checkpointing=true", "gradient_checkpointing: not available with e2e_mlp"),
     ("ttt.layer_type=linear", "trainable: 'e2e-meta' meta-trains E2E layers; it needs ttt.layer_type: e2e_mlp"),
@@ -67,7 +67,7 @@ def test_meta_training_runs_resumes_exactly_and_exports(tmp_path, corpus):
     stats = (tmp_path / "a" / "run" / "ttt_stats.csv").read_text().splitlines()
     assert len(stats) == 1 + 4 and all(float(row.split(",")[-1]) > 0 for row in stats[1:])  # η logged
     lm, _ = load_exported_lm(tmp_path / "a" / "run" / "export")
-    assert has_e2e(lm) and any(".lora_A." in n for n, _ in lm.named_parameters())
+    assert TTTModel.of(lm).has_e2e and any(".lora_A." in n for n, _ in lm.named_parameters())
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp", "e2e_mlp"])
@@ -85,9 +85,9 @@ def test_tiny_lora_with_every_flavour(tmp_path, corpus, layer_type):
 def test_meta_trained_export_holds_every_weight(tmp_path, corpus):
     """e2e-meta trains every parameter: the export must carry them all (the reloaded model gives
     the run's final held-out loss exactly)."""
-    from finetune.distributed import Dist
-    from finetune.train import evaluate
     from ttt_speech.data.manifest import read_manifest
+    from ttt_speech_apps.finetune.distributed import Dist
+    from ttt_speech_apps.finetune.train import evaluate
 
     path = write_config(tmp_path, corpus, ttt=E2E, trainable="e2e-meta", steps=2,
                         **{"data.eval_manifest": str(corpus["eval"]), "optim.lr": 1e-2})

@@ -6,11 +6,11 @@ import pytest
 import soundfile
 import torch
 
-from eval.books import Book, discover_books, find_books, load_stream, natural_key
-from eval.config import DataConfig
 from ttt_speech import tiny_moshi_lm
 from ttt_speech.data.codes import Recording, save_codes
 from ttt_speech.data.manifest import ManifestEntry, write_manifest
+from ttt_speech_apps.eval.books import Book, discover_books, find_books, load_stream, natural_key
+from ttt_speech_apps.eval.config import DataConfig
 
 RATE = 16000
 

@@ -11,7 +11,14 @@ import pytest
 import torch
 import yaml
 
-from eval.memory_probe import (
+from ttt_speech import TTTConfig, TTTModel, patch_moshi, tiny_moshi_lm
+from ttt_speech.cli import main
+from ttt_speech.data.synthetic import SynthConfig, write_corpus
+from ttt_speech.moshi import MoshiTTT
+from ttt_speech.moshi.internals import streaming_state
+from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams, widen_kv_caches
+from ttt_speech.schema import from_dict, markdown_reference
+from ttt_speech_apps.eval.memory_probe import (
     MemoryConfig,
     MemoryModel,
     check_chunk_size,
@@ -20,17 +27,7 @@ from eval.memory_probe import (
     remembered,
     summarize,
 )
-from eval.nll import chunked_nll, token_nll, undelay_nll
-from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
-from ttt_speech.cli import main
-from ttt_speech.data.synthetic import SynthConfig, write_corpus
-from ttt_speech.moshi import MoshiTTT, ttt_stream_state
-from ttt_speech.moshi.teacher_forcing import (
-    chunk_logits,
-    delayed_streams,
-    widen_kv_caches,
-)
-from ttt_speech.schema import from_dict, markdown_reference
+from ttt_speech_apps.eval.nll import chunked_nll, token_nll, undelay_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +80,7 @@ def test_baseline_post_equals_pre_exactly():
     assert not probe.carried and probe.post_equals_pre
     result = summarize([probe], ["s0"])
     assert result["post_equals_pre"] and not result["carried_state"]
-    assert all(g["delta"] == 0.0 for g in result["groups"].values())
+    assert len(result["groups"]) == 4 and all(g["delta"] == 0.0 for g in result["groups"].values())
     assert "post = pre exactly" in remembered(result)
 
 
@@ -103,7 +100,7 @@ def test_post_is_scoring_with_the_first_occurrences_state_by_an_independent_path
         for occurrence in range(2):
             if occurrence == 1:
                 for module in ttt_lm.modules():
-                    state = getattr(module, "_streaming_state", None)
+                    state = streaming_state(module)
                     if state is not None and not isinstance(module, MoshiTTT):
                         state.reset(torch.ones(1, dtype=torch.bool))
             texts, audios = [], []
@@ -118,7 +115,7 @@ def test_post_is_scoring_with_the_first_occurrences_state_by_an_independent_path
 
 def test_loading_the_initial_state_gives_pre_back(ttt_lm, ttt_probe):
     with torch.inference_mode(), ttt_lm.streaming(1):
-        initial = ttt_stream_state(ttt_lm)
+        initial = TTTModel.of(ttt_lm).stream_state()
     assert masked_equal(chunked_nll(ttt_lm, segment(), CHUNK, initial_state=initial), ttt_probe.pre)
 
 
@@ -142,7 +139,7 @@ def test_state_round_trip_of_chunked_nll(ttt_lm, ttt_probe):
 
 def _initial_state(lm):
     with torch.inference_mode(), lm.streaming(1):
-        return ttt_stream_state(lm)
+        return TTTModel.of(lm).stream_state()
 
 
 def test_summary_groups_and_per_stream_values(ttt_probe):
@@ -198,7 +195,7 @@ def test_memory_command_end_to_end(corpus, tmp_path, capsys):
     assert list(report["results"]) == ["ttt-linear", "baseline"]
     assert report["data"]["counts"] == {"streams": 2, "left_out": 2, "files_skipped": 0}
     assert all(s["reason"] == f"24 frames < segment_frames {S // 2}" for s in report["data"]["left_out"])
-    assert report["models"]["ttt-linear"]["chunk_size"] == 2 * B and report["models"]["baseline"]["chunk_size"] == 32
+    assert report["models"]["ttt-linear"]["chunk_size"] == 4 * B and report["models"]["baseline"]["chunk_size"] == 64
     base, ttt = report["results"]["baseline"], report["results"]["ttt-linear"]
     assert base["post_equals_pre"] and not base["carried_state"]
     assert ttt["carried_state"] and not ttt["post_equals_pre"]
@@ -228,8 +225,8 @@ def test_command_errors_are_one_line_and_exit_2(corpus, tmp_path, capsys):
     assert "config.models[0]: unknown field(s) ['exprt']" in err
     err = _error(capsys, ["eval", "memory", config, "models=[{name: a}, {name: a}]"])
     assert "models: duplicate name(s) ['a']" in err
-    err = _error(capsys, ["eval", "memory", config, "chunk_size=12"])
-    assert "chunk_size: expected a multiple of every model's TTT mini-batch size (ttt-linear: 8), got 12" in err
+    err = _error(capsys, ["eval", "memory", config, "chunk_size=0"])
+    assert "chunk_size: expected a positive number of frames, got 0" in err
     err = _error(capsys, ["eval", "memory", config, "segment_frames=500", "--quiet"])
     assert "segment_frames: 500 frames is longer than every stream (longest: 48 frames)" in err
     assert "unrecognised argument '--baseline'" in _error(capsys, ["eval", "memory", config, "--baseline"])
@@ -240,16 +237,19 @@ def test_config_validation():
     ok = {"models": [{"name": "a"}], "data": {"manifest": "x.jsonl"}}
     config = from_dict(MemoryConfig, ok, "config")
     assert config.segment_frames == 256 and config.chunk_size is None and config.models == [MemoryModel("a")]
-    assert check_chunk_size(config) == {"a": 32}
+    assert check_chunk_size(config) == {"a": 64}  # the default chunk of a model without TTT layers
+    e2e = {"name": "a", "ttt": {"layer_type": "e2e_mlp", "mini_batch_size": 16}}
+    linear = {"name": "a", "ttt": {"mini_batch_size": 16}}
+    assert check_chunk_size(from_dict(MemoryConfig, {**ok, "models": [linear], "chunk_size": 24}, "config")) == {"a": 24}
     for bad, message in [
         ({**ok, "models": []}, "models: expected a list of at least one"),
         ({**ok, "models": [{"export": "x"}]}, "missing 1 required positional argument: 'name'"),
         ({**ok, "models": [{"name": " "}]}, "config.models[0]: name: expected a non-empty string"),
         ({**ok, "models": [{"name": "a", "export": "x", "ttt": {}}]}, "export and ttt: set one"),
         ({**ok, "segment_frames": 0}, "segment_frames: expected an integer >= 1"),
-        ({**ok, "data": {}}, "config.data: set manifest"),
-        ({**ok, "models": [{"name": "a", "ttt": {"mini_batch_size": 16}}], "chunk_size": 24},
-         "chunk_size: expected a multiple of every model's TTT mini-batch size (a: 16), got 24"),
+        ({**ok, "data": {}}, "data: expected manifest (a JSONL of code or audio files) or root"),
+        ({**ok, "models": [e2e], "chunk_size": 24},
+         "chunk_size: 24 frames is not a multiple of the E2E mini-batch size (16)"),
     ]:
         with pytest.raises(ValueError, match=None) as e:
             from_dict(MemoryConfig, bad, "config")
@@ -260,19 +260,22 @@ def test_chunk_size_of_an_export_is_checked_from_its_metadata(tmp_path):
     from ttt_speech.export import save_export
     from ttt_speech.models import ModelConfig
 
-    lm = tiny_lm(TTTConfig(mini_batch_size=B))
-    save_export(lm, ModelConfig(tiny=TINY, device="cpu"), tmp_path / "ttt", trainable="ttt")
-    save_export(tiny_lm(), ModelConfig(tiny=TINY, device="cpu"), tmp_path / "plain", trainable="full")
-    models = [{"name": "ttt", "export": str(tmp_path / "ttt")}, {"name": "plain", "export": str(tmp_path / "plain")}]
+    model = ModelConfig(tiny=TINY, device="cpu")
+    save_export(tiny_lm(TTTConfig(mini_batch_size=B)), model, tmp_path / "ttt", trainable="ttt")
+    save_export(tiny_lm(TTTConfig(layer_type="e2e_mlp", mini_batch_size=B)), model, tmp_path / "e2e", trainable="ttt")
+    save_export(tiny_lm(), model, tmp_path / "plain", trainable="full")
+    models = [{"name": n, "export": str(tmp_path / n)} for n in ("ttt", "e2e", "plain")]
     config = from_dict(MemoryConfig, {"models": models, "data": {"manifest": "x.jsonl"}}, "config")
-    assert check_chunk_size(config) == {"ttt": 2 * B, "plain": 32}
-    config.chunk_size = 12
-    with pytest.raises(ValueError, match=r"chunk_size: expected a multiple .* \(ttt: 8\), got 12"):
+    assert check_chunk_size(config) == {"ttt": 4 * B, "e2e": 4 * B, "plain": 64}
+    config.chunk_size = 12  # fine for TTT layers (padding slots only), not for E2E layers
+    with pytest.raises(ValueError, match=r"chunk_size: 12 frames is not a multiple of the E2E mini-batch size \(8\)"):
         check_chunk_size(config)
+    config.models = config.models[:1] + config.models[2:]
+    assert check_chunk_size(config) == {"ttt": 12, "plain": 12}
 
 
 def test_example_config_loads_and_docs_hold_the_reference():
-    from eval.memory_probe import load_config
+    from ttt_speech_apps.eval.memory_probe import load_config
 
     config = load_config(ROOT / "configs/eval_memory.yaml")
     assert [m.name for m in config.models] == ["ttt-linear", "ttt-mlp", "e2e", "baseline"]
@@ -281,7 +284,7 @@ def test_example_config_loads_and_docs_hold_the_reference():
     docs = (ROOT / "docs/evaluation.md").read_text()
     for cls in (MemoryConfig, MemoryModel):
         assert markdown_reference(cls) in docs, (
-            f"docs/evaluation.md is out of date; regenerate with: python -c 'from eval.memory_probe import "
+            f"docs/evaluation.md is out of date; regenerate with: python -c 'from ttt_speech_apps.eval.memory_probe import "
             f"{cls.__name__}; from ttt_speech.schema import markdown_reference; "
             f"print(markdown_reference({cls.__name__}))'")
 

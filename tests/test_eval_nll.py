@@ -7,12 +7,12 @@ modes, and TTT's mini-batch (4) is crossed by aligned and unaligned chunks.
 import pytest
 import torch
 
-import eval.nll as nll_module
-from conftest import max_diff
-from eval.nll import NonFiniteError, chunked_nll, native_nll, token_nll
+import ttt_speech_apps.eval.nll as nll_module
+from conftest import inserted_modules, max_diff
 from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
-from ttt_speech.moshi import teacher_forced_logits, ttt_modules
+from ttt_speech.moshi import teacher_forced_logits
 from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
+from ttt_speech_apps.eval.nll import NonFiniteError, chunked_nll, native_nll, token_nll
 
 CARD, TEXT_CARD, T, CONTEXT, B = 64, 100, 45, 16, 4
 TOL = 1e-4
@@ -30,7 +30,7 @@ def make_lm(ttt: str | None):
     if ttt is not None:
         patch_moshi(lm, TTTConfig(mini_batch_size=B, mode=ttt, layers="every:2"))
         with torch.no_grad():  # open the hybrid gates so that TTT visibly acts
-            for m in ttt_modules(lm):
+            for m in inserted_modules(lm):
                 if hasattr(m, "gate_alpha"):
                     m.gate_alpha.fill_(0.5)
     return lm

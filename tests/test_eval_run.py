@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from eval import fixture
-from eval.config import EvalConfig, load_config
-from eval.length_gen import length_generalisation, write_length_gen
-from eval.run import build_models
 from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
 from ttt_speech.cli import main
 from ttt_speech.schema import from_dict
+from ttt_speech_apps.eval import fixture
+from ttt_speech_apps.eval.config import EvalConfig, load_config
+from ttt_speech_apps.eval.length_gen import length_generalisation, write_length_gen
+from ttt_speech_apps.eval.run import build_models
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -96,7 +96,7 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
 
     import wandb
 
-    from eval.tracking import log_results, scalars
+    from ttt_speech_apps.eval.tracking import log_results, scalars
 
     values = scalars(report["runs"])
     assert values["ttt/chunked/cb1/cumulative_nll@300"] == positions[300]["cumulative"]["nll"]
@@ -144,7 +144,8 @@ def test_configs_in_the_repository_load():
         if path.name == "eval_memory.yaml":  # a MemoryConfig (`ttt-speech eval memory`): tests/test_eval_memory.py
             continue
         config = load_config(path)
-        assert isinstance(config, EvalConfig)
+        assert config.data.root is not None or config.data.manifest is not None, path  # says what to read
+        assert config.export is not None or config.ttt is not None, path  # and which TTT model to score
 
 
 def random_streams(n=2, T=60, seed=0):
@@ -189,12 +190,35 @@ def test_export_and_baseline_models(tmp_path):
     config = from_dict(EvalConfig, {"export": str(tmp_path / "export"), "eval": {"baseline": True}}, "config")
     models = build_models(config, torch.device("cpu"))
     assert [m.name for m in models] == ["ttt", "baseline"]
-    assert models[0].lm.ttt_report.layers == [1] and getattr(models[1].lm, "ttt_report", None) is None
+    assert models[0].ttt.report.layers == [1] and models[1].ttt is None
     codes = random_streams(1)["s0"][None]
     with torch.no_grad():
         assert torch.equal(models[0].lm(codes).logits.nan_to_num(), lm(codes).logits.nan_to_num())
     with pytest.raises(ValueError, match="not both"):
         from_dict(EvalConfig, {"export": str(tmp_path / "export"), "ttt": {}}, "config")
+
+
+def test_settings_a_model_cannot_run_fail_before_models_or_data_load(tmp_path, monkeypatch):
+    """The chunk rule and the E2E refusal of native mode are checked from the export's metadata."""
+    from ttt_speech.export import save_export
+    from ttt_speech.models import ModelConfig
+    from ttt_speech_apps.eval import run
+
+    lm = tiny_moshi_lm(card=64, text_card=100)
+    patch_moshi(lm, TTTConfig(layer_type="e2e_mlp", mini_batch_size=4))
+    save_export(lm, ModelConfig(tiny={"card": 64, "text_card": 100}, device="cpu"), tmp_path / "e2e", trainable="ttt")
+    monkeypatch.setattr(run, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(run, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
+    for settings, message in [({"chunk_size": 6}, "eval.chunk_size: 6 frames is not a multiple of the E2E mini-batch "
+                                                  "size (4)"),
+                              ({"mode": "both"}, "eval.mode: 'both' includes native (LMGen.step)")]:
+        config = from_dict(EvalConfig, {"export": str(tmp_path / "e2e"), "eval": settings}, "config")
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run.run_librilight(config, progress=False)
+    config = from_dict(EvalConfig, {"export": str(tmp_path / "e2e"), "eval": {"chunk_size": 6, "train_window": 8}},
+                       "config")
+    with pytest.raises(ValueError, match="eval.chunk_size: 6 frames"):
+        run.run_length_gen(config, progress=False)
 
 
 def test_docs_describe_every_config_field():

@@ -8,14 +8,23 @@ import pytest
 import sphn
 import torch
 
+from conftest import inserted_modules
 from ttt_speech import TTTConfig, patch_moshi
 from ttt_speech.cli import main
 from ttt_speech.data.audio import encode_pcm, read_audio
 from ttt_speech.data.codes import Recording, load_codes, save_codes
-from ttt_speech.generate import (AudioDecoder, GenerationConfig, GenerationSession, continuation, load_state,
-                                 read_state, sample_tokens, save_state, stream)
+from ttt_speech.generate import (
+    AudioDecoder,
+    GenerationConfig,
+    GenerationSession,
+    continuation,
+    load_state,
+    read_state,
+    sample_tokens,
+    save_state,
+    stream,
+)
 from ttt_speech.models import ModelConfig, load_lm, load_mimi
-from ttt_speech.moshi import ttt_modules
 
 CARD, TEXT_CARD = 64, 100
 SMALL = {"dim": 64, "num_layers": 2, "num_heads": 2, "card": CARD, "text_card": TEXT_CARD, "context": 40,
@@ -31,7 +40,7 @@ def small_lm(ttt=True, seed=0, **kw):
     if ttt:
         patch_moshi(lm, TTTConfig(mini_batch_size=4, mode="hybrid"))
         with torch.no_grad():  # make the TTT branch matter
-            for m in ttt_modules(lm):
+            for m in inserted_modules(lm):
                 m.gate_alpha.fill_(0.5)
     return lm
 

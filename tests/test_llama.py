@@ -16,12 +16,20 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from conftest import max_diff  # noqa: E402
-from ttt_speech import TTTConfig, load_ttt, patch_llama, save_ttt  # noqa: E402
+from conftest import inserted_modules, max_diff  # noqa: E402
+from ttt_speech import TTTConfig, TTTModel, load_ttt, patch_llama, save_ttt  # noqa: E402
 from ttt_speech.llama import (  # noqa: E402
-    SPEECH_TOKEN_INDEX, TTTCache, TTTMonitor, load_omni_pretrained, plot_monitor, read_monitor,
-    speech_prompt_ids, tiny_llm, tiny_omni, ttt_modules)
-from ttt_speech.llama import modules  # noqa: E402
+    SPEECH_TOKEN_INDEX,
+    TTTCache,
+    TTTMonitor,
+    load_omni_pretrained,
+    modules,  # noqa: E402
+    plot_monitor,
+    read_monitor,
+    speech_prompt_ids,
+    tiny_llm,
+    tiny_omni,
+)
 from ttt_speech.llama.compat import CACHE_FIELD, CACHE_KWARG  # noqa: E402
 from ttt_speech.llama.modules import LlamaTTT  # noqa: E402
 
@@ -55,7 +63,7 @@ def patched(arch="llama", mode="hybrid", layer_type="linear", b=4, layers="all",
     patch_llama(model, TTTConfig(layer_type=layer_type, mode=mode, mini_batch_size=b, layers=layers, **cfg))
     torch.manual_seed(seed + 100)
     with torch.no_grad():
-        for m in ttt_modules(model):
+        for m in inserted_modules(model):
             layer = m.layer if isinstance(m, LlamaTTT) else m.ttt.layer
             for name in layer.fast_names:
                 getattr(layer, name).normal_(std=0.3)
@@ -104,7 +112,7 @@ def test_hybrid_with_zero_gate_reproduces_the_model_exactly(arch, layer_type):
     assert torch.equal(after_gen[0], before_gen[0]) and torch.equal(after_gen[1], before_gen[1])
     # ... and a nonzero gate does change it
     with torch.no_grad():
-        for m in ttt_modules(model):
+        for m in inserted_modules(model):
             m.gate_alpha.fill_(0.5)
     assert max_diff(full_logits(model, ids), before_full) > 1e-3
 
@@ -314,7 +322,8 @@ def test_gradients_reach_the_ttt_parameters_and_state_detaches():
     cache = TTTCache(model)
     model(ids[:, :6], labels=ids[:, :6], **kv(cache)).loss.backward()
     cache.detach_ttt_()
-    assert all(not t.requires_grad for s in cache.ttt_slots.values() for t in s.state.tensors())
+    states = [s.state for s in cache.ttt_slots.values()]
+    assert states and all(not t.requires_grad for state in states for t in state.tensors())
     names = [n for n, p in model.named_parameters() if "ttt_branch" in n]
     assert names and all(model.get_parameter(n).grad is not None for n in names)
 
@@ -330,7 +339,7 @@ def test_patch_report_and_layer_selection(arch):
     assert report.host == "llama" and report.layers == [1, 3] and report.depth == 4
     assert report.num_heads == 4 and report.head_dim == 16 and report.params_before == base
     assert report.params_after == base - report.params_removed + report.params_added
-    assert "1, 3 (2 of 4)" in str(report) and model.ttt_report is report
+    assert "1, 3 (2 of 4)" in str(report) and TTTModel.of(model).report is report
     assert all(isinstance(model.model.layers[i].self_attn, LlamaTTT) for i in (1, 3))
     assert not isinstance(model.model.layers[0].self_attn, LlamaTTT)
     with pytest.raises(ValueError, match="already patched"):

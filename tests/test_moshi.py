@@ -3,9 +3,9 @@ import pytest
 import torch
 from moshi.models.lm import LMGen
 
-from conftest import max_diff
-from ttt_speech import TTTConfig, load_ttt, patch_moshi, save_ttt, tiny_moshi_lm
-from ttt_speech.moshi import load_ttt_stream_state, teacher_forced_logits, ttt_modules, ttt_stream_state
+from conftest import inserted_modules, max_diff
+from ttt_speech import TTTConfig, TTTModel, load_ttt, patch_moshi, save_ttt, tiny_moshi_lm
+from ttt_speech.moshi import teacher_forced_logits
 from ttt_speech.moshi.streaming import MoshiTTT
 from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
 
@@ -32,7 +32,7 @@ def assert_close(a, b, tol):
 
 def activate_gates(lm, value=0.5):
     with torch.no_grad():
-        for m in ttt_modules(lm):
+        for m in inserted_modules(lm):
             if hasattr(m, "gate_alpha"):
                 m.gate_alpha.fill_(value)
 
@@ -90,9 +90,9 @@ def test_patched_models_run_lmgen_step(mode, layer_type):
             out = gen.step(user[:, :, t:t + 1])
             if out is not None:
                 outs.append(out)
-        states = [m._streaming_state.ttt for m in lm.modules() if isinstance(m, MoshiTTT)]
+        states = [m.live_state() for m in lm.modules() if isinstance(m, MoshiTTT)]
     assert len(outs) == 12 - max(lm.delays) and outs[0].shape == (2, 9, 1)
-    assert all(s.offset.tolist() == [0, 0] for s in states)  # 12 steps = 3 mini-batches of 4
+    assert len(states) == 4 and all(s.offset.tolist() == [0, 0] for s in states)  # 12 steps = 3 mini-batches of 4
 
 
 def test_reset_streaming_resets_ttt_rows():
@@ -103,10 +103,10 @@ def test_reset_streaming_resets_ttt_rows():
     with torch.no_grad(), lm.streaming(2):
         chunk_logits(lm, inputs[:, :, :10], targets[:, :, :10])
         ttt = [m for m in lm.modules() if isinstance(m, MoshiTTT)]
-        before = [m._streaming_state.ttt for m in ttt]
+        before = [m.live_state() for m in ttt]
         lm.reset_streaming(torch.tensor([True, False]))
         for m, old in zip(ttt, before):
-            st, init = m._streaming_state.ttt, m.layer.initial_state(2)
+            st, init = m.live_state(), m.layer.initial_state(2)
             assert torch.equal(st.weights[0][0], init.weights[0][0]) and st.offset.tolist() == [0, 10 % 4]
             assert torch.equal(st.weights[0][1], old.weights[0][1])
             assert torch.equal(st.grads[0][1], old.grads[0][1])
@@ -119,10 +119,10 @@ def test_exec_mask_leaves_ttt_state_untouched():
     inputs, targets = delayed_streams(lm, codes)
     with torch.no_grad(), lm.streaming(2):
         chunk_logits(lm, inputs[:, :, :6], targets[:, :, :6])
-        before = ttt_stream_state(lm)
+        before = TTTModel.of(lm).stream_state()
         lm.set_exec_mask(torch.tensor([True, False]))
         chunk_logits(lm, inputs[:, :, 6:9], targets[:, :, 6:9])
-        after = ttt_stream_state(lm)
+        after = TTTModel.of(lm).stream_state()
     for k in before:
         assert torch.equal(after[k][1], before[k][1]), k
     assert any(not torch.equal(after[k][0], before[k][0]) for k in before if "W1" in k)
@@ -136,10 +136,10 @@ def test_stream_state_save_and_restore_continues_identically():
     with torch.no_grad():
         with lm.streaming(1):  # attention-free model: the TTT state is the whole state
             chunk_logits(lm, inputs[:, :, :13], targets[:, :, :13])
-            saved = {k: v.clone() for k, v in ttt_stream_state(lm).items()}
+            saved = {k: v.clone() for k, v in TTTModel.of(lm).stream_state().items()}
             live = chunk_logits(lm, inputs[:, :, 13:], targets[:, :, 13:])
         with lm.streaming(1):
-            load_ttt_stream_state(lm, saved)
+            TTTModel.of(lm).load_stream_state(saved)
             restored = chunk_logits(lm, inputs[:, :, 13:], targets[:, :, 13:])
     assert all(torch.equal(a, b) for a, b in zip(live, restored))
 
@@ -209,8 +209,9 @@ def test_bf16_model_keeps_float32_ttt_state():
     with gen.streaming(1):
         for t in range(5):
             gen.step(random_codes(B=1)[:, 9:, t:t + 1])
-        states = ttt_stream_state(lm)
-    assert all(v.dtype == torch.float32 for k, v in states.items() if not k.endswith("offset"))
+        states = TTTModel.of(lm).stream_state()
+    weights = [v for k, v in states.items() if not k.endswith("offset")]
+    assert len(weights) == 4 * 4 and all(v.dtype == torch.float32 for v in weights)  # W1, b1, grads x 4 layers
 
 
 def test_stream_state_is_updated_in_place_without_autograd():
@@ -221,13 +222,13 @@ def test_stream_state_is_updated_in_place_without_autograd():
     gen = LMGen(lm)
     ttt = [m for m in lm.modules() if isinstance(m, MoshiTTT)]
     with gen.streaming(2):
-        buffers = [[t.data_ptr() for t in m._streaming_state.ttt.tensors()] for m in ttt]
+        buffers = [[t.data_ptr() for t in m.live_state().tensors()] for m in ttt]
         for t in range(6):
             gen.step(random_codes()[:, 9:, t:t + 1])
         gen.reset_streaming(torch.tensor([True, False]))
         gen.step(random_codes()[:, 9:, :1])
-        assert buffers == [[t.data_ptr() for t in m._streaming_state.ttt.tensors()] for m in ttt]
-        assert ttt[0]._streaming_state.ttt.offset.tolist() == [1, 3]
+        assert buffers == [[t.data_ptr() for t in m.live_state().tensors()] for m in ttt]
+        assert ttt[0].live_state().offset.tolist() == [1, 3]
 
 
 def test_patched_modules_follow_the_host_mode():

@@ -2,6 +2,7 @@
 
     from ttt_speech import TTTConfig, patch_moshi
     report = patch_moshi(lm, TTTConfig(layer_type="linear", layers="last:0.5", mode="hybrid"))
+    ttt = TTTModel.of(lm)        # the handle: config, report, layers, stream state, statistics
 
 Importing this package is cheap: torch and moshi load on first use of what needs them.
 """
@@ -13,6 +14,7 @@ from .config import TTTConfig
 __version__ = "0.1.0"
 
 _LAZY = {
+    "TTTModel": "ttt_speech.handle",
     "TTTLayer": "ttt_speech.layer",
     "TTTState": "ttt_speech.state",
     "PatchReport": "ttt_speech.report",

@@ -4,82 +4,87 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from importlib import import_module
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import TTTConfig
+from .handle import TTTModel
+from .host import host_spec, patch_host
 from .report import PatchReport
 
 WEIGHTS_FILE = "ttt.safetensors"
 CONFIG_FILE = "ttt_config.json"
 FORMAT_VERSION = 1
-# host name → (module, patch function, TTT-module iterator), imported only when needed.
-HOSTS = {
-    "moshi": ("ttt_speech.moshi", "patch_moshi", "ttt_modules"),
-    "llama": ("ttt_speech.llama", "patch_llama", "ttt_modules"),  # HF Llama / Qwen2 (LLaMA-Omni 1/2)
-}
-
-
-def _host(name: str, where: str) -> tuple[Any, Any]:
-    if name not in HOSTS:
-        raise ValueError(f"{where}: unknown host {name!r}; expected one of {sorted(HOSTS)}")
-    module, patch, modules = HOSTS[name]
-    mod = import_module(module)
-    return getattr(mod, patch), getattr(mod, modules)
 
 
 def ttt_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The TTT parameters of a patched model, keyed by their names in `model`."""
-    report = _report(model, "ttt_state_dict")
-    _, modules = _host(report.host, "ttt_state_dict")
-    owned = {id(p) for m in modules(model) for p in m.parameters()}
-    return {n: p for n, p in model.named_parameters() if id(p) in owned}
+    return TTTModel.of(model, "ttt_state_dict: the model").named_parameters()
 
 
 def save_ttt(model: nn.Module, directory: str | Path) -> Path:
     """Write `ttt.safetensors` and `ttt_config.json` for a patched model into `directory`."""
-    report = _report(model, "save_ttt")
+    handle = TTTModel.of(model, "save_ttt: the model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in ttt_state_dict(model).items()}
-    meta = {"format_version": FORMAT_VERSION, "host": report.host,
-            "ttt": model.ttt_config.to_dict(), "report": report.to_dict()}
+    tensors = {k: v.detach().contiguous() for k, v in handle.named_parameters().items()}
+    meta = {"format_version": FORMAT_VERSION, "host": handle.host,
+            "ttt": handle.config.to_dict(), "report": handle.report.to_dict()}
     save_tensors_atomic(directory / WEIGHTS_FILE, tensors)
     write_text_atomic(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def read_ttt_config(directory: str | Path) -> tuple[str, TTTConfig]:
-    """(host name, TTTConfig) recorded by `save_ttt` in `directory` (no weights are read)."""
-    config_path = Path(directory) / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing (expected a directory written by save_ttt)")
+def read_json(path: str | Path, what: str, missing_ok: bool = False) -> dict | None:
+    """The JSON object in `path` (`what` says what it should be, for the errors); None for a missing
+    file when `missing_ok`. Unreadable or malformed files are a one-line ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{path}: missing (expected {what})")
     try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON, expected {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object ({what})")
+    return data
+
+
+@dataclass(frozen=True)
+class SavedTTT:
+    """What `save_ttt` recorded next to the weights: the host's name, the TTTConfig, the PatchReport."""
+
+    host: str
+    config: TTTConfig
+    report: PatchReport
+
+
+def read_ttt_config(directory: str | Path) -> SavedTTT:
+    """What `save_ttt` recorded in `directory`'s ttt_config.json (no weights are read)."""
+    path = Path(directory) / CONFIG_FILE
+    meta = read_json(path, "a directory written by save_ttt")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
-        return meta.get("host"), TTTConfig.from_dict(meta["ttt"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{config_path}: {e}") from None
+        return SavedTTT(meta.get("host"), TTTConfig.from_dict(meta["ttt"]), PatchReport(**meta["report"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a TTT export config ({e})") from None
 
 
 def load_ttt(model: nn.Module, directory: str | Path) -> PatchReport:
     """Patch a fresh base model as recorded in `directory` and load the saved TTT weights."""
     directory = Path(directory)
-    host, config = read_ttt_config(directory)
+    saved = read_ttt_config(directory)
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing (expected a directory written by save_ttt)")
-    patch, _ = _host(host, str(directory / CONFIG_FILE))
-    report = patch(model, config)
+    report = patch_host(model, saved.config, host_spec(saved.host, str(directory / CONFIG_FILE)))
     tensors = load_file(str(weights_path))
     expected = ttt_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -109,6 +114,18 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, Tensor], metadata: 
             os.unlink(tmp)
 
 
+def read_tensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; an unreadable one is a ValueError naming it as `what`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable {what} ({e})") from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -120,10 +137,3 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _report(model: nn.Module, where: str) -> PatchReport:
-    report = getattr(model, "ttt_report", None)
-    if report is None:
-        raise ValueError(f"{where}: the model has no TTT layers (patch it first)")
-    return report

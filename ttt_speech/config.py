@@ -12,6 +12,11 @@ MODES = ("replace", "hybrid")
 # cross-entropy (measured on the synthetic corpus, docs/e2e.md).
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1, "e2e_mlp": 1.0}
 DEFAULT_LAYERS = {"linear": "all", "mlp": "all", "e2e_mlp": "last:0.25"}  # TTT-E2E: the last quarter of blocks
+# Where a hybrid layer's gated branch goes: after the attention residual (TTT layers, which model the
+# sequence like attention does) or beside the feed-forward block (TTT-E2E's extra MLP).
+PLACEMENTS = {"linear": "attention", "mlp": "attention", "e2e_mlp": "feed_forward"}
+DEFAULT_CHUNK_MINI_BATCHES = 4  # default chunk: 4 mini-batches (64 frames for b = 16)
+NO_TTT_CHUNK = 64  # default chunk of a model without TTT layers (the same 64 frames)
 
 LayerSpec = Union[str, list[int]]
 
@@ -21,7 +26,7 @@ class TTTConfig:
     """Configuration of the TTT layers inserted into a host model.
 
     layer_type: inner model, "linear" (f(x) = x + LN(xW + b)) or "mlp" (two layers, 4x hidden) of a
-        TTT layer (self-supervised reconstruction loss, DESIGN §2); or "e2e_mlp" (TTT-E2E): an extra
+        TTT layer (self-supervised reconstruction loss, docs/architecture.md §2); or "e2e_mlp" (TTT-E2E): an extra
         MLP beside the static one whose weights take a gradient step on the *model's own* next-frame
         loss after every mini-batch (docs/e2e.md).
     mini_batch_size: tokens per inner gradient step b (1 = online gradient descent); for e2e_mlp the
@@ -118,6 +123,16 @@ class TTTConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def is_e2e(self) -> bool:
+        """TTT-E2E layers (fast weights updated by the host model's own loss), not TTT layers."""
+        return self.layer_type == "e2e_mlp"
+
+    @property
+    def placement(self) -> str:
+        """Where a hybrid branch goes: "attention" (after the attention residual) or "feed_forward"."""
+        return PLACEMENTS[self.layer_type]
+
     def resolve_layers(self, depth: int) -> list[int]:
         """The sorted host-layer indices selected by `layers` for a host of `depth` layers."""
         spec = self.layers
@@ -143,6 +158,25 @@ class TTTConfig:
             return list(range(k - 1, depth, k))
         count = math.ceil(float(value) * depth - 1e-9)
         return list(range(depth - max(count, 1), depth))
+
+
+def resolve_chunk_size(requested: int | None, config: TTTConfig | None, where: str = "chunk_size") -> int:
+    """Frames per chunk when a stream is fed chunk by chunk (evaluation, training windows), for a
+    model patched with `config` (None: no TTT layers). The one rule (docs/architecture.md §3):
+
+    - default (requested None): 4 mini-batches, 4·b frames (64 without TTT layers);
+    - TTT layers take any chunk (the streaming contract); multiples of b waste no padding slots;
+    - E2E layers update at mini-batch boundaries, so their chunks must be multiples of b.
+    `where` names the setting in errors.
+    """
+    if requested is None:
+        return DEFAULT_CHUNK_MINI_BATCHES * config.mini_batch_size if config is not None else NO_TTT_CHUNK
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"{where}: expected a positive number of frames, got {requested!r}")
+    if config is not None and config.is_e2e and requested % config.mini_batch_size:
+        raise ValueError(f"{where}: {requested} frames is not a multiple of the E2E mini-batch size "
+                         f"({config.mini_batch_size}); E2E layers update at mini-batch boundaries")
+    return requested
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

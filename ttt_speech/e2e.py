@@ -1,6 +1,6 @@
 """`E2EMLP`: the updatable MLP of TTT-E2E ("End-to-End Test-Time Training for Long Context").
 
-Unlike a TTT layer (DESIGN §2), whose fast weights learn a self-supervised reconstruction task
+Unlike a TTT layer (docs/architecture.md §2), whose fast weights learn a self-supervised reconstruction task
 inside the layer, these fast weights are updated by the *host model's* next-token loss: after
 each mini-batch of b frames, W ← W − η·∇_W ℓ(mini-batch). The layer only predicts with the
 weights it is given; the update needs the whole model's loss and lives with the host adapter
@@ -73,6 +73,11 @@ class E2EMLP(nn.Module):
         """η, a 0-dim tensor in the state dtype (differentiable in θ)."""
         return self.config.base_lr * 2 * torch.sigmoid(self.lr_logit.to(self.state_dtype))
 
+    def mean_inner_lr(self, x: Tensor | None = None, valid: Tensor | None = None) -> float:
+        """η (one learned scalar per layer, the same for every token; the arguments are ignored)."""
+        with torch.no_grad():
+            return self.inner_lr().item()
+
     def initial_state(self, batch_size: int) -> TTTState:
         """Fast weights W0 for every row; `offset` counts frames into an unfinished mini-batch."""
         weights = tuple(getattr(self, n).to(self.state_dtype).unsqueeze(0).expand(batch_size, *getattr(self, n).shape)
@@ -88,7 +93,7 @@ class E2EMLP(nn.Module):
         """x [B, T, D] → (y [B, T, D] predicted with `state`'s weights, the same state)."""
         if state is None:
             state = self.initial_state(x.shape[0])
-        # fast weights stay float32 under autocast, as a TTT layer's (DESIGN §3)
+        # fast weights stay float32 under autocast, as a TTT layer's (docs/architecture.md §3)
         no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
             else nullcontext()
         with no_autocast:

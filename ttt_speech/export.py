@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import schema
-from .checkpoint import load_ttt, save_tensors_atomic, save_ttt, write_text_atomic
+from .checkpoint import load_ttt, read_json, read_ttt_config, save_tensors_atomic, save_ttt, write_text_atomic
+from .config import TTTConfig
+from .handle import TTTModel
 from .lora import add_lora, load_lora, lora_state_dict
 from .models import ModelConfig, load_lm
 
@@ -36,7 +38,7 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
     directory.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        patched = getattr(lm, "ttt_report", None) is not None
+        patched = TTTModel.find(lm) is not None
         if patched:
             save_ttt(lm, stage)
         if lora is not None:
@@ -63,16 +65,26 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
 
 
 def read_export_meta(directory: str | Path) -> dict[str, Any]:
+    """model.json of an export (no weights are read)."""
     path = Path(directory) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected an export directory written by `ttt-speech train`)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    meta = read_json(path, "an export directory written by `ttt-speech train`")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: not a ttt-speech export (format {meta.get('format')!r}, version {meta.get('version')!r})")
     return meta
+
+
+def export_model_config(directory: str | Path) -> ModelConfig:
+    """The base model an export was trained from (its model.json), without loading anything."""
+    directory = Path(directory)
+    return schema.from_dict(ModelConfig, read_export_meta(directory)["model"], f"{directory / MODEL_FILE}:model")
+
+
+def export_ttt_config(directory: str | Path) -> TTTConfig | None:
+    """The TTTConfig an export's model is patched with (None: trained without TTT); no weights read,
+    so settings that depend on it (chunk sizes) can be checked before any model is loaded."""
+    if not read_export_meta(directory).get("ttt"):
+        return None
+    return read_ttt_config(directory).config
 
 
 def load_exported_lm(directory: str | Path, device: torch.device | None = None,
@@ -81,7 +93,7 @@ def load_exported_lm(directory: str | Path, device: torch.device | None = None,
     its LoRA adapters, its TTT layers and their weights. Returns (lm in eval mode, ModelConfig)."""
     directory = Path(directory)
     meta = read_export_meta(directory)
-    model = model or schema.from_dict(ModelConfig, meta["model"], f"{directory / MODEL_FILE}:model")
+    model = model or export_model_config(directory)
     lm = load_lm(model, device=device)
     if meta.get("lora"):
         add_lora(lm, meta["lora"]["rank"], meta["lora"]["scale"])

@@ -28,7 +28,7 @@ class TTTLayer(nn.Module):
 
     `y, state = layer(x)` runs a whole sequence from the initial fast weights;
     `y, state = layer(x, state)` continues a stream: any split of a sequence into consecutive
-    chunks gives the outputs of one pass (DESIGN §3). The returned state is new; the one
+    chunks gives the outputs of one pass (docs/architecture.md §3). The returned state is new; the one
     passed in is not modified.
     """
 
@@ -98,6 +98,21 @@ class TTTLayer(nn.Module):
         """Rows where mask [B] is true restart from the initial fast weights; others are kept."""
         return self.initial_state(state.batch_size).where(mask.to(state.offset.device), state)
 
+    def inner_lr(self, x: Tensor) -> Tensor:
+        """λ = base_lr·σ(θ·x + c)/d per token and head: x [B, T, C] → [B, H, T], in the state dtype."""
+        cdt = self.state_dtype
+        return token_lr(x.to(cdt), self.lr_gate_weight.to(cdt), self.lr_gate_bias.to(cdt), self.config.base_lr,
+                        self.head_dim)
+
+    def mean_inner_lr(self, x: Tensor, valid: Tensor | None = None) -> float:
+        """Mean λ over the tokens of x [B, T, C] (only where valid [B, T] is true), heads and rows."""
+        with torch.no_grad():
+            lr = self.inner_lr(x)  # [B, H, T]
+            if valid is None:
+                return lr.mean().item()
+            weights = valid[:, None, :].to(lr.dtype).expand_as(lr)
+            return ((lr * weights).sum() / weights.sum().clamp(min=1)).item()
+
     def qkv_proj(self, x: Tensor) -> Tensor:
         """[Q K V] = x·[Wq; Wk; Wv]ᵀ [B, T, 3C], one matmul (per projection if they are wrapped)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
@@ -124,9 +139,7 @@ class TTTLayer(nn.Module):
         qk, v = minibatches(self.qkv_proj(x), 3).split((2, 1))
         pos = torch.arange(b, device=x.device)  # RoPE positions: the slot inside the mini-batch
         q, k = rope_interleaved(qk, pos, self.config.rope_theta).unbind(0)  # [N, B·H, b, d]
-        lr = token_lr(x.to(cdt), self.lr_gate_weight.to(cdt), self.lr_gate_bias.to(cdt),
-                      self.config.base_lr, d)
-        lr = minibatches(lr.transpose(1, 2), 1)[0, ..., 0]  # [N, B·H, b], zero on padding
+        lr = minibatches(self.inner_lr(x).transpose(1, 2), 1)[0, ..., 0]  # [B, T, H] → [N, B·H, b], 0 on padding
         last_real = index[:, -1]  # slot of each row's last token
         slot_ends = torch.arange(b - 1, grid, b, device=x.device)  # last slot of each mini-batch
         complete = (slot_ends[:, None] <= last_real[None, :]).repeat_interleave(H, dim=1)  # [N, B·H]

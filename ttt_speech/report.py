@@ -41,23 +41,6 @@ class PatchReport:
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def finish_patch(host: str, model: Any, config: Any, indices: list[int], depth: int, width: int, ttt_layer: Any,
-                 per_layer: int, params_before: int, params_removed: int) -> PatchReport:
-    """Build the report of a finished patch and record it on the model (`ttt_config`, `ttt_report`).
-
-    ttt_layer: one of the inserted `TTTLayer`s (for heads); per_layer: TTT parameters per layer.
-    """
-    report = PatchReport(
-        host=host, mode=config.mode, layer_type=config.layer_type, layers=indices, depth=depth, width=width,
-        num_heads=ttt_layer.num_heads, head_dim=ttt_layer.head_dim, mini_batch_size=config.mini_batch_size,
-        params_per_layer=per_layer, params_added=per_layer * len(indices), params_removed=params_removed,
-        params_before=params_before, params_after=sum(p.numel() for p in model.parameters()),
-    )
-    model.ttt_config = config
-    model.ttt_report = report
-    return report
-
-
 def _ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] → '0-2, 5'."""
     out, start = [], None

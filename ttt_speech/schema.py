@@ -110,7 +110,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, help) for every field of a dataclass tree, depth first."""
+    """(dotted name, default, help) for every field of a dataclass tree, depth first. An optional
+    section (`Section | None`) documented with `doc` has a row of its own, then its fields (their
+    defaults when it is set); one documented elsewhere (TTTConfig: the README) has its row only."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
@@ -122,7 +124,14 @@ def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else "(required)")
         rows.append((name, _show_default(default), f.metadata.get("help", "")))
+        section = [t for t in typing.get_args(tp) if is_dataclass(t)] if _is_optional(tp) else []
+        if len(section) == 1 and any("help" in g.metadata for g in fields(section[0])):
+            rows.extend(reference(section[0], prefix=f"{name}."))
     return rows
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _show_default(value: Any) -> str:

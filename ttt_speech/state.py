@@ -1,4 +1,4 @@
-"""`TTTState`: the streaming state of one TTT layer (DESIGN §3), a plain container of tensors."""
+"""`TTTState`: the streaming state of one TTT layer (docs/architecture.md §3-4), a plain container of tensors."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -60,9 +60,3 @@ def silence_codes(mimi) -> Tensor:
     pcm = torch.zeros(1, int(SILENCE_SECONDS * mimi.sample_rate))
     codes = encode_pcm(mimi, pcm)
     return codes.mode(dim=-1).values
-
-
-def decode_codes(mimi, codes: Tensor) -> Tensor:
-    """codes [B, 8, T] → pcm [B, 1, T·frame_size] at mimi.sample_rate."""
-    with torch.no_grad():
-        return mimi.decode(codes.to(next(mimi.parameters()).device)).cpu()

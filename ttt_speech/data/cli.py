@@ -5,7 +5,19 @@ import argparse
 from pathlib import Path
 
 from ..schema import reference
+from . import CODES_CACHE
 from .synth_config import SynthConfig
+
+SYNTH = (
+    "Deterministic by seed. Each recording is a 'speaker' with a private vocabulary of "
+    "semantic codes (and optional private motifs) that only memory of the recording "
+    "reveals; acoustic codebooks follow the semantic one or are noise "
+    "(see ttt_speech/data/synthetic.py). Fields come from --config, then the flags."
+)
+ENCODE = (
+    "Encode every audio file of a JSONL manifest into the content-addressed codes cache "
+    "and write a manifest of the resulting code files."
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           description="Data tools: a synthetic long-context code corpus, and audio → Mimi codes.")
     tools = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     synth = tools.add_parser(
-        "synth", help="write the synthetic long-context corpus (code files + train/eval manifests)",
-        description="Deterministic by seed. Each recording is a 'speaker' with a private vocabulary of "
-                    "semantic codes (and optional private motifs) that only memory of the recording "
-                    "reveals; acoustic codebooks follow the semantic one or are noise "
-                    "(see ttt_speech/data/synthetic.py). Fields come from --config, then the flags.")
+        "synth", help="write the synthetic long-context corpus (code files + train/eval manifests)", description=SYNTH)
     synth.add_argument("out", type=Path, help="output folder")
     synth.add_argument("--config", type=Path, help="YAML file with the corpus fields (e.g. configs/demo.yaml)")
     synth.add_argument("--section", help="the mapping of --config that holds them (e.g. corpus); default: the whole file")
@@ -27,12 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=_synth)
 
     encode = tools.add_parser(
-        "encode", help="encode a manifest's audio to Mimi codes ahead of training",
-        description="Encode every audio file of a JSONL manifest into the content-addressed codes cache "
-                    "and write a manifest of the resulting code files.")
+        "encode", help="encode a manifest's audio to Mimi codes ahead of training", description=ENCODE)
     encode.add_argument("manifest", type=Path, help="JSONL manifest of audio files ({\"path\": ..., \"duration\": ...})")
     encode.add_argument("out_manifest", type=Path, help="manifest of code files to write")
-    encode.add_argument("--cache", type=Path, default=Path(".cache/codes"), help="codes cache folder (default .cache/codes)")
+    encode.add_argument("--cache", type=Path, default=Path(CODES_CACHE), help=f"codes cache folder (default {CODES_CACHE})")
     encode.add_argument("--model", default="tiny", help="'tiny' (random Mimi) or the HF repo of the codec (default tiny)")
     encode.add_argument("--mimi-weights", type=Path, help="local Mimi weights instead of the hub file")
     encode.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")

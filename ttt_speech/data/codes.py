@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import safe_open
 from torch import Tensor
 
-from ..checkpoint import save_tensors_atomic
+from ..checkpoint import read_tensors, save_tensors_atomic
+from . import FRAME_RATE
 
 FORMAT = "ttt-speech-codes"
 VERSION = "1"
-FRAME_RATE = 12.5  # Mimi frames per second
 
 
 @dataclass
@@ -65,12 +65,7 @@ def save_codes(path: str | Path, recording: Recording) -> Path:
 def load_codes(path: str | Path) -> Recording:
     """Read a code file written by `save_codes` (clear error for anything else)."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: not a readable code file ({e})") from None
+    tensors, meta = read_tensors(path, "code file")
     if meta.get("format") != FORMAT or "codes" not in tensors:
         raise ValueError(f"{path}: not a ttt-speech code file (expected metadata format={FORMAT!r} and a 'codes' tensor)")
     codes = tensors["codes"].long()

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from .cache import CodesCache
-from .codes import FRAME_RATE
+from . import FRAME_RATE
 from .manifest import ManifestEntry, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Moshi predicts its own audio stream, so the recording (or a stereo file's left channel) goes
 there; the user stream gets the right channel, or the codes of silence for mono recordings; the
-text stream gets the aligned transcript tokens, or padding when there is none (DESIGN §7).
+text stream gets the aligned transcript tokens, or padding when there is none (docs/architecture.md §8).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .audio import AUDIO_SUFFIXES
-from .codes import FRAME_RATE
+from . import FRAME_RATE
 
 CODE_SUFFIX = ".safetensors"
 

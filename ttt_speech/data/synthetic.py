@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import write_text_atomic
-from .codes import FRAME_RATE, Recording, save_codes
+from . import FRAME_RATE
+from .codes import Recording, save_codes
 from .manifest import ManifestEntry, write_manifest
 from .synth_config import SynthConfig
 

@@ -11,7 +11,6 @@ previous one (the convention Moshi was trained with). Only the main speaker's wo
 """
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .codes import FRAME_RATE
+from ..checkpoint import read_json
+from . import FRAME_RATE
 
 MAIN_SPEAKER = "SPEAKER_MAIN"
 
@@ -44,14 +44,8 @@ def transcript_path(audio_path: str | Path) -> Path:
 def read_alignments(path: str | Path) -> list[Word] | None:
     """The words of a transcript file; None when there is no file or it holds no "alignments" (e.g.
     LibriLight's per-file metadata json). A malformed entry is a ValueError naming file and entry."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable transcript ({e})") from None
-    if not isinstance(data, dict) or "alignments" not in data:
+    data = read_json(path, "a readable transcript", missing_ok=True)
+    if data is None or "alignments" not in data:
         return None
     words = []
     for i, entry in enumerate(data["alignments"]):

@@ -5,10 +5,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal, Mapping
 
+from ..data import FRAME_RATE
 from ..schema import doc
 from .sampling import check_value
-
-FRAME_RATE = 12.5  # Mimi frames per second: a generation rate of 12.5 frames/s is real time
 
 # field → kind of check (see sampling.check_value)
 _CHECKS = {
@@ -23,7 +22,7 @@ _CHECKS = {
 class GenerationConfig:
     """Sampling settings and length of a generation (defaults: moshi's LMGen, no top-p)."""
 
-    max_duration: float = doc(10.0, "seconds generated after each prompt (12.5 frames per second)")
+    max_duration: float = doc(10.0, f"seconds generated after each prompt ({FRAME_RATE:g} frames per second)")
     temperature: float = doc(0.8, "audio sampling temperature; 0 = greedy")
     text_temperature: float = doc(0.7, "text sampling temperature; 0 = greedy")
     top_k: int = doc(250, "audio: sample among the k most likely codes; 0 = no limit")
@@ -40,7 +39,7 @@ class GenerationConfig:
 
     @property
     def num_frames(self) -> int:
-        """Frames generated per prompt: ⌈max_duration · 12.5⌉."""
+        """Frames generated per prompt: ⌈max_duration · FRAME_RATE⌉."""
         return max(1, math.ceil(self.max_duration * FRAME_RATE - 1e-9))
 
 

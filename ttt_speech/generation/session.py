@@ -3,7 +3,7 @@
 Timeline of one batch row (moshi's delays: text and codebook 0 at delay 0, codebooks 1-7 at 1).
 At LMGen offset o (steps this row has executed), one `step` samples the text token of frame o and
 audio codebook k of frame o − delay_k, reads the user stream's frame o − 1 (moshi takes the user
-stream one frame later than training does, DESIGN §7), and returns the complete frame
+stream one frame later than training does, docs/architecture.md §8), and returns the complete frame
 o − max_delay. A prompt occupies frames [F0, F1) of a row: while a token of the prompt is due it is
 forced instead of sampled (per row and per codebook, so the frame where the prompt ends is part
 forced, part sampled, as in training); the user stream gets the prompt's user codes, and the
@@ -27,11 +27,11 @@ from torch import Tensor
 from ..moshi import _import  # noqa: F401
 from moshi.models.lm import LMGen, LMModel
 
-from ..moshi.e2e import has_e2e
-from ..moshi.streaming import MoshiTTT, load_ttt_stream_state, ttt_stream_state
+from ..handle import TTTModel
+from ..moshi.internals import StreamingHooks, load_states, lmgen_offsets, reset_depformer_graph, states_to_tensors
 from .config import GenerationConfig
 from .sampling import sample_tokens
-from .state import capture_states, model_fingerprint, restore_states
+from .state import model_fingerprint
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Frame:
         return self.emitted & ~self.prompt
 
 
-class SamplingLMGen(LMGen):
+class SamplingLMGen(StreamingHooks, LMGen):
     """moshi's `LMGen` with this package's sampler (temperature, top-k, top-p, explicit noise) and
     per-row, per-codebook forcing of prompt tokens.
 
@@ -66,8 +66,8 @@ class SamplingLMGen(LMGen):
                          support_out_of_sync=True)
         self.settings = settings
 
-    def _init_streaming_state(self, batch_size: int):
-        state = super()._init_streaming_state(batch_size)
+    def new_streaming_state(self, batch_size: int):
+        state = super().new_streaming_state(batch_size)
         lm, device = self.lm_model, self.lm_model.device
         # plain attributes, not dataclass fields: per-step inputs, not state to save
         state.force_text = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -79,13 +79,13 @@ class SamplingLMGen(LMGen):
         return state
 
     def _choose_text(self, text_logits: Tensor) -> None:
-        state, s = self._streaming_state, self.settings
+        state, s = self.streaming_state, self.settings
         token = sample_tokens(text_logits[:, 0, 0], s.text_temperature, s.text_top_k, s.text_top_p, state.noise_text)
         token = torch.where(state.force_text_mask, state.force_text, token)
         text_logits.zero_().scatter_(-1, token.view(-1, 1, 1, 1), 1.0)
 
     def depformer_step(self, text_token: Tensor, transformer_out: Tensor) -> Tensor:
-        state, s, lm = self._streaming_state, self.settings, self.lm_model
+        state, s, lm = self.streaming_state, self.settings, self.lm_model
         assert lm.depformer is not None and self.cfg_coef == 1.0
         prev, tokens = text_token, []
         with lm.depformer.streaming(text_token.shape[0]):
@@ -119,10 +119,12 @@ class GenerationSession:
             raise ValueError("generation needs a model with a depformer (audio output)")
         if batch_size < 1:
             raise ValueError(f"batch size: expected >= 1, got {batch_size}")
-        if has_e2e(lm):
+        handle = TTTModel.find(lm)
+        if handle is not None and handle.has_e2e:
             raise ValueError("generation: e2e_mlp models cannot run LMGen.step (their update differentiates the "
                              "model's loss over whole mini-batches); score them with `ttt-speech eval` (chunked)")
         self.lm = lm
+        self.ttt = handle  # None for a model without TTT layers
         self.batch_size = batch_size
         self.config = config or GenerationConfig()
         self.n_user = lm.num_codebooks - 1 - lm.dep_q
@@ -190,9 +192,9 @@ class GenerationSession:
         start = [total - s for s in steps]
         first = list(self.offsets)  # prompt i occupies frames [first[i], first[i] + lengths[i])
         self.lm_gen.settings = self.config
-        self._reset_graphs()
+        reset_depformer_graph(self.lm_gen)  # sampling settings are Python constants inside a captured CUDA graph
         d_text, d_audio = self.delays[0], self.delays[1:1 + lm.dep_q]
-        state = self.lm_gen._streaming_state
+        state = self.lm_gen.streaming_state
         for g in range(total):
             run_row = [g >= s for s in start]
             user = self.silence[None].repeat(B, 1)
@@ -258,16 +260,7 @@ class GenerationSession:
             raise ValueError(f"prompt {i}: tokens out of range (text < {lm.text_card}, audio < {lm.card})")
         return prompt
 
-    def _reset_graphs(self) -> None:
-        """Sampling settings are Python constants inside a captured CUDA graph: re-capture."""
-        state = self.lm_gen._streaming_state
-        if state.graphed_depth is not None and not state.graphed_depth.disable:
-            state.graphed_depth.reset()
-
     # ------------------------------------------------------------------ state
-    def _has_ttt(self) -> bool:
-        return any(isinstance(m, MoshiTTT) for m in self.lm.modules())
-
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
         """Everything the stream needs to continue: (tensors, JSON-ready metadata).
 
@@ -275,17 +268,17 @@ class GenerationSession:
         (attention KV caches and offsets, layer counters), the TTT state of every TTT layer, the
         silence codes and the sampling RNG state. The depformer restarts at every step: nothing to keep.
         """
-        tensors = capture_states({"": self.lm_gen._streaming_state}, "gen.")
-        tensors.update(capture_states(self.lm.get_streaming_state(), "lm."))
-        if self._has_ttt():
-            tensors.update({f"ttt.{k}": v.cpu() for k, v in ttt_stream_state(self.lm).items()})
+        tensors = states_to_tensors({"": self.lm_gen.streaming_state}, "gen.")
+        tensors.update(states_to_tensors(self.lm.get_streaming_state(), "lm."))
+        if self.ttt is not None:
+            tensors.update({f"ttt.{k}": v.cpu() for k, v in self.ttt.stream_state().items()})
         tensors["session.silence"] = self.silence.clone()
         tensors["session.offsets"] = torch.tensor(self.offsets, dtype=torch.int64)
         tensors["session.rng"] = self.generator.get_state().cpu()
         meta = {"batch_size": self.batch_size, "steps": self.steps, "runs": self.runs,
                 "seed": self.config.seed, "rng_device": self.generator.device.type,
                 "model": model_fingerprint(self.lm),
-                "ttt": getattr(getattr(self.lm, "ttt_config", None), "to_dict", lambda: None)()}
+                "ttt": None if self.ttt is None else self.ttt.config.to_dict()}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, Tensor], meta: dict, where: str = "generation state") -> None:
@@ -297,11 +290,11 @@ class GenerationSession:
         if meta.get("rng_device") != self.generator.device.type:
             raise ValueError(f"{where}: the sampling RNG was saved on {meta.get('rng_device')}; it cannot "
                              f"continue on {self.generator.device.type} (resume on the same kind of device)")
-        restore_states({"": self.lm_gen._streaming_state}, tensors, "gen.", where)
-        restore_states(self.lm.get_streaming_state(), tensors, "lm.", where)
+        load_states({"": self.lm_gen.streaming_state}, tensors, "gen.", where)
+        load_states(self.lm.get_streaming_state(), tensors, "lm.", where)
         ttt = {k[4:]: v for k, v in tensors.items() if k.startswith("ttt.")}
-        if self._has_ttt():
-            load_ttt_stream_state(self.lm, ttt, where)
+        if self.ttt is not None:
+            self.ttt.load_stream_state(ttt, where)
         elif ttt:
             raise ValueError(f"{where}: has TTT state but the model has no TTT layers")
         for key in ("session.silence", "session.offsets", "session.rng"):
@@ -309,7 +302,7 @@ class GenerationSession:
                 raise ValueError(f"{where}: missing {key}")
         self.silence = tensors["session.silence"].long().cpu()
         self.offsets = [int(o) for o in tensors["session.offsets"]]
-        if self.offsets != self.lm_gen._streaming_state.offsets.tolist():
+        if self.offsets != lmgen_offsets(self.lm_gen):
             raise ValueError(f"{where}: inconsistent offsets")
         self.generator.set_state(tensors["session.rng"])
         self.steps, self.runs = int(meta.get("steps", 0)), int(meta.get("runs", 0))

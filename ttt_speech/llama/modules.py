@@ -1,9 +1,9 @@
 """TTT inside transformers' Llama / Qwen2 decoders: the modules `patch_llama` puts in place.
 
-- `LlamaTTT`: a `TTTLayer` with self-attention's call signature; its state lives in the
-  `TTTCache` slot of its layer. It replaces `self_attn` in "replace" mode.
-- `GatedTTTBranch` + `TTTHybridDecoderMixin`: "hybrid" mode, x + tanh(α)·TTT(norm(x)) right
-  after the attention residual of a decoder layer.
+- `LlamaTTT`: a `TTTLayer` whose state lives in the `TTTCache` slot of its layer;
+  `LlamaTTTAttention` is the same with self-attention's call signature, for "replace" mode.
+- `TTTHybridDecoderMixin`: "hybrid" mode, the shared `GatedTTTBranch` (x + tanh(α)·TTT(norm(x)))
+  right after the attention residual of a decoder layer.
 - `TTTModelMixin`: on the decoder stack (`LlamaModel` / `Qwen2Model`); gives every forward a
   `TTTCache` and tells the TTT layers which tokens are padding.
 """
@@ -13,26 +13,26 @@ from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _import  # noqa: F401
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..layer import TTTLayer
+from ..modules import GatedTTTBranch, TTTModule
 from ..state import TTTState
 from .cache import TTTCache, TTTPlan
 from .compat import CACHE_FIELD, CACHE_KWARG, pick_cache
 
 
-class LlamaTTT(nn.Module):
-    """A TTT layer in decoder layer `layer_idx`: hidden_states [B, T, C] → ([B, T, C], None).
+class LlamaTTT(TTTModule):
+    """A TTT layer in decoder layer `layer_idx`: hidden_states [B, T, C] → [B, T, C].
 
-    Called like transformers' attention (`self_attn(hidden_states=..., cache=...,
-    position_embeddings=..., ...)`, 2-tuple back; the cache as `cache` on transformers 5.24+,
-    `past_key_values` on 5.23, either is taken). Positions and the attention mask are not
-    needed: TTT positions come from its own state (RoPE modulo the mini-batch), padding from the
-    cache's token mask. Without a cache (e.g. under HF gradient checkpointing, which drops it)
-    every call starts from the initial fast weights.
+    Takes transformers' attention keywords (`cache=...`, `position_embeddings=...`, ...; the cache
+    as `cache` on transformers 5.24+, `past_key_values` on 5.23, either is taken). Positions and
+    the attention mask are not needed: TTT positions come from its own state (RoPE modulo the
+    mini-batch), padding from the cache's token mask. Without a cache (e.g. under HF gradient
+    checkpointing, which drops it) every call starts from the initial fast weights.
     """
 
     def __init__(self, layer: TTTLayer, layer_idx: int) -> None:
@@ -41,33 +41,25 @@ class LlamaTTT(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: Tensor, position_embeddings: object = None, attention_mask: object = None,
-                cache: object = None, past_key_values: object = None, **kwargs: object) -> tuple[Tensor, None]:
+                cache: object = None, past_key_values: object = None, **kwargs: object) -> Tensor:
         cache = pick_cache(cache, past_key_values)
         if cache is None:
-            return self.layer(hidden_states)[0], None
+            return self.layer(hidden_states)[0]
         if not isinstance(cache, TTTCache):
             raise ValueError(f"{CACHE_KWARG}: TTT layer {self.layer_idx} needs a TTTCache, got "
                              f"{type(cache).__name__} (call the patched model, not its layers)")
         slot = cache.ttt_slots[self.layer_idx]
         y, slot.state = run_valid_tokens(self.layer, hidden_states, slot.state, cache.token_mask)
         slot.seen += hidden_states.shape[1]  # padding included, like the KV cache's length
-        return y, None
+        return y
 
 
-class GatedTTTBranch(nn.Module):
-    """x → x + tanh(α) ⊙ TTT(norm(x)), α per channel: the hybrid residual branch. x [B, T, C]."""
+class LlamaTTTAttention(LlamaTTT):
+    """`LlamaTTT` in place of a decoder layer's `self_attn` ("replace"): returns (output, None) as
+    transformers' attention does."""
 
-    def __init__(self, norm: nn.Module, ttt: LlamaTTT, dim: int, gate_init: float,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.norm = norm
-        self.ttt = ttt
-        self.gate_alpha = nn.Parameter(torch.full((dim,), float(gate_init), device=device, dtype=dtype))
-
-    def forward(self, x: Tensor, cache: object = None, past_key_values: object = None) -> Tensor:
-        # under the installed name: TTTMonitor's hook reads the cache from the call's kwargs
-        update, _ = self.ttt(hidden_states=self.norm(x), **{CACHE_KWARG: pick_cache(cache, past_key_values)})
-        return x + torch.tanh(self.gate_alpha).to(update.dtype) * update
+    def forward(self, hidden_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, None]:
+        return super().forward(hidden_states, *args, **kwargs), None
 
 
 class TTTHybridDecoderMixin:
@@ -94,7 +86,8 @@ class TTTHybridDecoderMixin:
             hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=use_cache, position_embeddings=position_embeddings, **{CACHE_KWARG: cache}, **kwargs)
         hidden_states = residual + hidden_states
-        hidden_states = self.ttt_branch(hidden_states, cache=cache)
+        # the cache under the installed keyword: TTTMonitor's hook reads it from the call's kwargs
+        hidden_states = self.ttt_branch(hidden_states, **{CACHE_KWARG: cache})
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(hidden_states)

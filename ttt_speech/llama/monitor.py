@@ -9,8 +9,8 @@ and the mean inner learning rate, written to a CSV that `plot_monitor` turns int
 
 Columns: call (forward calls of that layer since the monitor started), layer (decoder layer
 index), tokens (tokens the layer has seen in the conversation, i.e. since the cache was made or
-reset), w_norm and w_delta (Frobenius norm of the first fast-weight matrix W1 and of W1 − W1₀,
-W1₀ being the initial fast weights; per head, averaged over heads and batch rows), eta_mean
+reset), w_norm and w_delta (‖W‖ and ‖W − W₀‖ as `ttt_speech.stats` defines them: the Frobenius
+norm over all the layer's fast weights, W₀ the initial ones; mean over batch rows), eta_mean
 (mean over the call's real tokens, heads and rows of the per-token inner learning rate
 λ = base_lr·sigmoid(θ·x + c)/d; token i of a mini-batch steps by τ_i·λ_j).
 The fast weights are those at the start of the current mini-batch: W moves every b tokens.
@@ -24,33 +24,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..layer import TTTLayer
-from ..ops.inner_lr import token_lr
-from ..state import TTTState
+from ..handle import TTTModel
+from ..stats import fast_weight_stats
 from .cache import TTTCache
 from .compat import pick_cache
 from .modules import LlamaTTT
 
 FIELDS = ("call", "layer", "tokens", "w_norm", "w_delta", "eta_mean")
-
-
-def fast_weight_stats(layer: TTTLayer, state: TTTState) -> tuple[float, float]:
-    """(‖W1‖, ‖W1 − W1₀‖) of a state: Frobenius norm per head, mean over rows and heads."""
-    w = state.weights[0].detach().float()  # [B, H, d, d']
-    w0 = getattr(layer, layer.fast_names[0]).detach().float()[None]
-    return w.flatten(2).norm(dim=-1).mean().item(), (w - w0).flatten(2).norm(dim=-1).mean().item()
-
-
-def mean_inner_lr(layer: TTTLayer, x: Tensor, valid: Tensor | None = None) -> float:
-    """Mean λ over tokens [B, T] (only where valid is true), heads and rows of input x [B, T, C]."""
-    lr = token_lr(x.detach().float(), layer.lr_gate_weight.detach().float(), layer.lr_gate_bias.detach().float(),
-                  layer.config.base_lr, layer.head_dim)  # [B, H, T]
-    if valid is None:
-        return lr.mean().item()
-    weights = valid[:, None, :].to(lr.dtype).expand_as(lr)
-    return ((lr * weights).sum() / weights.sum().clamp(min=1)).item()
 
 
 class TTTMonitor:
@@ -62,9 +44,7 @@ class TTTMonitor:
     """
 
     def __init__(self, model: nn.Module, path: str | Path | None = None) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, LlamaTTT)]
-        if not self.modules:
-            raise ValueError("TTTMonitor: the model has no TTT layers (patch it with patch_llama first)")
+        self.modules = [site.ttt for site in TTTModel.of(model, "TTTMonitor: the model").sites]
         self.rows: list[dict[str, Any]] = []
         self._calls = {m.layer_idx: 0 for m in self.modules}
         self._file = None
@@ -84,9 +64,8 @@ class TTTMonitor:
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         slot = cache.ttt_slots[module.layer_idx]
         self._calls[module.layer_idx] += 1
-        w_norm, w_delta = fast_weight_stats(module.layer, slot.state)
-        row = {"call": self._calls[module.layer_idx], "layer": module.layer_idx, "tokens": slot.seen,
-               "w_norm": w_norm, "w_delta": w_delta, "eta_mean": mean_inner_lr(module.layer, x, cache.token_mask)}
+        stats = fast_weight_stats(module.layer, slot.state, module.layer.mean_inner_lr(x.detach(), cache.token_mask))
+        row = {"call": self._calls[module.layer_idx], "layer": module.layer_idx, "tokens": slot.seen, **stats.to_dict()}
         self.rows.append(row)
         if self._writer is not None:
             self._writer.writerow(row)

@@ -1,7 +1,11 @@
-"""Moshi host adapter: TTT layers inside `moshi.models.lm.LMModel`'s temporal transformer."""
-from .patch import patch_moshi, ttt_modules
-from .streaming import MoshiTTT, TTTHybridTransformerLayer, load_ttt_stream_state, ttt_stream_state
+"""Moshi host adapter: TTT layers inside `moshi.models.lm.LMModel`'s temporal transformer.
+
+Every use of moshi's private names lives in `internals.py` (docs/architecture.md §7).
+"""
+from .internals import AttentionBranchLayer, FeedForwardBranchLayer, attention_context, widen_kv_caches
+from .patch import SPEC, patch_moshi
+from .streaming import MoshiTTT
 from .teacher_forcing import teacher_forced_logits
 
-__all__ = ["patch_moshi", "ttt_modules", "MoshiTTT", "TTTHybridTransformerLayer",
-           "ttt_stream_state", "load_ttt_stream_state", "teacher_forced_logits"]
+__all__ = ["patch_moshi", "SPEC", "MoshiTTT", "AttentionBranchLayer", "FeedForwardBranchLayer", "attention_context",
+           "widen_kv_caches", "teacher_forced_logits"]

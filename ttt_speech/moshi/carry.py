@@ -1,9 +1,9 @@
 """TTT state carried across consecutive training windows, attention limited to each window.
 
-Training on long recordings (DESIGN §6) runs `LMModel.forward` on one window at a time, outside
-moshi's streaming mode (its KV cache is written in place, so it cannot be backpropagated
-through), while the TTT layers continue from the state the previous window of the same row
-left: `TTTCarry` gives only the TTT modules a streaming state in *window mode*.
+Training on long recordings (docs/architecture.md §9) runs `LMModel.forward` on one window at a
+time, outside moshi's streaming mode (its KV cache is written in place, so it cannot be
+backpropagated through), while the TTT layers continue from the state the previous window of the
+same row left: `TTTCarry` gives only the TTT modules a streaming state in *window mode*.
 
     carry = TTTCarry(lm, batch_size)
     for codes, new_recording in windows:        # new_recording [B] bool
@@ -17,27 +17,25 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..handle import TTTModel
 from ..state import TTTState
-from .streaming import MoshiTTT, load_ttt_stream_state
 
 
 class TTTCarry:
     """Per-row TTT state of `lm`'s TTT modules across windows (truncated BPTT between windows)."""
 
     def __init__(self, lm: nn.Module, batch_size: int) -> None:
-        self.modules = [(n, m) for n, m in lm.named_modules() if isinstance(m, MoshiTTT)]
-        if not self.modules:
-            raise ValueError("TTTCarry: the model has no TTT layers")
-        self.lm = lm
+        self.handle = TTTModel.of(lm, "TTTCarry: the model")
+        self.modules = [site.ttt for site in self.handle.sites]
         self.batch_size = batch_size
-        for _, module in self.modules:
-            if module._streaming_state is not None:
+        for module in self.modules:
+            if module.streaming_state is not None:
                 raise ValueError("TTTCarry: the model is already streaming")
-            state = module._init_streaming_state(batch_size)
+            state = module.new_streaming_state(batch_size)
             state.window_start = _detached(state.ttt)
             state.window_reset = torch.ones(batch_size, dtype=torch.bool, device=state.ttt.offset.device)
             state.ttt = state.window_start
-            module._streaming_state = state
+            module.streaming_state = state
 
     # In window mode a forward always rebinds `state.ttt`, so `state.ttt is state.window_start`
     # means no forward ran since the window was set up.
@@ -45,8 +43,8 @@ class TTTCarry:
     def next_window(self, reset: Tensor | None = None) -> None:
         """Start a new window: the state the last window ended with, detached; rows where
         reset [B] is true start over from the initial fast weights (a new recording)."""
-        for _, module in self.modules:
-            state = module._streaming_state
+        for module in self.modules:
+            state = module.streaming_state
             if state.ttt is state.window_start:  # no forward since the last call: keep its resets
                 if state.window_reset is not None:
                     reset = state.window_reset if reset is None else reset.to(state.window_reset.device) | state.window_reset
@@ -59,8 +57,8 @@ class TTTCarry:
         """Per TTT module, the state the next window starts from (pending resets applied)."""
         out = []
         with torch.no_grad():
-            for _, module in self.modules:
-                state = module._streaming_state
+            for module in self.modules:
+                state = module.streaming_state
                 if state.ttt is state.window_start and state.window_reset is not None:
                     out.append(module.layer.reset_state(state.window_start, state.window_reset).detach())
                 else:
@@ -68,45 +66,33 @@ class TTTCarry:
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors of the state the next window starts from, flat `<module>.<tensor>` [B, ...]."""
-        return {f"{name}.{k}": v for (name, _), st in zip(self.modules, self.current())
-                for k, v in st.to_tensors().items()}
+        """Tensors of the state the next window starts from, flat `<module>.<tensor>` [B, ...]
+        (`TTTModel.states_to_tensors`, the format of every saved TTT state)."""
+        return self.handle.states_to_tensors(self.current())
 
     def load_state_dict(self, tensors: dict[str, Tensor], where: str = "carried TTT state") -> None:
-        load_ttt_stream_state(self.lm, tensors, where=where)
-        for _, module in self.modules:
-            state = module._streaming_state
-            state.window_start = _detached(state.ttt)
+        states = self.handle.tensors_to_states(tensors, self.current(), where)
+        for module, loaded in zip(self.modules, states):
+            state = module.streaming_state
+            state.window_start = _detached(loaded)
             state.window_reset = None
             state.ttt = state.window_start
-
-    def layer_stats(self) -> dict[str, dict[str, float]]:
-        """Per TTT module: ‖W‖ and ‖W − W₀‖ (Frobenius per head, mean over rows and heads) of the
-        first fast-weight matrix of the state the next window starts from."""
-        out = {}
-        with torch.no_grad():
-            for (name, module), st in zip(self.modules, self.current()):
-                w = st.weights[0].float()  # [B, H, d, d']
-                w0 = getattr(module.layer, module.layer.fast_names[0]).float()[None]
-                out[name] = {"w_norm": w.flatten(2).norm(dim=-1).mean().item(),
-                             "w_delta": (w - w0).flatten(2).norm(dim=-1).mean().item()}
-        return out
 
     @contextmanager
     def paused(self):
         """Hand the TTT modules back (e.g. for an evaluation stream) and restore the carry after."""
-        saved = [module._streaming_state for _, module in self.modules]
-        for _, module in self.modules:
-            module._streaming_state = None
+        saved = [module.streaming_state for module in self.modules]
+        for module in self.modules:
+            module.streaming_state = None
         try:
             yield
         finally:
-            for (_, module), state in zip(self.modules, saved):
-                module._streaming_state = state
+            for module, state in zip(self.modules, saved):
+                module.streaming_state = state
 
     def close(self) -> None:
-        for _, module in self.modules:
-            module._streaming_state = None
+        for module in self.modules:
+            module.streaming_state = None
 
     def __enter__(self) -> "TTTCarry":
         return self

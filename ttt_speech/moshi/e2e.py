@@ -8,7 +8,7 @@ calls for such models), one mini-batch of b frames at a time:
     logits_i = lm(frames of mini-batch i; fast weights W_{i-1})       # predict, then learn
     W_i      = W_{i-1} − η ∇_W ℓ_i,   ℓ_i = Σ_rows (text CE + audio CE of the row's mini-batch i)
 
-Contract (the E2E form of DESIGN §3). A call splits its chunk into mini-batches of b frames
+Contract (the E2E form of the streaming contract, docs/architecture.md §3). A call splits its chunk into mini-batches of b frames
 from its first frame, and the last one may be shorter; it is predicted and then learned from
 like the others. So any split of a stream into chunks whose lengths are multiples of b (the
 last chunk excepted) gives exactly the one-pass logits and final state. A call that would start
@@ -25,25 +25,27 @@ adaptation is differentiated through the updates, TTT-E2E's meta-learning); othe
 updates are first order (∂W_i/∂W_{i-1} = I, ∂ℓ/∂W_0 = ∂ℓ/∂W_i: cheap, FOMAML-like).
 
 The update differentiates the model's loss, so it cannot run under `torch.inference_mode()`
-(use `inference_context(lm)`) nor one frame at a time in `LMGen.step`.
+(use `ttt_speech.handle.inference_context(lm)`) nor one frame at a time in `LMGen.step`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _import  # noqa: F401
 from moshi.models.lm import LMModel
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention, StreamingTransformerLayer
 from moshi.utils.compile import no_compile
 
+from ..handle import TTTModel
 from ..state import TTTState
+from .internals import detach_kv_caches
 from .loss import masked_ce, real_targets
-from .streaming import GatedTTTBranch, MoshiTTT, TTTStreamState
+from .streaming import MoshiTTT, TTTStreamState
 
 
 @dataclass
@@ -53,18 +55,20 @@ class E2EStreamState(TTTStreamState):
 
     plan: list[tuple[int, TTTState]] | None = None
 
+    saved_apart: ClassVar[tuple[str, ...]] = (*TTTStreamState.saved_apart, "plan")
+
 
 class MoshiE2E(MoshiTTT):
     """An `E2EMLP` as a moshi streaming module (its state is saved, reset and carried like a TTT
     layer's). x [B, T, D] → [B, T, D]; outside a stream it predicts with W0 and never updates."""
 
-    def _init_streaming_state(self, batch_size: int) -> E2EStreamState:
-        base = super()._init_streaming_state(batch_size)
+    def new_streaming_state(self, batch_size: int) -> E2EStreamState:
+        base = super().new_streaming_state(batch_size)
         return E2EStreamState(batch_size, base.device, ttt=base.ttt, reset_fn=base.reset_fn,
                               keep_graph=base.keep_graph)
 
     def forward(self, x: Tensor, key: Tensor | None = None, value: Tensor | None = None) -> Tensor:
-        state = self._streaming_state
+        state = self.streaming_state
         if state is None:
             return self.layer(x)[0]
         if state.plan is None:
@@ -78,29 +82,6 @@ class MoshiE2E(MoshiTTT):
             outs.append(self.layer(x[:, start:start + frames], weights)[0])
             start += frames
         return torch.cat(outs, dim=1)
-
-
-class TTTE2ETransformerLayer(StreamingTransformerLayer):
-    """moshi's transformer layer with a gated E2E MLP beside its feed-forward block (the class of
-    patched layers, switched like `TTTHybridTransformerLayer`'s)."""
-
-    ttt_branch: GatedTTTBranch
-
-    def _ff_block(self, x: Tensor) -> Tensor:
-        return super()._ff_block(x) + self.ttt_branch.residual(x)
-
-
-def has_e2e(lm: nn.Module) -> bool:
-    """True when `lm` carries E2E layers (`TTTConfig.layer_type == "e2e_mlp"`)."""
-    config = getattr(lm, "ttt_config", None)
-    return config is not None and config.layer_type == "e2e_mlp"
-
-
-def inference_context(lm: nn.Module) -> contextlib.AbstractContextManager:
-    """The grad mode to run `lm` in without training: `torch.inference_mode()`, except for E2E
-    models, whose test-time update differentiates the model's own loss (`torch.no_grad()`; the
-    update enables grad locally, which inference mode forbids)."""
-    return torch.no_grad() if has_e2e(lm) else torch.inference_mode()
 
 
 def next_frame_loss(lm: LMModel, text_logits: Tensor, audio_logits: Tensor, targets: Tensor,
@@ -130,17 +111,18 @@ def e2e_chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = 
     inputs, targets [B, K, S] (the delayed stream) → (text logits [B, 1, S, text_card], audio
     logits [B, dep_q, S, card]), each frame predicted before the update on its mini-batch.
     """
-    modules = [m for m in lm.modules() if isinstance(m, MoshiE2E)]
-    states: list[E2EStreamState] = [m._streaming_state for m in modules]
-    if not modules or any(s is None for s in states):
+    handle = TTTModel.of(lm)
+    modules: list[MoshiE2E] = [site.ttt for site in handle.sites]
+    states: list[E2EStreamState] = [m.streaming_state for m in modules]
+    if not handle.has_e2e or any(s is None for s in states):
         raise ValueError("E2E: the model must be streaming (`with lm.streaming(B):`) or in window mode (TTTCarry)")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("E2E layers update by autograd, which inference mode forbids: run the model under "
-                           "ttt_speech.moshi.e2e.inference_context(lm) (torch.no_grad) instead")
+                           "ttt_speech.handle.inference_context(lm) (torch.no_grad) instead")
     windowed = states[0].window_start is not None
     if windowed and getattr(lm.transformer, "checkpointing", False):
         raise ValueError("E2E layers do not support gradient checkpointing (the recompute would see the last plan)")
-    b = lm.ttt_config.mini_batch_size
+    b = handle.config.mini_batch_size
     current = [_start(m, s, windowed) for m, s in zip(modules, states)]
     if bool((current[0].offset != 0).any()):
         raise ValueError(f"E2E: this chunk starts inside an unfinished {b}-frame mini-batch; chunk lengths must be "
@@ -166,7 +148,7 @@ def e2e_chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = 
                 if windowed:
                     hidden, text = hidden[:, s0:], text[:, :, s0:]
                 audio = lm.forward_depformer_training(targets[:, :, s0:s1], hidden)
-                loss = next_frame_loss(lm, text, audio, targets[:, :, s0:s1], lm.ttt_config.e2e_first_codebook_weight)
+                loss = next_frame_loss(lm, text, audio, targets[:, :, s0:s1], handle.config.e2e_first_codebook_weight)
                 fast = [w for st in current for w in st.weights]
                 grads = iter(torch.autograd.grad(loss, fast, create_graph=meta, retain_graph=meta or outer_grad,
                                                  allow_unused=True))
@@ -176,7 +158,7 @@ def e2e_chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = 
                     updated = updated.where(state.exec_mask, st)  # rows not executing keep their state
                     new.append(updated if outer_grad else updated.detach())
                 if not windowed:
-                    _detach_kv_caches(lm)  # the cache was written with graph; the next write must not chain it
+                    detach_kv_caches(lm)  # the cache was written with graph; the next write must not chain it
                 if windowed:  # streaming keeps the past in the KV cache, not as earlier weights
                     history.append(current)
                 current = new
@@ -207,11 +189,3 @@ def _differentiable(state: TTTState) -> TTTState:
         return state
     weights = tuple(w if w.requires_grad else w.detach().clone().requires_grad_(True) for w in state.weights)
     return TTTState(weights, (), state.offset, state.names)
-
-
-def _detach_kv_caches(lm: LMModel) -> None:
-    for module in lm.transformer.modules():
-        state = getattr(module, "_streaming_state", None)
-        if isinstance(module, StreamingMultiheadAttention) and state is not None \
-                and isinstance(state.kv_cache, RingKVCache) and state.kv_cache.cache.requires_grad:
-            state.kv_cache.cache = state.kv_cache.cache.detach()

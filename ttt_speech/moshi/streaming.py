@@ -1,4 +1,4 @@
-"""TTT as moshi streaming modules: the TTT state lives in moshi's streaming state.
+"""TTT as moshi streaming modules: the TTT state lives in moshi's streaming state (docs/architecture.md §4).
 
 Inside `with lm.streaming(B):`, `LMModel.forward_text` and `LMGen.step` carry the TTT state
 from call to call; `lm.reset_streaming(mask)` and `lm.set_exec_mask(mask)` act on it per row.
@@ -6,17 +6,18 @@ from call to call; `lm.reset_streaming(mask)` and `lm.set_exec_mask(mask)` act o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _import  # noqa: F401
 from moshi.modules.streaming import State, StreamingModule
-from moshi.modules.transformer import StreamingTransformerLayer
 
 from ..layer import TTTLayer
+from ..modules import TTTModule
 from ..state import TTTState
+from .internals import StreamingHooks
 
 
 @dataclass
@@ -30,6 +31,13 @@ class TTTStreamState(State):
     # starts from `window_start`, so activation checkpointing can recompute the forward.
     window_start: TTTState | None = None
     window_reset: Tensor | None = None  # rows [B] restarted at this window, applied in forward
+
+    # not moshi state: the TTT state is saved through `TTTModel.stream_state` (see internals.states_to_tensors)
+    saved_apart: ClassVar[tuple[str, ...]] = ("ttt", "reset_fn", "keep_graph", "window_start", "window_reset")
+
+    def check_saveable(self, name: str) -> None:
+        if self.window_start is not None or self.window_reset is not None:
+            raise ValueError(f"{name}: a TTT state in training window mode cannot be saved as a live stream")
 
     def reset(self, reset_mask: Tensor) -> None:
         super().reset(reset_mask)
@@ -54,7 +62,7 @@ class TTTStreamState(State):
                 self.ttt.copy_(new)
 
 
-class MoshiTTT(StreamingModule[TTTStreamState]):
+class MoshiTTT(StreamingHooks, StreamingModule[TTTStreamState], TTTModule):
     """A `TTTLayer` as a moshi `StreamingModule`. x [B, T, C] → [B, T, C].
 
     Also usable in place of `StreamingTransformerLayer.self_attn`, which moshi calls as
@@ -65,7 +73,7 @@ class MoshiTTT(StreamingModule[TTTStreamState]):
         super().__init__()
         self.layer = layer
 
-    def _init_streaming_state(self, batch_size: int) -> TTTStreamState:
+    def new_streaming_state(self, batch_size: int) -> TTTStreamState:
         # clone: the initial state is a broadcast view of the parameters, and in eval mode the
         # state is updated in place (see `TTTStreamState.assign`).
         initial = self.layer.initial_state(batch_size)
@@ -73,8 +81,17 @@ class MoshiTTT(StreamingModule[TTTStreamState]):
         return TTTStreamState(batch_size, self.layer.W1.device, ttt=initial,
                               reset_fn=self.layer.reset_state, keep_graph=self.training)
 
+    def live_state(self) -> TTTState:
+        if self.streaming_state is None:
+            raise ValueError("the model is not streaming: use it inside `with lm.streaming(batch_size):`")
+        return self.streaming_state.ttt
+
+    def set_live_state(self, state: TTTState) -> None:
+        self.live_state()  # the same check
+        self.streaming_state.assign(state)
+
     def forward(self, x: Tensor, key: Tensor | None = None, value: Tensor | None = None) -> Tensor:
-        state = self._streaming_state
+        state = self.streaming_state
         if state is None:
             return self.layer(x)[0]
         start = state.ttt if state.window_start is None else state.window_start
@@ -90,69 +107,3 @@ class MoshiTTT(StreamingModule[TTTStreamState]):
             state.keep_graph = self.training
             state.assign(new)
         return y
-
-
-class GatedTTTBranch(nn.Module):
-    """x → x + tanh(α) ⊙ TTT(norm(x)), α per channel (the hybrid residual branch)."""
-
-    def __init__(self, norm: nn.Module, ttt: MoshiTTT, dim: int, gate_init: float,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.norm = norm
-        self.ttt = ttt
-        self.gate_alpha = nn.Parameter(torch.full((dim,), float(gate_init), device=device, dtype=dtype))
-
-    def residual(self, x: Tensor) -> Tensor:
-        """tanh(α) ⊙ TTT(norm(x)): what the branch adds to x."""
-        update = self.ttt(self.norm(x))
-        return torch.tanh(self.gate_alpha).to(update.dtype) * update
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.residual(x)
-
-
-class TTTHybridTransformerLayer(StreamingTransformerLayer):
-    """moshi's transformer layer with a gated TTT branch right after the attention residual.
-
-    moshi computes the attention residual inside `_sa_block`, so the branch can only go after it
-    by overriding that method: patched layers get this class (`layer.__class__` is switched),
-    which keeps moshi's own forward, state and parameter names untouched.
-    """
-
-    ttt_branch: GatedTTTBranch
-
-    def _sa_block(self, x: Tensor) -> Tensor:
-        return self.ttt_branch(super()._sa_block(x))
-
-
-def ttt_stream_state(lm: nn.Module) -> dict[str, Tensor]:
-    """The live TTT state of every streaming TTT module of `lm`, flat (for safetensors).
-
-    Keys are `<module name>.<tensor>`; `lm` must be inside `lm.streaming(B)` (or `LMGen.streaming`).
-    """
-    out: dict[str, Tensor] = {}
-    for name, module in _streaming_ttt(lm):
-        out.update({f"{name}.{k}": v for k, v in module._streaming_state.ttt.to_tensors().items()})
-    return out
-
-
-def load_ttt_stream_state(lm: nn.Module, tensors: dict[str, Tensor], where: str = "stream state") -> None:
-    """Restore what `ttt_stream_state` returned into a streaming `lm` of the same batch size."""
-    modules = _streaming_ttt(lm)
-    known = {f"{name}." for name, _ in modules}
-    stray = sorted(k for k in tensors if not any(k.startswith(p) for p in known))
-    if stray:
-        raise ValueError(f"{where}: tensors for no TTT module of this model: {stray[:5]}")
-    for name, module in modules:
-        state = module._streaming_state
-        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        state.assign(state.ttt.load_tensors(own, where=f"{where} ({name})"))
-
-
-def _streaming_ttt(lm: nn.Module) -> list[tuple[str, MoshiTTT]]:
-    modules = [(n, m) for n, m in lm.named_modules() if isinstance(m, MoshiTTT)]
-    if not modules:
-        raise ValueError("the model has no TTT layers")
-    if any(m._streaming_state is None for _, m in modules):
-        raise ValueError("the model is not streaming: use it inside `with lm.streaming(batch_size):`")
-    return modules

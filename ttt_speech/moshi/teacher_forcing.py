@@ -1,4 +1,4 @@
-"""Teacher-forced logits of a moshi LMModel computed chunk by chunk in streaming mode (DESIGN §7).
+"""Teacher-forced logits of a moshi LMModel computed chunk by chunk in streaming mode (docs/architecture.md §8).
 
 Calling `LMModel.forward` on each chunk is *not* a streaming path: it prepends the initial token
 and re-applies the delay pattern to every chunk. The right way: build the delayed stream once,
@@ -12,10 +12,10 @@ from torch import Tensor
 
 from . import _import  # noqa: F401
 from moshi.models.lm import LMModel, LMOutput
-from moshi.models.lm_utils import _delay_sequence, _undelay_sequence
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
-from .e2e import e2e_chunk_logits, has_e2e
+from ..handle import TTTModel
+from .e2e import e2e_chunk_logits
+from .internals import delay_sequence, initial_token, undelay_sequence, widen_kv_caches
 
 
 def delayed_streams(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor]:
@@ -24,8 +24,8 @@ def delayed_streams(lm: LMModel, codes: Tensor) -> tuple[Tensor, Tensor]:
     B, K, T = codes.shape
     if K != lm.num_codebooks:
         raise ValueError(f"codes: expected {lm.num_codebooks} streams (text + audio), got {K}")
-    initial = lm._get_initial_token().expand(B, -1, -1)
-    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+    initial = initial_token(lm).expand(B, -1, -1)
+    delayed = torch.cat([initial, delay_sequence(lm, codes, initial)], dim=2)
     return delayed[:, :, :-1], delayed[:, :, 1:]
 
 
@@ -37,43 +37,20 @@ def chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = Fals
     Models with E2E layers learn from the chunk as they go (`e2e.e2e_chunk_logits`; `meta`: keep
     the inner gradients in the graph).
     """
-    if has_e2e(lm):
+    handle = TTTModel.find(lm)
+    if handle is not None and handle.has_e2e:
         return e2e_chunk_logits(lm, inputs, targets, meta=meta)
     transformer_out, text_logits = lm.forward_text(inputs)
     audio_logits = lm.forward_depformer_training(targets, transformer_out)
     return text_logits, audio_logits
 
 
-def widen_kv_caches(lm: LMModel, chunk_size: int) -> None:
-    """Make a streaming `lm`'s attention caches hold `context + chunk_size - 1` steps.
-
-    moshi sizes each ring KV cache to exactly `context` steps, which is right one step at a time
-    (`LMGen`) but not for chunks: once a stream is longer than `context`, writing a chunk of S
-    steps overwrites keys that the chunk's first S − 1 queries still attend to, so they see a
-    window up to S − 1 steps short (measured: NLL off by ~1 nat on a tiny model with context 16).
-    The attention mask still limits every query to `context` steps, so a wider cache gives
-    exactly the outputs of one full pass / of `LMGen`. Call inside `lm.streaming(B)`, before the
-    first chunk (the caches are replaced, empty).
-    """
-    for module in lm.transformer.modules():
-        state = getattr(module, "_streaming_state", None)
-        if not isinstance(module, StreamingMultiheadAttention) or module.context is None or state is None:
-            continue
-        old = state.kv_cache
-        if not isinstance(old, RingKVCache) or old.capacity >= module.context + chunk_size - 1:
-            continue
-        _, B, H, _, D = old.cache.shape
-        state.kv_cache = RingKVCache(B, H, D, module.context + chunk_size - 1,
-                                     respect_exec_mask=old.respect_exec_mask,
-                                     device=old.cache.device, dtype=old.cache.dtype)
-
-
 def undelay_logits(lm: LMModel, codes: Tensor, text_logits: Tensor, audio_logits: Tensor) -> LMOutput:
     """Delayed logits → an `LMOutput` aligned with `codes` [B, K, T], masks as `LMModel.forward`."""
-    audio, audio_mask = _undelay_sequence(
+    audio, audio_mask = undelay_sequence(
         lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q], audio_logits, fill_value=float("nan"))
     audio_mask &= codes[:, lm.audio_offset:lm.audio_offset + lm.dep_q] != lm.zero_token_id
-    text, text_mask = _undelay_sequence(lm.delays[:1], text_logits, fill_value=float("nan"))
+    text, text_mask = undelay_sequence(lm.delays[:1], text_logits, fill_value=float("nan"))
     text_mask &= codes[:, :1] != lm.zero_token_id
     return LMOutput(audio, audio_mask, text, text_mask)
 

@@ -1,10 +1,13 @@
-"""`ttt-speech generate`: continue audio prompts with a (TTT-patched) Moshi, frame by frame."""
+"""`ttt-speech generate`: continue audio prompts with a (TTT-patched) Moshi, frame by frame (arguments,
+model loading and output files; the generation itself is `ttt_speech.generate`)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from pathlib import Path
+
+from ttt_speech.data import FRAME_RATE
 
 # CLI option of each GenerationConfig field (errors name the option the user typed)
 OPTIONS = {
@@ -13,15 +16,19 @@ OPTIONS = {
     "seed": "--seed", "prompt_text": "--prompt-text",
 }
 
+DESCRIPTION = (
+    "Continue each PROMPT (an audio file, or a code file) with Moshi (TTT-patched or not), "
+    "frame by frame through moshi's LMGen.step, and write each continuation as a wav file "
+    "and a code file into --out. Several prompts run as one batch. --state-out saves the "
+    "live stream (TTT state, attention caches, LMGen and Mimi state, RNG) and --state-in "
+    "continues it later: the result equals one uninterrupted generation. See docs/generate.md."
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="continue audio prompts frame by frame (LMGen.step), write audio + codes",
-        description="Continue each PROMPT (an audio file, or a code file) with Moshi (TTT-patched or not), "
-                    "frame by frame through moshi's LMGen.step, and write each continuation as a wav file "
-                    "and a code file into --out. Several prompts run as one batch. --state-out saves the "
-                    "live stream (TTT state, attention caches, LMGen and Mimi state, RNG) and --state-in "
-                    "continues it later: the result equals one uninterrupted generation. See docs/generate.md.")
+        "generate", description=DESCRIPTION,
+        help="continue audio prompts frame by frame (LMGen.step), write audio + codes")
     p.add_argument("prompts", nargs="*", type=Path, metavar="PROMPT",
                    help="audio (wav, flac, ogg, mp3, opus; mono = Moshi's voice, stereo = Moshi + user) or "
                         "code file (.safetensors); none with --state-in: continue the saved stream")
@@ -37,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="LM dtype (default: float32 for --model, the export's own for --export)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-duration", type=float, default=10.0, metavar="SECONDS",
-                   help="seconds generated after each prompt, > 0 (12.5 frames per second; default 10)")
+                   help=f"seconds generated after each prompt, > 0 ({FRAME_RATE:g} frames per second; default 10)")
     s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="audio temperature, >= 0; 0 = greedy (default 0.8)")
     s.add_argument("--text-temperature", type=float, default=0.7, metavar="T", help="text temperature, >= 0 (default 0.7)")
     s.add_argument("--top-k", type=int, default=250, metavar="K", help="audio top-k, >= 0; 0 = off (default 250)")
@@ -57,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .generation.config import GenerationConfig, validate
+    from ttt_speech.generation.config import GenerationConfig, validate
 
     values = {field: getattr(args, field) for field in OPTIONS}
     values["seed"] = 0 if args.seed is None else args.seed
@@ -68,12 +75,12 @@ def _config(args: argparse.Namespace):
 def _load_model(args: argparse.Namespace):
     import dataclasses
 
-    from .checkpoint import load_ttt
-    from .models import ModelConfig, load_lm
+    from ttt_speech.checkpoint import load_ttt
+    from ttt_speech.models import ModelConfig, load_lm
 
     if args.export is not None:
-        from . import schema
-        from .export import MODEL_FILE, load_exported_lm, read_export_meta
+        from ttt_speech import schema
+        from ttt_speech.export import MODEL_FILE, load_exported_lm, read_export_meta
 
         if args.ttt is not None:
             raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
@@ -114,7 +121,7 @@ class _Progress:
             self.last_print = now
             rate = (len(self.window) - 1) / (self.window[-1] - self.window[0]) if len(self.window) > 1 else 0.0
             sys.stderr.write(f"\rgenerate: {done}/{self.total} steps | {rate:6.1f} frames/s"
-                             f"{' per stream' if self.batch > 1 else ''} | {rate / 12.5:5.2f}x real time ")
+                             f"{' per stream' if self.batch > 1 else ''} | {rate / FRAME_RATE:5.2f}x real time ")
             sys.stderr.flush()
 
     def finish(self) -> float:
@@ -155,10 +162,18 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .data.audio import AUDIO_SUFFIXES, silence_codes
-    from .data.codes import Recording, save_codes
-    from .generate import AudioDecoder, GenerationSession, load_state, load_prompt, prompt_streams, read_state, save_state
-    from .models import load_mimi
+    from ttt_speech.data.audio import AUDIO_SUFFIXES, silence_codes
+    from ttt_speech.data.codes import Recording, save_codes
+    from ttt_speech.generate import (
+        AudioDecoder,
+        GenerationSession,
+        load_prompt,
+        load_state,
+        prompt_streams,
+        read_state,
+        save_state,
+    )
+    from ttt_speech.models import load_mimi
 
     saved = read_state(args.state_in) if args.state_in is not None else None
     if saved is not None and prompts and len(prompts) != saved[1]["batch_size"]:
@@ -240,8 +255,8 @@ def _generate(args: argparse.Namespace) -> int:
     rate = total / elapsed if elapsed > 0 else float("inf")
     counts = sorted({len(t) for t in texts})
     print(f"{batch} stream(s), {total} LMGen steps in {elapsed:.1f} s (Mimi decoding included): {rate:.1f} frames/s "
-          f"per stream, {rate / 12.5:.2f}x real time, {batch * rate:.1f} frames/s in all; wrote "
-          f"{'/'.join(map(str, counts))} frames ({'/'.join(f'{c / 12.5:.2f}' for c in counts)} s) per stream")
+          f"per stream, {rate / FRAME_RATE:.2f}x real time, {batch * rate:.1f} frames/s in all; wrote "
+          f"{'/'.join(map(str, counts))} frames ({'/'.join(f'{c / FRAME_RATE:.2f}' for c in counts)} s) per stream")
     for path in written:
         print(f"wrote {path}")
     if args.state_out is not None:

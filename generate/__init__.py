@@ -1,0 +1,1 @@
+"""`ttt-speech generate` app: continue audio prompts with a (TTT-patched) Moshi (docs/generate.md)."""

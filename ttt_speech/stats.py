@@ -1,0 +1,60 @@
+"""Fast-weight statistics: how far a TTT layer's fast weights travelled, one definition for every
+report (training's ttt_stats.csv, the evaluator's ‖W_t − W_0‖ curves, the Llama monitor).
+
+The fast weights of a state are those at the start of its current mini-batch, so a statistic at
+frame t shows the weights after ⌊t/b⌋ mini-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .state import TTTState
+
+
+@dataclass(frozen=True)
+class FastWeightStats:
+    """One layer's statistics, means over the batch rows.
+
+    w_norm: ‖W‖, the Frobenius norm over every fast-weight tensor of the layer (all heads, weights
+        and biases); w_delta: ‖W − W₀‖ in the same norm, W₀ the initial fast weights (the layer's
+        parameters); eta_mean: the mean inner learning rate (see `TTTLayer.mean_inner_lr`), when known.
+    """
+
+    w_norm: float
+    w_delta: float
+    eta_mean: float | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        out = {"w_norm": self.w_norm, "w_delta": self.w_delta}
+        if self.eta_mean is not None:
+            out["eta_mean"] = self.eta_mean
+        return out
+
+
+def fast_weight_norms(core: nn.Module, state: TTTState) -> tuple[Tensor, Tensor]:
+    """(‖W‖, ‖W − W₀‖) per batch row, each [B] float64, of a TTT core's (`TTTLayer`, `E2EMLP`) state.
+
+    The norm is taken over all the layer's fast-weight tensors (state.weights [B, H, ...]) at once;
+    W₀ is the core's parameters of the same names ([H, ...]).
+    """
+    squares = deltas = None
+    for name, w in zip(state.names, state.weights):
+        w = w.detach().double()
+        w0 = getattr(core, name).detach().double()[None]  # [1, H, ...]
+        s, d = w.pow(2).flatten(1).sum(1), (w - w0).pow(2).flatten(1).sum(1)
+        squares, deltas = (s, d) if squares is None else (squares + s, deltas + d)
+    return squares.sqrt(), deltas.sqrt()
+
+
+def fast_weight_stats(core: nn.Module, state: TTTState, eta_mean: float | None = None) -> FastWeightStats:
+    """`FastWeightStats` of one layer's state (means over its rows)."""
+    norm, delta = fast_weight_norms(core, state)
+    return FastWeightStats(norm.mean().item(), delta.mean().item(), eta_mean)
+
+
+def initial_norm(core: nn.Module) -> float:
+    """‖W₀‖ of a TTT core, the norm of `fast_weight_norms` (for relative change ‖W − W₀‖ / ‖W₀‖)."""
+    return float(torch.sqrt(sum(getattr(core, n).detach().double().pow(2).sum() for n in core.fast_names)))
