@@ -23,7 +23,7 @@ from typing import Callable
 import yaml
 
 from ttt_speech import schema
-from ttt_speech.checkpoint import write_text_atomic
+from ttt_speech.files import write_text_atomic
 from ttt_speech.tracking import WandbConfig
 from ttt_speech_apps.eval.config import DataConfig, EvalConfig
 from ttt_speech_apps.finetune.config import TrainConfig

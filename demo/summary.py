@@ -10,6 +10,7 @@ import datetime
 import math
 from pathlib import Path
 
+from ttt_speech.data import FRAME_RATE
 from ttt_speech_apps.eval import metrics
 from ttt_speech_apps.eval.report import read_per_position
 
@@ -189,7 +190,7 @@ def render_terminal(summary: dict) -> str:
     late = summary["late"]
     lines = [f"== {summary['title']} ==",
              f"{corpus['eval_streams']} held-out streams of {corpus['eval_frames']:,} frames "
-             f"({corpus['eval_frames'] / 12.5:.0f} s, {corpus['eval_frames'] // training['window_frames']}x the "
+             f"({corpus['eval_frames'] / FRAME_RATE:.0f} s, {corpus['eval_frames'] // training['window_frames']}x the "
              f"{training['window_frames']}-frame training window); attention sees {context} frames; "
              f"NLL in nats per token, chunked mode", ""]
     lines += _text_table(NLL_HEADER, nll_rows(summary)) + [""]

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ttt_speech.checkpoint import read_json
+from ttt_speech.files import read_json
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.audio import AUDIO_SUFFIXES
 from ttt_speech.data.cache import CodesCache

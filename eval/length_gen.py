@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-from ttt_speech.checkpoint import write_text_atomic
+from ttt_speech.files import write_text_atomic
 from ttt_speech.config import resolve_chunk_size
 from ttt_speech.handle import TTTModel
 

@@ -5,9 +5,10 @@ For each model and each held-out stream, S = the stream's first `segment_frames`
 
 - **pre**: S in a fresh stream (empty KV cache, initial TTT state);
 - **post**: S again in a *new* fresh stream (empty KV cache, so attention cannot copy from the
-  first occurrence) that starts from the TTT state the pre pass ended with (`ttt_stream_state`
-  snapshot, `load_ttt_stream_state`): only the fast weights carry the first occurrence. A model
-  without TTT layers has nothing to carry, so its post pass is a fresh pass again: post == pre;
+  first occurrence) that starts from the TTT state the pre pass ended with (a
+  `TTTModel.stream_state` snapshot, loaded with `load_stream_state`): only the fast weights carry
+  the first occurrence. A model without TTT layers has nothing to carry, so its post pass is a
+  fresh pass again: post == pre;
 - **post_in_context**: the second occurrence of S in one stream [S; S] (attention and TTT state
   both live): what a user streaming a repeated segment sees.
 
@@ -27,8 +28,9 @@ import torch
 from torch import Tensor
 
 from ttt_speech import schema
-from ttt_speech.checkpoint import write_text_atomic
+from ttt_speech.files import write_text_atomic
 from ttt_speech.config import TTTConfig, resolve_chunk_size
+from ttt_speech.export import export_ttt_config
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.models import ModelConfig
 from ttt_speech.schema import check, doc
@@ -86,7 +88,7 @@ class MemoryConfig:
         check(self.segment_frames >= 1, "segment_frames", "an integer >= 1", self.segment_frames)
         check(self.data.root is not None or self.data.manifest is not None, "data",
               "manifest (a JSONL of code or audio files) or root (a LibriLight tree)", None)
-        for m in self.models:  # exports are checked by `check_chunk_size` (reading them is I/O)
+        for m in self.models:  # exports are checked by `planned_chunk_sizes` (reading them is I/O)
             resolve_chunk_size(self.chunk_size, m.ttt, "chunk_size")
 
     def base_model(self) -> ModelConfig:
@@ -108,18 +110,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> MemoryConfig
     return schema.load_config(MemoryConfig, path, list(overrides), "config")
 
 
-def check_chunk_size(config: MemoryConfig) -> dict[str, int]:
-    """Every model's chunk size ({name: frames}), before any model is built (exports are read for their
-    TTT config only): a bad chunk_size fails in seconds, not after the first models were scored."""
-    from .run import model_chunk_size, planned_ttt_configs
-
+def planned_chunk_sizes(config: MemoryConfig) -> dict[str, int]:
+    """Every model's chunk size ({name: frames}, `resolve_chunk_size`), before any model is built
+    (exports are read for their TTT config only): a bad chunk_size fails in seconds, not after the
+    first models were scored."""
     out = {}
     for i, entry in enumerate(config.models):
-        try:
-            (ttt,) = planned_ttt_configs(config.eval_config(entry)).values()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"models[{i}].export: {e}") from None
-        out[entry.name] = model_chunk_size(config.eval_config(entry).eval, ttt)
+        ttt = entry.ttt
+        if entry.export is not None:
+            try:
+                ttt = export_ttt_config(entry.export)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"models[{i}].export: {e}") from None
+        out[entry.name] = resolve_chunk_size(config.chunk_size, ttt, "chunk_size")
     return out
 
 
@@ -223,7 +226,7 @@ def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) 
 
     from .run import build_models
 
-    chunks = check_chunk_size(config)
+    chunks = planned_chunk_sizes(config)
     base = config.base_model()
     device = base.torch_device()
     streams: list[Stream] | None = None

@@ -120,7 +120,8 @@ def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int | None = None, *, wh
     """
     _check_codes(lm, codes, where)
     handle = TTTModel.find(lm)
-    chunk_size = resolve_chunk_size(chunk_size, handle.config if handle else None, "eval.chunk_size")
+    chunk_size = resolve_chunk_size(chunk_size, handle.config if handle else None, "eval.chunk_size",
+                                    frames=codes.shape[1])
     trace_every = trace_every or chunk_size
     if trace_every % chunk_size:
         raise ValueError(f"trace_every ({trace_every}) must be a multiple of chunk_size ({chunk_size})")

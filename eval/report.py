@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ttt_speech.checkpoint import save_tensors_atomic, write_text_atomic
+from ttt_speech.files import save_tensors_atomic, write_text_atomic
 from ttt_speech.data import FRAME_RATE
 
 from . import metrics

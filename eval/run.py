@@ -46,11 +46,10 @@ class EvalModel:
     name: str
     lm: torch.nn.Module
     source: str
+    ttt: TTTModel | None = field(init=False)  # the handle on its TTT layers (None for the baseline)
 
-    @property
-    def ttt(self) -> TTTModel | None:
-        """The handle on the model's TTT layers (None for the baseline)."""
-        return TTTModel.find(self.lm)
+    def __post_init__(self) -> None:
+        self.ttt = TTTModel.find(self.lm)
 
     @property
     def ttt_config(self) -> TTTConfig | None:
@@ -84,62 +83,64 @@ class LoadedData:
         }
 
 
-def planned_ttt_configs(config: EvalConfig) -> dict[str, TTTConfig | None]:
-    """The TTT config of each model the config will build ({"ttt": ..., "baseline": None}), read from
-    the config and the exports' metadata without loading any weights."""
+def planned_models(config: EvalConfig) -> dict[str, TTTConfig | None]:
+    """The models the config asks for, in order, and the TTT config each will have (None: no TTT
+    layers), read from the config and the exports' metadata without loading any weights: "ttt" (an
+    export, or the base model with fresh layers) and/or "baseline" (a baseline export, or the base
+    model, when asked for or when there is nothing else to score)."""
     planned: dict[str, TTTConfig | None] = {}
     if config.export is not None:
         planned["ttt"] = export_ttt_config(config.export)
     elif config.ttt is not None:
         planned["ttt"] = config.ttt
-    if config.baseline_export is not None or not planned or config.eval.baseline:
+    if config.baseline_export is not None:
+        if export_ttt_config(config.baseline_export) is not None:
+            raise ValueError(f"baseline_export: {config.baseline_export} has TTT layers (expected a model trained "
+                             "with ttt: null)")
+        planned["baseline"] = None
+    elif not planned or config.eval.baseline:
         planned["baseline"] = None
     return planned
 
 
-def model_chunk_size(settings: EvalSettings, ttt: TTTConfig | None) -> int:
-    """The chunk a model patched with `ttt` (None: no TTT layers) is scored with; refuses the settings
-    that model cannot run (a chunk E2E layers cannot take, native mode for E2E layers)."""
+def check_model_settings(settings: EvalSettings, ttt: TTTConfig | None, where: str = "eval.chunk_size") -> int:
+    """Refuse what a model patched with `ttt` (None: no TTT layers) cannot run (native mode for E2E
+    layers, a chunk they cannot take); returns the chunk it is scored with (`resolve_chunk_size`)."""
     if ttt is not None and ttt.is_e2e and settings.mode in ("native", "both"):
         raise ValueError(f"eval.mode: {settings.mode!r} includes native (LMGen.step), which e2e_mlp models "
                          "cannot run: their update differentiates the model's loss over a whole mini-batch; "
                          "use eval.mode=chunked")
-    return resolve_chunk_size(settings.chunk_size, ttt, "eval.chunk_size")
+    return resolve_chunk_size(settings.chunk_size, ttt, where)
 
 
 def check_settings(config: EvalConfig) -> None:
-    """`model_chunk_size` for every model the config plans, before any model or data is loaded."""
-    for ttt in planned_ttt_configs(config).values():
-        model_chunk_size(config.eval, ttt)
+    """`check_model_settings` for every model the config plans, before any model or data is loaded."""
+    for ttt in planned_models(config).values():
+        check_model_settings(config.eval, ttt)
 
 
 def build_models(config: EvalConfig, device: torch.device | None = None) -> list[EvalModel]:
-    """The models the config asks for: TTT (export or fresh layers) and/or the baseline."""
+    """The models of `planned_models(config)`, built."""
     from ttt_speech import patch_moshi
+    from ttt_speech.export import load_exported_lm
 
+    plan = planned_models(config)
     base = config.base_model()
     device = device or base.torch_device()
     models = []
-    if config.export is not None:
-        from ttt_speech.export import load_exported_lm
-
+    if "ttt" in plan and config.export is not None:
         lm, base = load_exported_lm(config.export, device=device, model=config.model)
         models.append(EvalModel("ttt", lm, f"export {config.export} (base {base.name})"))
-    elif config.ttt is not None:
+    elif "ttt" in plan:
         lm = load_lm(base, device=device)
         with torch.random.fork_rng(devices=[]):  # the fresh TTT layers are seeded like the tiny model
             torch.manual_seed(base.seed)
             patch_moshi(lm, config.ttt)
         models.append(EvalModel("ttt", lm, f"{base.name} + fresh (untrained) TTT layers"))
-    if config.baseline_export is not None:
-        from ttt_speech.export import load_exported_lm, read_export_meta
-
-        if read_export_meta(config.baseline_export).get("ttt"):
-            raise ValueError(f"baseline_export: {config.baseline_export} has TTT layers (expected a model trained "
-                             "with ttt: null)")
+    if "baseline" in plan and config.baseline_export is not None:
         lm, _ = load_exported_lm(config.baseline_export, device=device)
         models.append(EvalModel("baseline", lm, f"export {config.baseline_export} (no TTT)"))
-    elif not models or config.eval.baseline:
+    elif "baseline" in plan:
         models.append(EvalModel("baseline", load_lm(base, device=device), f"{base.name} (no TTT)"))
     return models
 
@@ -179,7 +180,7 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
     modes = ["chunked", "native"] if config.eval.mode == "both" else [config.eval.mode]
     out = {}
     for model in models:
-        chunk = model_chunk_size(config.eval, model.ttt_config)
+        chunk = check_model_settings(config.eval, model.ttt_config)
         for mode in modes:
             results = []
             scored = streams[:config.eval.native_max_streams] if mode == "native" else streams
@@ -205,7 +206,7 @@ def alignment_report(models: list[EvalModel], streams: list[Stream], config: Eva
         if model.ttt is None:
             continue
         b = model.ttt.config.mini_batch_size
-        a = chunk_alignment(frames, model_chunk_size(config.eval, model.ttt_config), b)
+        a = chunk_alignment(frames, check_model_settings(config.eval, model.ttt_config), b)
         a["native_efficiency"] = chunk_alignment(frames, 1, b)["efficiency"]
         a["frames"] = frames
         out[model.name] = a
@@ -272,12 +273,12 @@ def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[Stre
     report["plots"] = {k: p.name for k, p in images.items()}
     paths = {"json": write_json(out / "report.json", report), "markdown": write_markdown(out / "report.md", report),
              "per_position": save_per_position(out / "per_position.safetensors", results, ids), **images}
-    run = start_wandb(config.wandb, report["config"], out, "eval-librilight")
-    if run is not None:
+    tracker = start_wandb(config.wandb, report["config"], out, "eval-librilight")
+    if tracker is not None:
         from .tracking import log_results
 
-        log_results(run, runs, images, [paths["json"], paths["markdown"]])
-        run.finish()
+        log_results(tracker.run, runs, images, [paths["json"], paths["markdown"]])
+        tracker.finish()
     return paths
 
 
@@ -301,10 +302,10 @@ def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
             progress=progress)
         results[model.name]["skipped_files"] = [s.to_dict() for s in data.skipped_files]
         results[model.name]["left_out_books"] = [s.to_dict() for s in data.left_out_books]
-    run = start_wandb(config.wandb, schema.to_dict(config), Path(config.output_dir), "eval-length-gen")
-    paths = write_length_gen(results, config.output_dir, wandb_run=run)
-    if run is not None:
-        run.finish()
+    tracker = start_wandb(config.wandb, schema.to_dict(config), Path(config.output_dir), "eval-length-gen")
+    paths = write_length_gen(results, config.output_dir, wandb_run=tracker.run if tracker else None)
+    if tracker is not None:
+        tracker.finish()
     return results, paths
 
 

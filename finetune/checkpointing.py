@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ttt_speech.checkpoint import save_tensors_atomic, write_text_atomic
+from ttt_speech.files import save_tensors_atomic, write_text_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 

@@ -41,7 +41,8 @@ class Monitor:
     def __init__(self, output_dir: Path, wandb_config: WandbConfig, run_config: dict[str, Any], enabled: bool) -> None:
         self.enabled = enabled
         self.dir = output_dir
-        self.wandb = start_wandb(wandb_config, run_config, output_dir, "train") if enabled else None
+        self.tracker = start_wandb(wandb_config, run_config, output_dir, "train") if enabled else None
+        self.wandb = self.tracker.run if self.tracker is not None else None
 
     def log(self, step: int, metrics: dict[str, float], layer_stats: dict[int, FastWeightStats] | None = None) -> None:
         if not self.enabled:
@@ -63,5 +64,5 @@ class Monitor:
             self.wandb.log(flat, step=step)
 
     def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.tracker is not None:
+            self.tracker.finish()

@@ -72,6 +72,18 @@ def _config(args: argparse.Namespace):
     return GenerationConfig(**values)
 
 
+def _check_model(args: argparse.Namespace) -> None:
+    """What the model's metadata already refuses, before it is loaded: --ttt with --export, E2E layers."""
+    from ttt_speech.checkpoint import read_saved_ttt
+    from ttt_speech.export import export_ttt_config
+    from ttt_speech.generation.session import check_generable
+
+    if args.export is not None and args.ttt is not None:
+        raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
+    check_generable(export_ttt_config(args.export) if args.export is not None else
+                    read_saved_ttt(args.ttt).config if args.ttt is not None else None)
+
+
 def _load_model(args: argparse.Namespace):
     import dataclasses
 
@@ -79,13 +91,9 @@ def _load_model(args: argparse.Namespace):
     from ttt_speech.models import ModelConfig, load_lm
 
     if args.export is not None:
-        from ttt_speech import schema
-        from ttt_speech.export import MODEL_FILE, load_exported_lm, read_export_meta
+        from ttt_speech.export import export_model_config, load_exported_lm
 
-        if args.ttt is not None:
-            raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
-        meta = read_export_meta(args.export)
-        config = schema.from_dict(ModelConfig, meta["model"], f"{args.export / MODEL_FILE}:model")
+        config = export_model_config(args.export)
         config = dataclasses.replace(config, device=args.device, **({"dtype": args.dtype} if args.dtype else {}))
         lm, config = load_exported_lm(args.export, device=config.torch_device(), model=config)
         return lm, config
@@ -159,6 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out: {args.out} exists and is not a folder")
     if args.state_in is not None and args.seed is not None:
         print("note: --seed is ignored with --state-in (the saved stream continues its own RNG)", file=sys.stderr)
+    _check_model(args)
 
     import torch
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ttt_speech import TTTConfig, patch_moshi  # noqa: E402
 from ttt_speech.layer import TTTLayer  # noqa: E402
 from ttt_speech.models import tiny_moshi_lm  # noqa: E402
+from ttt_speech.moshi.internals import stream_position  # noqa: E402
 from ttt_speech.ops.inner_lr import position_scale, token_lr  # noqa: E402
 from ttt_speech.ops.layer_norm import layer_norm, layer_norm_l2_grad  # noqa: E402
 from ttt_speech.ops.rope import rope_interleaved  # noqa: E402
@@ -302,7 +303,7 @@ def bench_lmgen(positions: list[int], steps: int, warmup: int, chunk: int, seed:
                     t0 = time.perf_counter()
                     gen.step(codes)
                     times[name].append(time.perf_counter() - t0)
-            offsets = {name: _transformer_offset(lm) for name, lm in models.items()}
+            offsets = {name: stream_position(lm) for name, lm in models.items()}
         for name in models:
             results.append({"model": name, "target_position": pos, "first_timed_position": at,
                             "transformer_offset_after": offsets[name], "steps": steps,
@@ -310,13 +311,6 @@ def bench_lmgen(positions: list[int], steps: int, warmup: int, chunk: int, seed:
                             "ms_per_step_min": min(times[name]) * 1e3,
                             "advance_s_both_models": advance_s, "how": how})
     return results
-
-
-def _transformer_offset(lm) -> int:
-    """The temporal transformer's stream position (its first attention's offset), -1 if unknown."""
-    attn = lm.transformer.layers[0].self_attn
-    state = getattr(attn, "_streaming_state", None)
-    return int(state.offset[0]) if state is not None and hasattr(state, "offset") else -1
 
 
 # ----------------------------------------------------------------------------- main

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from ttt_speech import schema
-from ttt_speech.checkpoint import write_text_atomic
+from ttt_speech.files import write_text_atomic
 from ttt_speech.data.synthetic import write_corpus
 from ttt_speech_apps.demo.config import load_demo_config
 from ttt_speech_apps.demo.run import train_side_by_side

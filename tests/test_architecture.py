@@ -55,6 +55,8 @@ def private_moshi_uses(path: Path) -> list[str]:
             found.append(node.attr)
         elif isinstance(node, ast.FunctionDef) and node.name in MOSHI_PRIVATE:
             found.append(f"def {node.name}")
+        elif isinstance(node, ast.Constant) and node.value in MOSHI_PRIVATE:  # getattr(x, "_streaming_state")
+            found.append(repr(node.value))
     return found
 
 

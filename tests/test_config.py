@@ -88,3 +88,19 @@ def test_every_config_field_is_documented():
         if f.repr:
             assert f"`{f.name}`" in readme, f.name
             assert f"{f.name}:" in shipped, f.name
+
+
+def test_the_one_chunk_rule():
+    from ttt_speech.config import resolve_chunk_size
+
+    linear, e2e = TTTConfig(mini_batch_size=16), TTTConfig(layer_type="e2e_mlp", mini_batch_size=16)
+    assert [resolve_chunk_size(None, c) for c in (linear, e2e, None)] == [64, 64, 64]
+    assert resolve_chunk_size(None, TTTConfig(mini_batch_size=25)) == 100  # 4 mini-batches
+    assert resolve_chunk_size(7, linear) == 7 and resolve_chunk_size(7, None) == 7  # TTT layers take any chunk
+    assert resolve_chunk_size(48, e2e) == 48
+    with pytest.raises(ValueError, match=r"eval.chunk_size: 24 frames is not a multiple of the E2E mini-batch size \(16\)"):
+        resolve_chunk_size(24, e2e, "eval.chunk_size")
+    assert resolve_chunk_size(24, e2e, frames=20) == 24  # one chunk holds the whole stream
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size: expected a positive number of frames"):
+            resolve_chunk_size(bad, linear)

@@ -105,8 +105,12 @@ def test_chunked_equals_one_pass_at_update_boundaries(chunk):
 
 def test_chunk_inside_an_unfinished_mini_batch_is_refused():
     lm, c = e2e_lm(), codes()
-    with pytest.raises(ValueError, match="unfinished 4-frame mini-batch"):
-        streamed(lm, c, 6)
+    with pytest.raises(ValueError, match=r"chunk_size: 6 frames is not a multiple of the E2E mini-batch size \(4\)"):
+        streamed(lm, c, 6)  # the chunk rule refuses it up front
+    inputs, targets = delayed_streams(lm, c)
+    with inference_context(lm), lm.streaming(2), pytest.raises(ValueError, match="unfinished 4-frame mini-batch"):
+        chunk_logits(lm, inputs[..., :6], targets[..., :6])  # a short chunk is fine as the last one ...
+        chunk_logits(lm, inputs[..., 6:12], targets[..., 6:12])  # ... but nothing may follow it
 
 
 def test_window_mode_equals_streaming():
@@ -255,3 +259,19 @@ def test_native_evaluation_generation_and_llama_refuse_e2e():
         GenerationSession(lm, batch_size=1, silence=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="e2e_mlp is implemented for Moshi only"):
         patch_llama(torch.nn.Module(), TTTConfig(layer_type="e2e_mlp"))
+
+
+def test_generate_command_refuses_an_e2e_export_before_loading_it(tmp_path, monkeypatch, capsys):
+    import ttt_speech.export
+    from ttt_speech.cli import main
+    from ttt_speech.export import save_export
+    from ttt_speech.models import ModelConfig
+
+    tiny = {k: v for k, v in KW.items() if k not in ("dtype",)}
+    save_export(e2e_lm(), ModelConfig(tiny=tiny, device="cpu"), tmp_path / "e2e", trainable="ttt")
+    prompt = tmp_path / "prompt.safetensors"
+    prompt.write_bytes(b"")
+    monkeypatch.setattr(ttt_speech.export, "load_exported_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", str(prompt), "--out", str(tmp_path / "out"), "--export", str(tmp_path / "e2e")]) == 2
+    assert "e2e_mlp models cannot run LMGen.step" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ from ttt_speech.schema import from_dict, markdown_reference
 from ttt_speech_apps.eval.memory_probe import (
     MemoryConfig,
     MemoryModel,
-    check_chunk_size,
+    planned_chunk_sizes,
     memory_groups,
     probe_segment,
     remembered,
@@ -237,10 +237,10 @@ def test_config_validation():
     ok = {"models": [{"name": "a"}], "data": {"manifest": "x.jsonl"}}
     config = from_dict(MemoryConfig, ok, "config")
     assert config.segment_frames == 256 and config.chunk_size is None and config.models == [MemoryModel("a")]
-    assert check_chunk_size(config) == {"a": 64}  # the default chunk of a model without TTT layers
+    assert planned_chunk_sizes(config) == {"a": 64}  # the default chunk of a model without TTT layers
     e2e = {"name": "a", "ttt": {"layer_type": "e2e_mlp", "mini_batch_size": 16}}
     linear = {"name": "a", "ttt": {"mini_batch_size": 16}}
-    assert check_chunk_size(from_dict(MemoryConfig, {**ok, "models": [linear], "chunk_size": 24}, "config")) == {"a": 24}
+    assert planned_chunk_sizes(from_dict(MemoryConfig, {**ok, "models": [linear], "chunk_size": 24}, "config")) == {"a": 24}
     for bad, message in [
         ({**ok, "models": []}, "models: expected a list of at least one"),
         ({**ok, "models": [{"export": "x"}]}, "missing 1 required positional argument: 'name'"),
@@ -266,12 +266,12 @@ def test_chunk_size_of_an_export_is_checked_from_its_metadata(tmp_path):
     save_export(tiny_lm(), model, tmp_path / "plain", trainable="full")
     models = [{"name": n, "export": str(tmp_path / n)} for n in ("ttt", "e2e", "plain")]
     config = from_dict(MemoryConfig, {"models": models, "data": {"manifest": "x.jsonl"}}, "config")
-    assert check_chunk_size(config) == {"ttt": 4 * B, "e2e": 4 * B, "plain": 64}
+    assert planned_chunk_sizes(config) == {"ttt": 4 * B, "e2e": 4 * B, "plain": 64}
     config.chunk_size = 12  # fine for TTT layers (padding slots only), not for E2E layers
     with pytest.raises(ValueError, match=r"chunk_size: 12 frames is not a multiple of the E2E mini-batch size \(8\)"):
-        check_chunk_size(config)
+        planned_chunk_sizes(config)
     config.models = config.models[:1] + config.models[2:]
-    assert check_chunk_size(config) == {"ttt": 12, "plain": 12}
+    assert planned_chunk_sizes(config) == {"ttt": 12, "plain": 12}
 
 
 def test_example_config_loads_and_docs_hold_the_reference():

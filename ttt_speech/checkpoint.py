@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import TTTConfig
+from .files import read_json, save_tensors_atomic, write_text_atomic
 from .handle import TTTModel
 from .host import host_spec, patch_host
 from .report import PatchReport
@@ -39,23 +38,6 @@ def save_ttt(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def read_json(path: str | Path, what: str, missing_ok: bool = False) -> dict | None:
-    """The JSON object in `path` (`what` says what it should be, for the errors); None for a missing
-    file when `missing_ok`. Unreadable or malformed files are a one-line ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        if missing_ok:
-            return None
-        raise FileNotFoundError(f"{path}: missing (expected {what})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON, expected {what} ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object ({what})")
-    return data
-
-
 @dataclass(frozen=True)
 class SavedTTT:
     """What `save_ttt` recorded next to the weights: the host's name, the TTTConfig, the PatchReport."""
@@ -65,7 +47,7 @@ class SavedTTT:
     report: PatchReport
 
 
-def read_ttt_config(directory: str | Path) -> SavedTTT:
+def read_saved_ttt(directory: str | Path) -> SavedTTT:
     """What `save_ttt` recorded in `directory`'s ttt_config.json (no weights are read)."""
     path = Path(directory) / CONFIG_FILE
     meta = read_json(path, "a directory written by save_ttt")
@@ -80,7 +62,7 @@ def read_ttt_config(directory: str | Path) -> SavedTTT:
 def load_ttt(model: nn.Module, directory: str | Path) -> PatchReport:
     """Patch a fresh base model as recorded in `directory` and load the saved TTT weights."""
     directory = Path(directory)
-    saved = read_ttt_config(directory)
+    saved = read_saved_ttt(directory)
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing (expected a directory written by save_ttt)")
@@ -98,42 +80,3 @@ def load_ttt(model: nn.Module, directory: str | Path) -> PatchReport:
                                  f"expected {tuple(param.shape)}")
             param.copy_(tensors[name])
     return report
-
-
-def save_tensors_atomic(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written to a temporary name and renamed: never half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_tensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; an unreadable one is a ValueError naming it as `what`."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: not a readable {what} ({e})") from None
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -48,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data(sub)
     for command in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
-        command.load()(sub)
+        try:
+            register = command.load()
+        except (ImportError, AttributeError) as e:  # a stale or broken install must not take the other commands down
+            print(f"ttt-speech: the command {command.name!r} ({command.value}) cannot be loaded ({e}); "
+                  "reinstall the package (pip install -e .)", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 
@@ -131,9 +137,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import read_ttt_config
+    from .checkpoint import read_saved_ttt
 
-    saved = read_ttt_config(args.export_dir)
+    saved = read_saved_ttt(args.export_dir)
     print(saved.report)
     print("config:", json.dumps(saved.config.to_dict()))
     return 0

@@ -160,20 +160,23 @@ class TTTConfig:
         return list(range(depth - max(count, 1), depth))
 
 
-def resolve_chunk_size(requested: int | None, config: TTTConfig | None, where: str = "chunk_size") -> int:
+def resolve_chunk_size(requested: int | None, config: TTTConfig | None, where: str = "chunk_size",
+                       frames: int | None = None) -> int:
     """Frames per chunk when a stream is fed chunk by chunk (evaluation, training windows), for a
     model patched with `config` (None: no TTT layers). The one rule (docs/architecture.md §3):
 
     - default (requested None): 4 mini-batches, 4·b frames (64 without TTT layers);
     - TTT layers take any chunk (the streaming contract); multiples of b waste no padding slots;
-    - E2E layers update at mini-batch boundaries, so their chunks must be multiples of b.
+    - E2E layers update at mini-batch boundaries, so their chunks must be multiples of b, unless
+      one chunk holds the whole stream (`frames`, when the caller knows it).
     `where` names the setting in errors.
     """
     if requested is None:
         return DEFAULT_CHUNK_MINI_BATCHES * config.mini_batch_size if config is not None else NO_TTT_CHUNK
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
         raise ValueError(f"{where}: expected a positive number of frames, got {requested!r}")
-    if config is not None and config.is_e2e and requested % config.mini_batch_size:
+    one_chunk = frames is not None and requested >= frames
+    if config is not None and config.is_e2e and requested % config.mini_batch_size and not one_chunk:
         raise ValueError(f"{where}: {requested} frames is not a multiple of the E2E mini-batch size "
                          f"({config.mini_batch_size}); E2E layers update at mini-batch boundaries")
     return requested

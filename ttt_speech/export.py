@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import schema
-from .checkpoint import load_ttt, read_json, read_ttt_config, save_tensors_atomic, save_ttt, write_text_atomic
+from .checkpoint import load_ttt, read_saved_ttt, save_ttt
+from .files import read_json, save_tensors_atomic, write_text_atomic
 from .config import TTTConfig
 from .handle import TTTModel
 from .lora import add_lora, load_lora, lora_state_dict
@@ -84,7 +85,7 @@ def export_ttt_config(directory: str | Path) -> TTTConfig | None:
     so settings that depend on it (chunk sizes) can be checked before any model is loaded."""
     if not read_export_meta(directory).get("ttt"):
         return None
-    return read_ttt_config(directory).config
+    return read_saved_ttt(directory).config
 
 
 def load_exported_lm(directory: str | Path, device: torch.device | None = None,

@@ -26,8 +26,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .data import FRAME_RATE
 from .data.codes import Recording
-from .generation.config import FRAME_RATE, GenerationConfig, validate
+from .generation.config import GenerationConfig, validate
 from .generation.decode import AudioDecoder
 from .generation.prompts import load_prompt, prompt_streams
 from .generation.sampling import check_sampling, sample_tokens

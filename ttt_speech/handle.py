@@ -3,7 +3,6 @@
     handle = TTTModel.of(lm)           # ValueError when lm has no TTT layers; TTTModel.find(lm): None
     handle.config, handle.report       # the TTTConfig and PatchReport of the patch
     handle.sites                       # one TTTSite per patched layer: layer index, module, core
-    handle.chunk_size(None)            # the chunk to feed streams in (default, E2E divisibility)
     with lm.streaming(1):
         tensors = handle.stream_state()            # the live TTT state as named tensors ...
         handle.load_stream_state(tensors)          # ... and back (one path for every app)
@@ -22,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import TTTConfig, resolve_chunk_size
+from .config import TTTConfig
 from .modules import GatedTTTBranch, TTTModule
 from .report import PatchReport
 from .state import TTTState
@@ -77,9 +76,13 @@ class TTTModel:
 
     @classmethod
     def find(cls, model: nn.Module) -> "TTTModel | None":
-        """The handle of a patched model; None for a model without TTT layers."""
-        record = getattr(model, _RECORD, None)
-        return cls(model, record) if isinstance(record, PatchRecord) else None
+        """The handle of a patched model, or of the patched module inside `model` (e.g. an
+        `OmniSpeechLM` whose `.llm` was patched, a DDP wrapper); None for a model without TTT layers."""
+        for module in model.modules():  # `model` itself first
+            record = getattr(module, _RECORD, None)
+            if isinstance(record, PatchRecord):
+                return cls(module, record)
+        return None
 
     @classmethod
     def of(cls, model: nn.Module, where: str = "the model") -> "TTTModel":
@@ -111,10 +114,6 @@ class TTTModel:
         """The TTT parameters (everything the patch added), keyed by their names in the model."""
         owned = {id(p) for site in self.sites for p in site.inserted.parameters()}
         return {n: p for n, p in self.model.named_parameters() if id(p) in owned}
-
-    def chunk_size(self, requested: int | None = None, where: str = "chunk_size") -> int:
-        """The chunk of frames to feed streams in: `resolve_chunk_size` for this patch."""
-        return resolve_chunk_size(requested, self.config, where)
 
     # ---------------------------------------------------------------- live state
 

@@ -35,9 +35,22 @@ class WandbConfig:
         return env if env in MODES else self.mode
 
 
-def start_wandb(settings: WandbConfig, run_config: dict[str, Any], output_dir: Path, job_type: str):
-    """A wandb run logging into `output_dir`, the caller's active run when there is one (evaluation
-    from inside a training run), or None when disabled or when wandb cannot start (warned)."""
+@dataclass
+class Tracker:
+    """A started wandb run (`run`), and whether this code started it (only then does `finish` end it:
+    a run the caller had open, e.g. evaluation from inside a training run, stays open)."""
+
+    run: Any
+    owned: bool
+
+    def finish(self) -> None:
+        if self.owned:
+            self.run.finish()
+
+
+def start_wandb(settings: WandbConfig, run_config: dict[str, Any], output_dir: Path, job_type: str) -> Tracker | None:
+    """A wandb run logging into `output_dir`: the caller's active run when there is one, else a new
+    one; None when disabled or when wandb cannot start (warned)."""
     mode = settings.resolved_mode()
     if mode == "disabled":
         return None
@@ -45,11 +58,12 @@ def start_wandb(settings: WandbConfig, run_config: dict[str, Any], output_dir: P
         import wandb
 
         if wandb.run is not None:
-            return wandb.run
+            return Tracker(wandb.run, owned=False)
         output_dir.mkdir(parents=True, exist_ok=True)
-        return wandb.init(project=settings.project, entity=settings.entity, name=settings.run_name or output_dir.name,
-                          mode=mode, job_type=job_type, dir=str(output_dir), config=run_config,
-                          reinit="finish_previous")
+        run = wandb.init(project=settings.project, entity=settings.entity, name=settings.run_name or output_dir.name,
+                         mode=mode, job_type=job_type, dir=str(output_dir), config=run_config,
+                         reinit="finish_previous")
+        return Tracker(run, owned=True)
     except Exception as e:  # noqa: BLE001 - a tracker failure must not lose a finished run's results
         logger.warning("wandb unavailable (%s); continuing without it", str(e).splitlines()[0] if str(e) else e)
         return None

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 from torch import Tensor
 
-from ..checkpoint import read_tensors, save_tensors_atomic
+from ..files import read_tensors, save_tensors_atomic
 from . import FRAME_RATE
 
 FORMAT = "ttt-speech-codes"

@@ -68,7 +68,7 @@ def read_manifest(path: str | Path, field: str = "manifest") -> list[ManifestEnt
 
 def write_manifest(path: str | Path, entries: list[ManifestEntry]) -> Path:
     """Write a manifest (paths relative to its folder when possible), atomically."""
-    from ..checkpoint import write_text_atomic
+    from ..files import write_text_atomic
 
     path = Path(path)
     lines = []

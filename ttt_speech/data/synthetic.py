@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import write_text_atomic
+from ..files import write_text_atomic
 from . import FRAME_RATE
 from .codes import Recording, save_codes
 from .manifest import ManifestEntry, write_manifest

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..checkpoint import read_json
+from ..files import read_json
 from . import FRAME_RATE
 
 MAIN_SPEAKER = "SPEAKER_MAIN"

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..moshi import _import  # noqa: F401
 from moshi.utils.compile import no_cuda_graph
 
-from ..moshi.internals import load_states, states_to_tensors
+from ..moshi.internals import load_moshi_states, moshi_states_to_tensors
 from .session import Frame
 
 PREFIX = "mimi."
@@ -110,7 +110,7 @@ class AudioDecoder:
         """Mimi's streaming state (conv buffers, transformer caches), prefixed `mimi.`; flush first."""
         if self.pending:
             raise ValueError("AudioDecoder: flush() before saving its state (frames are still queued)")
-        return states_to_tensors(self.mimi.get_streaming_state(), PREFIX)
+        return moshi_states_to_tensors(self.mimi.get_streaming_state(), PREFIX)
 
     def load_state_dict(self, tensors: dict[str, Tensor], where: str = "generation state") -> None:
-        load_states(self.mimi.get_streaming_state(), tensors, PREFIX, where)
+        load_moshi_states(self.mimi.get_streaming_state(), tensors, PREFIX, where)

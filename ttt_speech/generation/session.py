@@ -27,11 +27,20 @@ from torch import Tensor
 from ..moshi import _import  # noqa: F401
 from moshi.models.lm import LMGen, LMModel
 
+from ..config import TTTConfig
 from ..handle import TTTModel
-from ..moshi.internals import StreamingHooks, load_states, lmgen_offsets, reset_depformer_graph, states_to_tensors
+from ..moshi.internals import (StreamingHooks, lmgen_offsets, load_moshi_states, moshi_states_to_tensors,
+                               reset_depformer_graph)
 from .config import GenerationConfig
 from .sampling import sample_tokens
 from .state import model_fingerprint
+
+
+def check_generable(ttt: TTTConfig | None) -> None:
+    """Refuse a model patched with `ttt` that `LMGen.step` cannot run (E2E layers); None: no TTT."""
+    if ttt is not None and ttt.is_e2e:
+        raise ValueError("generation: e2e_mlp models cannot run LMGen.step (their update differentiates the "
+                         "model's loss over whole mini-batches); score them with `ttt-speech eval` (chunked)")
 
 
 @dataclass
@@ -120,9 +129,7 @@ class GenerationSession:
         if batch_size < 1:
             raise ValueError(f"batch size: expected >= 1, got {batch_size}")
         handle = TTTModel.find(lm)
-        if handle is not None and handle.has_e2e:
-            raise ValueError("generation: e2e_mlp models cannot run LMGen.step (their update differentiates the "
-                             "model's loss over whole mini-batches); score them with `ttt-speech eval` (chunked)")
+        check_generable(handle.config if handle is not None else None)
         self.lm = lm
         self.ttt = handle  # None for a model without TTT layers
         self.batch_size = batch_size
@@ -268,8 +275,8 @@ class GenerationSession:
         (attention KV caches and offsets, layer counters), the TTT state of every TTT layer, the
         silence codes and the sampling RNG state. The depformer restarts at every step: nothing to keep.
         """
-        tensors = states_to_tensors({"": self.lm_gen.streaming_state}, "gen.")
-        tensors.update(states_to_tensors(self.lm.get_streaming_state(), "lm."))
+        tensors = moshi_states_to_tensors({"": self.lm_gen.streaming_state}, "gen.")
+        tensors.update(moshi_states_to_tensors(self.lm.get_streaming_state(), "lm."))
         if self.ttt is not None:
             tensors.update({f"ttt.{k}": v.cpu() for k, v in self.ttt.stream_state().items()})
         tensors["session.silence"] = self.silence.clone()
@@ -290,8 +297,8 @@ class GenerationSession:
         if meta.get("rng_device") != self.generator.device.type:
             raise ValueError(f"{where}: the sampling RNG was saved on {meta.get('rng_device')}; it cannot "
                              f"continue on {self.generator.device.type} (resume on the same kind of device)")
-        load_states({"": self.lm_gen.streaming_state}, tensors, "gen.", where)
-        load_states(self.lm.get_streaming_state(), tensors, "lm.", where)
+        load_moshi_states({"": self.lm_gen.streaming_state}, tensors, "gen.", where)
+        load_moshi_states(self.lm.get_streaming_state(), tensors, "lm.", where)
         ttt = {k[4:]: v for k, v in tensors.items() if k.startswith("ttt.")}
         if self.ttt is not None:
             self.ttt.load_stream_state(ttt, where)

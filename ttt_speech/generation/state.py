@@ -1,8 +1,9 @@
 """The file a saved generation stream lives in, and the identity of the model it belongs to.
 
 The live state itself is flattened elsewhere: moshi's streaming states by
-`ttt_speech.moshi.internals.states_to_tensors` (KV caches, offsets, LMGen's token cache, Mimi's
-buffers), the TTT state by `TTTModel.stream_state`; `GenerationSession.state_dict` gathers both.
+`ttt_speech.moshi.internals.moshi_states_to_tensors` (KV caches, offsets, LMGen's token cache,
+Mimi's buffers), the TTT state by `TTTModel.stream_state`; `GenerationSession.state_dict` gathers
+both.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import read_tensors, save_tensors_atomic
+from ..files import read_tensors, save_tensors_atomic
 
 FORMAT = "ttt-speech-generation-state"
 VERSION = "1"

@@ -31,8 +31,6 @@ def _check(model: nn.Module, config: TTTConfig) -> None:
     if config.is_e2e:
         raise ValueError("patch_llama: layer_type e2e_mlp is implemented for Moshi only (ttt_speech.moshi.e2e)")
     stack = decoder_stack(model)
-    if isinstance(stack, TTTModelMixin):
-        raise ValueError("patch_llama: this model is already patched with TTT layers")
     bad = [type(layer).__name__ for layer in stack.layers if not isinstance(layer, SUPPORTED_LAYERS)]
     if bad:
         raise TypeError(f"patch_llama: unsupported decoder layer {bad[0]}; expected "

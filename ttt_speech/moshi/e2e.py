@@ -112,9 +112,12 @@ def e2e_chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = 
     logits [B, dep_q, S, card]), each frame predicted before the update on its mini-batch.
     """
     handle = TTTModel.of(lm)
+    if not handle.has_e2e:
+        raise ValueError(f"e2e_chunk_logits: the model has {handle.config.layer_type} TTT layers, not e2e_mlp "
+                         "(use chunk_logits)")
     modules: list[MoshiE2E] = [site.ttt for site in handle.sites]
     states: list[E2EStreamState] = [m.streaming_state for m in modules]
-    if not handle.has_e2e or any(s is None for s in states):
+    if any(s is None for s in states):
         raise ValueError("E2E: the model must be streaming (`with lm.streaming(B):`) or in window mode (TTTCarry)")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("E2E layers update by autograd, which inference mode forbids: run the model under "

@@ -1,8 +1,10 @@
-"""Every use of moshi's private names and internal layout, in one module (docs/architecture.md §7).
+"""Every use of moshi's private names and of the fields of its state objects, in one module
+(docs/architecture.md §7).
 
 Read from moshi 0.2.13. Each access says what it relies on and why there is no public route; a
-moshi upgrade means reading this file (and `tests/test_moshi.py`), not the whole project. Nothing
-else in ttt-speech touches an underscore name of moshi or the inside of its state objects:
+moshi upgrade means reading this file (and running tests/test_moshi.py, test_eval_nll.py,
+test_generate.py), not the whole project. Nothing else in ttt-speech uses an underscore name of
+moshi or reads a field of moshi's states (`tests/test_architecture.py` checks the names):
 
 - streaming hooks: `StreamingModule._init_streaming_state` / `._streaming_state` (`StreamingHooks`);
 - the hybrid layers: `StreamingTransformerLayer._sa_block` / `._ff_block` overrides;
@@ -141,6 +143,13 @@ def attention_context(lm: LMModel) -> int | None:
     return None
 
 
+def stream_position(lm: LMModel) -> int:
+    """Steps the streaming temporal transformer has seen (its first attention's offset); -1 when unknown."""
+    state = streaming_state(lm.transformer.layers[0].self_attn)
+    # moshi 0.2.13: `_MHAState.offset` [B] counts the steps an attention has seen; no public accessor
+    return int(state.offset[0]) if state is not None and hasattr(state, "offset") else -1
+
+
 def widen_kv_caches(lm: LMModel, chunk_size: int) -> None:
     """Make a streaming `lm`'s attention caches hold `context + chunk_size - 1` steps.
 
@@ -222,7 +231,7 @@ def _key(prefix: str, module: str, field: str) -> str:
     return f"{prefix}{module}.{field}" if module else f"{prefix}{field}"
 
 
-def states_to_tensors(states: Mapping[str, Any], prefix: str) -> dict[str, Tensor]:
+def moshi_states_to_tensors(states: Mapping[str, Any], prefix: str) -> dict[str, Tensor]:
     """{module name: moshi State} (e.g. `module.get_streaming_state()`) → flat {prefix + module.field: tensor}.
 
     Tensor fields (KV caches, offsets, token caches, conv buffers) are copied to the CPU, int / bool
@@ -251,8 +260,8 @@ def states_to_tensors(states: Mapping[str, Any], prefix: str) -> dict[str, Tenso
     return out
 
 
-def load_states(states: Mapping[str, Any], tensors: Mapping[str, Tensor], prefix: str, where: str) -> None:
-    """Copy what `states_to_tensors` returned back into live states of the same layout, *in place*
+def load_moshi_states(states: Mapping[str, Any], tensors: Mapping[str, Tensor], prefix: str, where: str) -> None:
+    """Copy what `moshi_states_to_tensors` returned back into live states of the same layout, *in place*
     (CUDA graphs captured on the live buffers stay valid); every tensor under `prefix` must be used."""
     used: set[str] = set()
 

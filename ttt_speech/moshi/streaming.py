@@ -32,7 +32,7 @@ class TTTStreamState(State):
     window_start: TTTState | None = None
     window_reset: Tensor | None = None  # rows [B] restarted at this window, applied in forward
 
-    # not moshi state: the TTT state is saved through `TTTModel.stream_state` (see internals.states_to_tensors)
+    # not moshi state: saved through `TTTModel.stream_state` (`internals.moshi_states_to_tensors` skips them)
     saved_apart: ClassVar[tuple[str, ...]] = ("ttt", "reset_fn", "keep_graph", "window_start", "window_reset")
 
     def check_saveable(self, name: str) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _import  # noqa: F401
 from moshi.models.lm import LMModel, LMOutput
 
+from ..config import resolve_chunk_size
 from ..handle import TTTModel
 from .e2e import e2e_chunk_logits
 from .internals import delay_sequence, initial_token, undelay_sequence, widen_kv_caches
@@ -55,13 +56,14 @@ def undelay_logits(lm: LMModel, codes: Tensor, text_logits: Tensor, audio_logits
     return LMOutput(audio, audio_mask, text, text_mask)
 
 
-def teacher_forced_logits(lm: LMModel, codes: Tensor, chunk_size: int) -> LMOutput:
-    """Logits of every position of codes [B, K, T], computed in streaming chunks of `chunk_size`.
+def teacher_forced_logits(lm: LMModel, codes: Tensor, chunk_size: int | None = None) -> LMOutput:
+    """Logits of every position of codes [B, K, T], computed in streaming chunks of `chunk_size`
+    (None: the default of `resolve_chunk_size`, which also checks what E2E layers can take).
 
     Opens its own `lm.streaming(B)` (a fresh stream: TTT and KV-cache states start empty).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
+    handle = TTTModel.find(lm)
+    chunk_size = resolve_chunk_size(chunk_size, handle.config if handle else None, frames=codes.shape[2])
     inputs, targets = delayed_streams(lm, codes)
     texts, audios = [], []
     with lm.streaming(codes.shape[0]):
