@@ -503,3 +503,15 @@ def test_monitor_writes_a_csv_and_a_plot(tmp_path):
     with pytest.raises(ValueError, match="not a TTT monitor CSV"):
         (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
         read_monitor(tmp_path / "bad.csv")
+
+
+def test_monitor_and_handle_find_the_patched_llm_inside_the_speech_front_end():
+    from ttt_speech import TTTModel
+
+    omni = tiny_omni()
+    patch_llama(omni.llm, TTTConfig(mode="hybrid", layers=[2], mini_batch_size=4))
+    assert TTTModel.find(omni).model is omni.llm
+    with TTTMonitor(omni) as monitor:
+        omni.generate(speech_prompt(), speech_features=omni.encode_speech(torch.randn(1, 40, 16)), max_new_tokens=2,
+                      do_sample=False, **kv(TTTCache(omni.llm)))
+    assert monitor.rows and {r["layer"] for r in monitor.rows} == {2}

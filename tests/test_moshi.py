@@ -251,3 +251,27 @@ def test_training_stream_keeps_the_graph_to_initial_fast_weights():
             text, _ = chunk_logits(lm, inputs[:, :, s:s + 5], targets[:, :, s:s + 5])
         text.float().logsumexp(-1).mean().backward()  # (W1 reaches window 2 only via the state)
     assert lm.transformer.layers[0].self_attn.layer.W1.grad.abs().sum() > 0
+
+
+def test_the_handle_answers_for_the_model_and_for_a_wrapper_around_it():
+    from ttt_speech.moshi.teacher_forcing import ChunkModel
+
+    lm = tiny_lm()
+    assert TTTModel.find(lm) is None
+    with pytest.raises(ValueError, match="has no TTT layers"):
+        TTTModel.of(lm)
+    report = patch_moshi(lm, TTTConfig(mini_batch_size=4, layers=[1, 3]))
+    handle = TTTModel.of(lm)
+    assert handle.report is report and handle.host == "moshi" and not handle.has_e2e
+    assert [s.layer_index for s in handle.sites] == [1, 3]
+    assert [s.name for s in handle.sites] == [f"transformer.layers.{i}.ttt_branch.ttt" for i in (1, 3)]
+    assert TTTModel.find(ChunkModel(lm)).model is lm  # a wrapper finds the patched module inside it
+    assert sum(p.numel() for p in handle.named_parameters().values()) == report.params_added
+    codes = random_codes()
+    inputs, targets = delayed_streams(lm, codes)
+    with torch.no_grad(), lm.streaming(2):
+        start = handle.fast_weight_stats(handle.live_states())
+        chunk_logits(lm, inputs[:, :, :9], targets[:, :, :9])  # two mini-batches of 4 complete
+        moved = handle.fast_weight_stats(handle.live_states(), eta={1: 0.5})
+    assert all(s.w_delta == 0 and s.w_norm > 0 for s in start.values()) and set(start) == {1, 3}
+    assert all(s.w_delta > 0 for s in moved.values()) and moved[1].eta_mean == 0.5 and moved[3].eta_mean is None
