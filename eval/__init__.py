@@ -1,4 +1,5 @@
-"""Long-context evaluation app (docs/architecture.md §8, docs/evaluation.md): LibriLight books, chunked vs native NLL, length generalisation.
+"""Long-context evaluation app (docs/evaluation.md, docs/architecture.md §8): LibriLight books,
+chunked vs native NLL, length generalisation.
 
 config.py (EvalConfig) · books.py (LibriLight discovery, chapter concatenation) · nll.py (chunked and
 native per-position NLL) · metrics.py · alignment.py · fast_weights.py · memory.py · report.py (JSON,

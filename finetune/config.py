@@ -21,7 +21,8 @@ from ttt_speech_apps.eval.config import LengthGenConfig
 class TrainDataConfig:
     train_manifest: Path = doc(None, "JSONL manifest of training recordings (audio files or code files)")
     eval_manifest: Path | None = doc(None, "JSONL manifest of held-out recordings (null: no evaluation)")
-    window_frames: int | None = doc(256, f"frames per training window ({FRAME_RATE:g} frames = 1 s); or set window_seconds")
+    window_frames: int | None = doc(256, f"frames per training window ({FRAME_RATE:g} frames = 1 s); or set "
+                                         "window_seconds")
     window_seconds: float | None = doc(None, "window length in seconds (overrides window_frames when set)")
     batch_size: int = doc(4, "recordings read side by side per step, across all ranks (global batch)")
     codes_cache: Path = doc(CODES_CACHE, "folder of the content-addressed Mimi codes cache (audio manifests)")

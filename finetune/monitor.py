@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ from torch import nn
 from ttt_speech.handle import TTTModel
 from ttt_speech.stats import FastWeightStats
 from ttt_speech.tracking import WandbConfig, start_wandb
-
-logger = logging.getLogger(__name__)
 
 
 class InnerLrProbe:
@@ -42,7 +39,11 @@ class Monitor:
         self.enabled = enabled
         self.dir = output_dir
         self.tracker = start_wandb(wandb_config, run_config, output_dir, "train") if enabled else None
-        self.wandb = self.tracker.run if self.tracker is not None else None
+
+    @property
+    def wandb(self):
+        """The wandb run, or None (disabled, or not rank 0)."""
+        return self.tracker.run if self.tracker is not None else None
 
     def log(self, step: int, metrics: dict[str, float], layer_stats: dict[int, FastWeightStats] | None = None) -> None:
         if not self.enabled:

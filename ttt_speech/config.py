@@ -26,8 +26,8 @@ class TTTConfig:
     """Configuration of the TTT layers inserted into a host model.
 
     layer_type: inner model, "linear" (f(x) = x + LN(xW + b)) or "mlp" (two layers, 4x hidden) of a
-        TTT layer (self-supervised reconstruction loss, docs/architecture.md §2); or "e2e_mlp" (TTT-E2E): an extra
-        MLP beside the static one whose weights take a gradient step on the *model's own* next-frame
+        TTT layer (self-supervised reconstruction loss, docs/architecture.md §2); or "e2e_mlp"
+        (TTT-E2E): an extra MLP beside the static one whose weights take a gradient step on the *model's own* next-frame
         loss after every mini-batch (docs/e2e.md).
     mini_batch_size: tokens per inner gradient step b (1 = online gradient descent); for e2e_mlp the
         frames per update (chunks must be split at multiples of it, docs/e2e.md).

@@ -1,7 +1,7 @@
 """`E2EMLP`: the updatable MLP of TTT-E2E ("End-to-End Test-Time Training for Long Context").
 
-Unlike a TTT layer (docs/architecture.md §2), whose fast weights learn a self-supervised reconstruction task
-inside the layer, these fast weights are updated by the *host model's* next-token loss: after
+Unlike a TTT layer (docs/architecture.md §2), whose fast weights learn a self-supervised
+reconstruction task inside the layer, these fast weights are updated by the *host model's* next-token loss: after
 each mini-batch of b frames, W ← W − η·∇_W ℓ(mini-batch). The layer only predicts with the
 weights it is given; the update needs the whole model's loss and lives with the host adapter
 (`ttt_speech.moshi.e2e`). Shapes: x [B, T, D]; fast weights per row, float32:

@@ -75,11 +75,13 @@ class TTTModel:
         return cls.of(model)
 
     @classmethod
-    def find(cls, model: nn.Module) -> "TTTModel | None":
-        """The handle of a patched model, or of the patched module inside `model` (e.g. an
-        `OmniSpeechLM` whose `.llm` was patched, a DDP wrapper); None for a model without TTT layers."""
-        for module in model.modules():  # `model` itself first
-            record = getattr(module, _RECORD, None)
+    def find(cls, model: nn.Module, inside: bool = True) -> "TTTModel | None":
+        """The handle of a patched model, or (`inside`) of the patched module inside `model` (e.g. an
+        `OmniSpeechLM` whose `.llm` was patched, a DDP wrapper); None for a model without TTT layers.
+        `inside=False` looks at `model` alone, in O(1): for per-chunk calls on a model that is either
+        patched itself or not at all (a scan of Moshi-7B's 773 modules costs ~0.6 ms)."""
+        for module in model.modules() if inside else (model,):  # `model` itself first
+            record = module.__dict__.get(_RECORD)  # not getattr: nn.Module's fallback raises per miss
             if isinstance(record, PatchRecord):
                 return cls(module, record)
         return None

@@ -28,8 +28,8 @@ class TTTLayer(nn.Module):
 
     `y, state = layer(x)` runs a whole sequence from the initial fast weights;
     `y, state = layer(x, state)` continues a stream: any split of a sequence into consecutive
-    chunks gives the outputs of one pass (docs/architecture.md §3). The returned state is new; the one
-    passed in is not modified.
+    chunks gives the outputs of one pass (docs/architecture.md §3). The returned state is new; the
+    one passed in is not modified.
     """
 
     def __init__(self, dim: int, config: TTTConfig, num_heads: int | None = None,

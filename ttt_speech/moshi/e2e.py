@@ -8,8 +8,8 @@ calls for such models), one mini-batch of b frames at a time:
     logits_i = lm(frames of mini-batch i; fast weights W_{i-1})       # predict, then learn
     W_i      = W_{i-1} − η ∇_W ℓ_i,   ℓ_i = Σ_rows (text CE + audio CE of the row's mini-batch i)
 
-Contract (the E2E form of the streaming contract, docs/architecture.md §3). A call splits its chunk into mini-batches of b frames
-from its first frame, and the last one may be shorter; it is predicted and then learned from
+Contract (the E2E form of the streaming contract, docs/architecture.md §3). A call splits its
+chunk into mini-batches of b frames from its first frame, and the last one may be shorter; it is predicted and then learned from
 like the others. So any split of a stream into chunks whose lengths are multiples of b (the
 last chunk excepted) gives exactly the one-pass logits and final state. A call that would start
 inside an unfinished mini-batch (the previous chunk was not a multiple of b) is refused.

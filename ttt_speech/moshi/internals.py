@@ -4,7 +4,13 @@
 Read from moshi 0.2.13. Each access says what it relies on and why there is no public route; a
 moshi upgrade means reading this file (and running tests/test_moshi.py, test_eval_nll.py,
 test_generate.py), not the whole project. Nothing else in ttt-speech uses an underscore name of
-moshi or reads a field of moshi's states (`tests/test_architecture.py` checks the names):
+moshi (`tests/test_architecture.py` checks it) or reads a field moshi's own state classes define
+(`_LMGenState`, `_MHAState`, ...) beyond the public `exec_mask`. Two uses elsewhere lean on
+LMGen's behaviour through public names only, documented where they are: `SamplingLMGen` (in
+`generation/session.py`) overrides `depformer_step` and adds its own per-step buffers to the state
+its `new_streaming_state` returns.
+
+What is here:
 
 - streaming hooks: `StreamingModule._init_streaming_state` / `._streaming_state` (`StreamingHooks`);
 - the hybrid layers: `StreamingTransformerLayer._sa_block` / `._ff_block` overrides;

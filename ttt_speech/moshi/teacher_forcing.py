@@ -38,7 +38,7 @@ def chunk_logits(lm: LMModel, inputs: Tensor, targets: Tensor, meta: bool = Fals
     Models with E2E layers learn from the chunk as they go (`e2e.e2e_chunk_logits`; `meta`: keep
     the inner gradients in the graph).
     """
-    handle = TTTModel.find(lm)
+    handle = TTTModel.find(lm, inside=False)  # patch_moshi records the patch on the LMModel itself
     if handle is not None and handle.has_e2e:
         return e2e_chunk_logits(lm, inputs, targets, meta=meta)
     transformer_out, text_logits = lm.forward_text(inputs)
