@@ -86,6 +86,27 @@ def table(headers: list[str], rows: list[list[str]], align: str | None = None) -
     return "\n".join("    " + line for line in lines)
 
 
+def wait_for_quiet(name: str, max_load: float, wait_s: float, poll_s: float = 5.0) -> float | None:
+    """The 1-minute load average once it is <= max_load (waiting up to wait_s), or None (said on stderr).
+
+    After another benchmark the load average takes a minute or two to decay, hence the wait.
+    """
+    if not hasattr(os, "getloadavg"):
+        return float("nan")
+    deadline = time.monotonic() + wait_s
+    load = os.getloadavg()[0]
+    while load > max_load and time.monotonic() < deadline:
+        print(f"{name}: 1-minute load average {load:.2f} > {max_load}; waiting for the machine to settle",
+              file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+        load = os.getloadavg()[0]
+    if load > max_load:
+        print(f"{name}: the 1-minute load average is {load:.2f} (> --max-load {max_load}) after {wait_s:.0f} s; "
+              "timings on a busy machine are not comparable: stop the other work and run again", file=sys.stderr)
+        return None
+    return load
+
+
 def machine_info() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -128,9 +149,8 @@ def primal_ttt_linear(layer: TTTLayer, x: Tensor) -> Tensor:
         return t.view(B, T, H, d).transpose(1, 2)
 
     pos = torch.arange(T, device=x.device) % b
-    q = rope_interleaved(heads(layer.q_proj(x)), pos, cfg.rope_theta)
-    k = rope_interleaved(heads(layer.k_proj(x)), pos, cfg.rope_theta)
-    v = heads(layer.v_proj(x))
+    q, k, v = (heads(t) for t in layer.qkv_proj(x).chunk(3, dim=-1))  # [Q K V] [B, T, 3C]
+    q, k = rope_interleaved(q, pos, cfg.rope_theta), rope_interleaved(k, pos, cfg.rope_theta)
     lam = token_lr(x, layer.lr_gate_weight, layer.lr_gate_bias, cfg.base_lr, d)  # [B, H, T]
     tau = position_scale(layer.tau_offset)  # [b]
     gamma = layer.ttt_norm_weight[None, :, None, :]  # [1, H, 1, d]
@@ -176,7 +196,7 @@ def bench_dual_vs_primal(T: int, dim: int, heads: int, b: int, seed: int, budget
         y_primal = primal_ttt_linear(layer, x)
         diff = (y_dual - y_primal).abs().max().item()
         scale = y_dual.abs().max().item()
-        moved = (state.weights[0][0] - layer.W1).abs().max().item()  # the check is not vacuous
+        moved = (dict(state.named_weights())["W1"][0] - layer.W1).abs().max().item()  # the check is not vacuous
         if not diff <= CHECK_TOL:
             raise SystemExit(f"(a) primal loop and dual form disagree: max |diff| = {diff:.3e} > {CHECK_TOL}")
         timed = time_interleaved({"dual": lambda: layer(x), "primal": lambda: primal_ttt_linear(layer, x)},
@@ -321,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fast smoke run: smaller T, fewer positions and steps")
     parser.add_argument("--out", type=Path, default=None, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--max-load", type=float, default=1.0, help="refuse to run above this 1-minute load average")
+    parser.add_argument("--wait", type=float, default=180.0,
+                        help="seconds to wait for the load average to settle before refusing (default 180)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -330,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== ttt-speech benchmarks{' (--quick)' if q else ''} ==")
     print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs ({info['cpus_usable']} usable); "
           f"torch {info['torch']} ({info['torch_threads']} threads), moshi {info['moshi']}, Python {info['python']}")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = wait_for_quiet("bench_ttt", args.max_load, args.wait)
+    if load is None:
+        return 2
     results["load_average_1min_at_start"] = load
     print(f"1-min load average at start: {load:.2f} (other busy processes on these cores distort every figure)")
     print("float32, batch 1, CPU; median wall times (time.perf_counter) after warm-up; the things compared in\n"

@@ -40,7 +40,8 @@ def reference_ttt(layer, x: torch.Tensor) -> torch.Tensor:
     B, T, C = x.shape
     H, d, b = layer.num_heads, layer.head_dim, cfg.mini_batch_size
     names = list(layer.fast_names)
-    q_all, k_all, v_all = x @ layer.q_proj.weight.T, x @ layer.k_proj.weight.T, x @ layer.v_proj.weight.T
+    wq, wk, wv = layer.qkv_proj.weight.chunk(3)  # rows [Wq; Wk; Wv]
+    q_all, k_all, v_all = x @ wq.T, x @ wk.T, x @ wv.T
     lr_all = cfg.base_lr * torch.sigmoid(x @ layer.lr_gate_weight.T + layer.lr_gate_bias) / d  # [B, T, H]
     tau = [max(0.0, 1.0 / (i + 1) + layer.tau_offset[i].item()) for i in range(b)]
     out = torch.zeros(B, T, C, dtype=x.dtype)

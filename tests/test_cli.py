@@ -27,6 +27,7 @@ def test_check_fails_when_streaming_breaks_the_contract(monkeypatch, capsys):
     weights) breaks chunked == full forward: the check must say so and exit 1, before timing."""
     from ttt_speech.moshi.streaming import TTTStreamState
 
+    monkeypatch.setattr(TTTStreamState, "updates_in_place", lambda self, training: False)
     monkeypatch.setattr(TTTStreamState, "assign", lambda self, new: None)
     assert main(["check", "--frames", "5", "--mini-batch-size", "4"]) == 1
     captured = capsys.readouterr()

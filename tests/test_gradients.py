@@ -10,7 +10,7 @@ from conftest import make_layer
 def test_gradcheck_through_dual_form_and_streaming(layer_type):
     layer = make_layer(layer_type, b=3, dim=8, heads=2, output_gate=True, mlp_expansion=2)
     names = [n for n, _ in layer.named_parameters()]
-    expected = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+    expected = {"qkv_proj.weight", "o_proj.weight", "gate_proj.weight",
                 "lr_gate_weight", "lr_gate_bias", "tau_offset", "W1", "b1", "ttt_norm_weight",
                 "ttt_norm_bias", "post_norm.weight", "post_norm.bias"}
     assert expected <= set(names)

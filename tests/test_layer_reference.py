@@ -34,5 +34,5 @@ def test_ttt_adapts_fast_weights():
     layer = make_layer("linear", b=4)
     with torch.no_grad():
         _, state = layer(torch.randn(1, 12, 16, dtype=torch.float64))
-    assert max_diff(state.weights[0][0], layer.W1) > 1e-3
+    assert max_diff(dict(state.named_weights())["W1"][0], layer.W1) > 1e-3
     assert state.offset.tolist() == [0]

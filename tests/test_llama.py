@@ -359,9 +359,11 @@ def test_patch_errors_name_the_field():
 
 def test_init_from_attention_copies_square_projections():
     model = tiny_llm("llama", num_key_value_heads=4)
-    q = model.model.layers[0].self_attn.q_proj.weight.clone()
+    attn = model.model.layers[0].self_attn
+    q, k, v, o = (p.weight.clone() for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
     patch_llama(model, TTTConfig(mode="replace", layers=[0], init_from_attention=True))
-    assert torch.equal(model.model.layers[0].self_attn.layer.q_proj.weight, q)
+    core = model.model.layers[0].self_attn.layer
+    assert torch.equal(core.qkv_proj.weight, torch.cat((q, k, v))) and torch.equal(core.o_proj.weight, o)
 
 
 @pytest.mark.parametrize("arch,mode", [("llama", "hybrid"), ("qwen2", "replace")])

@@ -197,9 +197,10 @@ def test_heads_must_divide_width():
 def test_init_from_attention_copies_projections():
     lm = tiny_lm()
     attn = lm.transformer.layers[0].self_attn
-    q = attn.in_projs[0].weight[:128].clone()
+    qkv, out = attn.in_projs[0].weight.clone(), attn.out_projs[0].weight.clone()  # [Wq; Wk; Wv], Wo
     patch_moshi(lm, TTTConfig(mode="replace", layers=[0], init_from_attention=True))
-    assert torch.equal(lm.transformer.layers[0].self_attn.layer.q_proj.weight, q)
+    core = lm.transformer.layers[0].self_attn.layer
+    assert torch.equal(core.qkv_proj.weight, qkv) and torch.equal(core.o_proj.weight, out)
 
 
 def test_bf16_model_keeps_float32_ttt_state():

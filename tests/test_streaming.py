@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_layer, max_diff
+from ttt_speech.ops.scan import slot_index
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -48,6 +49,69 @@ def test_any_chunking_equals_one_pass(dtype, layer_type):
             for a, c in zip(state.weights + state.grads, full_state.weights + full_state.grads):
                 assert max_diff(a, c) <= TOL[dtype], sizes
             assert torch.equal(state.offset, full_state.offset)
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_in_place_updates_equal_the_general_path_on_every_chunking(layer_type):
+    """`in_place=True` (streaming inference) steps the state's own buffers: the same numbers as
+    the out-of-place path, on every chunking, and the state object it was given is the one updated."""
+    b, T = 4, 70
+    layer = make_layer(layer_type, b=b, dtype=torch.float64, mlp_expansion=2)
+    x = torch.randn(3, T, 16, dtype=torch.float64)
+    with torch.no_grad():
+        for sizes in chunkings(T, b, seed=2):
+            y_ref, ref = run_chunks(layer, x, sizes)
+            state, ys, start = layer.initial_state(3).clone(), [], 0
+            for size in sizes:
+                y, out = layer(x[:, start:start + size], state, in_place=True)
+                assert out is state
+                ys.append(y)
+                start += size
+            assert torch.equal(torch.cat(ys, 1), y_ref), sizes
+            assert all(torch.equal(a, c) for a, c in zip(state.tensors(), ref.tensors())), sizes
+        initial = layer.initial_state(3)
+        assert max_diff(state.weights[0], initial.weights[0]) > 1e-3  # the buffers really moved
+        with pytest.raises(ValueError, match="contiguous"):
+            layer(x[:, :5], initial, in_place=True)  # a broadcast view cannot be stepped in place
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_trimmed_layout_equals_the_padded_one_on_every_chunking(layer_type):
+    """A chunk inside one mini-batch (all rows at one offset) is computed on its own slots only:
+    the same outputs and states as padding it to the whole mini-batch, on every chunking."""
+    b, T = 4, 70
+    layer = make_layer(layer_type, b=b, dtype=torch.float64, mlp_expansion=2)
+    x = torch.randn(2, T, 16, dtype=torch.float64)
+    assert slot_index(torch.tensor([3, 3]), 1, b).width == 1  # T = 1 mid mini-batch: trimmed
+    assert slot_index(torch.tensor([1, 3]), 1, b).width == b  # rows at different offsets: padded
+    with torch.no_grad():
+        for sizes in chunkings(T, b, seed=3):
+            state_t = state_p = None
+            start = 0
+            for size in sizes:
+                y_t, state_t = layer(x[:, start:start + size], state_t)
+                y_p, state_p = layer(x[:, start:start + size], state_p, trim=False)
+                assert max_diff(y_t, y_p) <= 1e-12, sizes
+                start += size
+            assert all(max_diff(a, c) <= 1e-12 for a, c in zip(state_t.tensors(), state_p.tensors())), sizes
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_inactive_rows_keep_their_state_exactly(in_place):
+    """active [B]: rows not taking a chunk keep weights, sums and offset; the others are as if alone."""
+    b = 4
+    layer = make_layer("mlp", b=b, dtype=torch.float64, mlp_expansion=2)
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    active = torch.tensor([True, False, True])
+    with torch.no_grad():
+        _, start = layer(x[:, :6])  # mid mini-batch: pending sums, offset 2
+        before = start.clone()
+        y, state = layer(x[:, 6:], start.clone(), active=active, in_place=in_place)
+        _, alone = layer(x[:, 6:], before)
+    for a, kept, moved in zip(state.tensors(), before.tensors(), alone.tensors()):
+        assert torch.equal(a[1], kept[1])
+        assert torch.equal(a[[0, 2]], moved[[0, 2]])
+    assert not torch.equal(state.weights[0][0], before.weights[0][0])  # an active row moved
 
 
 def test_chunking_equivalence_with_b16_and_token_by_token():
@@ -135,7 +199,8 @@ def test_detach_keeps_values_and_cuts_the_graph():
     assert state.weights[0].requires_grad
     detached = state.detach()
     assert not any(t.requires_grad for t in detached.weights + detached.grads)
-    assert len(detached.weights) == 2 and all(torch.equal(a, c) for a, c in zip(detached.weights, state.weights))
+    assert len(detached.weights) == 1 and detached.packed  # [W1; b1]
+    assert all(torch.equal(a, c) for a, c in zip(detached.tensors(), state.tensors()))
     y, _ = layer(x, detached)
     y.sum().backward()  # the graph of the first window is not needed any more
     assert layer.W1.grad is None or layer.W1.grad.abs().sum() == 0  # W1 reached only via the cut state

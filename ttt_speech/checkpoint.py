@@ -38,6 +38,21 @@ def save_ttt(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+LEGACY_PROJECTIONS = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+
+
+def fuse_legacy_projections(tensors: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Exports written before `TTTLayer.qkv_proj` held Q, K and V apart: join them as [Wq; Wk; Wv]."""
+    out = dict(tensors)
+    for name in expected:
+        if name.endswith(".qkv_proj.weight") and name not in out:
+            prefix = name[: -len("qkv_proj.weight")]
+            parts = [prefix + p for p in LEGACY_PROJECTIONS]
+            if all(p in out for p in parts):
+                out[name] = torch.cat([out.pop(p) for p in parts])
+    return out
+
+
 @dataclass(frozen=True)
 class SavedTTT:
     """What `save_ttt` recorded next to the weights: the host's name, the TTTConfig, the PatchReport."""
@@ -67,8 +82,8 @@ def load_ttt(model: nn.Module, directory: str | Path) -> PatchReport:
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing (expected a directory written by save_ttt)")
     report = patch_host(model, saved.config, host_spec(saved.host, str(directory / CONFIG_FILE)))
-    tensors = load_file(str(weights_path))
     expected = ttt_state_dict(model)
+    tensors = fuse_legacy_projections(load_file(str(weights_path)), expected)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{weights_path}: does not match the patched model "

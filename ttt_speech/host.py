@@ -126,9 +126,10 @@ def _copy_projections(projections: Projections | None, core: nn.Module) -> None:
         logger.warning("init_from_attention: attention layout not supported (no square Q/K/V/O projections), "
                        "keeping random init")
         return
+    wq, wk, wv, wo = projections
     with torch.no_grad():
-        for weight, proj in zip(projections, (core.q_proj, core.k_proj, core.v_proj, core.o_proj)):
-            proj.weight.copy_(weight)
+        core.qkv_proj.weight.copy_(torch.cat((wq, wk, wv)))
+        core.o_proj.weight.copy_(wo)
 
 
 # host name (as recorded in exports) → the module whose `SPEC` describes it, imported when needed

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from .config import TTTConfig
 from .ops.activations import gelu_tanh
 from .ops.inner_lr import position_scale, token_lr
-from .ops.inner_models import INNER_MODELS, InnerNorm, pack_layers, prepare, unpack_layers
+from .ops.inner_models import INNER_MODELS, InnerNorm, prepare
 from .ops.layer_norm import layer_norm
 from .ops.rope import rope_interleaved
 from .ops.scan import from_grid, scan_minibatches, slot_index, to_grid
@@ -29,7 +29,7 @@ class TTTLayer(nn.Module):
     `y, state = layer(x)` runs a whole sequence from the initial fast weights;
     `y, state = layer(x, state)` continues a stream: any split of a sequence into consecutive
     chunks gives the outputs of one pass (docs/architecture.md §3). The returned state is new; the
-    one passed in is not modified.
+    one passed in is not modified (unless `in_place`: streaming inference updates its buffers).
     """
 
     def __init__(self, dim: int, config: TTTConfig, num_heads: int | None = None,
@@ -46,9 +46,9 @@ class TTTLayer(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, heads, dim // heads
         self.mini_batch_size = config.mini_batch_size
         kw = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(dim, dim, bias=False, **kw)
-        self.k_proj = nn.Linear(dim, dim, bias=False, **kw)
-        self.v_proj = nn.Linear(dim, dim, bias=False, **kw)
+        # [Wq; Wk; Wv] in one weight [3C, C]: one matmul per call with no per-call concatenation
+        # (at width 4096 a torch.cat of three weights copied 201 MB per layer per step).
+        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False, **kw)
         self.o_proj = nn.Linear(dim, dim, bias=False, **kw)
         self.gate_proj = nn.Linear(dim, dim, bias=False, **kw) if config.output_gate else None
         self.lr_gate_weight = nn.Parameter(torch.empty(heads, dim, **kw))
@@ -66,7 +66,7 @@ class TTTLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.gate_proj):
+        for lin in (self.qkv_proj, self.o_proj, self.gate_proj):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=INIT_STD)
         nn.init.normal_(self.lr_gate_weight, std=INIT_STD)
@@ -85,14 +85,20 @@ class TTTLayer(nn.Module):
         return torch.promote_types(self.W1.dtype, torch.float32)
 
     def initial_state(self, batch_size: int) -> TTTState:
-        """The state at the start of a stream: fast weights from the parameters, empty sums."""
+        """The state at the start of a stream: fast weights from the parameters, empty sums.
+
+        Packed (`TTTState.packed`): one [W; b] [B, H, i+1, o] per fast layer, a broadcast view
+        over the batch (clone it to update it in place).
+        """
+        names = self.fast_names
         weights = tuple(
-            getattr(self, n).to(self.state_dtype).unsqueeze(0).expand(batch_size, *getattr(self, n).shape)
-            for n in self.fast_names
+            torch.cat((getattr(self, w), getattr(self, b)), dim=-2).to(self.state_dtype).unsqueeze(0)
+            .expand(batch_size, -1, -1, -1)
+            for w, b in zip(names[::2], names[1::2])
         )
         grads = tuple(torch.zeros_like(w) for w in weights)
         offset = torch.zeros(batch_size, dtype=torch.long, device=self.W1.device)
-        return TTTState(weights, grads, offset, self.fast_names)
+        return TTTState(weights, grads, offset, names, packed=True)
 
     def reset_state(self, state: TTTState, mask: Tensor) -> TTTState:
         """Rows where mask [B] is true restart from the initial fast weights; others are kept."""
@@ -113,61 +119,77 @@ class TTTLayer(nn.Module):
             weights = valid[:, None, :].to(lr.dtype).expand_as(lr)
             return ((lr * weights).sum() / weights.sum().clamp(min=1)).item()
 
-    def qkv_proj(self, x: Tensor) -> Tensor:
-        """[Q K V] = x·[Wq; Wk; Wv]ᵀ [B, T, 3C], one matmul (per projection if they are wrapped)."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if all(type(p) is nn.Linear for p in projs):
-            return F.linear(x, torch.cat([p.weight for p in projs]))
-        return torch.cat([p(x) for p in projs], dim=-1)
+    def forward(self, x: Tensor, state: TTTState | None = None, *, active: Tensor | None = None,
+                in_place: bool = False, trim: bool = True) -> tuple[Tensor, TTTState]:
+        """x [B, T, C] → (y [B, T, C], state after the chunk).
 
-    def forward(self, x: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
-        """x [B, T, C] → (y [B, T, C], state after the chunk)."""
+        Args:
+            state: the state before the chunk (None: the initial state).
+            active: [B] bool, rows that take this chunk (None: all); the others keep their state
+                exactly (their tokens get learning rate 0 and no update; their outputs are unused).
+            in_place: update `state`'s own tensors and return it, instead of a new state (inference
+                only: autograd off, every state tensor contiguous and owned, e.g. a streaming buffer).
+            trim: lay a chunk inside one mini-batch on its own slots (`ops.scan.slot_index`);
+                False pads it to the whole mini-batch (the general layout; the same numbers).
+        """
         B, T, C = x.shape
         if state is None:
             state = self.initial_state(B)
         if T == 0:
             return x, state
+        if in_place and not all(t.is_contiguous() for t in state.tensors()):
+            raise ValueError("TTTLayer: in_place needs a state of contiguous tensors (clone the initial state)")
         H, d, b = self.num_heads, self.head_dim, self.mini_batch_size
         cdt = self.state_dtype
-        index, grid = slot_index(state.offset, T, b)
-        n_mb, R = grid // b, B * H
+        layout = slot_index(state.offset, T, b, trim)
+        index, grid, w = layout.index, layout.length, layout.width  # w: slots per mini-batch on the grid
+        n_mb, R = layout.num_minibatches, B * H
+        slots = slice(layout.first, layout.first + w)  # the mini-batch positions the grid's slots stand for
 
-        def minibatches(t: Tensor, n: int) -> Tensor:  # [B, T, n·H·e] → [n, N, B·H, b, e]: mini-batch major
-            t = to_grid(t.to(cdt), index, grid).view(B, n_mb, b, n, H, -1)
-            return t.permute(3, 1, 0, 4, 2, 5).reshape(n, n_mb, R, b, t.shape[-1])
+        def minibatches(t: Tensor, n: int) -> Tensor:  # [B, T, n·H·e] → [n, N, B·H, w, e]: mini-batch major
+            t = to_grid(t.to(cdt), index, grid).view(B, n_mb, w, n, H, -1)
+            return t.permute(3, 1, 0, 4, 2, 5).reshape(n, n_mb, R, w, t.shape[-1])
 
         qk, v = minibatches(self.qkv_proj(x), 3).split((2, 1))
-        pos = torch.arange(b, device=x.device)  # RoPE positions: the slot inside the mini-batch
-        q, k = rope_interleaved(qk, pos, self.config.rope_theta).unbind(0)  # [N, B·H, b, d]
-        lr = minibatches(self.inner_lr(x).transpose(1, 2), 1)[0, ..., 0]  # [B, T, H] → [N, B·H, b], 0 on padding
-        last_real = index[:, -1]  # slot of each row's last token
-        slot_ends = torch.arange(b - 1, grid, b, device=x.device)  # last slot of each mini-batch
-        complete = (slot_ends[:, None] <= last_real[None, :]).repeat_interleave(H, dim=1)  # [N, B·H]
+        pos = torch.arange(b, device=x.device)[slots]  # RoPE positions: the slot inside the mini-batch
+        q, k = rope_interleaved(qk, pos, self.config.rope_theta).unbind(0)  # [N, B·H, w, d]
+        lr = self.inner_lr(x)  # [B, H, T]
+        complete = layout.complete(b)  # [N, B]
+        if active is not None:
+            lr, complete = lr * active[:, None, None], complete & active[None, :]
+        lr = minibatches(lr.transpose(1, 2), 1)[0, ..., 0]  # [B, T, H] → [N, B·H, w], 0 on padding
+        complete = complete.repeat_interleave(H, dim=1)  # [N, B·H]
 
         def per_row(p: Tensor) -> Tensor:  # [H, d] → [B·H, 1, d]
             return p.to(cdt)[None, :, None].expand(B, H, 1, d).reshape(R, 1, d)
 
         gamma, beta = per_row(self.ttt_norm_weight), per_row(self.ttt_norm_bias)
-        tau = position_scale(self.tau_offset.to(cdt))
+        tau = position_scale(self.tau_offset.to(cdt))[slots]
         # The inner loop must stay in full precision even under autocast (fp32 fast weights).
         no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
             else nullcontext()
         with no_autocast:
             inputs = prepare(q, k, v[0], lr, complete, tau, gamma, beta)
-            z_bar, weights, grads = scan_minibatches(
-                INNER_MODELS[self.config.layer_type], pack_layers(state.weights), pack_layers(state.grads),
-                inputs, tau, InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size)
-            out = q + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, b, d]
-            out = from_grid(out.view(n_mb, B, H, b, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
+            rows = tuple(t.flatten(0, 1) for t in state.weights), tuple(t.flatten(0, 1) for t in state.grads)
+            z_bar, weights, grads = scan_minibatches(  # weights, grads: [B·H, i+1, o] per fast layer
+                INNER_MODELS[self.config.layer_type], *rows, inputs, tau,
+                InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size, in_place)
+            out = q + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, w, d]
+            out = from_grid(out.view(n_mb, B, H, w, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
             out = F.layer_norm(out, (C,), self.post_norm.weight.to(cdt), self.post_norm.bias.to(cdt),
                                self.post_norm.eps)
-        weights, grads = unpack_layers(weights, B), unpack_layers(grads, B)
         out = out.to(x.dtype)
         if self.gate_proj is not None:
             out = gelu_tanh(self.gate_proj(x)) * out
         y = self.o_proj(out)
-        new_state = TTTState(weights, grads, (state.offset + T) % b, self.fast_names)
-        return y, new_state
+        offset = (state.offset + T) % b
+        if active is not None:
+            offset = torch.where(active, offset, state.offset)
+        if in_place:  # the scan updated the weights and sums where they live
+            state.offset.copy_(offset)
+            return y, state
+        unflat = lambda t: t.unflatten(0, (B, H))  # noqa: E731  [B·H, i+1, o] → [B, H, i+1, o]
+        return y, TTTState(tuple(map(unflat, weights)), tuple(map(unflat, grads)), offset, state.names, packed=True)
 
     def extra_repr(self) -> str:
         c = self.config

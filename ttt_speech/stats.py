@@ -41,7 +41,7 @@ def fast_weight_norms(core: nn.Module, state: TTTState) -> tuple[Tensor, Tensor]
     W₀ is the core's parameters of the same names ([H, ...]).
     """
     squares = deltas = None
-    for name, w in zip(state.names, state.weights):
+    for name, w in state.named_weights():
         w = w.detach().double()
         w0 = getattr(core, name).detach().double()[None]  # [1, H, ...]
         s, d = w.pow(2).flatten(1).sum(1), (w - w0).pow(2).flatten(1).sum(1)

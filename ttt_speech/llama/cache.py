@@ -79,8 +79,7 @@ class TTTSlot(CacheLayerMixin):
 
     def _map_rows(self, fn: Callable[[Tensor], Tensor]) -> None:
         if self.state is not None:
-            s = self.state
-            self.state = TTTState(tuple(map(fn, s.weights)), tuple(map(fn, s.grads)), fn(s.offset), s.names)
+            self.state = self.state.map(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))

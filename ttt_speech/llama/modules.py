@@ -174,14 +174,13 @@ def run_valid_tokens(layer: TTTLayer, x: Tensor, state: TTTState | None,
 
 def _rows(state: TTTState, rows: Tensor) -> TTTState:
     pick = lambda t: t.index_select(0, rows.to(t.device))  # noqa: E731
-    return TTTState(tuple(map(pick, state.weights)), tuple(map(pick, state.grads)), pick(state.offset), state.names)
+    return state.map(pick)
 
 
 def _put_rows(state: TTTState, rows: Tensor, part: TTTState) -> TTTState:
     """`state` with `rows` replaced by `part`'s rows (out of place: autograd-safe)."""
     put = lambda t, p: t.index_copy(0, rows.to(t.device), p.to(t.dtype))  # noqa: E731
-    return TTTState(tuple(map(put, state.weights, part.weights)), tuple(map(put, state.grads, part.grads)),
-                    put(state.offset, part.offset), state.names)
+    return state.map(put, part)
 
 
 @lru_cache(maxsize=None)

@@ -44,6 +44,13 @@ class TTTStreamState(State):
         assert self.ttt is not None and self.reset_fn is not None
         self.assign(self.reset_fn(self.ttt, reset_mask))
 
+    def updates_in_place(self, training: bool) -> bool:
+        """Whether a call may update the state's buffers in place: streaming inference (autograd
+        off), with buffers this mode can write (inference tensors only inside inference mode)."""
+        if training or torch.is_grad_enabled() or self.window_start is not None:
+            return False
+        return torch.is_inference_mode_enabled() or not self.ttt.offset.is_inference()
+
     def assign(self, new: TTTState) -> None:
         """Make `new` the current state.
 
@@ -94,13 +101,16 @@ class MoshiTTT(StreamingHooks, StreamingModule[TTTStreamState], TTTModule):
         state = self.streaming_state
         if state is None:
             return self.layer(x)[0]
+        if state.updates_in_place(self.training):
+            # the fast weights and sums are stepped where they live: no copy of the state per call,
+            # and the buffers a CUDA graph was captured with are the ones updated (see `assign`)
+            return self.layer(x, state.ttt, active=state.exec_mask, in_place=True)[0]
         start = state.ttt if state.window_start is None else state.window_start
         if state.window_reset is not None:
             # inside forward (not when the window is set up): sharded (FSDP) parameters are only
             # materialised here, and a checkpointed recompute repeats the same reset.
             start = self.layer.reset_state(start, state.window_reset)
-        y, new = self.layer(x, start)
-        new = new.where(state.exec_mask, start)  # rows not executing keep their state
+        y, new = self.layer(x, start, active=state.exec_mask)  # rows not executing keep their state
         if state.window_start is not None:
             state.ttt = new  # window mode: rebind, `window_start` must stay intact for a recompute
         else:
