@@ -30,6 +30,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_ttt.py
+	# waits for the load average left by bench_ttt to settle, then Moshi-7B's width
+	$(PY) scripts/bench_width.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

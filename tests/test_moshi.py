@@ -158,6 +158,27 @@ def test_save_and_load_ttt_weights_onto_a_fresh_base(tmp_path):
         assert_close(fresh(codes), lm(codes), tol=0.0)
 
 
+def test_exports_with_separate_q_k_v_projections_still_load(tmp_path):
+    """Exports written before the fused `qkv_proj` hold `q_proj` / `k_proj` / `v_proj` weights."""
+    from safetensors.torch import load_file, save_file
+
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(layers=[1], mini_batch_size=4))
+    activate_gates(lm, 0.3)
+    save_ttt(lm, tmp_path)
+    tensors = load_file(str(tmp_path / "ttt.safetensors"))
+    (fused,) = [n for n in tensors if n.endswith(".qkv_proj.weight")]
+    prefix = fused[: -len("qkv_proj.weight")]
+    for part, w in zip(("q", "k", "v"), tensors.pop(fused).chunk(3)):
+        tensors[f"{prefix}{part}_proj.weight"] = w.contiguous()
+    save_file(tensors, str(tmp_path / "ttt.safetensors"))
+    fresh = tiny_lm()
+    load_ttt(fresh, tmp_path)
+    codes = random_codes()
+    with torch.no_grad():
+        assert_close(fresh(codes), lm(codes), tol=0.0)
+
+
 def test_load_ttt_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="ttt_config.json"):
         load_ttt(tiny_lm(), tmp_path)

@@ -1,0 +1,44 @@
+"""The benchmark and GPU-check scripts: what CI can run of them (figures are for a quiet machine)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+
+def test_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path):
+    """On a CPU-only machine: exit 0 in seconds, every check reported, the CUDA-only ones skipped or
+    smoke-run (their code ran on a tiny model), bf16 chunked-vs-native agreement really checked."""
+    pytest.importorskip("moshi")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("runs the real GPU check on a GPU: use scripts/gpu_check.py directly")
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "gpu_check.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checks = json.loads(out.read_text())["checks"]
+    assert set(checks) == {"gpu_tests", "cuda_graphs", "bf16_agreement", "width_latency", "training_width",
+                           "moshi_7b"}
+    assert checks["gpu_tests"]["status"] == "skipped" and checks["training_width"]["status"] == "skipped"
+    assert all(checks[c]["status"] == "smoke" for c in ("cuda_graphs", "width_latency", "moshi_7b"))
+    assert all(r["informative"] and r["tokens_equal"] for r in checks["cuda_graphs"]["runs"].values())
+    agreement = checks["bf16_agreement"]
+    assert agreement["status"] == "pass" and agreement["informative"]
+    assert "skipped or smoke only: gpu_tests, cuda_graphs, width_latency, training_width, moshi_7b" in proc.stdout
+
+
+def test_benchmarks_refuse_a_busy_machine(monkeypatch, capsys):
+    import bench_ttt
+
+    monkeypatch.setattr(bench_ttt.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    monkeypatch.setattr(bench_ttt.time, "sleep", lambda s: None)
+    assert bench_ttt.wait_for_quiet("bench", max_load=1.0, wait_s=0.0) is None
+    assert "load average is 2.50 (> --max-load 1.0)" in capsys.readouterr().err
+    monkeypatch.setattr(bench_ttt.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+    assert bench_ttt.wait_for_quiet("bench", max_load=1.0, wait_s=0.0) == 0.4
