@@ -126,6 +126,8 @@ def bench_inner_loop(layer_type: str, T: int, heads: int, head_dim: int, b: int,
         flops = counter.get_total_flops()
         # timed as streaming inference runs it: the state's buffers stepped in place
         ms, _ = time_interleaved({"inner": lambda: run(in_place=True)}, budget_s)["inner"]
+    if not all(torch.isfinite(w).all() for w in weights):  # the stepped weights drifted: timings untrustworthy
+        raise RuntimeError("bench_inner_loop: the fast weights became non-finite while timing")
     return {"layer_type": layer_type, "T": T, "gflop": flops / 1e9, "ms": ms, "gflops": flops / (ms * 1e-3) / 1e9}
 
 

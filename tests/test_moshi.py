@@ -179,6 +179,67 @@ def test_exports_with_separate_q_k_v_projections_still_load(tmp_path):
         assert_close(fresh(codes), lm(codes), tol=0.0)
 
 
+def test_full_exports_with_separate_q_k_v_projections_still_load(tmp_path):
+    """`trainable: full` exports hold the whole state dict, TTT projections included."""
+    from safetensors.torch import load_file, save_file
+
+    from ttt_speech.export import load_exported_lm, save_export
+    from ttt_speech.models import ModelConfig
+
+    tiny = {"card": CARD, "text_card": TEXT_CARD}
+    lm = tiny_moshi_lm(**tiny)
+    patch_moshi(lm, TTTConfig(layers=[1], mini_batch_size=4))
+    activate_gates(lm, 0.3)
+    save_export(lm, ModelConfig(tiny=tiny, device="cpu"), tmp_path, trainable="full")
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(str(path))
+    for fused in [n for n in tensors if n.endswith(".qkv_proj.weight")]:
+        prefix = fused[: -len("qkv_proj.weight")]
+        for part, w in zip(("q", "k", "v"), tensors.pop(fused).chunk(3)):
+            tensors[f"{prefix}{part}_proj.weight"] = w.contiguous()
+    save_file(tensors, str(path))
+    loaded, _ = load_exported_lm(tmp_path)
+    codes = random_codes()
+    with torch.no_grad():
+        assert_close(loaded(codes), lm(codes), tol=0.0)
+
+
+def test_streams_step_in_place_only_buffers_they_own():
+    """A stream made under inference_mode and stepped outside it, or given a caller's state with
+    `set_live_state` while rebinding, runs out of place: no error, and the caller's state intact."""
+    from conftest import make_layer
+
+    module = MoshiTTT(make_layer("linear", b=4, dtype=torch.float32)).eval()
+    x = torch.randn(2, 10, 16)
+    with torch.inference_mode():
+        ctx = module.streaming(2)
+        ctx.__enter__()
+    try:
+        with torch.no_grad():
+            for t in range(10):  # crosses mini-batch boundaries outside inference mode
+                module(x[:, t:t + 1])
+    finally:
+        ctx.__exit__(None, None, None)
+    lm = tiny_lm()
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, gate_init=1.0))
+    codes = random_codes(T=12)
+    handle = TTTModel.of(lm)
+    with torch.no_grad(), lm.streaming(2):
+        lm.train()
+        lm.forward_text(codes[:, :, :1])  # training mode rebinds: a state set now is the caller's object
+        mine = [s.clone() for s in handle.live_states()]
+        handle.set_live_states(mine)
+        kept = [s.clone() for s in mine]
+        lm.eval()
+        for t in range(6):
+            lm.forward_text(codes[:, :, t:t + 1])
+        moved = handle.live_states()
+    lm.eval()
+    for a, c in zip(mine, kept):
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), c.tensors()))
+    assert not torch.equal(moved[0].weights[0], kept[0].weights[0])
+
+
 def test_load_ttt_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="ttt_config.json"):
         load_ttt(tiny_lm(), tmp_path)

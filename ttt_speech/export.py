@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import schema
-from .checkpoint import load_ttt, read_saved_ttt, save_ttt
+from .checkpoint import fuse_legacy_projections, load_ttt, read_saved_ttt, save_ttt
 from .files import read_json, save_tensors_atomic, write_text_atomic
 from .config import TTTConfig
 from .handle import TTTModel
@@ -104,7 +104,8 @@ def load_exported_lm(directory: str | Path, device: torch.device | None = None,
     if meta.get("trainable") in TRAINS_EVERYTHING:
         path = directory / "model.safetensors"
         try:
-            missing, unexpected = lm.load_state_dict(load_file(str(path)), strict=False)
+            tensors = fuse_legacy_projections(load_file(str(path)), lm.state_dict())
+            missing, unexpected = lm.load_state_dict(tensors, strict=False)
         except RuntimeError as e:  # shapes differ: `model` is not the architecture the export was trained on
             detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
             raise ValueError(f"{path}: does not fit the model {model.name!r} ({detail}); leave `model` unset to use "

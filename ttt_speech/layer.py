@@ -28,8 +28,10 @@ class TTTLayer(nn.Module):
 
     `y, state = layer(x)` runs a whole sequence from the initial fast weights;
     `y, state = layer(x, state)` continues a stream: any split of a sequence into consecutive
-    chunks gives the outputs of one pass (docs/architecture.md §3). The returned state is new; the
-    one passed in is not modified (unless `in_place`: streaming inference updates its buffers).
+    chunks gives the outputs of one pass (docs/architecture.md §3). The one passed in is not
+    modified (unless `in_place`: streaming inference steps its buffers); the returned state may
+    share memory with it where nothing changed (e.g. the weights inside an unfinished mini-batch),
+    so step a returned state in place only if the one before it is no longer needed.
     """
 
     def __init__(self, dim: int, config: TTTConfig, num_heads: int | None = None,

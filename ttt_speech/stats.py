@@ -37,7 +37,7 @@ class FastWeightStats:
 def fast_weight_norms(core: nn.Module, state: TTTState) -> tuple[Tensor, Tensor]:
     """(‖W‖, ‖W − W₀‖) per batch row, each [B] float64, of a TTT core's (`TTTLayer`, `E2EMLP`) state.
 
-    The norm is taken over all the layer's fast-weight tensors (state.weights [B, H, ...]) at once;
+    The norm is taken over all the layer's fast-weight tensors (`state.named_weights()`, [B, H, ...]) at once;
     W₀ is the core's parameters of the same names ([H, ...]).
     """
     squares = deltas = None

@@ -31,9 +31,14 @@ class TTTStreamState(State):
     # starts from `window_start`, so activation checkpointing can recompute the forward.
     window_start: TTTState | None = None
     window_reset: Tensor | None = None  # rows [B] restarted at this window, applied in forward
+    # `ttt`'s tensors are this stream's own buffers (made by `new_streaming_state`, then only
+    # copied into), so a call may step them in place; false once a state is rebound (it may be a
+    # caller's object, or share memory with one)
+    owns_buffers: bool = False
 
     # not moshi state: saved through `TTTModel.stream_state` (`internals.moshi_states_to_tensors` skips them)
-    saved_apart: ClassVar[tuple[str, ...]] = ("ttt", "reset_fn", "keep_graph", "window_start", "window_reset")
+    saved_apart: ClassVar[tuple[str, ...]] = ("ttt", "reset_fn", "keep_graph", "window_start", "window_reset",
+                                              "owns_buffers")
 
     def check_saveable(self, name: str) -> None:
         if self.window_start is not None or self.window_reset is not None:
@@ -47,7 +52,7 @@ class TTTStreamState(State):
     def updates_in_place(self, training: bool) -> bool:
         """Whether a call may update the state's buffers in place: streaming inference (autograd
         off), with buffers this mode can write (inference tensors only inside inference mode)."""
-        if training or torch.is_grad_enabled() or self.window_start is not None:
+        if training or torch.is_grad_enabled() or self.window_start is not None or not self.owns_buffers:
             return False
         return torch.is_inference_mode_enabled() or not self.ttt.offset.is_inference()
 
@@ -63,10 +68,12 @@ class TTTStreamState(State):
         assert self.ttt is not None
         frozen_inference = not torch.is_inference_mode_enabled() and self.ttt.offset.is_inference()
         if self.keep_graph or frozen_inference:
-            self.ttt = new
-        else:
+            self.ttt, self.owns_buffers = new, False
+        elif self.owns_buffers:
             with torch.no_grad():
                 self.ttt.copy_(new)
+        else:  # the current tensors may be a caller's (rebound earlier): take copies as this stream's own
+            self.ttt, self.owns_buffers = new.detach().clone(), True
 
 
 class MoshiTTT(StreamingHooks, StreamingModule[TTTStreamState], TTTModule):
@@ -85,8 +92,8 @@ class MoshiTTT(StreamingHooks, StreamingModule[TTTStreamState], TTTModule):
         # state is updated in place (see `TTTStreamState.assign`).
         initial = self.layer.initial_state(batch_size)
         initial = initial.clone() if self.training else initial.detach().clone()
-        return TTTStreamState(batch_size, self.layer.W1.device, ttt=initial,
-                              reset_fn=self.layer.reset_state, keep_graph=self.training)
+        return TTTStreamState(batch_size, self.layer.W1.device, ttt=initial, reset_fn=self.layer.reset_state,
+                              keep_graph=self.training, owns_buffers=not self.training)
 
     def live_state(self) -> TTTState:
         if self.streaming_state is None:

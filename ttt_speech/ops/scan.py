@@ -7,10 +7,11 @@ gradients live in the carried sums), slots after the row's last token are paddin
 lr = 0, so it contributes nothing; a mini-batch updates W only if its last slot is a real token.
 One code path for every chunking: T = 1 decoding, unaligned chunks, whole sequences.
 
-A chunk inside one mini-batch with every row at the same offset o (every `LMGen.step`: T = 1)
+A chunk inside one mini-batch with every row at the same offset o (an eager `LMGen.step`: T = 1)
 is laid out on just its own T slots o..o+T−1 (a grid of one "mini-batch" of width T whose τ and
 RoPE positions are those of slots o..o+T−1): the same numbers as the padded layout, without
 computing b − T padding slots (at width 4096 they were most of a TTT-MLP step's elementwise work).
+Under CUDA-graph capture the offsets cannot be read, so a captured step keeps the padded layout.
 """
 from typing import NamedTuple
 
@@ -114,7 +115,7 @@ def scan_minibatches(
     checkpointing when autograd is recording (a true group size, unlike the reference's).
     in_place: update `weights` and `grads` in place (and return them): inference only, the
     tensors must be the caller's to overwrite (a streaming state's own buffers).
-    Returns outputs z̄ [N, R, b, d] and the final (weights, grads).
+    Returns outputs z̄ [N, R, w, d] (w: the grid's mini-batch width) and the final (weights, grads).
     """
     if in_place and torch.is_grad_enabled():
         raise ValueError("scan_minibatches: in_place needs autograd off (torch.no_grad / inference_mode)")
