@@ -251,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_frames > 0:
         base = base_by_dtype.get("float32") or build(args.layers, torch.float32)
         results["training"] = []
+        steps = 2 if args.quick else 5
         print(f"\n(4) training step, float32: forward + backward of a {args.train_frames}-frame window, batch 1, "
               f"moshi's gradient checkpointing on,\n    every parameter trainable; TTT on every layer with "
-              f"checkpoint_group_size 4 (configs/moshi_7b_ttt.yaml); 5 steps each, interleaved")
+              f"checkpoint_group_size 4 (configs/moshi_7b_ttt.yaml); {steps} steps each, interleaved")
         for layer_type in args.layer_types:
             ttt = copy.deepcopy(base)
             patch_moshi(ttt, TTTConfig(layer_type=layer_type, mode="hybrid", mini_batch_size=args.mini_batch_size,
                                        checkpoint_group_size=4))
-            r = bench_training(base, ttt, args.train_frames, steps=2 if args.quick else 5)
+            r = bench_training(base, ttt, args.train_frames, steps=steps)
             r["layer_type"] = layer_type
             results["training"].append(r)
             del ttt
