@@ -31,7 +31,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_ttt.py
 	# waits for the load average left by bench_ttt to settle, then Moshi-7B's width
-	$(PY) scripts/bench_width.py
+	$(PY) scripts/bench_width.py --out runs/bench/width.json --plot runs/bench/width.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -168,6 +168,37 @@ def bench_training(base, ttt, frames: int, steps: int) -> dict:
             "ratio": rates["TTT"] / rates["unpatched"]}
 
 
+def plot_stream(rows: list[dict], path: Path) -> Path:
+    """(2) as a figure: TTT / unpatched against T (log), one panel per dtype, each patch's bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ttt_speech_apps.eval.plots import save_figure
+
+    dtypes = sorted({r["dtype"] for r in rows}, key=["float32", "bfloat16"].index)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), sharey=True, squeeze=False)
+    for ax, dt in zip(axes[0], dtypes):
+        for i, key in enumerate(sorted({(r["layer_type"], r["mode"]) for r in rows if r["dtype"] == dt})):
+            mine = sorted((r for r in rows if r["dtype"] == dt and (r["layer_type"], r["mode"]) == key),
+                          key=lambda r: r["T"])
+            color = f"C{i}"
+            ax.plot([r["T"] for r in mine], [r["ratio"] for r in mine], "o-", color=color,
+                    label=f"TTT-{key[0]} {key[1]}")
+            ax.axhline(mine[0]["bound"], color=color, linestyle="--", linewidth=0.8)
+        ax.axhline(1.0, color="grey", linewidth=0.6)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["T"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("frames per call T (1 = LMGen.step)")
+        ax.set_title(f"{dt}: patched / unpatched time (dashed: bytes/FLOPs bound)", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("TTT / unpatched")
+    fig.suptitle("Moshi-7B width (dim 4096, 32 heads), 2 layers, CPU", fontsize=10)
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="temporal-transformer layers (default 2)")
@@ -191,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=180.0,
                         help="seconds to wait for the load average to settle before refusing (default 180)")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--plot", type=Path, help="also draw (2) as a PNG: ratio against T, with the bounds")
     args = parser.parse_args(argv)
     if args.quick:
         args.layer_types, args.modes, args.chunks, args.dtypes = ["linear"], ["hybrid"], [1, 16], ["float32"]
@@ -269,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['unpatched_frames_per_s']:.1f}", f"{r['ttt_frames_per_s']:.1f}", f"{r['ratio']:.2f}x"]
                      for r in results["training"]]))
 
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        print(f"plot written to {plot_stream(results['stream'], args.plot)}")
     results["total_s"] = time.perf_counter() - start
     print(f"\ntotal: {results['total_s']:.0f} s")
     if args.out is not None:

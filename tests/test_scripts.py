@@ -42,3 +42,14 @@ def test_benchmarks_refuse_a_busy_machine(monkeypatch, capsys):
     assert "load average is 2.50 (> --max-load 1.0)" in capsys.readouterr().err
     monkeypatch.setattr(bench_ttt.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
     assert bench_ttt.wait_for_quiet("bench", max_load=1.0, wait_s=0.0) == 0.4
+
+
+def test_width_plot_draws_every_patch_and_dtype(tmp_path):
+    """bench_width's figure from results of its own shape (no benchmark is run)."""
+    pytest.importorskip("matplotlib")
+    import bench_width
+
+    rows = [{"dtype": dt, "layer_type": lt, "mode": "hybrid", "T": T, "ratio": 1.0 + 0.01 * T, "bound": 1.33}
+            for dt in ("float32", "bfloat16") for lt in ("linear", "mlp") for T in (1, 16, 64)]
+    path = bench_width.plot_stream(rows, tmp_path / "width.png")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
