@@ -32,6 +32,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ttt_speech import TTTConfig, patch_moshi  # noqa: E402
+from ttt_speech.files import write_text_atomic  # noqa: E402
 from ttt_speech.layer import TTTLayer  # noqa: E402
 from ttt_speech.models import tiny_moshi_lm  # noqa: E402
 from ttt_speech.moshi.internals import stream_position  # noqa: E402
@@ -84,6 +85,14 @@ def table(headers: list[str], rows: list[list[str]], align: str | None = None) -
     lines = [fmt(headers), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in rows]
     return "\n".join("    " + line for line in lines)
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    """Write a benchmark's figures as JSON (atomically), when asked for with --out."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(results, indent=1) + "\n")
+        print(f"results written to {path}")
 
 
 def wait_for_quiet(name: str, max_load: float, wait_s: float, poll_s: float = 5.0) -> float | None:
@@ -425,10 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     results["total_s"] = total
     print(f"\ntotal benchmark time: {total:.0f} s")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_ttt import table, time_interleaved, wait_for_quiet  # scripts/ is on sys.path
+from bench_ttt import table, time_interleaved, wait_for_quiet, write_results  # scripts/ is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
@@ -306,10 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot written to {plot_stream(results['stream'], args.plot)}")
     results["total_s"] = time.perf_counter() - start
     print(f"\ntotal: {results['total_s']:.0f} s")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"results written to {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GPU check: one command a maintainer with a CUDA GPU runs as is (under 8 minutes on one GPU).
+"""The GPU check: one command a maintainer with a CUDA GPU runs as is (sized for under 8 minutes on one).
 
     python scripts/gpu_check.py                       # writes gpu_check.json
     python scripts/gpu_check.py --out runs/gpu.json --skip moshi_7b
