@@ -10,6 +10,21 @@ from ttt_speech.config import TTTConfig  # noqa: E402
 from ttt_speech.layer import TTTLayer  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def eager_moshi():
+    """moshi's kernels (gating, RoPE) eager in the test process. moshi torch.compiles them lazily,
+    again for each new shape (seconds per shape on 2 cores), and dynamo falls back to eager once a
+    process has compiled too many shapes: which kernel ran (they round differently) would depend on
+    the tests run before, and exact comparisons with it. Subprocesses (torchrun runs) compile."""
+    try:
+        from moshi.utils.compile import no_compile
+    except ImportError:
+        yield
+        return
+    with no_compile():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -55,16 +55,6 @@ def random_streams(T, seed, card=CARD):
 SILENCE = torch.arange(8) + 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_moshi():
-    """moshi torch.compiles a few small functions on first use, and again for each new shape:
-    seconds per shape on a 2-core CPU, more than these tests' own work. Eager mode here."""
-    from moshi.utils.compile import no_compile
-
-    with no_compile():
-        yield
-
-
 @pytest.fixture(scope="module")
 def lm():
     return small_lm()
