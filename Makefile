@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(PY) scripts/bench_ttt.py
 	# waits for the load average left by bench_ttt to settle, then Moshi-7B's width
 	$(PY) scripts/bench_width.py --out runs/bench/width.json --plot runs/bench/width.png
+	# bytes per rank, DDP vs FSDP (torchrun on gloo), and Moshi-7B's table
+	$(PY) scripts/bench_memory.py --out runs/bench/memory.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

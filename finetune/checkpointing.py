@@ -3,7 +3,7 @@
 `<output_dir>/checkpoints/step_000120/`:
   trainable.safetensors  trainable parameters (by name)
   carry.safetensors      carried TTT stream state of every global row (rows stacked in order)
-  train_state.pt         step, optimizer, scheduler, data position of every row, RNG states per rank
+  train_state.pt         step, optimizer (by parameter name, whole tensors), scheduler, data position of every row, RNG states per rank
   config.yaml            the resolved config
 Written into a temporary folder and renamed: a crash never leaves half a checkpoint.
 """
@@ -19,10 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from ttt_speech.files import save_tensors_atomic, write_text_atomic
+from ttt_speech.sharding import full_tensor
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -84,14 +88,69 @@ def resolve_resume(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
-    """(trainable tensors, carried TTT state or None, train_state) of a checkpoint folder."""
+def load_checkpoint(path: Path, tensors: bool = True
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
+    """(trainable tensors, carried TTT state or None, train_state) of a checkpoint folder.
+
+    tensors=False: the trainable tensors are not read ({}), and train_state's optimizer tensors are
+    memory-mapped, not read (ranks > 0 of a sharded run receive their shards from rank 0)."""
     for name in ("trainable.safetensors", "train_state.pt"):
         if not (path / name).is_file():
             raise ValueError(f"--resume: {path / name} is missing")
     carry = load_file(str(path / "carry.safetensors")) if (path / "carry.safetensors").is_file() else None
-    state = torch.load(path / "train_state.pt", weights_only=False)
-    return load_file(str(path / "trainable.safetensors")), carry, state
+    state = torch.load(path / "train_state.pt", weights_only=False, mmap=True)
+    return (load_file(str(path / "trainable.safetensors")) if tensors else {}), carry, state
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a safetensors file (its header only)."""
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def full_trainable_state(model: nn.Module, keep: bool) -> dict[str, Tensor]:
+    """The trainable parameters by name, whole tensors on the CPU where `keep` ({} elsewhere).
+    Gathered one at a time from their shards under FSDP (collective: every rank calls it)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = full_tensor(p.detach())
+            if keep:
+                out[name] = whole.cpu()
+    return out
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, whole tensors (gathered from the shards under
+    FSDP; collective), on the CPU of rank 0 (an empty dict on other ranks). The same format for
+    every strategy and number of ranks: a checkpoint resumes onto any of them. {} before the
+    first step (torch would take a zero-lr step to create the state, counting it in AdamW's step)."""
+    if not optimizer.state:
+        return {}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: dict[str, Tensor],
+                    optimizer_state: dict[str, Any], from_rank0: bool, is_main: bool) -> None:
+    """Load trainable weights and `full_optimizer_state`'s format (each rank keeps its shards), or
+    the index-keyed `optimizer.state_dict()` of checkpoints written before it.
+
+    from_rank0: only rank 0's tensors are used; it sends every rank its part (collective). Every
+    rank passes `optimizer_state` as `load_checkpoint` gave it (memory-mapped, not read), so that
+    all take the same branch."""
+    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=from_rank0)
+    set_model_state_dict(model, trainable, options=options)
+    if not optimizer_state:  # saved before the first step: a fresh optimizer is that state
+        return
+    groups = optimizer_state.get("param_groups") or [{}]
+    if any(isinstance(p, int) for p in groups[0].get("params", ())):  # by index: written before names
+        if from_rank0:
+            raise ValueError("--resume: this checkpoint's optimizer state predates sharded checkpoints; "
+                             "resume it with distributed: ddp")
+        optimizer.load_state_dict(optimizer_state)
+        return
+    set_optimizer_state_dict(model, optimizer, optimizer_state if is_main or not from_rank0 else {}, options=options)
 
 
 def split_rows(tensors: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:

@@ -6,6 +6,7 @@ Under torchrun: `torchrun --nproc-per-node N --no-python ttt-speech train CONFIG
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,12 +46,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.wandb_offline:
         overrides.append("wandb.mode=offline")
     config = load_train_config(args.config, overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         result = train(config, resume=args.resume, progress=not args.quiet)
     except TrainingDiverged as e:
         print(f"ttt-speech train: error: {e}", file=sys.stderr)
         return 1
+    if not main_rank:
+        return 0
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
     print(f"done: {result['step']} steps; {shown}")
     print(f"outputs in {config.output_dir}: export/, checkpoints/, metrics.jsonl, loss.png"

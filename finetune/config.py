@@ -85,11 +85,14 @@ class TrainConfig:
                "layers train first order (docs/e2e.md)")
     lora: LoraConfig = doc(factory=LoraConfig, help="")
     optim: OptimConfig = doc(factory=OptimConfig, help="")
-    precision: Literal["fp32", "bf16"] = doc("fp32", "fp32, or bf16 autocast (TTT fast weights stay float32)")
+    precision: Literal["fp32", "bf16"] = doc("fp32", "fp32, or bf16 autocast (trainable weights kept as float32 "
+                                                    "master copies; TTT fast weights stay float32)")
     gradient_checkpointing: bool = doc(False, "recompute each transformer layer in backward (saves memory)")
     persistent_state: bool = doc(True, "carry each row's TTT state across consecutive windows of its recording; "
                                        "false: every window starts fresh (the ablation)")
-    distributed: Literal["ddp"] = doc("ddp", "multi-process strategy under torchrun (DDP; gloo on CPU, nccl on GPU)")
+    distributed: Literal["ddp", "fsdp"] = doc(
+        "ddp", "multi-process strategy under torchrun (gloo on CPU, nccl on GPU): ddp (every rank holds the whole "
+               "model, gradients and optimizer state) or fsdp (all three sharded per transformer layer; docs/training.md)")
     steps: int = doc(100, "optimizer steps")
     log_every: int = doc(10, "steps between log lines / wandb points / the TTT-stats CSV")
     eval_every: int = doc(0, "steps between evaluations on eval_manifest (0: only at the end)")
@@ -127,6 +130,10 @@ class TrainConfig:
                                  f"after an adaptation), got {window} frames for mini_batch_size {b}")
             if self.gradient_checkpointing:
                 raise ValueError("gradient_checkpointing: not available with e2e_mlp layers")
+            if self.distributed == "fsdp":
+                raise ValueError("distributed: 'fsdp' does not take e2e_mlp layers (their test-time update reads the "
+                                 "initial fast weights outside the layer's forward, where FSDP holds only shards); "
+                                 "use ddp")
 
     @property
     def uses_lora(self) -> bool:

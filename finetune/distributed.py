@@ -1,13 +1,18 @@
 """torchrun plumbing: process group from the environment, backend from the device, wrapping."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+
+from ttt_speech.moshi.teacher_forcing import ChunkModel
+
+logger = logging.getLogger("finetune")
 
 
 @dataclass
@@ -64,14 +69,30 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, env: Dist) -> nn.Module:
-    """DDP around a `ChunkModel` (unchanged when single-process).
+def wrap(model: ChunkModel, env: Dist, strategy: str, full_state: dict[str, Tensor] | None = None) -> nn.Module:
+    """`model` made data-parallel as `strategy` says (unchanged when single-process).
 
-    FSDP2 is not offered: moshi's `StreamingModule` classes (ABC + Generic) refuse FSDP2's
-    per-module class swap ("object layout differs"), and sharding only a plain wrapper turns the
-    TTT state and per-layer statistics, computed from parameters outside forward, into DTensors.
+    "ddp": DistributedDataParallel (every rank holds everything). "fsdp": sharded in place
+    (`ttt_speech.sharding.shard`: one unit per moshi transformer layer, TTT branches nested); ranks
+    other than 0 built `model` on the meta device, and `full_state` (rank 0's state dict, taken
+    before sharding) fills every rank's shards from rank 0.
     """
     if not env.enabled:
+        if strategy == "fsdp":
+            logger.info("distributed: fsdp with one process: nothing to shard, the model runs as it is")
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from ttt_speech.moshi import transformer_layers
+        from ttt_speech.sharding import shard
+
+        shard(model, transformer_layers(model.lm), init_device_mesh(env.device.type, (env.world,)))
+        if not env.is_main:
+            model.to_empty(device=env.device)  # storage for this rank's shards, filled from rank 0
+        set_model_state_dict(model, full_state if env.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -79,3 +100,36 @@ def wrap(model: nn.Module, env: Dist) -> nn.Module:
     # some row starts a new recording (their state is reset from them); DDP must allow that.
     return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                    find_unused_parameters=True)
+
+
+def consolidated(model: nn.Module, lm: nn.Module, rebuild: Callable[[torch.device], nn.Module],
+                 env: Dist, device: torch.device) -> nn.Module | None:
+    """`lm` whole, on rank 0: `lm` itself unless sharded; under FSDP a plain copy built by
+    `rebuild(device)` on the meta device and given the gathered weights, on `device` (collective:
+    every rank calls it; None on ranks > 0). FSDP's `state_dict` only ever returns shards, so
+    exports, which read modules, are written from the copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ttt_speech.sharding import is_sharded
+
+    if not is_sharded(model):
+        return lm if env.is_main else None
+    whole = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None
+    copy = rebuild(torch.device("meta"))
+    copy.load_state_dict(whole, assign=True)
+    return copy.to(device).train(lm.training)
+
+
+def chunk_model(model: nn.Module) -> ChunkModel:
+    """The `ChunkModel` inside what `wrap` returned."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def build_device(env: Dist, strategy: str) -> torch.device:
+    """Where this rank builds the model: the meta device on ranks > 0 under FSDP (no rank but 0
+    materialises the whole model: they receive their shards), its device otherwise."""
+    return torch.device("meta") if strategy == "fsdp" and env.enabled and not env.is_main else env.device

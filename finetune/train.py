@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import time
@@ -24,19 +25,21 @@ from ttt_speech.data.cache import CodesCache
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
 from ttt_speech.data.recording import load_recording
-from ttt_speech.export import TRAINS_EVERYTHING, save_export
-from ttt_speech.handle import TTTModel
-from ttt_speech.lora import add_lora
-from ttt_speech.models import load_lm, load_mimi, load_text_tokenizer
-from ttt_speech.moshi import patch_moshi
+from ttt_speech.export import save_export
+from ttt_speech.files import write_text_atomic
+from ttt_speech.models import load_mimi, load_text_tokenizer
 from ttt_speech.moshi.carry import TTTCarry
-from ttt_speech.moshi.teacher_forcing import ChunkModel, chunk_logits, delayed_streams
+from ttt_speech.moshi.teacher_forcing import ChunkModel, delayed_streams
+from ttt_speech.sharding import is_sharded, ttt_units, unsharded
 
-from .checkpointing import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state, split_rows
+from .checkpointing import (full_optimizer_state, full_trainable_state, load_checkpoint, load_full_state,
+                            resolve_resume, rng_state, safetensors_keys, save_checkpoint, set_rng_state, split_rows)
 from .config import TrainConfig
 from .data import WindowBatcher
-from .distributed import Dist, close_distributed, init_distributed, wrap
+from .distributed import Dist, build_device, chunk_model, close_distributed, consolidated, init_distributed, wrap
 from .loss import loss_terms, summarize, total_loss
+from .memory import rank_memory
+from .model import build_model, master_to_model_dtype
 from .monitor import InnerLrProbe, Monitor
 
 logger = logging.getLogger("finetune")
@@ -44,28 +47,6 @@ logger = logging.getLogger("finetune")
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; a checkpoint of the last good state has been written."""
-
-
-def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
-    """Base LM (+ TTT layers, + LoRA) with exactly the configured parameters trainable."""
-    lm = load_lm(config.model, device=device)
-    torch.manual_seed(config.seed)  # the new layers' initialisation depends on the seed only
-    handle = None
-    if config.ttt is not None:
-        patch_moshi(lm, config.ttt)  # logs its report
-        handle = TTTModel.of(lm)
-    if config.uses_lora:
-        skip = [site.inserted for site in handle.sites] if handle is not None else []
-        add_lora(lm, config.lora.rank, config.lora.scale, skip=skip)
-    ttt_params = set(handle.named_parameters()) if handle is not None else set()
-    layers = config.trainable in ("ttt", "ttt+lora", "e2e-meta+lora")
-    for name, p in lm.named_parameters():
-        p.requires_grad_(config.trainable in TRAINS_EVERYTHING
-                         or (config.uses_lora and (".lora_A." in name or ".lora_B." in name))
-                         or (layers and name in ttt_params))
-    if config.gradient_checkpointing:
-        lm.transformer.checkpointing = True
-    return lm.train()
 
 
 class RecordingLoader:
@@ -127,8 +108,15 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
         out_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(schema.to_dict(config), sort_keys=False)
 
-    lm = build_model(config, env.device)
-    model = wrap(ChunkModel(lm, meta=config.meta), env)
+    lm = build_model(config, build_device(env, config.distributed))
+    model = ChunkModel(lm, meta=config.meta)
+    full_state = model.state_dict() if config.distributed == "fsdp" and env.is_main else None
+    model = wrap(model, env, config.distributed, full_state)
+    del full_state  # rank 0's unsharded weights: only its shards stay
+    sharded = is_sharded(model)
+    gathered_ttt = functools.partial(unsharded, ttt_units(lm))  # TTT parameters read outside forward
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)  # memory.json: not rank 0's whole copy before sharding
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")
@@ -140,27 +128,40 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     batcher = WindowBatcher(entries, loader, config.data.batch_size, config.data.window_frames, env.rank, env.world,
                             seed=config.seed, shuffle=config.data.shuffle, persistent=config.persistent_state,
                             pad_id=lm.zero_token_id)
-    carry = TTTCarry(lm, per_rank) if config.ttt is not None else None
+    with gathered_ttt():  # the initial states are copies of the initial fast weights
+        carry = TTTCarry(lm, per_rank) if config.ttt is not None else None
     probe = InnerLrProbe(lm) if config.ttt is not None else None
     step = 0
     if resume_dir is not None:
-        step = _restore(resume_dir, lm, optimizer, scheduler, batcher, carry, env)
+        step = _restore(resume_dir, model, lm, optimizer, scheduler, batcher, carry, env)
         logger.info("resumed from %s at step %d", resume_dir, step)
     else:
         torch.manual_seed(config.seed + env.rank)
     monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main)
 
+    def carry_state() -> dict | None:
+        if carry is None:
+            return None
+        pending = carry.resets_pending
+        if sharded:  # gathering is collective: every rank must take the same branch
+            pending = bool(env.all_reduce(torch.tensor(float(pending), device=env.device)).item())
+        with gathered_ttt() if pending else contextlib.nullcontext():
+            return carry.state_dict()
+
     def checkpoint(at_step: int, data_state: Any, carry_state: dict | None) -> Path | None:
+        """Consolidated (the same files whatever the strategy and number of ranks): every rank
+        takes part in gathering sharded tensors, rank 0 writes."""
         states = env.gather_objects({"data": data_state, "rng": rng_state(),
                                      "carry": None if carry_state is None else {k: v.cpu() for k, v in carry_state.items()}})
+        trainable = full_trainable_state(lm, keep=env.is_main)
+        optimizer_state = full_optimizer_state(lm, optimizer)
         if not env.is_main:
             return None
         rows = {int(g): pos for s in states for g, pos in s["data"].items()}
         stacked = None
         if carry_state is not None:
             stacked = {k: torch.cat([s["carry"][k] for s in states]) for k in states[0]["carry"]}
-        trainable = {n: p for n, p in lm.named_parameters() if p.requires_grad}
-        train_state = {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        train_state = {"step": at_step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                        "data": rows, "rng": [s["rng"] for s in states], "world": env.world}
         return save_checkpoint(out_dir / "checkpoints", at_step, trainable, stacked, train_state, config_yaml,
                                config.keep_checkpoints)
@@ -170,9 +171,10 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
                dynamic_ncols=True)
     metrics: dict[str, Any] = {}
     window_start_time, window_steps = time.perf_counter(), 0
+    memory_reported = False
     while step < config.steps:
         data_before = batcher.state_dict()
-        carry_before = carry.state_dict() if carry is not None else None
+        carry_before = carry_state()
         batch = batcher.next()
         inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
         if carry is not None:
@@ -203,31 +205,41 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
         optimizer.step()
         scheduler.step()
         step += 1
+        if not memory_reported:  # after the first step: gradients and optimizer state exist
+            _report_memory(out_dir, env, config, lm, optimizer)
+            memory_reported = True
         window_steps += 1
         bar.update(1)
         if log_now:
             elapsed = time.perf_counter() - window_start_time
             metrics = {**values, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                        "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9)}
-            stats = carry.handle.fast_weight_stats(carry.current(), probe.values) if carry is not None else None
+            stats = None
+            if carry is not None:
+                with gathered_ttt():  # ‖W − W₀‖ reads the initial fast weights
+                    stats = carry.handle.fast_weight_stats(carry.current(), probe.values)
             monitor.log(step, metrics, stats)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             window_start_time, window_steps = time.perf_counter(), 0
         if eval_entries and config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            _log_eval(step, lm, eval_entries, config, carry, monitor, env)
+            _log_eval(step, model, eval_entries, config, carry, monitor, env)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            checkpoint(step, batcher.state_dict(), carry.state_dict() if carry is not None else None)
+            checkpoint(step, batcher.state_dict(), carry_state())
     bar.close()
-    checkpoint(step, batcher.state_dict(), carry.state_dict() if carry is not None else None)
+    checkpoint(step, batcher.state_dict(), carry_state())
     if eval_entries:
-        metrics.update(_log_eval(step, lm, eval_entries, config, carry, monitor, env))
+        metrics.update(_log_eval(step, model, eval_entries, config, carry, monitor, env))
     if carry is not None:
         carry.close()
+    # rank 0: the whole model (a gathered copy under FSDP, on the device only for length-gen)
+    final = consolidated(model, lm, functools.partial(build_model, config), env,
+                         env.device if config.length_gen is not None else torch.device("cpu"))
     if env.is_main and config.length_gen is not None:
-        _length_gen(lm, eval_entries, config, monitor)
+        with _autocast(config, env.device):
+            _length_gen(final, eval_entries, config, monitor)
     if env.is_main:
         lora = {"rank": config.lora.rank, "scale": config.lora.scale} if config.uses_lora else None
-        save_export(lm, config.model, out_dir / "export", config.trainable, lora)
+        save_export(master_to_model_dtype(final, config), config.model, out_dir / "export", config.trainable, lora)
         _plot_curves(out_dir)
         logger.info("export written to %s", out_dir / "export")
     monitor.finish()
@@ -235,16 +247,31 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     return {"step": step, **metrics}
 
 
-def _restore(path: Path, lm: nn.Module, optimizer, scheduler, batcher: WindowBatcher, carry, env: Dist) -> int:
-    trainable, carried, state = load_checkpoint(path)
-    own = {n: p for n, p in lm.named_parameters() if p.requires_grad}
-    if set(own) != set(trainable):
+def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> None:
+    """memory.json: the bytes every rank holds (parameters, gradients, optimizer state, peak)."""
+    ranks = env.gather_objects(rank_memory(env.rank, lm, optimizer, env.device).to_dict())
+    if not env.is_main:
+        return
+    report = {"strategy": config.distributed if env.enabled else "single", "world": env.world, "ranks": ranks}
+    write_text_atomic(out_dir / "memory.json", json.dumps(report, indent=2) + "\n")
+    r = ranks[0]
+    logger.info("memory per rank (rank 0, %s x%d): parameters %.1f MiB, gradients %.1f MiB, optimizer %.1f MiB, "
+                "peak %.1f MiB (%s)", report["strategy"], env.world, r["params"] / 2**20, r["grads"] / 2**20,
+                r["optimizer"] / 2**20, r["peak"] / 2**20, r["peak_kind"])
+
+
+def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+             batcher: WindowBatcher, carry: TTTCarry | None, env: Dist) -> int:
+    # sharded: rank 0 reads the tensors and sends each rank its shards (not N copies in host memory)
+    from_rank0 = is_sharded(model)
+    trainable, carried, state = load_checkpoint(path, tensors=env.is_main or not from_rank0)
+    own = {n for n, p in lm.named_parameters() if p.requires_grad}
+    names = set(safetensors_keys(path / "trainable.safetensors"))
+    if own != names:
         raise ValueError(f"--resume: {path} holds other trainable parameters than this config selects "
-                         f"(e.g. {sorted(set(own) ^ set(trainable))[:3]})")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(trainable[n])
-    optimizer.load_state_dict(state["optimizer"])
+                         f"(e.g. {sorted(own ^ names)[:3]})")
+    load_full_state(lm, optimizer, trainable, state["optimizer"], from_rank0, env.is_main)
     scheduler.load_state_dict(state["scheduler"])
     batcher.load_state_dict(state["data"])
     if state.get("world") == env.world:
@@ -254,15 +281,19 @@ def _restore(path: Path, lm: nn.Module, optimizer, scheduler, batcher: WindowBat
     if carry is not None:
         if carried is None:
             raise ValueError(f"--resume: {path} has no carried TTT state")
-        carry.load_state_dict({k: v.to(env.device) for k, v in split_rows(carried, batcher.rows).items()},
-                              where=str(path / "carry.safetensors"))
+        with unsharded(ttt_units(lm)):  # the fresh carry's pending resets read the initial fast weights
+            carry.load_state_dict({k: v.to(env.device) for k, v in split_rows(carried, batcher.rows).items()},
+                                  where=str(path / "carry.safetensors"))
     return int(state["step"])
 
 
 @torch.no_grad()
-def evaluate(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, env: Dist) -> dict[str, float]:
+def evaluate(model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, env: Dist) -> dict[str, float]:
     """Teacher-forced loss on the first `eval_frames` of each held-out recording, window by window
-    with the TTT state carried (persistent_state) exactly as in training; one recording at a time."""
+    with the TTT state carried (persistent_state) exactly as in training; one recording at a time.
+    `model`: the (data-parallel) `ChunkModel`, called as a whole so that sharded parameters are
+    gathered (every rank evaluates)."""
+    lm = chunk_model(model).lm
     was_training = lm.training
     lm.eval()
     loader = RecordingLoader(entries, lm, config)
@@ -270,14 +301,15 @@ def evaluate(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, e
     W = config.data.window_frames
     for i in range(len(entries)):
         inputs, targets = loader(i)[:, :config.eval_frames].to(env.device)[None].chunk(2, dim=1)
-        carry = TTTCarry(lm, 1) if config.ttt is not None else None
+        with unsharded(ttt_units(lm)):
+            carry = TTTCarry(lm, 1) if config.ttt is not None else None
         try:
             for start in range(0, inputs.shape[2], W):
                 window = slice(start, start + W)
                 if carry is not None:
                     carry.next_window(torch.tensor([start == 0 or not config.persistent_state], device=env.device))
                 with _autocast(config, env.device):
-                    text_logits, audio_logits = chunk_logits(lm, inputs[:, :, window], targets[:, :, window])
+                    text_logits, audio_logits = model(inputs[:, :, window], targets[:, :, window], meta=False)
                 total += _loss_terms(lm, config, text_logits, audio_logits, targets[:, :, window]).stacked()
         finally:
             if carry is not None:
@@ -291,9 +323,10 @@ def _loss_terms(lm: nn.Module, config: TrainConfig, text_logits, audio_logits, t
                       lm.text_padding_token_id, config.data.first_codebook_weight, config.data.text_padding_weight)
 
 
-def _log_eval(step: int, lm: nn.Module, entries, config: TrainConfig, carry, monitor: Monitor, env: Dist) -> dict:
+def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, carry: TTTCarry | None,
+              monitor: Monitor, env: Dist) -> dict:
     with carry.paused() if carry is not None else contextlib.nullcontext():
-        values = evaluate(lm, entries, config, env)
+        values = evaluate(model, entries, config, env)
     monitor.log(step, values)
     if env.is_main:
         logger.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
@@ -319,7 +352,6 @@ def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig
 
 def _plot_curves(out_dir: Path) -> None:
     """loss.png from metrics.jsonl (train loss, eval loss when present)."""
-    import json
     import os
 
     import matplotlib

@@ -26,7 +26,7 @@ from ttt_speech.moshi.carry import TTTCarry
 from ttt_speech.moshi.teacher_forcing import chunk_logits, delayed_streams
 from ttt_speech_apps.finetune.config import load_train_config
 from ttt_speech_apps.finetune.loss import loss_terms, total_loss
-from ttt_speech_apps.finetune.train import build_model
+from ttt_speech_apps.finetune.model import build_model
 
 
 def make_step(lm, config, carry):

@@ -7,8 +7,9 @@ import torch
 from train_utils import make_corpus, write_config
 from ttt_speech import TTTModel
 from ttt_speech.export import load_exported_lm
+from ttt_speech.moshi.teacher_forcing import ChunkModel
 from ttt_speech_apps.finetune.config import load_train_config
-from ttt_speech_apps.finetune.train import build_model
+from ttt_speech_apps.finetune.model import build_model
 from ttt_speech_apps.finetune.cli import main as train_main
 
 E2E = {"layer_type": "e2e_mlp", "mode": "hybrid", "mini_batch_size": 4, "gate_init": 0.5}
@@ -97,7 +98,7 @@ def test_meta_trained_export_holds_every_weight(tmp_path, corpus):
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
     lm, _ = load_exported_lm(run / "export")
     config = load_train_config(path)
-    reloaded = evaluate(lm, read_manifest(config.data.eval_manifest, "eval"), config, Dist())["eval_loss"]
+    reloaded = evaluate(ChunkModel(lm), read_manifest(config.data.eval_manifest, "eval"), config, Dist())["eval_loss"]
     assert abs(reloaded - final) < 1e-6
     from ttt_speech.models import ModelConfig
 

@@ -53,3 +53,16 @@ def test_width_plot_draws_every_patch_and_dtype(tmp_path):
             for dt in ("float32", "bfloat16") for lt in ("linear", "mlp") for T in (1, 16, 64)]
     path = bench_width.plot_stream(rows, tmp_path / "width.png")
     assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_memory_moshi_7b_table_is_computed_in_seconds(tmp_path):
+    """The computed half of bench_memory (the measured half is torchrun runs: tests/test_distributed.py
+    checks the same figures per rank)."""
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_memory.py"), "--moshi-7b", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = json.loads(out.read_text())["moshi_7b"]
+    assert set(table) == {"ttt", "ttt+lora", "full", "lora r128 (moshi-finetune)"}
+    assert table["full"]["trainable_params"] == table["full"]["total_params"] > 8.7e9
+    assert "| `ttt` | 8.77 B (1.085 B) |" in proc.stdout

@@ -121,11 +121,15 @@ class ModelConfig:
 
 
 def load_lm(config: ModelConfig, device: torch.device | None = None):
-    """The Moshi `LMModel` described by `config` (eval mode; on `device` or config.device)."""
-    device = device or config.torch_device()
+    """The Moshi `LMModel` described by `config` (eval mode; on `device` or config.device).
+
+    On the meta device: the architecture only, no weights read or allocated (sharded training
+    builds it so on every rank but 0, and fills the shards from rank 0's copy)."""
+    device = torch.device(device) if device is not None else config.torch_device()
     if config.is_tiny:
         return tiny_moshi_lm(seed=config.seed, device=device, dtype=config.torch_dtype(), **config.tiny)
-    return _checkpoint(config).get_moshi(device=device, dtype=config.torch_dtype()).eval()
+    return _checkpoint(config).get_moshi(device=device, dtype=config.torch_dtype(),
+                                         load_weight=device.type != "meta").eval()
 
 
 def load_mimi(config: ModelConfig, device: torch.device | None = None):

@@ -13,12 +13,16 @@ same row left: `TTTCarry` gives only the TTT modules a streaming state in *windo
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..handle import TTTModel
 from ..state import TTTState
+
+if TYPE_CHECKING:
+    from .streaming import TTTStreamState
 
 
 class TTTCarry:
@@ -42,16 +46,34 @@ class TTTCarry:
 
     def next_window(self, reset: Tensor | None = None) -> None:
         """Start a new window: the state the last window ended with, detached; rows where
-        reset [B] is true start over from the initial fast weights (a new recording)."""
+        reset [B] is true start over from the initial fast weights (a new recording).
+
+        The reset mask is applied in every window, all false when no row restarts: the initial fast
+        weights then take part in every step with a zero gradient (not none), so that every
+        data-parallel rank reduces the same parameters (FSDP requires it) and AdamW treats them
+        alike under every strategy. The values are those of no reset exactly."""
         for module in self.modules:
             state = module.streaming_state
+            rows = torch.zeros(self.batch_size, dtype=torch.bool, device=state.ttt.offset.device)
+            if reset is not None:
+                rows = rows | reset.to(rows.device)
             if state.ttt is state.window_start:  # no forward since the last call: keep its resets
                 if state.window_reset is not None:
-                    reset = state.window_reset if reset is None else reset.to(state.window_reset.device) | state.window_reset
+                    rows = rows | state.window_reset
             else:
                 state.window_start = _detached(state.ttt)
-            state.window_reset = None if reset is None or not bool(reset.any()) else reset.to(state.ttt.offset.device)
+            state.window_reset = rows
             state.ttt = state.window_start
+
+    @property
+    def resets_pending(self) -> bool:
+        """Whether `current()` has rows to restart before a forward ran: it then reads the initial
+        fast weights (the parameters; gather them first when they are sharded)."""
+        return any(self._pending(module.streaming_state) for module in self.modules)
+
+    @staticmethod
+    def _pending(state: "TTTStreamState") -> bool:
+        return state.ttt is state.window_start and state.window_reset is not None and bool(state.window_reset.any())
 
     def current(self) -> list[TTTState]:
         """Per TTT module, the state the next window starts from (pending resets applied)."""
@@ -59,7 +81,7 @@ class TTTCarry:
         with torch.no_grad():
             for module in self.modules:
                 state = module.streaming_state
-                if state.ttt is state.window_start and state.window_reset is not None:
+                if self._pending(state):
                     out.append(module.layer.reset_state(state.window_start, state.window_reset).detach())
                 else:
                     out.append(state.ttt.detach())

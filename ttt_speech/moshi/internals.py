@@ -18,7 +18,8 @@ What is here:
 - attention caches: `_streaming_state.kv_cache` (`RingKVCache`) widened and detached;
 - `StreamingModule._cached_children`, rebuilt after patching;
 - `LMGen._step` (the step's transformer output), `_LMGenState.offsets` / `.graphed_depth`;
-- the fields of moshi's `State` dataclasses, flattened to tensors to save a live stream.
+- the fields of moshi's `State` dataclasses, flattened to tensors to save a live stream;
+- `loaders._lm_kwargs`, Moshi-7B's architecture (for memory tables built on the meta device).
 """
 from __future__ import annotations
 
@@ -212,6 +213,18 @@ def reset_depformer_graph(gen: LMGen) -> None:
     state = streaming_state(gen)  # moshi 0.2.13: `_LMGenState.graphed_depth` is the `CUDAGraphed` of depformer_step
     if state.graphed_depth is not None and not state.graphed_depth.disable:
         state.graphed_depth.reset()
+
+
+# ---------------------------------------------------------------- Moshi-7B's architecture
+
+
+def moshi_7b_lm(device: torch.device | str = "meta", dtype: torch.dtype = torch.bfloat16) -> LMModel:
+    """Moshi-7B's `LMModel`, random or (by default) unallocated on the meta device."""
+    from moshi.models import loaders
+
+    # moshi 0.2.13: `loaders._lm_kwargs` are the kwargs of the released Moshi-7B checkpoints (their
+    # config.json repeats them); no public name holds them without downloading a checkpoint.
+    return LMModel(device=device, dtype=dtype, **loaders._lm_kwargs)
 
 
 # ---------------------------------------------------------------- live state ↔ tensors

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import _import  # noqa: F401
 from moshi.models.lm import LMModel
-from moshi.modules.transformer import StreamingMultiheadAttention
+from moshi.modules.transformer import StreamingMultiheadAttention, StreamingTransformerLayer
 
 from ..config import TTTConfig
 from ..host import HostSpec, patch_host
@@ -20,6 +20,12 @@ from .internals import AttentionBranchLayer, FeedForwardBranchLayer, forget_stre
 from .streaming import MoshiTTT
 
 HYBRID_LAYERS = {"attention": AttentionBranchLayer, "feed_forward": FeedForwardBranchLayer}
+
+
+def transformer_layers(lm: nn.Module) -> list[nn.Module]:
+    """Every transformer layer of `lm`, temporal and depformer (the units of sharded training,
+    as moshi-finetune wraps them)."""
+    return [m for m in lm.modules() if isinstance(m, StreamingTransformerLayer)]
 
 
 def _check(lm: nn.Module, config: TTTConfig) -> None:

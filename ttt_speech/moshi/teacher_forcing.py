@@ -87,5 +87,6 @@ class ChunkModel(torch.nn.Module):
         self.lm = lm
         self.meta = meta  # E2E layers: second-order inner updates (trainable: e2e-meta)
 
-    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        return chunk_logits(self.lm, inputs, targets, meta=self.meta)
+    def forward(self, inputs: Tensor, targets: Tensor, meta: bool | None = None) -> tuple[Tensor, Tensor]:
+        """meta: override `self.meta` for this call (an evaluation is never meta-trained)."""
+        return chunk_logits(self.lm, inputs, targets, meta=self.meta if meta is None else meta)
