@@ -92,8 +92,8 @@ def load_checkpoint(path: Path, tensors: bool = True
                     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
     """(trainable tensors, carried TTT state or None, train_state) of a checkpoint folder.
 
-    tensors=False: the trainable tensors are not read ({}), and train_state's optimizer tensors are
-    memory-mapped, not read (ranks > 0 of a sharded run receive their shards from rank 0)."""
+    train_state is memory-mapped: its optimizer tensors are read only where used. tensors=False: the
+    trainable tensors are not read ({}; ranks > 0 of a sharded run receive their shards from rank 0)."""
     for name in ("trainable.safetensors", "train_state.pt"):
         if not (path / name).is_file():
             raise ValueError(f"--resume: {path / name} is missing")

@@ -52,11 +52,13 @@ class TTTCarry:
         weights then take part in every step with a zero gradient (not none), so that every
         data-parallel rank reduces the same parameters (FSDP requires it) and AdamW treats them
         alike under every strategy. The values are those of no reset exactly."""
+        device = self.modules[0].streaming_state.ttt.offset.device
+        requested = torch.zeros(self.batch_size, dtype=torch.bool, device=device)
+        if reset is not None:
+            requested = requested | reset.to(device)
         for module in self.modules:
             state = module.streaming_state
-            rows = torch.zeros(self.batch_size, dtype=torch.bool, device=state.ttt.offset.device)
-            if reset is not None:
-                rows = rows | reset.to(rows.device)
+            rows = requested
             if state.ttt is state.window_start:  # no forward since the last call: keep its resets
                 if state.window_reset is not None:
                     rows = rows | state.window_reset
