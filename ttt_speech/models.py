@@ -1,6 +1,7 @@
 """Model builders: Moshi-architecture LMs (tiny random-init ones for CPU work, real ones from the hub)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -90,23 +91,23 @@ class ModelConfig:
         for key in ("moshi_weights", "mimi_weights", "config_path", "text_tokenizer"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"model.{key}: {path} is not a readable file")
+                raise ValueError(f"model.{key}: {path} is a directory, expected a file" if Path(path).is_dir()
+                                 else f"model.{key}: {path} is not a readable file")
         if self.name == "tiny":
             unknown = sorted(set(self.tiny) - set(TINY_MOSHI_KWARGS))
             if unknown:
                 raise ValueError(f"model.tiny: unknown kwarg(s) {unknown}; allowed: {sorted(TINY_MOSHI_KWARGS)}")
+            if self.tiny:
+                check_tiny_kwargs(self.tiny)
+        parse_device(self.device)
 
     @property
     def is_tiny(self) -> bool:
         return self.name == "tiny"
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            return torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"model.device: expected auto, cpu or cuda[:N], got {self.device!r}") from None
+        """The device to run on; one that this machine does not have is a ValueError."""
+        return resolve_device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -114,10 +115,72 @@ class ModelConfig:
     def codec_id(self) -> str:
         """Identity of the Mimi codec, part of the key of cached codes."""
         if self.is_tiny:
-            return f"mimi-random-seed{self.seed}"
+            from .moshi.random_mimi import VERSION
+
+            return f"mimi-random-v{VERSION}-seed{self.seed}"
         if self.mimi_weights is not None:
             return f"mimi-local-{Path(self.mimi_weights).resolve()}"
         return f"mimi-{self.name}"
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+MAX_TINY_PARAMS = 2_000_000_000  # a "tiny" model past Moshi-7B's size is a typo, not a test model
+
+
+def parse_device(name: str, field: str = "model.device") -> torch.device | None:
+    """`name` as a torch device (None for 'auto'); another kind of name is a ValueError naming `field`."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(f"{field}: expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return device
+
+
+def resolve_device(name: str, field: str = "model.device") -> torch.device:
+    """The device `name` means on this machine ('auto': cuda when available, else cpu); a device the
+    machine does not have is a ValueError naming `field`, not a CUDA error deep inside torch."""
+    device = parse_device(name, field)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{field}: {name!r} requested, but this machine has no CUDA device (torch "
+                             f"{torch.__version__}); use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{field}: {name!r} requested, but this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{field}: 'mps' requested, but this machine has no MPS device; use cpu or auto")
+    return device
+
+
+def check_tiny_kwargs(overrides: dict[str, Any]) -> None:
+    """Build the tiny model of `overrides` on the meta device (no memory): kwargs moshi cannot build,
+    or a model too large to be a tiny one, are a one-line ValueError naming model.tiny."""
+    for key, value in overrides.items():
+        default = TINY_MOSHI_KWARGS[key]
+        if isinstance(default, int) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"model.tiny.{key}: expected an integer >= 1, got {value!r}")
+    kwargs = {**TINY_MOSHI_KWARGS, **overrides}
+    for width, heads in (("dim", "num_heads"), ("depformer_dim", "depformer_num_heads")):
+        if kwargs[width] % kwargs[heads]:
+            raise ValueError(f"model.tiny: {width} = {kwargs[width]} is not a multiple of {heads} = {kwargs[heads]}")
+    if len(kwargs["delays"]) != kwargs["n_q"] + 1:
+        raise ValueError(f"model.tiny.delays: expected n_q + 1 = {kwargs['n_q'] + 1} delays (text, then each audio "
+                         f"stream), got {len(kwargs['delays'])}")
+    try:
+        lm = tiny_moshi_lm(device="meta", **overrides)
+    except Exception as e:  # noqa: BLE001 - moshi asserts / raises many kinds on kwargs it cannot build
+        raise ValueError(f"model.tiny: moshi cannot build this model ({type(e).__name__}: {e})") from None
+    params = sum(p.numel() for p in lm.parameters())
+    if params > MAX_TINY_PARAMS:
+        raise ValueError(f"model.tiny: these kwargs make a {params / 1e9:.1f}B-parameter model (at most "
+                         f"{MAX_TINY_PARAMS / 1e9:g}B for a tiny one)")
 
 
 def load_lm(config: ModelConfig, device: torch.device | None = None):
@@ -133,15 +196,32 @@ def load_lm(config: ModelConfig, device: torch.device | None = None):
 
 
 def load_mimi(config: ModelConfig, device: torch.device | None = None):
-    """The Mimi codec of `config`: a random-init Mimi for 'tiny' (seeded), the checkpoint's otherwise."""
+    """The Mimi codec of `config`: for 'tiny' a seeded random-init Mimi whose codebooks are fitted
+    so that its codes carry the audio (`ttt_speech/moshi/random_mimi.py`), the checkpoint's otherwise."""
     from moshi.models import loaders
 
     device = device or config.torch_device()
     if config.is_tiny:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            return loaders.get_mimi(None, device=device).eval()
+        state = _random_mimi_state(config.seed)
+        with torch.random.fork_rng(devices=[]):  # its init is overwritten: leave the caller's RNG alone
+            mimi = loaders.get_mimi(None, device="cpu").eval()
+        mimi.load_state_dict(state)
+        return mimi.to(device)
     return _checkpoint(config).get_mimi(device=device).eval()
+
+
+@functools.cache
+def _random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
+    """The seeded random Mimi's weights with fitted codebooks (built once per process: ~2 s on a CPU)."""
+    from moshi.models import loaders
+
+    from .moshi.random_mimi import initialise_codebooks
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mimi = loaders.get_mimi(None, device="cpu").eval()
+    initialise_codebooks(mimi, seed)
+    return {k: v.clone() for k, v in mimi.state_dict().items()}
 
 
 def load_text_tokenizer(config: ModelConfig):

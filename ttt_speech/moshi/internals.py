@@ -19,7 +19,8 @@ What is here:
 - `StreamingModule._cached_children`, rebuilt after patching;
 - `LMGen._step` (the step's transformer output), `_LMGenState.offsets` / `.graphed_depth`;
 - the fields of moshi's `State` dataclasses, flattened to tensors to save a live stream;
-- `loaders._lm_kwargs`, Moshi-7B's architecture (for memory tables built on the meta device).
+- `loaders._lm_kwargs`, Moshi-7B's architecture (for memory tables built on the meta device);
+- a Mimi quantizer stage's `_codebook` buffers (`set_codebook`, the seeded random Mimi).
 """
 from __future__ import annotations
 
@@ -225,6 +226,26 @@ def moshi_7b_lm(device: torch.device | str = "meta", dtype: torch.dtype = torch.
     # moshi 0.2.13: `loaders._lm_kwargs` are the kwargs of the released Moshi-7B checkpoints (their
     # config.json repeats them); no public name holds them without downloading a checkpoint.
     return LMModel(device=device, dtype=dtype, **loaders._lm_kwargs)
+
+
+# ---------------------------------------------------------------- Mimi's codebooks
+
+
+def set_codebook(layer: nn.Module, centroids: Tensor) -> None:
+    """Make `centroids` [bins, D] the codebook of one Mimi quantizer stage (a `VectorQuantization`)."""
+    # moshi 0.2.13: `VectorQuantization._codebook` (`EuclideanCodebook`) stores its centroids as the
+    # buffers `embedding_sum` / `cluster_usage` (centroid = sum / usage) with the flag `_initialized`,
+    # and caches `embedding` in `_embedding` (and the flag in `_cached_initialized`) on first use.
+    # Only its training forward (k-means, then EMA) sets them; no public setter exists.
+    codebook = layer._codebook
+    if tuple(centroids.shape) != tuple(codebook.embedding_sum.shape):
+        raise ValueError(f"set_codebook: expected centroids {tuple(codebook.embedding_sum.shape)}, "
+                         f"got {tuple(centroids.shape)}")
+    codebook.embedding_sum.copy_(centroids)
+    codebook.cluster_usage.fill_(1.0)
+    codebook._initialized.fill_(1.0)
+    codebook._embedding = None
+    codebook._cached_initialized = False
 
 
 # ---------------------------------------------------------------- live state ↔ tensors
