@@ -4,8 +4,10 @@ LibriLight layout (facebookresearch/libri-light): `<root>/<split>/<speaker>/<boo
 with one `<file>.json` per audio file: {"speaker", "book_meta": {..., "genre": [...],
 "Dramatic Readings": bool, "meta_genre": str}, "snr": float, "voice_activity": [[on, off], ...]}.
 A book's files are its chapters; sorted in natural order ("2_x" before "10_x") they are
-concatenated, as Mimi codes, into one long stream. Unreadable, corrupt and empty files are skipped
-with a warning and counted; nothing is dropped silently.
+concatenated, as Mimi codes, into one long stream. Unreadable, corrupt, empty, truncated and
+non-finite (NaN / inf samples) files are skipped with a warning and counted; a book that gives no
+stream (no readable file, or mono and stereo files mixed) is left out and counted (`BookLeftOut`):
+nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -70,10 +72,23 @@ class Stream:
     codes: Tensor
     file_starts: list[int]
     skipped_files: list[Skipped]
+    # distinct codes in each of Moshi's 8 audio codebooks (the codec's output, before the layout):
+    # 1 = a constant codebook, which carries nothing about the audio
+    distinct_codes: list[int]
 
     @property
     def frames(self) -> int:
         return self.codes.shape[1]
+
+
+class BookLeftOut(ValueError):
+    """A book that gives no stream: `reason` says why, `skipped_files` lists the files skipped on the way
+    (they are counted like those of the books that load)."""
+
+    def __init__(self, book: Book, reason: str, skipped_files: list[Skipped]):
+        super().__init__(f"{book.id}: {reason}")
+        self.reason = reason
+        self.skipped_files = skipped_files
 
 
 @dataclass
@@ -221,13 +236,15 @@ def find_books(config: DataConfig) -> Discovery:
 
 def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
                 progress: Callable[[str], None] | None = None,
-                tokenizer: Callable[[], object | None] = lambda: None) -> Stream | None:
+                tokenizer: Callable[[], object | None] = lambda: None) -> Stream:
     """Codes of a book's files, concatenated in order up to `max_frames`, laid out for `lm`.
 
     Files past `max_frames` are not encoded. Files that fail to decode are skipped (warning) and
-    listed in `Stream.skipped_files`; None when no file could be read. A file with a word-timed
-    transcript next to it gives its text stream (`tokenizer()` → the SentencePiece processor), as in
-    training; the stream's text is padding unless every file used has one.
+    listed in `Stream.skipped_files`. `BookLeftOut` when no file could be read, or when the files
+    mix mono and stereo (Moshi's user stream would switch between the right channel and silence).
+    A file with a word-timed transcript next to it gives its text stream (`tokenizer()` → the
+    SentencePiece processor), as in training; the stream's text is padding unless every file used
+    has one.
     """
     pieces, starts, skipped, silence, total = [], [], [], None, 0
     durations = book.durations or [None] * len(book.files)
@@ -241,8 +258,9 @@ def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
         except TokenizerMissing:
             raise  # the config lacks a tokenizer: not a bad file to skip
         except (ValueError, OSError) as e:
-            logger.warning("skipping %s: %s", path, e)
-            skipped.append(Skipped(str(path), str(e).removeprefix(f"{path}: ")))
+            reason = str(e).removeprefix(f"{path}: ")
+            logger.warning("skipping %s: %s", path, reason)
+            skipped.append(Skipped(str(path), reason))
             continue
         if recording.codec and recording.codec != cache.codec_id:
             _warn_codec_mismatch(recording.codec, cache.codec_id)
@@ -260,15 +278,16 @@ def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
         total += recording.num_frames
         silence = silence if silence is not None else recording.silence
     if not pieces:
-        return None
-    rows = {p.codes.shape[0] for p in pieces}
-    if len(rows) != 1:
-        raise ValueError(f"{book.id}: files mix mono and stereo codes")
+        raise BookLeftOut(book, "no readable audio file", skipped)
+    stereo = sum(p.codes.shape[0] == 16 for p in pieces)
+    if 0 < stereo < len(pieces):
+        raise BookLeftOut(book, f"files mix mono and stereo ({len(pieces) - stereo} mono, {stereo} stereo)", skipped)
     texts = [p.text for p in pieces]
     text = torch.cat(texts)[:max_frames] if all(t is not None for t in texts) else None
     joined = Recording(torch.cat([p.codes for p in pieces], dim=1)[:, :max_frames], text=text, silence=silence,
                        codec=pieces[0].codec, source=book.id)
-    return Stream(book, moshi_streams(lm, joined, where=book.id), starts, skipped)
+    distinct = [int(row.unique().numel()) for row in joined.codes[:8]]
+    return Stream(book, moshi_streams(lm, joined, where=book.id), starts, skipped, distinct)
 
 
 @functools.lru_cache(maxsize=None)

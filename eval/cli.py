@@ -25,8 +25,8 @@ MEMORY = (
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="evaluation config (YAML); see configs/eval_librilight.yaml")
-    # REMAINDER (not "*"): argparse cannot take positionals after options otherwise, and the
-    # documented form is `CONFIG [--options] [KEY=VALUE ...]`; options found there are parsed in _load.
+    # REMAINDER (not "*"): argparse cannot take positionals after options otherwise; options given
+    # among the overrides are parsed by `overrides_and_options`
     parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. data.max_frames=8000 eval.chunk_size=128 output_dir=runs/x")
     parser.add_argument("--baseline", action="store_true",
@@ -45,11 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(libri)
     libri.add_argument("--mode", choices=["chunked", "native", "both"],
                        help="override eval.mode: chunked (fast), native (LMGen.step), both (and compare them)")
-    libri.set_defaults(func=_librilight)
+    libri.set_defaults(func=_librilight, parser=libri)
     lengths = tools.add_parser(
         "length-gen", help="perplexity at 0.5x..10x the training window (20 lengths)", description=LENGTH_GEN)
     _common(lengths)
-    lengths.set_defaults(func=_length_gen)
+    lengths.set_defaults(func=_length_gen, parser=lengths)
     memory = tools.add_parser(
         "memory", description=MEMORY,
         help="does a model remember a segment after test-time training on it? NLL pre vs post")
@@ -57,34 +57,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     memory.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. segment_frames=128 data.max_books=4 output_dir=runs/x")
     memory.add_argument("--quiet", action="store_true", help="no progress bars")
-    memory.set_defaults(func=_memory)
-
-
-def _split_options(args: argparse.Namespace, flags: tuple[str, ...] = ("--baseline", "--quiet")) -> list[str]:
-    """Options given after the config (they land in the REMAINDER) → args; returns the overrides."""
-    overrides, tokens = [], list(args.overrides)
-    while tokens:
-        token = tokens.pop(0)
-        name, _, value = token.partition("=") if token.startswith("--") else (token, "", "")
-        if name in flags and not value:
-            setattr(args, name[2:], True)
-        elif name == "--mode" and hasattr(args, "mode"):
-            value = value or (tokens.pop(0) if tokens else "")
-            if value not in ("chunked", "native", "both"):
-                raise ValueError(f"--mode: expected chunked, native or both, got {value!r}")
-            args.mode = value
-        elif token.startswith("-") or "=" not in token:
-            options = "/".join(flags + (("--mode",) if hasattr(args, "mode") else ()))
-            raise ValueError(f"unrecognised argument {token!r} (expected KEY=VALUE overrides or {options})")
-        else:
-            overrides.append(token)
-    return overrides
+    memory.set_defaults(func=_memory, parser=memory)
 
 
 def _load(args: argparse.Namespace, extra: list[str]):
+    from ttt_speech.cli_options import overrides_and_options
+
     from .config import load_config
 
-    overrides = _split_options(args) + extra
+    overrides = overrides_and_options(args.parser, args) + extra
     if args.baseline:
         overrides.append("eval.baseline=true")
     return load_config(args.config, overrides)
@@ -93,8 +74,9 @@ def _load(args: argparse.Namespace, extra: list[str]):
 def _librilight(args: argparse.Namespace) -> int:
     from .run import run_librilight, summary_lines
 
-    overrides = _split_options(args)  # may set args.mode
-    args.overrides = overrides
+    from ttt_speech.cli_options import overrides_and_options
+
+    overrides_and_options(args.parser, args)  # an option after the overrides may set args.mode
     config = _load(args, [f"eval.mode={args.mode}"] if args.mode else [])
     report, paths = run_librilight(config, progress=not args.quiet)
     print("\n".join(summary_lines(report)))
@@ -116,7 +98,9 @@ def _length_gen(args: argparse.Namespace) -> int:
 def _memory(args: argparse.Namespace) -> int:
     from .memory_probe import load_config, run_memory, summary_lines
 
-    config = load_config(args.config, _split_options(args, flags=("--quiet",)))
+    from ttt_speech.cli_options import overrides_and_options
+
+    config = load_config(args.config, overrides_and_options(args.parser, args))
     report, paths = run_memory(config, progress=not args.quiet)
     print("\n".join(summary_lines(report)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -24,12 +24,13 @@ from .nll import chunked_nll
 def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], train_window: int, *,
                           chunk_size: int | None = None, num_lengths: int = 20, min_factor: float = 0.5,
                           max_factor: float = 10.0, max_frames: int | None = None, window: int | None = None,
-                          progress: bool = False) -> dict:
+                          progress: bool = False, model_name: str | None = None) -> dict:
     """Perplexity of `lm` at `num_lengths` lengths from min_factor to max_factor × `train_window`.
 
     streams: codes [K, T] in Moshi's layout (`ttt_speech.data.layout.moshi_streams`), a list or a
     {name: codes} mapping. max_frames caps the evaluated length (default: the longest length).
     window: frames of the "local" NLL before each length (default: half the shortest length).
+    model_name: named with the stream in error messages (a NaN names the model and the stream).
     Returns a JSON-ready dict: {"train_window", "chunk_size", "lengths", "streams": [{id, frames}],
     "groups": {group: {"label", "points": [{"length", "factor", "local", "cumulative"} or
     {"length", "factor", "skipped"}]}}, "speed"}.
@@ -44,7 +45,8 @@ def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], 
     handle = TTTModel.find(lm)
     chunk = resolve_chunk_size(chunk_size, handle.config if handle else None, "eval.chunk_size")
     window = window or max(1, lengths[0] // 2)
-    results = [chunked_nll(lm, codes[:, :cap], chunk, where=name, progress=progress) for name, codes in items]
+    prefix = f"{model_name}: " if model_name else ""
+    results = [chunked_nll(lm, codes[:, :cap], chunk, where=prefix + name, progress=progress) for name, codes in items]
     series = [metrics.group_series(r) for r in results]
     groups = {}
     for group in series[0]:

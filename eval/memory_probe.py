@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ttt_speech import schema
-from ttt_speech.files import write_text_atomic
+from ttt_speech.files import writable_dir, write_text_atomic
 from ttt_speech.config import TTTConfig, resolve_chunk_size
 from ttt_speech.export import export_ttt_config
 from ttt_speech.data import FRAME_RATE
@@ -227,6 +227,7 @@ def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) 
     from .run import build_models
 
     chunks = planned_chunk_sizes(config)
+    writable_dir(config.output_dir, "output_dir")  # before the models are built and scored, not at the end
     base = config.base_model()
     device = base.torch_device()
     streams: list[Stream] | None = None

@@ -187,6 +187,13 @@ def markdown(report: dict) -> str:
     out.append(f"- data: {counts['streams']} stream(s), {counts['frames']:,} frames "
                f"({counts['frames'] / FRAME_RATE / 60:.1f} min); skipped files: {counts['files_skipped']}; "
                f"books filtered or unreadable: {counts['books_left_out']}")
+    codes = data.get("codes")  # reports built by hand (tests) or by older versions have none
+    if codes is not None:
+        constant = codes["constant_streams"]
+        out.append(f"- Mimi codes: {codes['distinct_min']}-{codes['distinct_max']} distinct values per codebook "
+                   f"(min-max over streams and codebooks)" + (
+                       f"; {len(constant)} stream(s) with a constant codebook: the codec carries no information"
+                       if constant else ""))
     for name, a in report["alignment"].items():
         out.append(f"- {name}: chunk {a['chunk_size']} vs TTT mini-batch {a['mini_batch_size']}: "
                    f"{'aligned' if a['aligned'] else 'NOT aligned'}, TTT slot efficiency {a['efficiency']:.1%} "

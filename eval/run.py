@@ -17,12 +17,14 @@ from ttt_speech.config import TTTConfig, resolve_chunk_size
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.cache import CodesCache
 from ttt_speech.export import export_ttt_config
+from ttt_speech.files import writable_dir
 from ttt_speech.handle import TTTModel
 from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokenizer
+from ttt_speech.stats import RUNAWAY_FACTOR
 from ttt_speech.tracking import start_wandb
 
 from .alignment import chunk_alignment
-from .books import Skipped, Stream, find_books, load_stream
+from .books import BookLeftOut, Skipped, Stream, find_books, load_stream
 from .config import EvalConfig, EvalSettings
 from .length_gen import length_generalisation, write_length_gen
 from .nll import MODES, StreamNLL
@@ -70,15 +72,25 @@ class LoadedData:
     left_out_books: list[Skipped] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
 
+    @property
+    def constant_streams(self) -> list[str]:
+        """Ids of the streams with a constant audio codebook (a codec that carries no information)."""
+        return [s.book.id for s in self.streams if min(s.distinct_codes) <= 1]
+
     def to_dict(self) -> dict:
+        distinct = [n for s in self.streams for n in s.distinct_codes]
         return {
             "streams": [{"id": s.book.id, "frames": s.frames, "minutes": s.frames / FRAME_RATE / 60,
-                         "files_used": len(s.file_starts), "file_starts": s.file_starts, "book": s.book.to_dict()}
+                         "files_used": len(s.file_starts), "file_starts": s.file_starts,
+                         "distinct_codes": s.distinct_codes, "book": s.book.to_dict()}
                         for s in self.streams],
             "skipped_files": [s.to_dict() for s in self.skipped_files],
             "left_out_books": [s.to_dict() for s in self.left_out_books],
             "counts": {"streams": len(self.streams), "frames": sum(s.frames for s in self.streams),
                        "files_skipped": len(self.skipped_files), "books_left_out": len(self.left_out_books)},
+            # distinct codes per audio codebook, min and max over streams and codebooks
+            "codes": {"distinct_min": min(distinct), "distinct_max": max(distinct),
+                      "constant_streams": self.constant_streams},
             "cache": self.cache,
         }
 
@@ -156,14 +168,17 @@ def load_data(config: EvalConfig, lm, model_config: ModelConfig, progress: bool 
     data = LoadedData([], list(found.skipped_files), list(found.filtered_books))
     with tqdm(found.books, desc="loading streams", unit="book", disable=not progress, dynamic_ncols=True) as bar:
         for book in bar:
-            stream = load_stream(book, lm, cache, config.data.max_frames,
-                                 progress=lambda name: bar.set_postfix_str(name[-40:], refresh=False),
-                                 tokenizer=tokenizer)
-            if stream is not None:
-                data.skipped_files.extend(stream.skipped_files)
-            if stream is None:
-                data.left_out_books.append(Skipped(book.id, "no readable audio file"))
-            elif stream.frames < config.data.min_frames:
+            try:
+                stream = load_stream(book, lm, cache, config.data.max_frames,
+                                     progress=lambda name: bar.set_postfix_str(name[-40:], refresh=False),
+                                     tokenizer=tokenizer)
+            except BookLeftOut as e:
+                logger.warning("leaving out %s", e)
+                data.skipped_files.extend(e.skipped_files)
+                data.left_out_books.append(Skipped(book.id, e.reason))
+                continue
+            data.skipped_files.extend(stream.skipped_files)
+            if stream.frames < config.data.min_frames:
                 data.left_out_books.append(Skipped(book.id, f"{stream.frames} frames < min_frames {config.data.min_frames}"))
             else:
                 data.streams.append(stream)
@@ -171,6 +186,9 @@ def load_data(config: EvalConfig, lm, model_config: ModelConfig, progress: bool 
     if not data.streams:
         raise ValueError("data: no stream left to evaluate (" + "; ".join(
             f"{s.path}: {s.reason}" for s in (data.left_out_books + data.skipped_files)[:5]) + ")")
+    if data.constant_streams:
+        logger.warning("%d stream(s) have a constant audio codebook (e.g. %s): the codec carries no information, "
+                       "their audio NLL measures nothing", len(data.constant_streams), data.constant_streams[0])
     return data
 
 
@@ -187,7 +205,8 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
             # an untimed warm-up on a few frames: one-time costs (allocator, kernels, thread pools)
             # would otherwise be charged to the first stream's time and peak memory
             warm = {"chunk_size": chunk} if mode == "chunked" else {}
-            MODES[mode](model.lm, scored[0].codes[:, :2 * chunk if mode == "chunked" else 4], **warm)
+            MODES[mode](model.lm, scored[0].codes[:, :2 * chunk if mode == "chunked" else 4],
+                        where=f"{model.name}: {scored[0].book.id} (warm-up)", **warm)
             for stream in scored:
                 codes = stream.codes
                 if mode == "native" and config.eval.native_max_frames is not None:
@@ -196,7 +215,21 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
                 results.append(MODES[mode](model.lm, codes, where=f"{model.name}: {stream.book.id}",
                                            progress=progress, trace_every=chunk, **kwargs))
             out[f"{model.name}/{mode}"] = results
+            _warn_runaway(model, mode, scored, results)
     return out
+
+
+def _warn_runaway(model: EvalModel, mode: str, streams: list[Stream], results: list[StreamNLL]) -> None:
+    """One warning per model and mode when fast weights ran away on a stream (`FastWeightTrace.runaway`)."""
+    for stream, result in zip(streams, results):
+        grown = result.weights.runaway() if result.weights is not None else {}
+        if grown:
+            base_lr = model.ttt_config.base_lr if model.ttt_config is not None else float("nan")
+            logger.warning("%s/%s: fast weights of TTT layer(s) %s moved up to %.3g x their initial norm from it "
+                           "on %s (more than %gx: the inner loop is diverging; ttt.base_lr = %g may be too high)",
+                           model.name, mode, ", ".join(map(str, sorted(grown))), max(grown.values()),
+                           stream.book.id, RUNAWAY_FACTOR, base_lr)
+            return
 
 
 def alignment_report(models: list[EvalModel], streams: list[Stream], config: EvalConfig) -> dict:
@@ -217,6 +250,7 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
                    plots: bool = True) -> tuple[dict, dict[str, Path]]:
     """The whole evaluation; returns (report, {kind: path written})."""
     check_settings(config)
+    writable_dir(config.output_dir, "output_dir")  # before hours of scoring, not when writing the report
     model_config = config.base_model()
     device = model_config.torch_device()
     models = models or build_models(config, device)
@@ -289,6 +323,7 @@ def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
     if settings.train_window is None:
         raise ValueError("eval.train_window: length generalisation needs the training window (frames)")
     check_settings(replace(config, eval=replace(settings, mode="chunked")))  # length-gen runs chunked only
+    writable_dir(config.output_dir, "output_dir")  # before the scoring, not when writing the results
     model_config = config.base_model()
     models = models or build_models(config, model_config.torch_device())
     data = load_data(config, models[0].lm, model_config, progress)
@@ -299,7 +334,7 @@ def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
             model.lm, {s.book.id: s.codes for s in data.streams}, settings.train_window,
             chunk_size=settings.chunk_size, num_lengths=lg.num_lengths, min_factor=lg.min_factor,
             max_factor=lg.max_factor, max_frames=config.data.max_frames, window=settings.position_window,
-            progress=progress)
+            progress=progress, model_name=model.name)
         results[model.name]["skipped_files"] = [s.to_dict() for s in data.skipped_files]
         results[model.name]["left_out_books"] = [s.to_dict() for s in data.left_out_books]
     tracker = start_wandb(config.wandb, schema.to_dict(config), Path(config.output_dir), "eval-length-gen")

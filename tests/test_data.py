@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile
 import sphn
 import torch
 
@@ -52,6 +53,9 @@ def audio_tree(tmp_path_factory):
     sphn.write_wav(str(root / "mono.wav"), (0.1 * g.standard_normal(16000)).astype(np.float32), 16000)
     sphn.write_wav(str(root / "stereo.wav"), (0.1 * g.standard_normal((2, 24000))).astype(np.float32), 24000)
     (root / "corrupt.wav").write_bytes(b"RIFF not really")
+    nan = (0.1 * g.standard_normal(16000)).astype(np.float32)
+    nan[8000] = np.nan  # a float WAV at 16 kHz: resampled, where sphn's resampler used to panic
+    soundfile.write(str(root / "nan.wav"), nan, 16000, subtype="FLOAT")
     (root / "train.jsonl").write_text('{"path": "mono.wav", "duration": 1.0}\n{"path": "stereo.wav", "duration": 1.0}\n')
     return root
 
@@ -69,6 +73,9 @@ def test_audio_manifest_to_codes_to_batches(tmp_path, audio_tree):
     assert loader.cache.misses == 2
     loader(0)
     assert loader.cache.hits == 1
+    for entry, rows in zip(entries, (8, 16)):  # the codes carry the audio: no codebook is constant
+        codes = load_codes(loader.cache.path_for(entry.path)).codes
+        assert codes.shape[0] == rows and all(len(row.unique()) > 1 for row in codes), entry.path
     mono_codes = moshi_streams(lm, load_codes(loader.cache.path_for(entries[0].path)))
     stereo_codes = moshi_streams(lm, load_codes(loader.cache.path_for(entries[1].path)))
     assert (mono_codes[0] == lm.text_padding_token_id).all()  # no transcript: padding text
@@ -93,12 +100,47 @@ def test_layout_of_stereo_and_mono_recordings():
 
 
 def test_corrupt_audio_is_a_clear_error(tmp_path, audio_tree):
-    (tmp_path / "m.jsonl").write_text(f'{{"path": "{audio_tree / "corrupt.wav"}"}}\n')
+    (tmp_path / "m.jsonl").write_text(f'{{"path": "{audio_tree / "corrupt.wav"}"}}\n'
+                                      f'{{"path": "{audio_tree / "nan.wav"}"}}\n')
     config = load_train_config(write_config(tmp_path, {"train": tmp_path / "m.jsonl"},
                                             **{"data.codes_cache": str(tmp_path / "cache")}))
     loader = RecordingLoader(read_manifest(config.data.train_manifest), tiny_moshi_lm(card=2048, text_card=100), config)
     with pytest.raises(ValueError, match="corrupt.wav: cannot decode audio"):
         loader(0)
+    with pytest.raises(ValueError, match=r"nan.wav: audio contains 1 NaN or inf sample\(s\) \(first at 0.500 s\)"):
+        loader(1)
+
+
+def test_data_encode_stops_at_a_bad_file_unless_skip_bad(tmp_path, audio_tree, capfd):
+    from ttt_speech.cli import main
+
+    (tmp_path / "m.jsonl").write_text(f'{{"path": "{audio_tree / "mono.wav"}"}}\n'
+                                      f'{{"path": "{audio_tree / "nan.wav"}"}}\n')
+    out, cache = tmp_path / "out/codes.jsonl", tmp_path / "cache"
+    args = ["data", "encode", str(tmp_path / "m.jsonl"), str(out), "--cache", str(cache), "--device", "cpu"]
+    assert main(args) == 2
+    err = capfd.readouterr().err
+    assert "panicked" not in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"ttt-speech data: error: {audio_tree / 'nan.wav'}: audio contains 1 NaN "
+                                            "or inf sample(s) (first at 0.500 s) (--skip-bad leaves such files out)")
+    assert not out.exists()  # nothing half-written
+
+    assert main(args + ["--skip-bad"]) == 0
+    printed = capfd.readouterr()
+    assert "panicked" not in printed.err and "Traceback" not in printed.err
+    assert f"skipped 1 file(s) that cannot be decoded:\n  {audio_tree / 'nan.wav'}: audio contains 1 NaN" in printed.out
+    (entry,) = read_manifest(out)
+    assert entry.is_codes and entry.path.is_relative_to(cache.resolve())
+
+    in_the_way = tmp_path / "a_file"  # outputs that cannot be written: one line, before any encoding
+    in_the_way.write_text("")
+    for out_manifest, cache_dir, message in [
+            (out, in_the_way, f"--cache: {in_the_way} is a file, expected a folder"),
+            (in_the_way / "codes.jsonl", cache, f"out_manifest (its folder): {in_the_way} is a file"),
+            (tmp_path, cache, f"out_manifest: {tmp_path} is a folder, expected a file name")]:
+        assert main([*args[:3], str(out_manifest), "--cache", str(cache_dir)]) == 2
+        err = capfd.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
 
 
 def test_codes_out_of_range_for_the_model(tmp_path):
@@ -203,3 +245,9 @@ def test_data_synth_command_reads_a_config_section_then_flags(tmp_path, capsys):
     assert "synth.recordings: expected an integer, got 2.5" in capsys.readouterr().err
     assert main(["data", "synth", str(tmp_path / "bad"), "--config", "configs/demo.yaml", "--section", "nope"]) == 2
     assert "no 'nope' section" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    (tmp_path / "a_file").write_text("")
+    for bad, message in [(tmp_path / "a_file", f"out: {tmp_path / 'a_file'} is a file, expected a folder"),
+                         (tmp_path / "a_file" / "x", f"out: cannot write into {tmp_path / 'a_file' / 'x'}")]:
+        assert main(["data", "synth", str(bad), "--recordings", "2", "--eval-recordings", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

@@ -9,7 +9,7 @@ import torch
 from ttt_speech import tiny_moshi_lm
 from ttt_speech.data.codes import Recording, save_codes
 from ttt_speech.data.manifest import ManifestEntry, write_manifest
-from ttt_speech_apps.eval.books import Book, discover_books, find_books, load_stream, natural_key
+from ttt_speech_apps.eval.books import Book, BookLeftOut, discover_books, find_books, load_stream, natural_key
 from ttt_speech_apps.eval.config import DataConfig
 
 RATE = 16000
@@ -94,12 +94,13 @@ def test_max_books_and_errors(tree, tmp_path):
 
 class FakeCache:
     """Stands in for CodesCache: 'encodes' a file into 12.5 frames per second of its header duration,
-    except files listed in `short` (decode to less than declared) and `broken` (fail)."""
+    except files listed in `short` (decode to less than declared) and `broken` (fail); files in
+    `stereo` give stereo codes (16 rows)."""
 
     codec_id = "fake"
 
-    def __init__(self, short=(), broken=()):
-        self.short, self.broken = set(short), set(broken)
+    def __init__(self, short=(), broken=(), stereo=()):
+        self.short, self.broken, self.stereo = set(short), set(broken), set(stereo)
 
     def get(self, path):
         if path.name in self.broken:
@@ -108,7 +109,7 @@ class FakeCache:
         if path.name in self.short:
             frames //= 3
         first = int(natural_key(path.name)[1]) if natural_key(path.name)[0] == "" else 0
-        codes = torch.full((8, frames), first)
+        codes = torch.full((16 if path.name in self.stereo else 8, frames), first)
         return Recording(codes, silence=torch.arange(8), codec="fake", source=str(path))
 
 
@@ -120,12 +121,27 @@ def test_load_stream_concatenates_in_order_and_skips_bad_files(tree):
     assert stream.codes[1].tolist() == [1] * 25 + [2] * 25 + [10] * 25  # Moshi's stream, chapter order
     assert stream.codes[9:].eq(torch.arange(8)[:, None]).all()  # user stream: silence
     assert stream.codes[0].eq(lm.text_padding_token_id).all()
+    assert stream.distinct_codes == [3] * 8  # codes 1, 2 and 10 in each of Moshi's 8 codebooks
     capped = load_stream(book, lm, FakeCache(), max_frames=30)
     assert capped.frames == 30 and capped.file_starts == [0, 25]  # chapter 10 is never encoded
     partial = load_stream(book, lm, FakeCache(short={"2_a.flac"}, broken={"10_a.flac"}), max_frames=1000)
     assert partial.frames == 25
     assert [s.reason.split(":")[0] for s in partial.skipped_files] == ["truncated", "cannot decode audio (boom)"]
-    assert load_stream(book, lm, FakeCache(broken={"1_a.flac", "2_a.flac", "10_a.flac"}), 1000) is None
+    with pytest.raises(BookLeftOut, match="small/100/book_a: no readable audio file") as e:
+        load_stream(book, lm, FakeCache(broken={"1_a.flac", "2_a.flac", "10_a.flac"}), 1000)
+    assert e.value.reason == "no readable audio file" and len(e.value.skipped_files) == 3  # still counted
+
+
+def test_a_book_mixing_mono_and_stereo_files_is_left_out_with_its_counts(tree):
+    lm = tiny_moshi_lm(card=64, text_card=100)
+    book = discover_books(DataConfig(root=tree, splits=["small"])).books[0]
+    with pytest.raises(BookLeftOut) as e:
+        load_stream(book, lm, FakeCache(stereo={"10_a.flac"}, broken={"2_a.flac"}), max_frames=1000)
+    assert e.value.reason == "files mix mono and stereo (1 mono, 1 stereo)"
+    assert [s.reason for s in e.value.skipped_files] == ["cannot decode audio (boom)"]
+    stereo = load_stream(book, lm, FakeCache(stereo={"1_a.flac", "2_a.flac", "10_a.flac"}), max_frames=1000)
+    assert stereo.codes[9:].eq(stereo.codes[1:9]).all()  # every file stereo: the user stream is the right channel
+    assert load_stream(book, lm, FakeCache(stereo={"10_a.flac"}), max_frames=30).frames == 30  # 10_a never read
 
 
 

@@ -229,8 +229,22 @@ def test_command_errors_are_one_line_and_exit_2(corpus, tmp_path, capsys):
     assert "chunk_size: expected a positive number of frames, got 0" in err
     err = _error(capsys, ["eval", "memory", config, "segment_frames=500", "--quiet"])
     assert "segment_frames: 500 frames is longer than every stream (longest: 48 frames)" in err
-    assert "unrecognised argument '--baseline'" in _error(capsys, ["eval", "memory", config, "--baseline"])
-    assert not (tmp_path / "out").exists()
+    assert "unrecognized arguments: --baseline" in _error(capsys, ["eval", "memory", config, "--baseline"])
+    # output_dir is made (and proven writable) before the models load; a failed run leaves it empty
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_any_model_loads(corpus, tmp_path, capsys, monkeypatch):
+    from ttt_speech_apps.eval import run
+
+    monkeypatch.setattr(run, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    config = str(write_config(tmp_path / "memory.yaml", corpus))
+    err = _error(capsys, ["eval", "memory", config, "--quiet", f"output_dir={in_the_way}"])
+    assert f"output_dir: {in_the_way} is a file, expected a folder" in err
+    err = _error(capsys, ["eval", "memory", config, "--quiet", f"output_dir={in_the_way / 'sub'}"])
+    assert f"output_dir: cannot write into {in_the_way / 'sub'}" in err
 
 
 def test_config_validation():

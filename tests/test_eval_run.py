@@ -2,22 +2,27 @@
 
 The fixture comes from Debian's pocketsphinx-testdata (skipped cleanly when it is not installed):
 one real book (5 utterances, 24.7 s) with a corrupt, an empty and a truncated file, plus one
-short synthetic book. Audio is encoded once per module by the random-init Mimi (tiny model).
+short synthetic book. Audio is encoded once per module by the seeded random Mimi (tiny model),
+whose codes carry the audio: the tests check that they are not constant.
 """
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 import torch
 import yaml
 
 from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
 from ttt_speech.cli import main
+from ttt_speech.data.codes import load_codes
 from ttt_speech.schema import from_dict
 from ttt_speech_apps.eval import fixture
 from ttt_speech_apps.eval.config import EvalConfig, load_config
 from ttt_speech_apps.eval.length_gen import length_generalisation, write_length_gen
 from ttt_speech_apps.eval.run import build_models
+from ttt_speech_apps.eval.books import Book, Stream
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -76,6 +81,18 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
     assert report["data"]["counts"]["files_skipped"] == 3 and report["data"]["counts"]["streams"] == 2
     assert "truncated" in skipped["zz_truncated.flac"]
 
+    # the audio carries information: every encoded file's codes vary in each codebook, and the
+    # report counts the distinct codes of every stream
+    code_files = sorted(tree[2].rglob("*.safetensors"))
+    assert len(code_files) >= 9  # 5 real utterances, the truncated one, 3 synthetic chapters
+    for path in code_files:
+        codes = load_codes(path).codes
+        assert codes.shape[0] == 8 and all(len(row.unique()) > 1 for row in codes), path
+    distinct = [s["distinct_codes"] for s in report["data"]["streams"]]
+    assert len(distinct) == 2 and all(len(d) == 8 and min(d) > 1 for d in distinct)
+    assert report["data"]["codes"] == {"distinct_min": min(map(min, distinct)),
+                                       "distinct_max": max(map(max, distinct)), "constant_streams": []}
+
     # the evaluator's self-check: both modes agree for the TTT model and the baseline
     for model in ("ttt", "baseline"):
         c = report["comparisons"]["modes"][model]
@@ -107,9 +124,76 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
 
     md = (out / "report.md").read_text()
     for section in ("## NLL (perplexity) at positions", "## Length generalisation", "## Chunked vs native",
-                    "## TTT − baseline", "## Speed and memory", "zz_corrupt.flac", "![nll_curves](nll_curves.png)"):
+                    "## TTT − baseline", "## Speed and memory", "zz_corrupt.flac", "![nll_curves](nll_curves.png)",
+                    f"- Mimi codes: {report['data']['codes']['distinct_min']}-{report['data']['codes']['distinct_max']} "
+                    "distinct values per codebook"):
         assert section in md
     assert "chunked vs native max |dNLL|" in capsys.readouterr().out
+
+
+def test_bad_audio_is_skipped_and_a_mixed_book_left_out(tree, tmp_path, capfd):
+    """A float WAV with a NaN sample (16 kHz: it needs resampling, where sphn used to panic) is a
+    skipped file; a book mixing mono and stereo files is left out; the rest is evaluated."""
+    (name, speech, _), *_ = fixture.read_utterances()
+    second = speech[:fixture.RATE]
+    root = tmp_path / "librilight"
+    mixed, real = root / "small/1/mixed", root / "small/2/real"
+    mixed.mkdir(parents=True)
+    real.mkdir(parents=True)
+    soundfile.write(str(mixed / "1_m.flac"), second, fixture.RATE)
+    soundfile.write(str(mixed / "2_m.flac"), second[::-1].copy(), fixture.RATE)
+    soundfile.write(str(mixed / "3_s.flac"), np.stack([second, second[::-1]], axis=1), fixture.RATE)
+    soundfile.write(str(real / "1_r.flac"), speech, fixture.RATE)
+    broken = speech.copy()
+    broken[len(broken) // 2] = np.nan
+    soundfile.write(str(real / "2_nan.wav"), broken, fixture.RATE, subtype="FLOAT")
+    config = write_config(tmp_path / "eval.yaml", (root, None, tmp_path / "codes"), eval={"positions": [60]})
+    assert main(["eval", "librilight", str(config), "--quiet"]) == 0
+    err = capfd.readouterr().err
+    assert "panicked" not in err and "Traceback" not in err
+    data = json.loads((tmp_path / "out/report.json").read_text())["data"]
+    assert [s["id"] for s in data["streams"]] == ["small/2/real"]
+    (nan,) = data["skipped_files"]
+    assert nan["path"].endswith("2_nan.wav") and "NaN or inf" in nan["reason"]
+    assert data["left_out_books"] == [{"path": "small/1/mixed", "reason": "files mix mono and stereo (2 mono, 1 stereo)"}]
+
+    # nothing left but the mixed book: the one-line "no stream left" error
+    assert main(["eval", "librilight", str(config), "--quiet", "data.max_books=1"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "data: no stream left to evaluate (" in err and "small/1/mixed: files mix mono and stereo" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_any_model_loads(tree, tmp_path, capfd, monkeypatch):
+    from ttt_speech_apps.eval import run
+
+    monkeypatch.setattr(run, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(run, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
+    config = write_config(tmp_path / "eval.yaml", tree)
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    for command in ("librilight", "length-gen"):
+        for output_dir, message in [(in_the_way, f"output_dir: {in_the_way} is a file, expected a folder"),
+                                    (in_the_way / "sub", f"output_dir: cannot write into {in_the_way / 'sub'}")]:
+            assert main(["eval", command, str(config), "--quiet", f"output_dir={output_dir}"]) == 2
+            err = capfd.readouterr().err.strip()
+            assert message in err and "\n" not in err, err
+
+
+def test_every_scoring_call_names_the_model_and_the_book(monkeypatch):
+    """The warm-up too: a NaN there must not be reported as coming from 'stream'."""
+    from ttt_speech_apps.eval import nll
+    from ttt_speech_apps.eval.run import EvalModel, evaluate
+
+    calls = []
+    for mode in ("chunked", "native"):
+        monkeypatch.setitem(nll.MODES, mode, lambda lm, codes, *, where, **kwargs: calls.append(where))
+    codes = random_streams(1)["s0"]
+    streams = [Stream(Book(f"book-{i}", [], None), codes, [0], [], [2] * 8) for i in range(2)]
+    config = from_dict(EvalConfig, {"eval": {"mode": "both", "chunk_size": 8}}, "config")
+    evaluate([EvalModel("baseline", tiny_moshi_lm(card=64, text_card=100), "tiny")], streams, config, progress=False)
+    assert len(calls) == 6 and calls[0] == "baseline: book-0 (warm-up)"
+    assert all(c.startswith("baseline: book-") for c in calls)
 
 
 def test_length_gen_command(tree, tmp_path, capsys):

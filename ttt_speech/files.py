@@ -6,14 +6,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the command tree is built without it
+    from torch import Tensor
 
 
 def save_tensors_atomic(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors file written to a temporary name and renamed: never half-written."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -28,6 +30,9 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, Tensor], metadata: 
 
 def read_tensors(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; an unreadable one is a ValueError naming it as `what`."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -64,3 +69,40 @@ def read_json(path: str | Path, what: str, missing_ok: bool = False) -> dict | N
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object ({what})")
     return data
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """`path` if it is an existing file; otherwise a one-line ValueError saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected {what}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not found, expected {what}")
+    return path
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create folder `path` (and its parents) and prove it writable with a probe file, so that a long
+    job fails before its work rather than when it writes its results. One-line ValueError naming
+    `what` (e.g. "output_dir") when the path is a file, or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: {path} is a file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write into {path} ({e.strerror or e})") from None
+    return path
+
+
+def writable_file(path: str | Path, what: str) -> Path:
+    """Check that file `path` can be written (its folder is created and probed, `writable_dir`); a
+    folder at `path` is a one-line ValueError naming `what`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: {path} is a folder, expected a file name")
+    writable_dir(path.parent, f"{what} (its folder)")
+    return path

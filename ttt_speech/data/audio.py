@@ -8,20 +8,21 @@ import torch
 from torch import Tensor
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
-SILENCE_SECONDS = 2.0
+SILENCE_SECONDS = 4.0
 
 
 def read_audio(path: str | Path, sample_rate: int) -> Tensor:
-    """pcm [C, S] float32 at `sample_rate` (C = 1 or 2). Unreadable or empty → ValueError."""
+    """pcm [C, S] float32 at `sample_rate` (C = 1 or 2). Anything that cannot be decoded cleanly
+    (unreadable, empty, more than 2 channels, NaN / inf samples) → ValueError naming the file.
+
+    Decoded at the file's own rate, checked, then resampled: sphn's resampler panics on non-finite
+    samples (a Rust panic: a `BaseException` and a backtrace on stderr), so it never sees them."""
     import sphn
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: audio file not found")
-    try:
-        pcm, _ = sphn.read(str(path), sample_rate=sample_rate)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot decode audio ({str(e).strip()})") from None
+        raise ValueError(f"{path}: is a directory, expected an audio file" if path.is_dir() else f"{path}: audio file not found")
+    pcm, rate = _guarded(path, "cannot decode audio", lambda: sphn.read(str(path)))
     pcm = np.asarray(pcm, dtype=np.float32)
     if pcm.ndim == 1:
         pcm = pcm[None]
@@ -29,9 +30,25 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
         raise ValueError(f"{path}: empty audio")
     if pcm.shape[0] > 2:
         raise ValueError(f"{path}: {pcm.shape[0]} channels; expected mono or stereo")
-    if not np.isfinite(pcm).all():
-        raise ValueError(f"{path}: audio contains NaN or inf samples")
-    return torch.from_numpy(pcm)
+    bad = ~np.isfinite(pcm)
+    if bad.any():
+        first = int(np.argmax(bad.any(axis=0)))
+        raise ValueError(f"{path}: audio contains {int(bad.sum())} NaN or inf sample(s) (first at "
+                         f"{first / rate:.3f} s)")
+    if rate != sample_rate:
+        pcm = _guarded(path, f"cannot resample audio from {rate} Hz",
+                       lambda: sphn.resample(pcm, src_sample_rate=rate, dst_sample_rate=sample_rate))
+    return torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32))
+
+
+def _guarded(path: Path, what: str, call):
+    """`call()`, any failure of the decoder (a Rust panic included) → ValueError naming `path`."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # sphn raises pyo3's PanicException (a BaseException) on a Rust panic
+        raise ValueError(f"{path}: {what} ({str(e).strip() or type(e).__name__})") from None
 
 
 @torch.no_grad()
@@ -56,7 +73,8 @@ def encode_pcm(mimi, pcm: Tensor, chunk_frames: int = 250) -> Tensor:
 
 @torch.no_grad()
 def silence_codes(mimi) -> Tensor:
-    """The codec's code of silence, per codebook [8]: the most frequent code over 2 s of zeros."""
+    """The codec's code of silence, per codebook [8]: the most frequent code over the second half
+    of 4 s of zeros (the first frames are the encoder's warm-up, not its steady state)."""
     pcm = torch.zeros(1, int(SILENCE_SECONDS * mimi.sample_rate))
     codes = encode_pcm(mimi, pcm)
-    return codes.mode(dim=-1).values
+    return codes[:, codes.shape[-1] // 2:].mode(dim=-1).values

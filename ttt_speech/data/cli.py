@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..files import writable_dir
 from ..schema import reference
 from . import CODES_CACHE
 from .synth_config import SynthConfig
@@ -16,7 +17,9 @@ SYNTH = (
 )
 ENCODE = (
     "Encode every audio file of a JSONL manifest into the content-addressed codes cache "
-    "and write a manifest of the resulting code files."
+    "and write a manifest of the resulting code files. A file that cannot be decoded cleanly "
+    "(corrupt, empty, NaN/inf samples) stops the command with an error naming it, before any "
+    "manifest is written, unless --skip-bad."
 )
 
 
@@ -43,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     encode.add_argument("--model", default="tiny", help="'tiny' (random Mimi) or the HF repo of the codec (default tiny)")
     encode.add_argument("--mimi-weights", type=Path, help="local Mimi weights instead of the hub file")
     encode.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    encode.add_argument("--skip-bad", action="store_true",
+                        help="leave files that cannot be decoded out of the manifest (warned, then listed at the "
+                             "end) instead of stopping with an error")
     encode.set_defaults(func=_encode)
 
 
@@ -63,6 +69,7 @@ def _synth(args: argparse.Namespace) -> int:
     data.update({name: yaml.safe_load(getattr(args, name)) for name, _, _ in reference(SynthConfig)
                  if getattr(args, name) is not None})
     config = from_dict(SynthConfig, data, "synth")
+    writable_dir(args.out, "out")  # a file or a read-only folder there: one line, before any recording is made
     files = write_corpus(config, args.out, progress=True)
     print("wrote " + ", ".join(f"{k}: {v}" for k, v in files.items()))
     return 0
@@ -73,6 +80,9 @@ def _encode(args: argparse.Namespace) -> int:
     from ..models import ModelConfig
 
     model = ModelConfig(name=args.model, mimi_weights=args.mimi_weights, device=args.device)
-    out, skipped = encode_manifest(args.manifest, args.out_manifest, args.cache, model)
-    print(f"wrote {out}" + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""))
+    out, skipped = encode_manifest(args.manifest, args.out_manifest, args.cache, model, skip_bad=args.skip_bad)
+    print(f"wrote {out}")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that cannot be decoded:")
+        print("\n".join(f"  {path}: {reason}" for path, reason in skipped.items()))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..files import writable_dir, writable_file
 from .cache import CodesCache
 from . import FRAME_RATE
 from .manifest import ManifestEntry, read_manifest, write_manifest
@@ -11,16 +12,24 @@ from .manifest import ManifestEntry, read_manifest, write_manifest
 logger = logging.getLogger(__name__)
 
 
-def encode_manifest(manifest: Path, out_manifest: Path, cache_dir: Path, model) -> tuple[Path, list[Path]]:
-    """Audio manifest → code files in the cache + a manifest of them. Unreadable files are skipped
-    with a warning and returned; code files in the input are passed through."""
+def encode_manifest(manifest: Path, out_manifest: Path, cache_dir: Path, model,
+                    skip_bad: bool = False) -> tuple[Path, dict[Path, str]]:
+    """Audio manifest → code files in the cache + a manifest of them; returns (out_manifest,
+    {skipped file: reason}). Code files in the input are passed through.
+
+    Audio that cannot be decoded cleanly (corrupt, empty, NaN / inf samples) is a one-line
+    ValueError naming the file, and no manifest is written; with `skip_bad` such files are left
+    out of the manifest with a warning instead, and returned with the reason."""
     from tqdm import tqdm
 
     from ..models import load_mimi
 
     entries = read_manifest(manifest, "manifest")
+    # the outputs are checked before the codec is loaded and hours of audio encoded
+    writable_file(out_manifest, "out_manifest")
+    writable_dir(cache_dir, "--cache")
     cache = CodesCache(cache_dir, model.codec_id(), lambda: load_mimi(model))
-    out, skipped = [], []
+    out, skipped = [], {}
     for entry in tqdm(entries, desc="encode", unit="file"):
         if entry.is_codes:
             out.append(entry)
@@ -28,8 +37,10 @@ def encode_manifest(manifest: Path, out_manifest: Path, cache_dir: Path, model) 
         try:
             recording = cache.get(entry.path)
         except ValueError as e:
+            if not skip_bad:
+                raise ValueError(f"{e} (--skip-bad leaves such files out)") from None
             logger.warning("skipped: %s", e)
-            skipped.append(entry.path)
+            skipped[entry.path] = str(e).removeprefix(f"{entry.path}: ")
             continue
         out.append(ManifestEntry(cache.path_for(entry.path).resolve(), recording.num_frames / FRAME_RATE))
     if not out:

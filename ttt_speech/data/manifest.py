@@ -33,7 +33,8 @@ def read_manifest(path: str | Path, field: str = "manifest") -> list[ManifestEnt
     """Entries of a JSONL manifest; any bad line is a one-line error naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{field}: manifest {path} not found")
+        raise ValueError(f"{field}: {path} is a directory, expected a JSONL manifest file" if path.is_dir()
+                         else f"{field}: manifest {path} not found")
     entries = []
     try:
         lines = path.read_text().splitlines()
@@ -59,7 +60,8 @@ def read_manifest(path: str | Path, field: str = "manifest") -> list[ManifestEnt
             raise ValueError(f"{where}: {file.name}: expected audio ({', '.join(AUDIO_SUFFIXES)}) or a code file "
                              f"({CODE_SUFFIX})")
         if not file.is_file():
-            raise ValueError(f"{where}: file {file} not found")
+            raise ValueError(f"{where}: {file} is a directory, expected a file" if file.is_dir()
+                             else f"{where}: file {file} not found")
         entries.append(ManifestEntry(file, None if duration is None else float(duration)))
     if not entries:
         raise ValueError(f"{field}: manifest {path} lists no files")
