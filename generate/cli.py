@@ -104,6 +104,26 @@ def _load_model(args: argparse.Namespace):
     return lm.eval(), config
 
 
+def _check_outputs(args: argparse.Namespace, prompts: list[Path], outputs: list[Path]) -> None:
+    """Every file of this run can be written and overwrites no input (creates --out): checked before
+    the model is loaded, so that a bad path fails at once rather than after the generation."""
+    from ttt_speech.files import writable_dir, writable_file
+
+    writable_dir(args.out, "--out")
+    inputs = {p.resolve() for p in prompts} | ({args.state_in.resolve()} if args.state_in is not None else set())
+    for path in outputs:
+        if path.is_dir():
+            raise ValueError(f"--out: {path} is a folder, expected to write a file there")
+        if path.resolve() in inputs:
+            raise ValueError(f"--out: writing {path} would overwrite an input; choose another folder")
+    if args.state_out is not None:
+        writable_file(args.state_out, "--state-out")
+        # the state file may replace --state-in (a rolling state), but neither a prompt nor an output
+        if args.state_out.resolve() in {p.resolve() for p in [*prompts, *outputs]}:
+            raise ValueError(f"--state-out: {args.state_out} would overwrite a prompt or an output of this run; "
+                             "choose another file name")
+
+
 def _output_names(prompts: list[Path]) -> list[str]:
     names, seen = [], {}
     for path in prompts:
@@ -156,15 +176,14 @@ def _write_wav(path: Path, pcm, sample_rate: int) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from ttt_speech.files import require_file
+    from ttt_speech.generation.prompts import PROMPT
+
     config = _config(args)
     prompts: list[Path] = list(args.prompts)
     if not prompts and args.state_in is None:
         raise ValueError("give at least one PROMPT, or --state-in to continue a saved stream")
-    for path in prompts:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: prompt file not found")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out: {args.out} exists and is not a folder")
+    prompts = [require_file(path, PROMPT) for path in prompts]
     if args.state_in is not None and args.seed is not None:
         print("note: --seed is ignored with --state-in (the saved stream continues its own RNG)", file=sys.stderr)
     _check_model(args)
@@ -175,6 +194,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ttt_speech.data.codes import Recording, save_codes
     from ttt_speech.generate import (
         AudioDecoder,
+        GenerationDiverged,
         GenerationSession,
         load_prompt,
         load_state,
@@ -187,6 +207,14 @@ def _generate(args: argparse.Namespace) -> int:
     saved = read_state(args.state_in) if args.state_in is not None else None
     if saved is not None and prompts and len(prompts) != saved[1]["batch_size"]:
         raise ValueError(f"--state-in: the saved stream has {saved[1]['batch_size']} row(s), got {len(prompts)} prompt(s)")
+    names = _output_names(prompts) if prompts else list(saved[1].get("names") or [])
+    batch = len(prompts) if prompts else saved[1]["batch_size"]
+    if len(names) != batch:
+        names = [f"stream{i}" for i in range(batch)]
+    run = int(saved[1].get("runs", 0)) if saved is not None else 0  # outputs of run r > 0: <name>.resume<r>.*
+    suffix = f".resume{run}" if run > 0 else ""
+    _check_outputs(args, prompts, [args.out / f"{name}{suffix}{ext}" for name in names
+                                   for ext in (".safetensors", *(() if args.no_audio else (".wav",)))])
 
     lm, model_config = _load_model(args)
     if lm.dep_q != 8:
@@ -207,18 +235,6 @@ def _generate(args: argparse.Namespace) -> int:
     if silence is None:
         silence = silence_codes(mimi)
     streams = [prompt_streams(lm, r, silence) for r in recordings] if prompts else None
-    names = _output_names(prompts) if prompts else list(saved[1].get("names") or [])
-    batch = len(prompts) if prompts else saved[1]["batch_size"]
-    if len(names) != batch:
-        names = [f"stream{i}" for i in range(batch)]
-    run = int(saved[1].get("runs", 0)) if saved is not None else 0  # outputs of run r > 0: <name>.resume<r>.*
-    suffix = f".resume{run}" if run > 0 else ""
-    inputs = {p.resolve() for p in [*prompts, *([args.state_in] if args.state_in else [])]}
-    for name in names:
-        for ext in (".safetensors", ".wav"):
-            if (args.out / f"{name}{suffix}{ext}").resolve() in inputs:
-                raise ValueError(f"--out: writing {args.out / (name + suffix + ext)} would overwrite an input; "
-                                 f"choose another folder")
 
     texts: list[list[int]] = [[] for _ in range(batch)]
     audio: list[list] = [[] for _ in range(batch)]
@@ -233,14 +249,21 @@ def _generate(args: argparse.Namespace) -> int:
             lengths = [0 if s is None else s.shape[1] for s in (streams or [None] * batch)]
             total = max(session.plan(lengths, config.num_frames))
             progress = _Progress(total, batch)
-            for done, frame in enumerate(session.run(streams), start=1):
-                keep = frame.emitted if args.include_prompt else frame.generated
-                for i in torch.nonzero(keep).flatten().tolist():
-                    texts[i].append(int(frame.text[i]))
-                    audio[i].append(frame.audio[i])
-                if decoder is not None:
-                    decoder.push(frame)
-                progress.update(done)
+            try:
+                for done, frame in enumerate(session.run(streams), start=1):
+                    keep = frame.emitted if args.include_prompt else frame.generated
+                    for i in torch.nonzero(keep).flatten().tolist():
+                        texts[i].append(int(frame.text[i]))
+                        audio[i].append(frame.audio[i])
+                    if decoder is not None:
+                        decoder.push(frame)
+                    progress.update(done)
+            except GenerationDiverged as e:
+                # exit 1, not 2: the input was valid, the model failed; nothing of this run is written
+                progress.finish()
+                rows = "; ".join(f"row {i} is {names[i]}" for i, _ in e.where)
+                print(f"ttt-speech generate: error: {e}; {rows}; no output written", file=sys.stderr)
+                return 1
             elapsed = progress.finish()
             pcm = decoder.pull(flush=True) if decoder is not None else None
             if args.state_out is not None:
@@ -249,7 +272,6 @@ def _generate(args: argparse.Namespace) -> int:
             if decoder is not None:
                 decoder.close()
 
-    args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for i, name in enumerate(names):
         codes = torch.stack(audio[i], dim=1) if audio[i] else torch.zeros(lm.dep_q, 0, dtype=torch.long)

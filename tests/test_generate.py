@@ -16,6 +16,7 @@ from ttt_speech.data.codes import Recording, load_codes, save_codes
 from ttt_speech.generate import (
     AudioDecoder,
     GenerationConfig,
+    GenerationDiverged,
     GenerationSession,
     continuation,
     load_state,
@@ -129,12 +130,64 @@ def test_cli_rejects_bad_values_with_one_line_naming_the_option(tmp_path, capsys
 
 
 def test_cli_input_errors(tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "missing.wav"), "--out", str(tmp_path)]) == 2
-    assert "prompt file not found" in capsys.readouterr().err
-    assert main(["generate", "--out", str(tmp_path)]) == 2
-    assert "give at least one PROMPT, or --state-in" in capsys.readouterr().err
-    assert main(["generate", "--state-in", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]) == 2
-    assert "no such generation state file" in capsys.readouterr().err
+    (tmp_path / "folder.wav").mkdir()
+    for argv, message in [
+        ([str(tmp_path / "missing.wav")], "missing.wav: not found, expected a prompt (audio file or code file)"),
+        ([str(tmp_path / "folder.wav")], "folder.wav: is a directory, expected a prompt (audio file or code file)"),
+        ([], "give at least one PROMPT, or --state-in"),
+        (["--state-in", str(tmp_path / "none.safetensors")], "none.safetensors: not found, expected a generation state"),
+        (["--state-in", str(tmp_path)], ": is a directory, expected a generation state file"),
+    ]:
+        assert main(["generate", *argv, "--out", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    # a code the model does not have is named by the prompt file, not by where its codes came from
+    wide = save_codes(tmp_path / "wide.safetensors", Recording(torch.full((8, 3), 4000), silence=torch.zeros(8),
+                                                               source="synthetic:0:0"))
+    assert main(["generate", str(wide), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-audio"]) == 2
+    err = capsys.readouterr().err
+    assert f"{wide}: audio code 4000 is out of range" in err and "synthetic" not in err, err
+
+
+@pytest.fixture
+def code_prompt(tmp_path):
+    """A code file prompt (3 frames, with silence codes) for the random Mimi's card."""
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "b.safetensors"
+    save_codes(path, Recording(torch.randint(0, 2048, (8, 3), generator=g),
+                               silence=torch.randint(0, 2048, (8,), generator=g)))
+    return path
+
+
+@pytest.mark.parametrize("outputs,message", [
+    (["--out", "{file}"], "--out: {file} is a file, expected a folder"),
+    (["--out", "{file}/sub"], "--out: cannot write into {file}/sub (Not a directory)"),
+    (["--state-out", "{tmp}/state"], "--state-out: {tmp}/state is a folder, expected a file name"),
+    (["--state-out", "{file}/x.safetensors"], "--state-out (its folder): {file} is a file, expected a folder"),
+    (["--state-out", "{tmp}/out/b.safetensors"], "--state-out: {tmp}/out/b.safetensors would overwrite a prompt "
+                                                 "or an output of this run"),
+    (["--state-out", "{prompt}"], "--state-out: {prompt} would overwrite a prompt"),
+    (["--out", "{tmp}"], "--out: writing {prompt} would overwrite an input"),
+    (["--out", "{tmp}/taken"], "--out: {tmp}/taken/b.wav is a folder, expected to write a file there"),
+])
+def test_cli_checks_every_output_before_loading_the_model(tmp_path, code_prompt, capsys, monkeypatch,
+                                                          outputs, message):
+    """A path the results cannot be written to fails in a second (exit 2, one line naming the option),
+    not after the whole generation: the model is never loaded."""
+    def no_model(args):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr("ttt_speech_apps.generate.cli._load_model", no_model)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "taken" / "b.wav").mkdir(parents=True)
+    fill = {"tmp": str(tmp_path), "file": str(tmp_path / "file"), "prompt": str(code_prompt)}
+    argv = [a.format(**fill) for a in outputs]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(["generate", str(code_prompt), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err and len(err.strip().splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -228,6 +281,43 @@ def test_state_mismatches_are_clear_errors(lm, tmp_path):
         list(session.run([torch.zeros(5, 3, dtype=torch.long)], 2))
 
 
+def test_non_finite_text_logits_stop_the_run_naming_the_step_and_row():
+    """NaN text logits in row 1 from the 5th step on: the run stops at step 5, naming row 1's text;
+    the same run on the intact model goes through (the check does not fire on good logits)."""
+    lm = small_lm(ttt=False)
+    prompts = [random_streams(3, 1), random_streams(3, 2)]
+    assert len(run(lm, prompts, 4)) == 3 + max(lm.delays) + 4
+    calls = []
+
+    def nan_from_step_5(module, inputs, output):
+        calls.append(1)
+        if len(calls) >= 5:
+            output = output.clone()
+            output[1] = float("nan")
+        return output
+
+    lm.text_linear.register_forward_hook(nan_from_step_5)
+    frames = []
+    with GenerationSession(lm, 2, SAMPLING, SILENCE) as session, pytest.raises(GenerationDiverged) as e:
+        for frame in session.run(prompts, 4):
+            frames.append(frame)
+    assert len(frames) == 4 and (e.value.step, e.value.where) == (5, [(1, "text")])
+    assert "at step 5 of this run" in str(e.value) and "row 1 (text)" in str(e.value)
+
+
+def test_non_finite_audio_logits_stop_the_run():
+    """NaN in the head of codebook 2 (greedy: argmax would take NaN as a token silently)."""
+    lm = small_lm(ttt=False)
+    greedy = GenerationConfig(temperature=0, text_temperature=0)
+    with torch.no_grad():
+        lm.linears[2].weight.fill_(float("nan"))
+    with GenerationSession(lm, 2, greedy, SILENCE) as session, pytest.raises(GenerationDiverged) as e:
+        list(session.run([random_streams(3, 1), None], 4))
+    # step 1 already samples codebooks 1-7 of row 0 (delay 1: no prompt token is due for them yet);
+    # row 1 (no prompt) waits for row 0's prompt to end: its logits, NaN too, are not sampled
+    assert (e.value.step, e.value.where) == (1, [(0, "audio codebook 2")])
+
+
 def test_stream_api_yields_frames(lm):
     frames = list(stream(lm, [Recording(random_streams(4, 1)[1:9], silence=SILENCE)],
                          GenerationConfig(max_duration=0.4, temperature=0, text_temperature=0)))
@@ -292,8 +382,10 @@ def test_cli_generates_audio_and_codes_and_resumes_exactly(tmp_path, export_dir,
     silence = torch.randint(0, 2048, (8,), generator=g)
     save_codes(tmp_path / "b.safetensors", Recording(torch.randint(0, 2048, (8, 3), generator=g), silence=silence))
     (tmp_path / "codes").mkdir()
-    save_codes(tmp_path / "codes" / "a.safetensors", Recording(encode_pcm(mimi, read_audio(tmp_path / "a.wav", 24000)),
-                                                               silence=silence))
+    encoded = encode_pcm(mimi, read_audio(tmp_path / "a.wav", 24000))
+    # the random Mimi's codes carry the audio (not one code for everything, as moshi's unfitted one)
+    assert all(len(set(row.tolist())) > 1 for row in encoded), encoded
+    save_codes(tmp_path / "codes" / "a.safetensors", Recording(encoded, silence=silence))
     prompts = [str(tmp_path / "a.wav"), str(tmp_path / "b.safetensors")]
     common = ["--export", str(export_dir), "--device", "cpu", "--seed", "3", "--top-p", "0.9"]
     state = tmp_path / "state.safetensors"
@@ -315,3 +407,27 @@ def test_cli_generates_audio_and_codes_and_resumes_exactly(tmp_path, export_dir,
         whole = load_codes(tmp_path / "whole" / f"{name}.safetensors")
         assert torch.equal(torch.cat([p.codes for p in parts], 1), whole.codes)
         assert torch.equal(torch.cat([p.text for p in parts]), whole.text)
+
+
+def test_cli_exits_1_and_writes_nothing_when_the_model_diverges(tmp_path, export_dir, code_prompt, capsys):
+    """An export whose TTT output projection is NaN: exit 1 (the input was valid), one line naming the
+    step, the row and its prompt; no code file, wav or state file of the run. The intact export passes."""
+    from ttt_speech.export import save_export
+
+    config = ModelConfig(name="tiny", device="cpu", tiny=AUDIO)
+    lm = load_lm(config)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    with torch.no_grad():
+        lm.transformer.layers[1].ttt_branch.ttt.layer.o_proj.weight.fill_(float("nan"))
+    broken = save_export(lm, config, tmp_path / "broken", trainable="ttt")
+    common = [str(code_prompt), "--device", "cpu", "--max-duration", "0.16"]
+    state = tmp_path / "state.safetensors"
+    assert main(["generate", *common, "--export", str(broken), "--out", str(tmp_path / "out"),
+                 "--state-out", str(state)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ttt-speech generate: error: the model diverged") and len(err.splitlines()) == 1, err
+    assert "at step 1 of this run" in err and "row 0 (text); row 0 is b" in err and "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == [] and not state.exists()
+    assert main(["generate", *common, "--export", str(export_dir), "--out", str(tmp_path / "ok"),
+                 "--state-out", str(state)]) == 0
+    assert {p.name for p in (tmp_path / "ok").iterdir()} == {"b.safetensors", "b.wav"} and state.is_file()

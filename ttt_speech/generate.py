@@ -32,11 +32,11 @@ from .generation.config import GenerationConfig, validate
 from .generation.decode import AudioDecoder
 from .generation.prompts import load_prompt, prompt_streams
 from .generation.sampling import check_sampling, sample_tokens
-from .generation.session import Frame, GenerationSession, SamplingLMGen
+from .generation.session import Frame, GenerationDiverged, GenerationSession, SamplingLMGen
 from .generation.state import read_state, write_state
 
-__all__ = ["FRAME_RATE", "GenerationConfig", "validate", "Frame", "GenerationSession", "SamplingLMGen",
-           "AudioDecoder", "sample_tokens", "check_sampling", "load_prompt", "prompt_streams",
+__all__ = ["FRAME_RATE", "GenerationConfig", "validate", "Frame", "GenerationSession", "GenerationDiverged",
+           "SamplingLMGen", "AudioDecoder", "sample_tokens", "check_sampling", "load_prompt", "prompt_streams",
            "save_state", "load_state", "read_state", "write_state", "stream", "continuation"]
 
 Prompt = str | Path | Recording | Tensor

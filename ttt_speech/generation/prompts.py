@@ -9,20 +9,20 @@ from torch import Tensor
 from ..data.audio import AUDIO_SUFFIXES, encode_pcm, read_audio
 from ..data.codes import Recording, load_codes
 from ..data.layout import moshi_streams
+from ..files import require_file
 
 CODE_SUFFIXES = (".safetensors",)
+PROMPT = "a prompt (audio file or code file)"  # what a prompt path must be, for the errors
 
 
 def load_prompt(path: str | Path, mimi=None, codec: str = "") -> Recording:
     """A prompt file as a `Recording`: audio (wav/flac/ogg/mp3/opus; mono → Moshi's stream,
     stereo → Moshi's stream + the user's) encoded with `mimi`, or a code file as written by
     `ttt_speech.data.codes.save_codes`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
+    path = require_file(path, PROMPT)
     suffix = path.suffix.lower()
-    if suffix in CODE_SUFFIXES:
-        return load_codes(path)
+    if suffix in CODE_SUFFIXES:  # named by this file in errors, not by where its codes came from
+        return dataclasses.replace(load_codes(path), source=str(path))
     if suffix in AUDIO_SUFFIXES:
         if mimi is None:
             raise ValueError(f"{path}: an audio prompt needs the Mimi codec (drop --no-audio)")

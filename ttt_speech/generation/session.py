@@ -43,6 +43,18 @@ def check_generable(ttt: TTTConfig | None) -> None:
                          "model's loss over whole mini-batches); score them with `ttt-speech eval` (chunked)")
 
 
+class GenerationDiverged(RuntimeError):
+    """The model's logits became NaN or infinite during generation: the input was valid, the model
+    diverged (e.g. broken weights, or overflow in a low-precision dtype). Nothing sampled from such
+    logits means anything, so the run stops at the first step that shows them."""
+
+    def __init__(self, step: int, stream_step: int, where: list[tuple[int, str]]) -> None:
+        self.step, self.stream_step, self.where = step, stream_step, where
+        places = ", ".join(f"row {row} ({stream})" for row, stream in where)
+        super().__init__(f"the model diverged: non-finite logits (NaN or inf) at step {step} of this run "
+                         f"(step {stream_step} of the stream) in {places}")
+
+
 @dataclass
 class Frame:
     """What one `LMGen.step` of the session emitted, for each of the B rows."""
@@ -68,6 +80,9 @@ class SamplingLMGen(StreamingHooks, LMGen):
     `on_text_logits_hook` (the logits are overwritten with a one-hot of the choice, which moshi's
     argmax then takes) and the audio tokens in `depformer_step`. Noise and forced tokens live in
     buffers of the streaming state, filled before each step, so CUDA graphs can replay them.
+    Where the sampler sees logits it also records whether they are finite, per row, in
+    `state.finite` [B, 1 + dep_q] (text, then each codebook): a device buffer, so the check costs
+    no host sync inside the step (and works inside a captured CUDA graph); the session reads it.
     """
 
     def __init__(self, lm_model: LMModel, settings: GenerationConfig) -> None:
@@ -85,25 +100,30 @@ class SamplingLMGen(StreamingHooks, LMGen):
         state.force_audio_mask = torch.zeros(batch_size, lm.dep_q, dtype=torch.bool, device=device)
         state.noise_text = torch.ones(batch_size, lm.text_card, device=device)
         state.noise_audio = torch.ones(lm.dep_q, batch_size, lm.card, device=device)
+        state.finite = torch.ones(batch_size, 1 + lm.dep_q, dtype=torch.bool, device=device)
         return state
 
     def _choose_text(self, text_logits: Tensor) -> None:
         state, s = self.streaming_state, self.settings
-        token = sample_tokens(text_logits[:, 0, 0], s.text_temperature, s.text_top_k, s.text_top_p, state.noise_text)
+        logits = text_logits[:, 0, 0]
+        state.finite[:, 0] = torch.isfinite(logits).all(dim=-1)
+        token = sample_tokens(logits, s.text_temperature, s.text_top_k, s.text_top_p, state.noise_text)
         token = torch.where(state.force_text_mask, state.force_text, token)
         text_logits.zero_().scatter_(-1, token.view(-1, 1, 1, 1), 1.0)
 
     def depformer_step(self, text_token: Tensor, transformer_out: Tensor) -> Tensor:
         state, s, lm = self.streaming_state, self.settings, self.lm_model
         assert lm.depformer is not None and self.cfg_coef == 1.0
-        prev, tokens = text_token, []
+        prev, tokens, finite = text_token, [], []
         with lm.depformer.streaming(text_token.shape[0]):
             for cb in range(lm.dep_q):
-                logits = lm.forward_depformer(cb, prev[:, None, None], transformer_out)
-                token = sample_tokens(logits[:, 0, 0], s.temperature, s.top_k, s.top_p, state.noise_audio[cb])
+                logits = lm.forward_depformer(cb, prev[:, None, None], transformer_out)[:, 0, 0]
+                finite.append(torch.isfinite(logits).all(dim=-1))
+                token = sample_tokens(logits, s.temperature, s.top_k, s.top_p, state.noise_audio[cb])
                 token = torch.where(state.force_audio_mask[:, cb], state.force_audio[:, cb], token)
                 tokens.append(token)
                 prev = token
+        state.finite[:, 1:] = torch.stack(finite, dim=1)
         return torch.stack(tokens, dim=1)
 
 
@@ -184,6 +204,7 @@ class GenerationSession:
         `num_frames` (default: config.num_frames) more frames; yields one `Frame` per step.
 
         A resumed stream first emits the frames it had begun (max_delay of them) before a new prompt.
+        Raises `GenerationDiverged` at the first step whose logits (of a running row) are not finite.
         """
         B, lm = self.batch_size, self.lm
         prompts = list(prompts) if prompts is not None else [None] * B
@@ -235,7 +256,9 @@ class GenerationSession:
             replace = None
             if all(m_audio[i].all() for i in range(B) if run_row[i]):
                 replace = f_audio[:, :, None].to(self.device)
+                state.finite[:, 1:] = True  # no audio logits this step
             out = self.lm_gen.step(user[:, :, None].to(self.device), replace).cpu()[:, :, 0]
+            finite = state.finite.cpu()  # out's copy has synchronised already: this one waits for nothing
             self.steps += 1
             index = torch.full((B,), -1, dtype=torch.long)
             emitted = torch.zeros(B, dtype=torch.bool)
@@ -249,6 +272,12 @@ class GenerationSession:
                     index[i], emitted[i] = frame, True
                     is_prompt[i] = 0 <= frame - first[i] < lengths[i]
             out[~emitted] = -1
+            bad = ~finite & torch.tensor(run_row)[:, None]  # a waiting row's logits are not sampled
+            if bad.any():
+                col = bad.int().argmax(dim=1).tolist()  # per row, its first stream with bad logits
+                raise GenerationDiverged(g + 1, self.steps, [
+                    (i, "text" if col[i] == 0 else f"audio codebook {col[i] - 1}")
+                    for i in range(B) if bad[i].any()])
             yield Frame(self.steps, index, out[:, 0].clone(), out[:, 1:].clone(), emitted, is_prompt)
         self.runs += 1
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files import read_tensors, save_tensors_atomic
+from ..files import read_tensors, require_file, save_tensors_atomic
 
 FORMAT = "ttt-speech-generation-state"
 VERSION = "1"
@@ -45,9 +45,7 @@ def write_state(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, An
 
 def read_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors, meta) of a file written by `write_state`; clear errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such generation state file")
+    path = require_file(path, "a generation state file (written by `ttt-speech generate --state-out`)")
     tensors, header = read_tensors(path, "state file")
     if header.get("format") != FORMAT:
         raise ValueError(f"{path}: not a generation state file (written by `ttt-speech generate --state-out`)")
