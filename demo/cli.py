@@ -21,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the whole mission on a CPU in minutes: fine-tune TTT and a baseline, evaluate both")
     parser.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG,
                         help="demo config (YAML; default configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    # REMAINDER, not "*": options may follow the overrides too (`overrides_and_options`)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. train.steps=200 corpus.seed=1 output_dir=runs/demo1")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_run, parser=parser)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,7 +34,11 @@ def _run(args: argparse.Namespace) -> int:
     from .config import load_demo_config
     from .run import run_demo
 
-    config = load_demo_config(args.config, args.overrides)
+    from ttt_speech.cli_options import overrides_and_options
+
+    if "=" in str(args.config):  # `demo k=v`: the optional CONFIG took the first override
+        args.overrides, args.config = [str(args.config), *args.overrides], DEFAULT_CONFIG
+    config = load_demo_config(args.config, overrides_and_options(args.parser, args))
     try:
         run_demo(config, progress=not args.quiet)
     except RuntimeError as e:  # a training subprocess failed: its log is named in the message

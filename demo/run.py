@@ -23,7 +23,7 @@ from typing import Callable
 import yaml
 
 from ttt_speech import schema
-from ttt_speech.files import write_text_atomic
+from ttt_speech.files import writable_dir, write_text_atomic
 from ttt_speech.tracking import WandbConfig
 from ttt_speech_apps.eval.config import DataConfig, EvalConfig
 from ttt_speech_apps.finetune.config import TrainConfig
@@ -37,12 +37,14 @@ PARTS = ("corpus", "ttt", "baseline", "eval", "audio", "cache")
 
 def prepare_output(out: Path) -> None:
     """A fresh demo folder: refuse a non-empty folder the demo did not make; clear an old demo's parts."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir: {out} is a file, expected a folder")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise ValueError(f"output_dir: {out} exists and is not a demo folder (no {MARKER}); choose another")
     for part in PARTS:
         if (out / part).exists():
             shutil.rmtree(out / part)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "output_dir")
     (out / MARKER).write_text("made by `ttt-speech demo`; its subfolders are replaced on the next run\n")
 
 

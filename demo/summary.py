@@ -103,7 +103,8 @@ def audio_summary(audio: dict) -> dict:
     mode = report["comparisons"].get("modes", {}).get("ttt", {})
     return {"books": counts["streams"], "frames": counts["frames"], "files_skipped": counts["files_skipped"],
             "skipped_files": [s["path"] for s in report["data"]["skipped_files"]],
-            "max_abs": mode.get("max_abs"), "report": audio["paths"]["markdown"]}
+            "max_abs": mode.get("max_abs"), "report": audio["paths"]["markdown"],
+            "distinct_codes": [report["data"]["codes"]["distinct_min"], report["data"]["codes"]["distinct_max"]]}
 
 
 # ---------------------------------------------------------------- rendering
@@ -209,8 +210,10 @@ def render_terminal(summary: dict) -> str:
     if "skipped" in audio:
         lines.append(f"audio path: skipped ({audio['skipped']})")
     else:
+        lo, hi = audio["distinct_codes"]
         lines.append(f"audio path: {audio['books']} LibriLight-layout books of real LibriVox speech, {audio['frames']:,} "
-                     f"Mimi frames, {audio['files_skipped']} corrupt/empty/truncated files skipped and counted; "
+                     f"Mimi frames ({lo}-{hi} distinct codes per codebook), {audio['files_skipped']} "
+                     "corrupt/empty/truncated files skipped and counted; "
                      f"chunked vs native max |dNLL| {_f(audio['max_abs'], '.1e')} (random-init models: a pipeline "
                      "check, not a score)")
     t = summary["timings"]
@@ -254,7 +257,8 @@ def render_markdown(summary: dict) -> str:
     lines += ascii_plot(summary["curves"]) + ["```", ""]
     audio = summary["audio"]
     lines += ["## Audio path", "", (f"Skipped: {audio['skipped']}." if "skipped" in audio else
-              f"{audio['books']} books of LibriVox speech, {audio['frames']:,} frames; skipped and counted: "
+              f"{audio['books']} books of LibriVox speech, {audio['frames']:,} frames ({audio['distinct_codes'][0]}-"
+              f"{audio['distinct_codes'][1]} distinct Mimi codes per codebook); skipped and counted: "
               f"{', '.join(audio['skipped_files']) or 'none'}; chunked vs native max |dNLL| "
               f"{_f(audio['max_abs'], '.1e')}. Report: {rel(audio['report'])}."), ""]
     lines += ["## Files", ""] + [f"- {k}: `{rel(v)}`" for k, v in summary["files"].items()] + [""]

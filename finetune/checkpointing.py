@@ -9,6 +9,7 @@ Written into a temporary folder and renamed: a crash never leaves half a checkpo
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -29,6 +30,7 @@ from ttt_speech.files import save_tensors_atomic, write_text_atomic
 from ttt_speech.sharding import full_tensor
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+logger = logging.getLogger("finetune")
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,14 +80,55 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def resolve_resume(path: Path) -> Path:
-    """`--resume` accepts a checkpoint folder or a run's output folder (its newest checkpoint)."""
+    """`--resume` accepts a checkpoint folder or a run's output folder: its newest readable
+    checkpoint, falling back (with a warning) past damaged ones, e.g. one truncated by a full disk."""
     path = Path(path)
     if (path / "train_state.pt").is_file():
+        verify_checkpoint(path)
         return path
     found = list_checkpoints(path / "checkpoints")
     if not found:
         raise ValueError(f"--resume: {path} is neither a checkpoint nor a run folder with checkpoints")
-    return found[-1]
+    problems = []
+    for candidate in reversed(found):
+        try:
+            verify_checkpoint(candidate)
+        except ValueError as e:
+            logger.warning("skipping a damaged checkpoint: %s", e)
+            problems.append(str(e))
+            continue
+        if problems:
+            logger.warning("--resume: continuing from %s, the newest readable checkpoint", candidate)
+        return candidate
+    raise ValueError(f"--resume: no readable checkpoint in {path / 'checkpoints'} ({problems[0]})")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Read every file of a checkpoint (tensors memory-mapped); a damaged one → ValueError naming it."""
+    load_checkpoint(path, tensors=False)
+    _readable(path / "trainable.safetensors", safetensors_shapes)
+    read_checkpoint_config(path)
+
+
+def read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was written with (its config.yaml)."""
+    import yaml
+
+    data = _readable(path / "config.yaml", lambda f: yaml.safe_load(f.read_text()))
+    if not isinstance(data, dict):
+        raise ValueError(f"--resume: {path / 'config.yaml'} is damaged (expected the run's config)")
+    return data
+
+
+def _readable(file: Path, read):
+    """`read(file)`; a missing file or any failure to parse it → ValueError naming the file."""
+    if not file.is_file():
+        raise ValueError(f"--resume: {file} is missing")
+    try:
+        return read(file)
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and yaml each raise their own kinds
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--resume: {file} is damaged ({reason})") from None
 
 
 def load_checkpoint(path: Path, tensors: bool = True
@@ -93,19 +136,21 @@ def load_checkpoint(path: Path, tensors: bool = True
     """(trainable tensors, carried TTT state or None, train_state) of a checkpoint folder.
 
     train_state is memory-mapped: its optimizer tensors are read only where used. tensors=False: the
-    trainable tensors are not read ({}; ranks > 0 of a sharded run receive their shards from rank 0)."""
-    for name in ("trainable.safetensors", "train_state.pt"):
-        if not (path / name).is_file():
-            raise ValueError(f"--resume: {path / name} is missing")
-    carry = load_file(str(path / "carry.safetensors")) if (path / "carry.safetensors").is_file() else None
-    state = torch.load(path / "train_state.pt", weights_only=False, mmap=True)
-    return (load_file(str(path / "trainable.safetensors")) if tensors else {}), carry, state
+    trainable tensors are not read ({}; ranks > 0 of a sharded run receive their shards from rank 0).
+    A missing or damaged file → ValueError naming it."""
+    carry_file = path / "carry.safetensors"
+    carry = _readable(carry_file, lambda f: load_file(str(f))) if carry_file.is_file() else None
+    state = _readable(path / "train_state.pt", lambda f: torch.load(f, weights_only=False, mmap=True))
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"--resume: {path / 'train_state.pt'} is not a ttt-speech training state")
+    trainable = _readable(path / "trainable.safetensors", lambda f: load_file(str(f))) if tensors else {}
+    return trainable, carry, state
 
 
-def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names in a safetensors file (its header only)."""
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a safetensors file (its header only)."""
     with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
 def full_trainable_state(model: nn.Module, keep: bool) -> dict[str, Tensor]:

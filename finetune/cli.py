@@ -20,39 +20,52 @@ DESCRIPTION = (
 
 def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("config", type=Path, help="training config (YAML); see configs/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    # REMAINDER, not "*": options may follow the overrides too (`overrides_and_options`)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. optim.lr=3e-4 data.batch_size=8 ttt.layers=last:0.5")
     parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue a run exactly: a checkpoint folder or a run's output folder (newest checkpoint)")
+                        help="continue a run exactly: a checkpoint folder or a run's output folder (its newest "
+                             "readable checkpoint); only steps and reporting settings may change")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run output_dir holds (its checkpoints, export and logs are deleted); "
+                             "without it, a folder holding another run is refused")
     parser.add_argument("--wandb-offline", action="store_true", help="log wandb offline (sync later with `wandb sync`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run, parser=parser)
     return parser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("train", help="fine-tune Moshi with TTT layers from a YAML config", description=DESCRIPTION)
     build_arg_parser(parser)
-    parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The command: config + overrides → `train`; a diverged run exits 1 (its checkpoint is named)."""
+    """The command: config + overrides → `train`; a diverged run exits 1, a stopped one 130 (its
+    checkpoint is named in both)."""
     import logging
 
+    from ttt_speech.cli_options import overrides_and_options
+
     from .config import load_train_config
+    from .stop import TrainingInterrupted
     from .train import TrainingDiverged, train
 
-    overrides = list(args.overrides)
+    overrides = overrides_and_options(args.parser, args)
     if args.wandb_offline:
         overrides.append("wandb.mode=offline")
     config = load_train_config(args.config, overrides)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
-        result = train(config, resume=args.resume, progress=not args.quiet)
+        result = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     except TrainingDiverged as e:
         print(f"ttt-speech train: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        if main_rank:
+            print(f"ttt-speech train: {e}", file=sys.stderr)
+        return 130
     if not main_rank:
         return 0
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
@@ -72,3 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"ttt-speech train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ttt-speech train: interrupted", file=sys.stderr)
+        return 130

@@ -149,3 +149,62 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
     """YAML file + `key.sub=value` overrides → a validated `TrainConfig` (ValueError naming the field).
     Relative paths in the config are relative to the working directory, as in moshi-finetune."""
     return load_config(TrainConfig, path, overrides, "train")
+
+
+# Settings a resumed run may change (applied, and recorded in its next checkpoints): how long it runs,
+# how it reports, where it writes. Everything else would make the resumed run another run than the
+# one checkpointed (batch rows, learning rate, data, model, TTT layers): refused. `model.device` and
+# `distributed` move the run (e.g. onto more GPUs): allowed, but not bit for bit.
+RESUME_FREE = ("steps", "log_every", "eval_every", "eval_frames", "checkpoint_every", "keep_checkpoints",
+               "output_dir", "wandb", "length_gen", "data.eval_manifest", "data.codes_cache")
+RESUME_MOVES = ("model.device", "distributed")
+
+
+def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Compare a checkpoint's config with the one of the resuming run (both `schema.to_dict` trees).
+
+    Returns (free changes, moves) as "field: old in the checkpoint, new now" lines; a change of any other field is a
+    ValueError naming it. Fields one side does not have (configs of another version) are ignored."""
+    free, moves, refused = [], [], []
+    old, new = _flatten(saved), _flatten(current)
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, _SECTION), new.get(key, _SECTION)
+        if before == after or _SECTION in (before, after) and not _section_vs_null(key, old, new):
+            continue
+        line = f"{key}: {_show(before)} in the checkpoint, {_show(after)} now"
+        if any(key == p or key.startswith(p + ".") for p in RESUME_FREE):
+            free.append(line)
+        elif key in RESUME_MOVES:
+            moves.append(line)
+        else:
+            refused.append(line)
+    if refused:
+        more = f" (and {len(refused) - 1} more change(s))" if len(refused) > 1 else ""
+        raise ValueError(f"--resume: {refused[0]}{more}; an exact resume cannot change it: drop the override or "
+                         f"start a new run (a resume may change {', '.join(RESUME_FREE)})")
+    return free, moves
+
+
+_SECTION = object()  # a key one side has as a section (several fields), the other as null
+
+
+def _section_vs_null(key: str, old: dict, new: dict) -> bool:
+    """Whether `key`, missing on one side, is null there while the other side has it as a section."""
+    for mine, other in ((old, new), (new, old)):
+        if key in other and other[key] is None and key not in mine:
+            return any(k.startswith(key + ".") for k in mine)
+    return False
+
+
+def _show(value) -> str:
+    return "a section" if value is _SECTION else repr(value)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(_flatten(value, name) if isinstance(value, dict) and value else {name: value})
+    return out

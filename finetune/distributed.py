@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ttt_speech.models import resolve_device
 from ttt_speech.moshi.teacher_forcing import ChunkModel
 
 logger = logging.getLogger("finetune")
@@ -52,9 +53,7 @@ def init_distributed(device_name: str) -> Dist:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA (not hard-coded)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)  # a device this machine lacks: one line, before any process group
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local)
     if device.type == "cuda":

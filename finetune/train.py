@@ -31,16 +31,20 @@ from ttt_speech.models import load_mimi, load_text_tokenizer
 from ttt_speech.moshi.carry import TTTCarry
 from ttt_speech.moshi.teacher_forcing import ChunkModel, delayed_streams
 from ttt_speech.sharding import is_sharded, ttt_units, unsharded
+from ttt_speech.stats import RUNAWAY_FACTOR, runaway_layers
 
 from .checkpointing import (full_optimizer_state, full_trainable_state, load_checkpoint, load_full_state,
-                            resolve_resume, rng_state, safetensors_keys, save_checkpoint, set_rng_state, split_rows)
-from .config import TrainConfig
+                            read_checkpoint_config, resolve_resume, rng_state, safetensors_shapes, save_checkpoint,
+                            set_rng_state, split_rows)
+from .config import TrainConfig, resume_changes
 from .data import WindowBatcher
 from .distributed import Dist, build_device, chunk_model, close_distributed, consolidated, init_distributed, wrap
 from .loss import loss_terms, summarize, total_loss
 from .memory import rank_memory
 from .model import build_model, master_to_model_dtype
 from .monitor import InnerLrProbe, Monitor
+from .run_folder import RunFolder, claim
+from .stop import StopRequest, TrainingInterrupted
 
 logger = logging.getLogger("finetune")
 
@@ -88,24 +92,43 @@ def _autocast(config: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train(config: TrainConfig, resume: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a training run. Returns the final metrics; writes everything under output_dir."""
+def train(config: TrainConfig, resume: Path | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run. Returns the final metrics; writes everything under output_dir.
+
+    Before any work: the resume checkpoint and its config are checked against `config`, the output
+    folder is locked and must not hold another run (`overwrite`: delete that run's outputs), and every
+    manifest entry is read. Ctrl-C / SIGTERM: a checkpoint, then `TrainingInterrupted`."""
     env = init_distributed(config.model.device)
+    manifests = (read_manifest(config.data.train_manifest, "data.train_manifest"),
+                 read_manifest(config.data.eval_manifest, "data.eval_manifest") if config.data.eval_manifest else [])
+    resume_dir = _check_resume(config, resume) if resume is not None else None
+    folder = claim(config.output_dir, resume_dir, overwrite) if env.is_main else None
     try:
-        return _train(config, env, resume, progress)
+        return _train(config, env, manifests, resume_dir, folder, progress)
     finally:
+        if folder is not None:
+            folder.release()
         close_distributed()
 
 
-def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) -> dict[str, Any]:
+def _check_resume(config: TrainConfig, resume: Path) -> Path:
+    """The checkpoint to resume from (damaged newest ones skipped), its config compatible with `config`."""
+    path = resolve_resume(resume)
+    free, moves = resume_changes(read_checkpoint_config(path), schema.to_dict(config))
+    for line in free:
+        logger.info("resume with a new setting: %s", line)
+    for line in moves:
+        logger.warning("resume with %s: the run continues, but not bit for bit", line)
+    return path
+
+
+def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry], list[ManifestEntry]],
+           resume_dir: Path | None, folder: RunFolder | None, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     out_dir = config.output_dir
-    entries = read_manifest(config.data.train_manifest, "data.train_manifest")
-    eval_entries = read_manifest(config.data.eval_manifest, "data.eval_manifest") if config.data.eval_manifest else []
-    resume_dir = resolve_resume(resume) if resume is not None else None
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    entries, eval_entries = manifests
     config_yaml = yaml.safe_dump(schema.to_dict(config), sort_keys=False)
 
     lm = build_model(config, build_device(env, config.distributed))
@@ -124,6 +147,8 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     loader = RecordingLoader(entries, lm, config)
+    for field, listed in (("data.train_manifest", entries), ("data.eval_manifest", eval_entries)):
+        _check_entries(listed, RecordingLoader(listed, lm, config), field, env, progress)
     per_rank = config.data.batch_size // env.world
     batcher = WindowBatcher(entries, loader, config.data.batch_size, config.data.window_frames, env.rank, env.world,
                             seed=config.seed, shuffle=config.data.shuffle, persistent=config.persistent_state,
@@ -135,9 +160,12 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     if resume_dir is not None:
         step = _restore(resume_dir, model, lm, optimizer, scheduler, batcher, carry, env)
         logger.info("resumed from %s at step %d", resume_dir, step)
+        if folder is not None:
+            folder.truncate_logs(step)
     else:
         torch.manual_seed(config.seed + env.rank)
     monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main)
+    warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
 
     def carry_state() -> dict | None:
         if carry is None:
@@ -172,59 +200,68 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     metrics: dict[str, Any] = {}
     window_start_time, window_steps = time.perf_counter(), 0
     memory_reported = False
-    while step < config.steps:
-        data_before = batcher.state_dict()
-        carry_before = carry_state()
-        batch = batcher.next()
-        inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
-        if carry is not None:
-            carry.next_window(batch.new_recording.to(env.device))
-        log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
-        if probe is not None:
-            probe.armed = log_now
-        with _autocast(config, env.device):
-            text_logits, audio_logits = model(inputs, targets)
-        terms = _loss_terms(lm, config, text_logits, audio_logits, targets)
-        sums = env.all_reduce(terms.stacked())
-        values = summarize(sums)
-        loss = total_loss(terms, sums if env.enabled else None, env.world)
-        grad_norm = None
-        if math.isfinite(values["loss"]):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not math.isfinite(values["loss"]) or grad_norm is None or not math.isfinite(grad_norm):
-            what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
-            saved = checkpoint(step, data_before, carry_before)
-            bar.close()
-            raise TrainingDiverged(
-                f"non-finite {what} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}"
-                f"{'' if grad_norm is None else f', grad_norm={grad_norm:.4g}'}); "
-                f"last good state saved to {saved or out_dir / 'checkpoints'}")
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if not memory_reported:  # after the first step: gradients and optimizer state exist
-            _report_memory(out_dir, env, config, lm, optimizer)
-            memory_reported = True
-        window_steps += 1
-        bar.update(1)
-        if log_now:
-            elapsed = time.perf_counter() - window_start_time
-            metrics = {**values, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9)}
-            stats = None
+    with StopRequest() as stop:  # Ctrl-C / SIGTERM: the step in flight finishes, then a checkpoint
+        while step < config.steps:
+            data_before = batcher.state_dict()
+            carry_before = carry_state()
+            batch = batcher.next()
+            inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
             if carry is not None:
-                with gathered_ttt():  # ‖W − W₀‖ reads the initial fast weights
-                    stats = carry.handle.fast_weight_stats(carry.current(), probe.values)
-            monitor.log(step, metrics, stats)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            window_start_time, window_steps = time.perf_counter(), 0
-        if eval_entries and config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            _log_eval(step, model, eval_entries, config, carry, monitor, env)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            checkpoint(step, batcher.state_dict(), carry_state())
+                carry.next_window(batch.new_recording.to(env.device))
+            log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
+            if probe is not None:
+                probe.armed = log_now
+            with _autocast(config, env.device):
+                text_logits, audio_logits = model(inputs, targets)
+            terms = _loss_terms(lm, config, text_logits, audio_logits, targets)
+            sums = env.all_reduce(terms.stacked())
+            values = summarize(sums)
+            loss = total_loss(terms, sums if env.enabled else None, env.world)
+            grad_norm = None
+            if math.isfinite(values["loss"]):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if not math.isfinite(values["loss"]) or grad_norm is None or not math.isfinite(grad_norm):
+                what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
+                saved = checkpoint(step, data_before, carry_before)
+                bar.close()
+                raise TrainingDiverged(
+                    f"non-finite {what} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}"
+                    f"{'' if grad_norm is None else f', grad_norm={grad_norm:.4g}'}); "
+                    f"last good state saved to {saved or out_dir / 'checkpoints'}")
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if not memory_reported:  # after the first step: gradients and optimizer state exist
+                _report_memory(out_dir, env, config, lm, optimizer)
+                memory_reported = True
+            window_steps += 1
+            bar.update(1)
+            if log_now:
+                elapsed = time.perf_counter() - window_start_time
+                metrics = {**values, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                           "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9)}
+                stats = None
+                if carry is not None:
+                    with gathered_ttt():  # ‖W − W₀‖ and ‖W₀‖ read the initial fast weights
+                        stats = carry.handle.fast_weight_stats(carry.current(), probe.values)
+                        norms = carry.handle.initial_norms()
+                    warned_runaway = warned_runaway or _warn_runaway(stats, norms, step, config)
+                monitor.log(step, metrics, stats)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                window_start_time, window_steps = time.perf_counter(), 0
+            if eval_entries and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                _log_eval(step, model, eval_entries, config, carry, monitor, env)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                checkpoint(step, batcher.state_dict(), carry_state())
+            if step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
+                saved = checkpoint(step, batcher.state_dict(), carry_state())
+                bar.close()
+                monitor.finish()
+                raise TrainingInterrupted(f"stopped by {stop.reason or 'another rank'} after step {step}: checkpoint "
+                                          f"{saved or out_dir / 'checkpoints'}; continue with --resume {out_dir}")
     bar.close()
     checkpoint(step, batcher.state_dict(), carry_state())
     if eval_entries:
@@ -247,6 +284,36 @@ def _train(config: TrainConfig, env: Dist, resume: Path | None, progress: bool) 
     return {"step": step, **metrics}
 
 
+def _check_entries(entries: list[ManifestEntry], loader: RecordingLoader, field: str, env: Dist,
+                   progress: bool) -> None:
+    """Read every manifest entry once before the first step (audio: encoded into the codes cache), so
+    a bad file is a one-line error now, not hours into the run. Each rank checks its share."""
+    from tqdm import tqdm
+
+    mine = range(env.rank, len(entries), env.world)
+    for i in tqdm(mine, desc=f"checking {field}", unit="file", disable=not (progress and env.is_main) or len(mine) < 2,
+                  dynamic_ncols=True, leave=False):
+        try:
+            codes = loader.codes(i)
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
+        if codes.shape[1] == 0:
+            raise ValueError(f"{field}: {entries[i].path} holds no frames")
+    env.barrier()
+
+
+def _warn_runaway(stats: dict | None, initial: dict[int, float], step: int, config: TrainConfig) -> bool:
+    """Warn when a TTT layer's fast weights moved past RUNAWAY_FACTOR x ‖W₀‖ from W₀; whether it warned."""
+    grown = runaway_layers(stats or {}, initial)
+    if not grown:
+        return False
+    worst = max(grown.values(), key=lambda r: r if r == r else float("inf"))  # NaN first
+    logger.warning("fast weights of TTT layer(s) %s moved %.3g x their initial norm from it by step %d (more than "
+                   "%gx: the inner loop is diverging; ttt.base_lr = %g may be too high); see ttt_stats.csv",
+                   ", ".join(map(str, sorted(grown))), worst, step, RUNAWAY_FACTOR, config.ttt.base_lr)
+    return True
+
+
 def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
                    optimizer: torch.optim.Optimizer) -> None:
     """memory.json: the bytes every rank holds (parameters, gradients, optimizer state, peak)."""
@@ -266,11 +333,15 @@ def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim
     # sharded: rank 0 reads the tensors and sends each rank its shards (not N copies in host memory)
     from_rank0 = is_sharded(model)
     trainable, carried, state = load_checkpoint(path, tensors=env.is_main or not from_rank0)
-    own = {n for n, p in lm.named_parameters() if p.requires_grad}
-    names = set(safetensors_keys(path / "trainable.safetensors"))
-    if own != names:
+    own = {n: tuple(p.shape) for n, p in lm.named_parameters() if p.requires_grad}  # whole shapes (FSDP too)
+    saved = safetensors_shapes(path / "trainable.safetensors")
+    if set(own) != set(saved):
         raise ValueError(f"--resume: {path} holds other trainable parameters than this config selects "
-                         f"(e.g. {sorted(own ^ names)[:3]})")
+                         f"(e.g. {sorted(set(own) ^ set(saved))[:3]})")
+    wrong = [n for n in own if own[n] != saved[n]]
+    if wrong:
+        raise ValueError(f"--resume: {path} is a checkpoint of another architecture ({wrong[0]}: "
+                         f"{saved[wrong[0]]} in the checkpoint, {own[wrong[0]]} in this model)")
     load_full_state(lm, optimizer, trainable, state["optimizer"], from_rank0, env.is_main)
     scheduler.load_state_dict(state["scheduler"])
     batcher.load_state_dict(state["data"])

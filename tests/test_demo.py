@@ -69,6 +69,7 @@ def test_demo_audio_path_counts_bad_files(demo_run):
     if "skipped" in audio:
         pytest.skip(audio["skipped"])
     assert audio["files_skipped"] == 3 and audio["max_abs"] < 1e-4  # corrupt, empty, truncated
+    assert audio["distinct_codes"][0] > 1  # the codes carry the audio (a constant stream agrees trivially)
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
@@ -76,6 +77,9 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     assert main(["demo", str(CONFIG), f"output_dir={tmp_path}", "--quiet"]) == 2
     assert "not a demo folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").exists() and not (tmp_path / "corpus").exists()
+    # a file in the way, and options after the overrides
+    assert main(["demo", str(CONFIG), f"output_dir={tmp_path / 'notes.txt'}", "--quiet"]) == 2
+    assert "output_dir: " in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_demo_config_errors_name_the_field(tmp_path, capsys):

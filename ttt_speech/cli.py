@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"ttt-speech {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT (train saves first)
+        print(f"ttt-speech {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def streaming_error(lm, codes, chunks: tuple[int, ...]) -> float:

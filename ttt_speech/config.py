@@ -17,6 +17,8 @@ DEFAULT_LAYERS = {"linear": "all", "mlp": "all", "e2e_mlp": "last:0.25"}  # TTT-
 PLACEMENTS = {"linear": "attention", "mlp": "attention", "e2e_mlp": "feed_forward"}
 DEFAULT_CHUNK_MINI_BATCHES = 4  # default chunk: 4 mini-batches (64 frames for b = 16)
 NO_TTT_CHUNK = 64  # default chunk of a model without TTT layers (the same 64 frames)
+MAX_MINI_BATCH = 1024  # 82 s of frames; b = 100000 asked torch for a 40 GB b x b matrix
+MAX_GATE_INIT = 10.0  # tanh(10) = 1 - 4e-9: larger initial gates only overflow (1e308 in float32)
 
 LayerSpec = Union[str, list[int]]
 
@@ -75,6 +77,9 @@ class TTTConfig:
             raise ValueError("TTTConfig.mode: e2e_mlp adds an MLP beside the layer's own; expected 'hybrid', "
                              f"got {self.mode!r}")
         _check_int("mini_batch_size", self.mini_batch_size, minimum=1)
+        if self.mini_batch_size > MAX_MINI_BATCH:
+            raise ValueError(f"TTTConfig.mini_batch_size: expected at most {MAX_MINI_BATCH} (the inner loop holds "
+                             f"b x b matrices per head), got {self.mini_batch_size}")
         _check_int("mlp_expansion", self.mlp_expansion, minimum=1)
         _check_int("checkpoint_group_size", self.checkpoint_group_size, minimum=0)
         if self.num_heads is not None:
@@ -83,6 +88,9 @@ class TTTConfig:
             self.base_lr = DEFAULT_BASE_LR[self.layer_type]
         _check_number("base_lr", self.base_lr, positive=False, nonnegative=True)
         _check_number("gate_init", self.gate_init)
+        if abs(self.gate_init) > MAX_GATE_INIT:
+            raise ValueError(f"TTTConfig.gate_init: expected a number in [-{MAX_GATE_INIT:g}, {MAX_GATE_INIT:g}] "
+                             f"(the gate is tanh(alpha), flat past ~5), got {self.gate_init!r}")
         _check_number("e2e_first_codebook_weight", self.e2e_first_codebook_weight, positive=True)
         _check_number("rope_theta", self.rope_theta, positive=True)
         _check_number("ln_eps", self.ln_eps, positive=True)

@@ -25,7 +25,7 @@ from .config import TTTConfig
 from .modules import GatedTTTBranch, TTTModule
 from .report import PatchReport
 from .state import TTTState
-from .stats import FastWeightStats, fast_weight_stats
+from .stats import FastWeightStats, fast_weight_stats, initial_norm
 
 _RECORD = "_ttt_patch"  # the one attribute a patch sets on its host model (read here only)
 
@@ -154,6 +154,10 @@ class TTTModel:
         self.set_live_states(self.tensors_to_states(tensors, self.live_states(), where))
 
     # ---------------------------------------------------------------- statistics
+
+    def initial_norms(self) -> dict[int, float]:
+        """‖W₀‖ of each patched layer (host layer index), the norm of `fast_weight_stats`."""
+        return {site.layer_index: initial_norm(site.core) for site in self.sites}
 
     def fast_weight_stats(self, states: Sequence[TTTState],
                           eta: dict[int, float] | None = None) -> dict[int, FastWeightStats]:

@@ -64,14 +64,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a YAML config file")
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ValueError(f"{path}: cannot read config ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
+    if data is None:  # not {}: every field at its default would hide a wrong or truncated file
+        raise ValueError(f"{path}: the file is empty; expected a YAML mapping of config fields "
+                         "(write {} to take every default)")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {_show(data)}")
     return data

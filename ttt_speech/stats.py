@@ -13,6 +13,11 @@ from torch import Tensor, nn
 
 from .state import TTTState
 
+# ‖W − W₀‖ past this multiple of ‖W₀‖ is reported as runaway growth: the inner loop is diverging
+# (an inner learning rate far too high), not learning. A healthy layer moves a fraction of ‖W₀‖
+# (docs/training.md §4).
+RUNAWAY_FACTOR = 10.0
+
 
 @dataclass(frozen=True)
 class FastWeightStats:
@@ -58,3 +63,15 @@ def fast_weight_stats(core: nn.Module, state: TTTState, eta_mean: float | None =
 def initial_norm(core: nn.Module) -> float:
     """‖W₀‖ of a TTT core, the norm of `fast_weight_norms` (for relative change ‖W − W₀‖ / ‖W₀‖)."""
     return float(torch.sqrt(sum(getattr(core, n).detach().double().pow(2).sum() for n in core.fast_names)))
+
+
+def is_runaway(distance: float, w0_norm: float, factor: float = RUNAWAY_FACTOR) -> bool:
+    """Whether fast weights at ‖W − W₀‖ = `distance` from W₀ (of norm `w0_norm`) ran away (NaN too)."""
+    return not distance <= factor * max(w0_norm, 1e-12)
+
+
+def runaway_layers(stats: dict[int, FastWeightStats], initial: dict[int, float]) -> dict[int, float]:
+    """{layer: ‖W − W₀‖ / ‖W₀‖} of the layers of `stats` whose fast weights ran away (`is_runaway`;
+    `initial`: {layer: ‖W₀‖}, `initial_norm`)."""
+    return {layer: s.w_delta / max(initial[layer], 1e-12) for layer, s in stats.items()
+            if is_runaway(s.w_delta, initial[layer])}

@@ -1,0 +1,32 @@
+"""Commands of the form `CONFIG [KEY=VALUE ...]` with options anywhere (`CONFIG --quiet k=v`, `CONFIG k=v --quiet`).
+
+argparse stops reading options at a positional of `nargs=argparse.REMAINDER` (which the overrides
+must be, or it could not take positionals after options), so options given after the config land
+among the overrides. `overrides_and_options` hands them back to the command's own parser.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def overrides_and_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                          positionals: tuple[str, ...] = ("config",)) -> list[str]:
+    """The KEY=VALUE overrides of `args.overrides`; every other token there (options and their
+    values) is parsed by `parser` into `args`, before the positionals named so that REMAINDER stays
+    empty. An unknown option or a bad value is a ValueError (the command's one-line error, exit 2)."""
+    overrides, rest = [], []
+    for token in args.overrides:
+        (overrides if "=" in token and not token.startswith("-") else rest).append(token)
+    if rest:
+        given = [str(getattr(args, name)) for name in positionals if getattr(args, name, None) is not None]
+        parser.error = _raise  # one line through the command's error path, not usage + SystemExit
+        try:
+            parser.parse_args([*rest, *given], namespace=args)
+        finally:
+            del parser.error  # back to ArgumentParser.error
+    args.overrides = overrides
+    return overrides
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
