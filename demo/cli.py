@@ -31,10 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
+    from ttt_speech.cli_options import overrides_and_options
+
     from .config import load_demo_config
     from .run import run_demo
-
-    from ttt_speech.cli_options import overrides_and_options
 
     if "=" in str(args.config):  # `demo k=v`: the optional CONFIG took the first override
         args.overrides, args.config = [str(args.config), *args.overrides], DEFAULT_CONFIG

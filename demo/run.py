@@ -27,6 +27,7 @@ from ttt_speech.files import writable_dir, write_text_atomic
 from ttt_speech.tracking import WandbConfig
 from ttt_speech_apps.eval.config import DataConfig, EvalConfig
 from ttt_speech_apps.finetune.config import TrainConfig
+from ttt_speech_apps.finetune.monitor import METRICS
 
 from .config import DemoConfig
 from .summary import audio_summary, comparison, render_markdown, render_terminal
@@ -60,7 +61,7 @@ def train_configs(config: DemoConfig, train_manifest: Path) -> dict[str, TrainCo
 
 def _steps_done(run_dir: Path) -> int:
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = (run_dir / METRICS).read_text().splitlines()
     except OSError:
         return 0
     return json.loads(lines[-1])["step"] if lines else 0

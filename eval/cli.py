@@ -60,12 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     memory.set_defaults(func=_memory, parser=memory)
 
 
-def _load(args: argparse.Namespace, extra: list[str]):
+def _load(args: argparse.Namespace, extra=lambda: []):
+    """The config of `args`; `extra()` gives more overrides, read once the options after them are parsed."""
     from ttt_speech.cli_options import overrides_and_options
 
     from .config import load_config
 
-    overrides = overrides_and_options(args.parser, args) + extra
+    overrides = overrides_and_options(args.parser, args) + extra()
     if args.baseline:
         overrides.append("eval.baseline=true")
     return load_config(args.config, overrides)
@@ -74,10 +75,7 @@ def _load(args: argparse.Namespace, extra: list[str]):
 def _librilight(args: argparse.Namespace) -> int:
     from .run import run_librilight, summary_lines
 
-    from ttt_speech.cli_options import overrides_and_options
-
-    overrides_and_options(args.parser, args)  # an option after the overrides may set args.mode
-    config = _load(args, [f"eval.mode={args.mode}"] if args.mode else [])
+    config = _load(args, lambda: [f"eval.mode={args.mode}"] if args.mode else [])
     report, paths = run_librilight(config, progress=not args.quiet)
     print("\n".join(summary_lines(report)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -87,7 +85,7 @@ def _librilight(args: argparse.Namespace) -> int:
 def _length_gen(args: argparse.Namespace) -> int:
     from .run import run_length_gen
 
-    results, paths = run_length_gen(_load(args, []), progress=not args.quiet)
+    results, paths = run_length_gen(_load(args), progress=not args.quiet)
     for name, r in results.items():
         done = [p for p in next(iter(r["groups"].values()))["points"] if "cumulative" in p]
         print(f"{name}: {len(done)} of {len(r['lengths'])} lengths evaluated, the rest skipped (streams too short)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ttt_speech.handle import TTTModel
-from ttt_speech.stats import fast_weight_norms, initial_norm, is_runaway
+from ttt_speech.stats import fast_weight_norms, initial_norm, largest, runaway
 
 
 @dataclass
@@ -46,13 +46,9 @@ class FastWeightTrace:
             self.distances[i].append(float(fast_weight_norms(site.core, state)[1][0]))
 
     def runaway(self) -> dict[int, float]:
-        """{layer: largest ‖W − W_0‖ / ‖W_0‖} of the layers whose fast weights ran away (`is_runaway`)."""
-        out = {}
-        for layer, norm, dist in zip(self.layers, self.initial_norms, self.distances):
-            worst = max(dist, key=lambda d: d if d == d else float("inf"), default=0.0)
-            if is_runaway(worst, norm):
-                out[layer] = worst / max(norm, 1e-12)
-        return out
+        """{layer: largest ‖W − W_0‖ / ‖W_0‖} of the layers whose fast weights ran away (`stats.runaway`)."""
+        return runaway({layer: largest(d) for layer, d in zip(self.layers, self.distances)},
+                       dict(zip(self.layers, self.initial_norms)))
 
     def to_dict(self) -> dict:
         return {"positions": self.positions,

@@ -20,7 +20,7 @@ from ttt_speech.export import export_ttt_config
 from ttt_speech.files import writable_dir
 from ttt_speech.handle import TTTModel
 from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokenizer
-from ttt_speech.stats import RUNAWAY_FACTOR
+from ttt_speech.stats import runaway_warning
 from ttt_speech.tracking import start_wandb
 
 from .alignment import chunk_alignment
@@ -222,13 +222,10 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
 def _warn_runaway(model: EvalModel, mode: str, streams: list[Stream], results: list[StreamNLL]) -> None:
     """One warning per model and mode when fast weights ran away on a stream (`FastWeightTrace.runaway`)."""
     for stream, result in zip(streams, results):
-        grown = result.weights.runaway() if result.weights is not None else {}
+        weights = getattr(result, "weights", None)  # None without TTT layers
+        grown = weights.runaway() if weights is not None else {}
         if grown:
-            base_lr = model.ttt_config.base_lr if model.ttt_config is not None else float("nan")
-            logger.warning("%s/%s: fast weights of TTT layer(s) %s moved up to %.3g x their initial norm from it "
-                           "on %s (more than %gx: the inner loop is diverging; ttt.base_lr = %g may be too high)",
-                           model.name, mode, ", ".join(map(str, sorted(grown))), max(grown.values()),
-                           stream.book.id, RUNAWAY_FACTOR, base_lr)
+            logger.warning(runaway_warning(grown, f"{model.name}/{mode} on {stream.book.id}", model.ttt_config.base_lr))
             return
 
 

@@ -93,7 +93,7 @@ def resolve_resume(path: Path) -> Path:
     for candidate in reversed(found):
         try:
             verify_checkpoint(candidate)
-        except ValueError as e:
+        except DamagedCheckpoint as e:
             logger.warning("skipping a damaged checkpoint: %s", e)
             problems.append(str(e))
             continue
@@ -104,7 +104,8 @@ def resolve_resume(path: Path) -> Path:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Read every file of a checkpoint (tensors memory-mapped); a damaged one → ValueError naming it."""
+    """Parse every file of a checkpoint (train_state.pt memory-mapped, carry.safetensors whole, the
+    header of trainable.safetensors, config.yaml); a damaged one → `DamagedCheckpoint` naming it."""
     load_checkpoint(path, tensors=False)
     _readable(path / "trainable.safetensors", safetensors_shapes)
     read_checkpoint_config(path)
@@ -116,19 +117,28 @@ def read_checkpoint_config(path: Path) -> dict[str, Any]:
 
     data = _readable(path / "config.yaml", lambda f: yaml.safe_load(f.read_text()))
     if not isinstance(data, dict):
-        raise ValueError(f"--resume: {path / 'config.yaml'} is damaged (expected the run's config)")
+        raise DamagedCheckpoint(f"--resume: {path / 'config.yaml'} is damaged (expected the run's config)")
     return data
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that exists but does not parse (truncated, corrupted): `--resume` on a run
+    folder falls back past it. Failures to read (permissions, I/O errors) are plain ValueErrors."""
+
+
 def _readable(file: Path, read):
-    """`read(file)`; a missing file or any failure to parse it → ValueError naming the file."""
+    """`read(file)`; a missing file, a read failure or a parse failure → ValueError naming the file."""
     if not file.is_file():
         raise ValueError(f"--resume: {file} is missing")
     try:
         return read(file)
+    except OSError as e:  # the file may be fine: never a reason to fall back past it
+        raise ValueError(f"--resume: cannot read {file} ({e.strerror or e})") from None
+    except MemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - torch, safetensors and yaml each raise their own kinds
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--resume: {file} is damaged ({reason})") from None
+        raise DamagedCheckpoint(f"--resume: {file} is damaged ({reason})") from None
 
 
 def load_checkpoint(path: Path, tensors: bool = True
@@ -142,7 +152,7 @@ def load_checkpoint(path: Path, tensors: bool = True
     carry = _readable(carry_file, lambda f: load_file(str(f))) if carry_file.is_file() else None
     state = _readable(path / "train_state.pt", lambda f: torch.load(f, weights_only=False, mmap=True))
     if not isinstance(state, dict) or "step" not in state:
-        raise ValueError(f"--resume: {path / 'train_state.pt'} is not a ttt-speech training state")
+        raise DamagedCheckpoint(f"--resume: {path / 'train_state.pt'} is not a ttt-speech training state")
     trainable = _readable(path / "trainable.safetensors", lambda f: load_file(str(f))) if tensors else {}
     return trainable, carry, state
 

@@ -57,6 +57,8 @@ def _run(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, overrides)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if not main_rank:  # the run's own warnings (resume, runaway growth, ...) are the same on every rank: rank 0 says them
+        logging.getLogger("finetune").setLevel(logging.ERROR)
     try:
         result = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     except TrainingDiverged as e:

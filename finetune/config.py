@@ -163,13 +163,17 @@ RESUME_MOVES = ("model.device", "distributed")
 def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """Compare a checkpoint's config with the one of the resuming run (both `schema.to_dict` trees).
 
-    Returns (free changes, moves) as "field: old in the checkpoint, new now" lines; a change of any other field is a
-    ValueError naming it. Fields one side does not have (configs of another version) are ignored."""
+    Returns (free changes, moves) as "field: old in the checkpoint, new now" lines; a change of any
+    other field is a ValueError naming it. A field one side lacks counts as a change when that side
+    has a section above it null or empty (`ttt: null`, `model.tiny: {}`), and is ignored otherwise
+    (a field of another version of the config)."""
     free, moves, refused = [], [], []
     old, new = _flatten(saved), _flatten(current)
     for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, _SECTION), new.get(key, _SECTION)
-        if before == after or _SECTION in (before, after) and not _section_vs_null(key, old, new):
+        before, after = old.get(key, _UNSET), new.get(key, _UNSET)
+        if before == after:
+            continue
+        if before is _UNSET and not _under_empty(key, old) or after is _UNSET and not _under_empty(key, new):
             continue
         line = f"{key}: {_show(before)} in the checkpoint, {_show(after)} now"
         if any(key == p or key.startswith(p + ".") for p in RESUME_FREE):
@@ -185,19 +189,17 @@ def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return free, moves
 
 
-_SECTION = object()  # a key one side has as a section (several fields), the other as null
+_UNSET = object()  # a field one config does not have
 
 
-def _section_vs_null(key: str, old: dict, new: dict) -> bool:
-    """Whether `key`, missing on one side, is null there while the other side has it as a section."""
-    for mine, other in ((old, new), (new, old)):
-        if key in other and other[key] is None and key not in mine:
-            return any(k.startswith(key + ".") for k in mine)
-    return False
+def _under_empty(key: str, flat: dict) -> bool:
+    """Whether a section above `key` is null or empty in `flat` (so `key` is unset there, not unknown)."""
+    parts = key.split(".")
+    return any(flat.get(".".join(parts[:n]), _UNSET) in (None, {}) for n in range(1, len(parts)))
 
 
 def _show(value) -> str:
-    return "a section" if value is _SECTION else repr(value)
+    return "unset" if value is _UNSET else repr(value)
 
 
 def _flatten(tree, prefix: str = "") -> dict:

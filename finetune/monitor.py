@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,13 @@ from torch import nn
 
 from ttt_speech.handle import TTTModel
 from ttt_speech.stats import FastWeightStats
+from ttt_speech.files import write_text_atomic
 from ttt_speech.tracking import WandbConfig, start_wandb
+
+logger = logging.getLogger("finetune")
+METRICS = "metrics.jsonl"  # one JSON object per log step
+TTT_STATS = "ttt_stats.csv"  # one row per log step and TTT layer, `step` first
+MEMORY = "memory.json"  # bytes per rank after the first step (train.py)
 
 
 class InnerLrProbe:
@@ -48,12 +56,12 @@ class Monitor:
     def log(self, step: int, metrics: dict[str, float], layer_stats: dict[int, FastWeightStats] | None = None) -> None:
         if not self.enabled:
             return
-        with open(self.dir / "metrics.jsonl", "a") as f:
+        with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         flat = dict(metrics)
         if layer_stats:
-            new = not (self.dir / "ttt_stats.csv").exists()
-            with open(self.dir / "ttt_stats.csv", "a", newline="") as f:
+            new = not (self.dir / TTT_STATS).exists()
+            with open(self.dir / TTT_STATS, "a", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.CSV_FIELDS)
                 if new:
                     writer.writeheader()
@@ -67,3 +75,32 @@ class Monitor:
     def finish(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+
+
+def truncate_step_logs(output_dir: Path, step: int) -> None:
+    """Drop the rows of `metrics.jsonl` and `ttt_stats.csv` past `step`, which a resume does again,
+    and any row a killed run left half-written (a partial last line)."""
+    for name, step_of in ((METRICS, _jsonl_step), (TTT_STATS, _csv_step)):
+        path = output_dir / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines()
+        header = lines[:1] if name == TTT_STATS else []
+        kept = header + [line for line in lines[len(header):] if (s := step_of(line)) is not None and s <= step]
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            logger.info("%s: dropped %d row(s) past the resumed step %d", path, len(lines) - len(kept), step)
+
+
+def _jsonl_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a partial or foreign line
+        return None
+
+
+def _csv_step(line: str) -> int | None:
+    try:
+        return int(next(csv.reader(io.StringIO(line)))[0])
+    except (ValueError, IndexError, StopIteration):
+        return None

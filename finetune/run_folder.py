@@ -4,7 +4,8 @@
   the kernel releases when the process dies, even by SIGKILL), so a second concurrent run fails at
   once with one line naming the first one's pid.
 - A folder holding another run's outputs is refused unless the run continues it (`--resume` from
-  its checkpoints) or replaces it (`--overwrite`, which deletes those outputs first): a fresh run
+  its checkpoints) or replaces it (`--overwrite`, which deletes those outputs once the run has
+  passed its checks, just before its first step): a fresh run
   would otherwise have its checkpoints rotated away by the old run's higher steps, overwrite its
   export and append to its metrics.
 - Temporary checkpoint folders a killed run left (`checkpoints/.step_NNNNNN.*`, up to the size of a
@@ -13,10 +14,7 @@
 """
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
-import json
 import logging
 import os
 import shutil
@@ -24,26 +22,37 @@ import socket
 import time
 from pathlib import Path
 
-from ttt_speech.files import writable_dir, write_text_atomic
+from ttt_speech.files import writable_dir
 
-from .checkpointing import STEP_DIR, list_checkpoints
+from .checkpointing import STEP_DIR, DamagedCheckpoint, list_checkpoints, verify_checkpoint
+from .monitor import MEMORY, METRICS, TTT_STATS
 
 logger = logging.getLogger("finetune")
 
 LOCK = ".lock"
 # What a run writes into its folder (train.log, which the demo writes beside it, is not a run's).
-RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "ttt_stats.csv", "loss.png", "memory.json",
-               "length_gen", "wandb")
-STEP_LOGS = ("metrics.jsonl", "ttt_stats.csv")
+RUN_OUTPUTS = ("checkpoints", "export", METRICS, TTT_STATS, MEMORY, "loss.png", "length_gen", "wandb")
 
 
 class RunFolder:
-    """The claimed output folder of one run (rank 0 only); `release()` (or process exit) unlocks it."""
+    """The claimed output folder of one run (rank 0 only); `release()` (or process exit) unlocks it.
+
+    `replaced`: what `--overwrite` deletes, once the run has passed its checks (`replace_previous`)."""
 
     def __init__(self, path: Path, lock_file, created: bool) -> None:
         self.path = path
+        self.replaced: list[Path] = []
         self._lock = lock_file
         self._created = created
+
+    def replace_previous(self) -> None:
+        """Delete what --overwrite replaces; called just before the first step, so that a run that
+        fails its checks (a bad manifest, a missing weight file) leaves the old run as it was."""
+        for target in self.replaced:
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if self.replaced:
+            logger.warning("--overwrite: removed %s from %s", ", ".join(p.name for p in self.replaced), self.path)
+        self.replaced = []
 
     def release(self) -> None:
         """Unlock; a folder this run created and left empty (it failed before writing) is removed."""
@@ -55,21 +64,6 @@ class RunFolder:
                 self.path.rmdir()
         self._lock.close()  # closing the descriptor drops the flock
         self._lock = None
-
-    def truncate_logs(self, step: int) -> None:
-        """Drop the rows of `metrics.jsonl` and `ttt_stats.csv` past `step` (a resume re-does them)."""
-        for name in STEP_LOGS:
-            path = self.path / name
-            if not path.is_file():
-                continue
-            lines = path.read_text().splitlines(keepends=True)
-            if name.endswith(".jsonl"):
-                kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-            else:
-                kept = lines[:1] + [line for line in lines[1:] if int(next(csv.reader(io.StringIO(line)))[0]) <= step]
-            if len(kept) != len(lines):
-                write_text_atomic(path, "".join(kept))
-                logger.info("%s: dropped %d row(s) past the resumed step %d", path, len(lines) - len(kept), step)
 
 
 def claim(path: Path, resume_from: Path | None, overwrite: bool) -> RunFolder:
@@ -91,50 +85,54 @@ def claim(path: Path, resume_from: Path | None, overwrite: bool) -> RunFolder:
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
+    folder = RunFolder(path, lock, created)
     try:
-        _check_owner(path, resume_from, overwrite)
+        folder.replaced = _replaced(path, resume_from, overwrite)
         _clean_partial_checkpoints(path / "checkpoints")
     except BaseException:
-        RunFolder(path, lock, created).release()
+        folder.release()
         raise
-    return RunFolder(path, lock, created)
+    return folder
 
 
-def _check_owner(path: Path, resume_from: Path | None, overwrite: bool) -> None:
-    previous = [name for name in RUN_OUTPUTS if (path / name).exists()]
+def _replaced(path: Path, resume_from: Path | None, overwrite: bool) -> list[Path]:
+    """What of the folder's previous content the run replaces (with `overwrite`); a ValueError when
+    it holds another run and may not."""
+    previous = [path / name for name in RUN_OUTPUTS if (path / name).exists()]
     if not previous:
-        return
-    continues = resume_from is not None and resume_from.resolve().is_relative_to(path.resolve())
-    if continues:
-        _check_newest(path, resume_from.resolve(), overwrite)
-        return
+        return []
+    if resume_from is not None and resume_from.resolve().is_relative_to(path.resolve()):
+        return _newer_checkpoints(path, resume_from.resolve(), overwrite)
     if overwrite:
-        for name in previous:
-            target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(previous), path)
-        return
-    raise ValueError(f"output_dir: {path} holds another run ({', '.join(previous)}); continue it with "
-                     f"--resume {path}, pass --overwrite to replace it, or choose another output_dir")
+        return previous
+    raise ValueError(f"output_dir: {path} holds another run ({', '.join(p.name for p in previous)}); continue it "
+                     f"with --resume {path}, pass --overwrite to replace it, or choose another output_dir")
 
 
-def _check_newest(path: Path, resume_from: Path, overwrite: bool) -> None:
+def _newer_checkpoints(path: Path, resume_from: Path, overwrite: bool) -> list[Path]:
     """Resuming an older checkpoint of the run in `path` branches its history: the newer checkpoints
-    would outlive the resumed run's own in rotation. Refused, unless `overwrite` deletes them."""
+    would outlive the resumed run's own in rotation. Damaged ones (which `resolve_resume` skipped)
+    are set aside as `<name>.damaged`; readable ones are refused, unless `overwrite` replaces them."""
     step = STEP_DIR.match(resume_from.name)
     if resume_from.parent != (path / "checkpoints").resolve() or step is None:
-        return
-    newer = [p for p in list_checkpoints(path / "checkpoints") if int(STEP_DIR.match(p.name).group(1)) > int(step.group(1))]
-    if not newer:
-        return
-    if not overwrite:
+        return []
+    newer = []
+    for p in list_checkpoints(path / "checkpoints"):
+        if int(STEP_DIR.match(p.name).group(1)) <= int(step.group(1)):
+            continue
+        try:
+            verify_checkpoint(p)
+        except DamagedCheckpoint as e:
+            aside = p.with_name(p.name + ".damaged")
+            os.replace(p, aside)
+            logger.warning("set the damaged %s aside as %s (%s); delete it once you have looked", p.name, aside.name, e)
+            continue
+        newer.append(p)
+    if newer and not overwrite:
         raise ValueError(f"--resume: {resume_from.name} is not the newest checkpoint of {path} (newer: "
                          f"{', '.join(p.name for p in newer)}); continuing it there would mix two histories: pass "
                          "--overwrite to delete the newer checkpoints, or set another output_dir")
-    for p in newer:
-        shutil.rmtree(p)
-    logger.warning("--overwrite: removed the checkpoints newer than %s: %s", resume_from.name,
-                   ", ".join(p.name for p in newer))
+    return newer
 
 
 def _clean_partial_checkpoints(root: Path) -> None:

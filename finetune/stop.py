@@ -1,12 +1,15 @@
 """Stopping a training run cleanly: Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption notice, or
 torchrun passing one on) asks the loop to finish its step, save a checkpoint and exit 130; a second
 Ctrl-C stops at once. Under torchrun the request is all-reduced each step, so every rank stops at the
-same step and takes part in the (collective) checkpoint."""
+same step and takes part in the (collective) checkpoint. (torchrun's agent kills its workers 30 s
+after passing a signal on: a checkpoint that takes longer is cut, and the previous one resumes.)"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from typing import Iterator
 
 import torch
 
@@ -47,3 +50,22 @@ class StopRequest:
         """Whether any rank was asked to stop (collective under torchrun: every rank calls it each step)."""
         local = float(self.reason is not None)
         return env.all_reduce(torch.tensor(local, device=env.device)).item() > 0
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends the command as Ctrl-C does (KeyboardInterrupt: exit 130, one line, the run folder
+    unlocked) outside the training loop, where `StopRequest` takes over; by default it would kill the
+    process without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -31,7 +31,7 @@ from ttt_speech.models import load_mimi, load_text_tokenizer
 from ttt_speech.moshi.carry import TTTCarry
 from ttt_speech.moshi.teacher_forcing import ChunkModel, delayed_streams
 from ttt_speech.sharding import is_sharded, ttt_units, unsharded
-from ttt_speech.stats import RUNAWAY_FACTOR, runaway_layers
+from ttt_speech.stats import runaway, runaway_warning
 
 from .checkpointing import (full_optimizer_state, full_trainable_state, load_checkpoint, load_full_state,
                             read_checkpoint_config, resolve_resume, rng_state, safetensors_shapes, save_checkpoint,
@@ -42,9 +42,9 @@ from .distributed import Dist, build_device, chunk_model, close_distributed, con
 from .loss import loss_terms, summarize, total_loss
 from .memory import rank_memory
 from .model import build_model, master_to_model_dtype
-from .monitor import InnerLrProbe, Monitor
+from .monitor import MEMORY, METRICS, InnerLrProbe, Monitor, truncate_step_logs
 from .run_folder import RunFolder, claim
-from .stop import StopRequest, TrainingInterrupted
+from .stop import StopRequest, TrainingInterrupted, sigterm_interrupts
 
 logger = logging.getLogger("finetune")
 
@@ -100,16 +100,35 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     folder is locked and must not hold another run (`overwrite`: delete that run's outputs), and every
     manifest entry is read. Ctrl-C / SIGTERM: a checkpoint, then `TrainingInterrupted`."""
     env = init_distributed(config.model.device)
-    manifests = (read_manifest(config.data.train_manifest, "data.train_manifest"),
-                 read_manifest(config.data.eval_manifest, "data.eval_manifest") if config.data.eval_manifest else [])
-    resume_dir = _check_resume(config, resume) if resume is not None else None
-    folder = claim(config.output_dir, resume_dir, overwrite) if env.is_main else None
+    folder = None
     try:
-        return _train(config, env, manifests, resume_dir, folder, progress)
+        with sigterm_interrupts():
+            manifests = (read_manifest(config.data.train_manifest, "data.train_manifest"),
+                         read_manifest(config.data.eval_manifest, "data.eval_manifest")
+                         if config.data.eval_manifest else [])
+            resume_dir = _check_resume(config, resume) if resume is not None else None
+            folder = _claim(config, env, resume_dir, overwrite)
+            return _train(config, env, manifests, resume_dir, folder, progress)
     finally:
         if folder is not None:
             folder.release()
         close_distributed()
+
+
+def _claim(config: TrainConfig, env: Dist, resume_dir: Path | None, overwrite: bool) -> RunFolder | None:
+    """Rank 0 claims the output folder (`run_folder.claim`); a refusal is raised on every rank alike,
+    so that no rank goes on to wait for the others in a collective."""
+    env.barrier()  # every rank has read the resume checkpoint before rank 0 may set damaged ones aside
+    folder, error = None, None
+    if env.is_main:
+        try:
+            folder = claim(config.output_dir, resume_dir, overwrite)
+        except ValueError as e:
+            error = str(e)
+    error = env.broadcast_object(error)
+    if error is not None:
+        raise ValueError(error)
+    return folder
 
 
 def _check_resume(config: TrainConfig, resume: Path) -> Path:
@@ -139,7 +158,7 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
     sharded = is_sharded(model)
     gathered_ttt = functools.partial(unsharded, ttt_units(lm))  # TTT parameters read outside forward
     if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)  # memory.json: not rank 0's whole copy before sharding
+        torch.cuda.reset_peak_memory_stats(env.device)  # MEMORY: not rank 0's whole copy before sharding
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")
@@ -147,8 +166,9 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     loader = RecordingLoader(entries, lm, config)
-    for field, listed in (("data.train_manifest", entries), ("data.eval_manifest", eval_entries)):
-        _check_entries(listed, RecordingLoader(listed, lm, config), field, env, progress)
+    _check_entries(entries, loader, "data.train_manifest", env, progress)
+    if eval_entries:
+        _check_entries(eval_entries, RecordingLoader(eval_entries, lm, config), "data.eval_manifest", env, progress)
     per_rank = config.data.batch_size // env.world
     batcher = WindowBatcher(entries, loader, config.data.batch_size, config.data.window_frames, env.rank, env.world,
                             seed=config.seed, shuffle=config.data.shuffle, persistent=config.persistent_state,
@@ -160,10 +180,11 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
     if resume_dir is not None:
         step = _restore(resume_dir, model, lm, optimizer, scheduler, batcher, carry, env)
         logger.info("resumed from %s at step %d", resume_dir, step)
-        if folder is not None:
-            folder.truncate_logs(step)
     else:
         torch.manual_seed(config.seed + env.rank)
+    if folder is not None:  # rank 0, every check passed: now --overwrite deletes, a resume cuts the logs back
+        folder.replace_previous()
+        truncate_step_logs(out_dir, step)
     monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main)
     warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
 
@@ -254,16 +275,19 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
                 window_start_time, window_steps = time.perf_counter(), 0
             if eval_entries and config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 _log_eval(step, model, eval_entries, config, carry, monitor, env)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                checkpoint(step, batcher.state_dict(), carry_state())
-            if step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
+            saved = None  # a path on rank 0 only: decisions below use `periodic`, the same on every rank
+            periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0 and step < config.steps
+            if periodic:
                 saved = checkpoint(step, batcher.state_dict(), carry_state())
-                bar.close()
-                monitor.finish()
-                raise TrainingInterrupted(f"stopped by {stop.reason or 'another rank'} after step {step}: checkpoint "
-                                          f"{saved or out_dir / 'checkpoints'}; continue with --resume {out_dir}")
-    bar.close()
-    checkpoint(step, batcher.state_dict(), carry_state())
+            if step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
+                if not periodic:  # not twice: rewriting step N would first delete the one just written
+                    saved = checkpoint(step, batcher.state_dict(), carry_state())
+                raise _stopped(stop, step, saved, out_dir, bar, monitor, "")
+        bar.close()
+        saved = checkpoint(step, batcher.state_dict(), carry_state())
+        if stop.requested(env):  # during the last step: its checkpoint is written, the rest is left
+            raise _stopped(stop, step, saved, out_dir, bar, monitor, " (the last one; the final evaluation and "
+                           "export were not done: --resume does them)")
     if eval_entries:
         metrics.update(_log_eval(step, model, eval_entries, config, carry, monitor, env))
     if carry is not None:
@@ -284,6 +308,14 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
     return {"step": step, **metrics}
 
 
+def _stopped(stop: StopRequest, step: int, saved: Path | None, out_dir: Path, bar, monitor: Monitor,
+             note: str) -> TrainingInterrupted:
+    bar.close()
+    monitor.finish()
+    return TrainingInterrupted(f"stopped by {stop.reason or 'another rank'} after step {step}{note}: checkpoint "
+                               f"{saved or out_dir / 'checkpoints'}; continue with --resume {out_dir}")
+
+
 def _check_entries(entries: list[ManifestEntry], loader: RecordingLoader, field: str, env: Dist,
                    progress: bool) -> None:
     """Read every manifest entry once before the first step (audio: encoded into the codes cache), so
@@ -291,27 +323,27 @@ def _check_entries(entries: list[ManifestEntry], loader: RecordingLoader, field:
     from tqdm import tqdm
 
     mine = range(env.rank, len(entries), env.world)
+    error = None
     for i in tqdm(mine, desc=f"checking {field}", unit="file", disable=not (progress and env.is_main) or len(mine) < 2,
                   dynamic_ncols=True, leave=False):
         try:
-            codes = loader.codes(i)
+            if loader.codes(i).shape[1] == 0:
+                error = f"{field}: {entries[i].path} holds no frames"
         except ValueError as e:
-            raise ValueError(f"{field}: {e}") from None
-        if codes.shape[1] == 0:
-            raise ValueError(f"{field}: {entries[i].path} holds no frames")
-    env.barrier()
+            error = f"{field}: {e}"
+        if error is not None:
+            break
+    errors = [e for e in env.gather_objects(error) if e is not None]  # every rank raises the same error
+    if errors:
+        raise ValueError(errors[0])
 
 
 def _warn_runaway(stats: dict | None, initial: dict[int, float], step: int, config: TrainConfig) -> bool:
-    """Warn when a TTT layer's fast weights moved past RUNAWAY_FACTOR x ‖W₀‖ from W₀; whether it warned."""
-    grown = runaway_layers(stats or {}, initial)
-    if not grown:
-        return False
-    worst = max(grown.values(), key=lambda r: r if r == r else float("inf"))  # NaN first
-    logger.warning("fast weights of TTT layer(s) %s moved %.3g x their initial norm from it by step %d (more than "
-                   "%gx: the inner loop is diverging; ttt.base_lr = %g may be too high); see ttt_stats.csv",
-                   ", ".join(map(str, sorted(grown))), worst, step, RUNAWAY_FACTOR, config.ttt.base_lr)
-    return True
+    """Warn when a TTT layer's fast weights ran away (`stats.runaway`); whether it warned."""
+    grown = runaway({layer: s.w_delta for layer, s in (stats or {}).items()}, initial)
+    if grown:
+        logger.warning("%s; see ttt_stats.csv", runaway_warning(grown, f"step {step}", config.ttt.base_lr))
+    return bool(grown)
 
 
 def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
@@ -321,7 +353,7 @@ def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
     if not env.is_main:
         return
     report = {"strategy": config.distributed if env.enabled else "single", "world": env.world, "ranks": ranks}
-    write_text_atomic(out_dir / "memory.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / MEMORY, json.dumps(report, indent=2) + "\n")
     r = ranks[0]
     logger.info("memory per rank (rank 0, %s x%d): parameters %.1f MiB, gradients %.1f MiB, optimizer %.1f MiB, "
                 "peak %.1f MiB (%s)", report["strategy"], env.world, r["params"] / 2**20, r["grads"] / 2**20,
@@ -429,7 +461,7 @@ def _plot_curves(out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = out_dir / "metrics.jsonl"
+    path = out_dir / METRICS
     if not path.is_file():
         return
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -229,10 +229,11 @@ def test_runaway_fast_weights_are_warned_once(tmp_path, corpus, caplog):
 
 
 def test_the_runaway_rule_and_the_evaluator_trace():
-    from ttt_speech.stats import is_runaway
+    from ttt_speech.stats import runaway
     from ttt_speech_apps.eval.fast_weights import FastWeightTrace
 
-    assert not is_runaway(5.0, 1.0) and is_runaway(11.0, 1.0) and is_runaway(float("nan"), 1.0)
+    grown = runaway({0: 5.0, 1: 11.0, 2: float("nan")}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert set(grown) == {1, 2} and grown[1] == 11.0
     trace = FastWeightTrace([0, 2], [1.0, 2.0], positions=[16, 32], distances=[[0.5, 0.7], [3.0, 25.0]])
     assert trace.runaway() == {2: 12.5}
 

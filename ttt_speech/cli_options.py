@@ -15,8 +15,15 @@ def overrides_and_options(parser: argparse.ArgumentParser, args: argparse.Namesp
     values) is parsed by `parser` into `args`, before the positionals named so that REMAINDER stays
     empty. An unknown option or a bad value is a ValueError (the command's one-line error, exit 2)."""
     overrides, rest = [], []
-    for token in args.overrides:
-        (overrides if "=" in token and not token.startswith("-") else rest).append(token)
+    tokens = list(args.overrides)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("-"):
+            overrides.append(token)  # a bare word too: `apply_overrides` names it as a bad override
+            continue
+        rest.append(token)
+        if "=" not in token and _takes_value(parser, token) and tokens:
+            rest.append(tokens.pop(0))  # its value, whatever it looks like (`--resume runs/lr=3e-4`)
     if rest:
         given = [str(getattr(args, name)) for name in positionals if getattr(args, name, None) is not None]
         parser.error = _raise  # one line through the command's error path, not usage + SystemExit
@@ -26,6 +33,12 @@ def overrides_and_options(parser: argparse.ArgumentParser, args: argparse.Namesp
             del parser.error  # back to ArgumentParser.error
     args.overrides = overrides
     return overrides
+
+
+def _takes_value(parser: argparse.ArgumentParser, option: str) -> bool:
+    """Whether `option` is one of `parser`'s options that take a value (not a flag)."""
+    # argparse (stdlib) has no public accessor of a parser's actions; `_actions` has held them since 3.2
+    return any(option in action.option_strings and action.nargs != 0 for action in parser._actions)
 
 
 def _raise(message: str) -> None:

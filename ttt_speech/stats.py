@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from .state import TTTState
 
 # ‖W − W₀‖ past this multiple of ‖W₀‖ is reported as runaway growth: the inner loop is diverging
-# (an inner learning rate far too high), not learning. A healthy layer moves a fraction of ‖W₀‖
-# (docs/training.md §4).
+# (an inner learning rate far too high), not learning. Healthy layers move a few ‖W₀‖ at most
+# (1.4x-2.6x in the demo, trained or fresh; docs/training.md §4).
 RUNAWAY_FACTOR = 10.0
+_TINY = 1e-12  # ‖W₀‖ floor: a layer initialised at zero still has a ratio
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,21 @@ def initial_norm(core: nn.Module) -> float:
     return float(torch.sqrt(sum(getattr(core, n).detach().double().pow(2).sum() for n in core.fast_names)))
 
 
-def is_runaway(distance: float, w0_norm: float, factor: float = RUNAWAY_FACTOR) -> bool:
-    """Whether fast weights at ‖W − W₀‖ = `distance` from W₀ (of norm `w0_norm`) ran away (NaN too)."""
-    return not distance <= factor * max(w0_norm, 1e-12)
+def runaway(distances: dict[int, float], initial: dict[int, float],
+            factor: float = RUNAWAY_FACTOR) -> dict[int, float]:
+    """{layer: ‖W − W₀‖ / ‖W₀‖} of the layers whose fast weights moved more than `factor` x ‖W₀‖ from
+    W₀ (NaN counts). distances: {layer: ‖W − W₀‖}; initial: {layer: ‖W₀‖} (`initial_norm`)."""
+    ratios = {layer: d / max(initial[layer], _TINY) for layer, d in distances.items()}
+    return {layer: r for layer, r in ratios.items() if not r <= factor}
 
 
-def runaway_layers(stats: dict[int, FastWeightStats], initial: dict[int, float]) -> dict[int, float]:
-    """{layer: ‖W − W₀‖ / ‖W₀‖} of the layers of `stats` whose fast weights ran away (`is_runaway`;
-    `initial`: {layer: ‖W₀‖}, `initial_norm`)."""
-    return {layer: s.w_delta / max(initial[layer], 1e-12) for layer, s in stats.items()
-            if is_runaway(s.w_delta, initial[layer])}
+def largest(values) -> float:
+    """The largest of `values`, NaN above everything (a NaN distance is the worst runaway); 0 if empty."""
+    return max(values, key=lambda v: v if v == v else float("inf"), default=0.0)
+
+
+def runaway_warning(grown: dict[int, float], where: str, base_lr: float | None) -> str:
+    """The one warning line of `runaway`'s result, for training and evaluation alike."""
+    return (f"{where}: fast weights of TTT layer(s) {', '.join(map(str, sorted(grown)))} moved {largest(grown.values()):.3g} "
+            f"x their initial norm from it (more than {RUNAWAY_FACTOR:g}x: the inner loop is diverging; "
+            f"ttt.base_lr = {base_lr:g} may be too high)")

@@ -17,13 +17,19 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# Part of the cache key beside the codec: bumped when what is cached for the same audio and codec
+# changes. 2: the silence codes stored with each recording are the codec's steady state (`silence_codes`).
+CACHE_VERSION = 2
+
+
 class CodesCache:
-    """`root/<codec>/<sha[:2]>/<sha>.safetensors`; keyed by content, so renamed or copied files hit
-    the cache and an edited file does not. `mimi_factory` builds the codec only on a cache miss."""
+    """`root/<codec>.v<CACHE_VERSION>/<sha[:2]>/<sha>.safetensors`; keyed by content, so renamed or
+    copied files hit the cache and an edited file does not. `mimi_factory` builds the codec only on
+    a cache miss."""
 
     def __init__(self, root: str | Path, codec_id: str, mimi_factory: Callable[[], object]):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in codec_id)
-        self.root = Path(root) / safe
+        self.root = Path(root) / f"{safe}.v{CACHE_VERSION}"
         self.codec_id = codec_id
         self._factory = mimi_factory
         self._mimi = None

@@ -20,13 +20,13 @@ What is here:
 - `LMGen._step` (the step's transformer output), `_LMGenState.offsets` / `.graphed_depth`;
 - the fields of moshi's `State` dataclasses, flattened to tensors to save a live stream;
 - `loaders._lm_kwargs`, Moshi-7B's architecture (for memory tables built on the meta device);
-- a Mimi quantizer stage's `_codebook` buffers (`set_codebook`, the seeded random Mimi).
+- the stages of Mimi's quantizer and their `_codebook` buffers (`fit_mimi_codebooks`, the seeded random Mimi).
 """
 from __future__ import annotations
 
 import dataclasses
 from contextlib import ExitStack
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -231,7 +231,26 @@ def moshi_7b_lm(device: torch.device | str = "meta", dtype: torch.dtype = torch.
 # ---------------------------------------------------------------- Mimi's codebooks
 
 
-def set_codebook(layer: nn.Module, centroids: Tensor) -> None:
+@torch.no_grad()
+def fit_mimi_codebooks(mimi: nn.Module, latent: Tensor, centroids: Callable[[Tensor, int], Tensor]) -> None:
+    """Set the codebook of every active residual stage of `mimi`'s quantizer, stage after stage:
+    `centroids(x, bins)` → [bins, D] from the stage's inputs x [N, D] (the residuals the stages
+    before it leave), `latent` [1, C, N] being Mimi's unquantized encoder output."""
+    # moshi 0.2.13: Mimi's quantizer is a `SplitResidualVectorQuantizer`: `rvq_first` (n_q_semantic
+    # stages) then `rvq_rest`, each a `ResidualVectorQuantizer` with `input_proj`, `bins` and
+    # `vq.layers` (`VectorQuantization`: `project_in`, `encode`, `decode`). No public walk of the stages.
+    quantizer = mimi.quantizer
+    stages = ((quantizer.rvq_first, quantizer.n_q_semantic),
+              (quantizer.rvq_rest, mimi.num_codebooks - quantizer.n_q_semantic))
+    for rvq, count in stages:
+        residual = rvq.input_proj(latent)  # [1, D, N]
+        for layer in rvq.vq.layers[:count]:
+            x = layer.project_in(residual.transpose(1, 2))[0]  # [N, D], as the codebook sees them
+            _set_codebook(layer, centroids(x, rvq.bins))
+            residual = residual - layer.decode(layer.encode(residual))
+
+
+def _set_codebook(layer: nn.Module, centroids: Tensor) -> None:
     """Make `centroids` [bins, D] the codebook of one Mimi quantizer stage (a `VectorQuantization`)."""
     # moshi 0.2.13: `VectorQuantization._codebook` (`EuclideanCodebook`) stores its centroids as the
     # buffers `embedding_sum` / `cluster_usage` (centroid = sum / usage) with the flag `_initialized`,
@@ -239,7 +258,7 @@ def set_codebook(layer: nn.Module, centroids: Tensor) -> None:
     # Only its training forward (k-means, then EMA) sets them; no public setter exists.
     codebook = layer._codebook
     if tuple(centroids.shape) != tuple(codebook.embedding_sum.shape):
-        raise ValueError(f"set_codebook: expected centroids {tuple(codebook.embedding_sum.shape)}, "
+        raise ValueError(f"fit_mimi_codebooks: expected centroids {tuple(codebook.embedding_sum.shape)}, "
                          f"got {tuple(centroids.shape)}")
     codebook.embedding_sum.copy_(centroids)
     codebook.cluster_usage.fill_(1.0)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .internals import set_codebook
+from .internals import fit_mimi_codebooks
 
 VERSION = 2  # 1: moshi's uninitialised codebooks (every code 0)
 FIT_SECONDS = 10.0
@@ -62,16 +62,11 @@ def initialise_codebooks(mimi, seed: int) -> None:
     signal = fit_signal(mimi.sample_rate, FIT_SECONDS, seed)
     latent = mimi.encode_to_latent(signal[None, None], quantize=False)  # [1, C, N]
     gen = torch.Generator().manual_seed(seed)
-    quantizer = mimi.quantizer  # moshi's SplitResidualVectorQuantizer: 1 semantic stage, then the acoustic ones
-    stages = ((quantizer.rvq_first, quantizer.n_q_semantic),
-              (quantizer.rvq_rest, mimi.num_codebooks - quantizer.n_q_semantic))
-    for rvq, count in stages:
-        residual = rvq.input_proj(latent)  # [1, D, N]
-        for layer in rvq.vq.layers[:count]:
-            x = layer.project_in(residual.transpose(1, 2))[0]  # [N, D] as the codebook sees them
-            size = rvq.bins
-            picks = torch.randint(0, x.shape[0], (size,), generator=gen)
-            noise = torch.randn(size, x.shape[1], generator=gen)
-            set_codebook(layer, x[picks] + JITTER * x.std(0) * noise)  # [bins, D]
-            residual = residual - layer.decode(layer.encode(residual))
+    fit_mimi_codebooks(mimi, latent, lambda x, bins: jittered_samples(x, bins, gen))
 
+
+def jittered_samples(x: Tensor, bins: int, gen: torch.Generator) -> Tensor:
+    """`bins` centroids [bins, D] from stage inputs x [N, D]: sampled rows of x plus JITTER·std(x) noise."""
+    picks = torch.randint(0, x.shape[0], (bins,), generator=gen)
+    noise = torch.randn(bins, x.shape[1], generator=gen)
+    return x[picks] + JITTER * x.std(0) * noise
