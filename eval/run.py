@@ -222,8 +222,7 @@ def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
 def _warn_runaway(model: EvalModel, mode: str, streams: list[Stream], results: list[StreamNLL]) -> None:
     """One warning per model and mode when fast weights ran away on a stream (`FastWeightTrace.runaway`)."""
     for stream, result in zip(streams, results):
-        weights = getattr(result, "weights", None)  # None without TTT layers
-        grown = weights.runaway() if weights is not None else {}
+        grown = result.weights.runaway() if result.weights is not None else {}
         if grown:
             logger.warning(runaway_warning(grown, f"{model.name}/{mode} on {stream.book.id}", model.ttt_config.base_lr))
             return

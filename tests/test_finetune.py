@@ -48,6 +48,13 @@ def test_config_round_trip(tmp_path, corpus):
     ("ttt.mini_batch_size=0", "TTTConfig.mini_batch_size"),
     ("data.train_manifest=/nonexistent/train.jsonl", "data.train_manifest: manifest /nonexistent/train.jsonl not found"),
     ("model.tiny.widht=3", "model.tiny: unknown kwarg(s) ['widht']"),
+    # values that used to reach torch unchecked (a traceback, or a 40 GB allocation)
+    ("model.tiny.dim=-64", "model.tiny.dim: expected an integer >= 1, got -64"),
+    ("model.tiny.dim=100000", "-parameter model (at most 2B for a tiny one)"),
+    ("model.tiny.n_q=4", "model.tiny.delays: expected n_q + 1 = 5 delays"),
+    ("model.device=tpu", "model.device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ("ttt.gate_init=1e308", "TTTConfig.gate_init: expected a number in [-10, 10]"),
+    ("ttt.mini_batch_size=100000", "TTTConfig.mini_batch_size: expected at most 1024"),
 ])
 def test_bad_config_is_one_line_error_exit_2_nothing_written(tmp_path, corpus, capsys, override, message):
     path = write_config(tmp_path, corpus)

@@ -239,21 +239,7 @@ def test_the_runaway_rule_and_the_evaluator_trace():
 
 
 # ---- bad input: one line naming the field or file, nothing written ---------------------------
-
-@pytest.mark.parametrize("override,message", [
-    ("model.tiny.dim=-64", "model.tiny.dim: expected an integer >= 1, got -64"),
-    ("model.tiny.dim=100000", "-parameter model (at most 2B for a tiny one)"),
-    ("model.tiny.n_q=4", "model.tiny.delays: expected n_q + 1 = 5 delays"),
-    ("model.device=tpu", "model.device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
-    ("ttt.gate_init=1e308", "TTTConfig.gate_init: expected a number in [-10, 10]"),
-    ("ttt.mini_batch_size=100000", "TTTConfig.mini_batch_size: expected at most 1024"),
-])
-def test_values_that_would_reach_torch_are_refused(tmp_path, corpus, capsys, override, message):
-    config = write_config(tmp_path, corpus)
-    assert train_main([str(config), "--quiet", override]) == 2
-    one_error_line(capsys, message)
-    assert not (tmp_path / "run").exists()
-
+# (values that would reach torch unchecked: test_finetune.py's test_bad_config_is_one_line_error_exit_2_nothing_written)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_device_the_machine_lacks_is_named(tmp_path, corpus, capsys):

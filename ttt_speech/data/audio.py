@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..files import require_file
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 SILENCE_SECONDS = 4.0
 
@@ -19,9 +21,7 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
     samples (a Rust panic: a `BaseException` and a backtrace on stderr), so it never sees them."""
     import sphn
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: is a directory, expected an audio file" if path.is_dir() else f"{path}: audio file not found")
+    path = require_file(path, "an audio file")
     pcm, rate = _guarded(path, "cannot decode audio", lambda: sphn.read(str(path)))
     pcm = np.asarray(pcm, dtype=np.float32)
     if pcm.ndim == 1:

@@ -11,7 +11,7 @@ at levels from -50 to -6 dBFS), stage after stage as the residual quantizer sees
 where x [N, D] are the stage's inputs (the residuals left by the stages before it) on the fit
 signal. Centroids thus lie where the encoder's outputs lie, at their scale, and the jitter spreads
 the 2048 entries around the N < 2048 samples so that nearby latents get different codes. Measured
-on 5 s of LibriVox speech (`tests/test_audio_codes.py`): 30-38 distinct codes per codebook in 62
+on 5 s of LibriVox speech (`tests/test_audio_codes.py`): 30-38 distinct codes per codebook in 63
 frames, speech and silence apart, two utterances apart. Deterministic by seed on one machine
 (float32 on the CPU); `VERSION` is part of the codec id, so code caches of another fit are never
 reused.
@@ -21,8 +21,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-
-from .internals import fit_mimi_codebooks
 
 VERSION = 2  # 1: moshi's uninitialised codebooks (every code 0)
 FIT_SECONDS = 10.0
@@ -59,6 +57,8 @@ def fit_signal(sample_rate: int, seconds: float, seed: int) -> Tensor:
 @torch.no_grad()
 def initialise_codebooks(mimi, seed: int) -> None:
     """Set the active codebooks of a random-init Mimi (on the CPU) from its latents on `fit_signal`."""
+    from .internals import fit_mimi_codebooks  # here: `VERSION` (a codec id) must not import moshi
+
     signal = fit_signal(mimi.sample_rate, FIT_SECONDS, seed)
     latent = mimi.encode_to_latent(signal[None, None], quantize=False)  # [1, C, N]
     gen = torch.Generator().manual_seed(seed)
