@@ -28,6 +28,7 @@ from ttt_speech.tracking import WandbConfig
 from ttt_speech_apps.eval.config import DataConfig, EvalConfig
 from ttt_speech_apps.finetune.config import TrainConfig
 from ttt_speech_apps.finetune.monitor import METRICS
+from ttt_speech_apps.finetune.plots import LOSS_PLOT, plot_loss, read_history
 
 from .config import DemoConfig
 from .summary import audio_summary, comparison, render_markdown, render_terminal
@@ -49,10 +50,11 @@ def prepare_output(out: Path) -> None:
     (out / MARKER).write_text("made by `ttt-speech demo`; its subfolders are replaced on the next run\n")
 
 
-def train_configs(config: DemoConfig, train_manifest: Path) -> dict[str, TrainConfig]:
-    """The TTT run and the baseline run: the same `train` section, the baseline with `ttt: null`."""
+def train_configs(config: DemoConfig, train_manifest: Path, eval_manifest: Path) -> dict[str, TrainConfig]:
+    """The TTT run and the baseline run: the same `train` section, the baseline with `ttt: null`; both
+    report a held-out loss on the corpus's held-out recordings (`eval_every`, `eval_frames`)."""
     out = config.output_dir
-    data = replace(config.train.data, train_manifest=train_manifest, eval_manifest=None)
+    data = replace(config.train.data, train_manifest=train_manifest, eval_manifest=eval_manifest)
     ttt = replace(config.train, data=data, output_dir=out / "ttt")
     base = schema.to_dict(replace(ttt, output_dir=out / "baseline"))
     base["ttt"] = None
@@ -171,7 +173,7 @@ def run_demo(config: DemoConfig, progress: bool = True, say: Callable[[str], Non
     files = write_corpus(config.corpus, out / "corpus", progress=progress)
     timings["corpus"] = time.perf_counter() - t
 
-    runs = train_configs(config, files["train"])
+    runs = train_configs(config, files["train"], files["eval"])
     paths = {}
     for name, run in runs.items():
         paths[name] = out / f"{name}.yaml"
@@ -183,6 +185,8 @@ def run_demo(config: DemoConfig, progress: bool = True, say: Callable[[str], Non
     train_seconds = (train_side_by_side(paths, runs, progress) if config.parallel
                      else train_one_after_the_other(runs, progress))
     timings["training"] = time.perf_counter() - t
+    loss_plot = plot_loss({name: read_history(run.output_dir) for name, run in runs.items()}, out / LOSS_PLOT,
+                          "Training loss: TTT vs baseline (the same recipe without TTT)")
 
     evaluation = eval_config(config, files["eval"])
     write_text_atomic(out / "eval.yaml", yaml.safe_dump(schema.to_dict(evaluation), sort_keys=False))
@@ -198,9 +202,10 @@ def run_demo(config: DemoConfig, progress: bool = True, say: Callable[[str], Non
     timings["audio"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
 
-    summary = comparison(report, config, eval_paths, train_seconds, timings, audio_summary(audio))
+    summary = comparison(report, config, {**eval_paths, "loss": loss_plot}, train_seconds, timings,
+                         audio_summary(audio))
     summary["files"] = {"demo.md": str(out / "demo.md"), "demo.json": str(out / "demo.json"),
-                        **{k: str(v) for k, v in eval_paths.items()},
+                        **{k: str(v) for k, v in eval_paths.items()}, **({"loss": str(loss_plot)} if loss_plot else {}),
                         "ttt run": str(out / "ttt"), "baseline run": str(out / "baseline")}
     write_text_atomic(out / "demo.md", render_markdown(summary))
     write_text_atomic(out / "demo.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")

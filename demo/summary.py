@@ -137,18 +137,31 @@ def nll_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
-def mode_rows(summary: dict) -> list[list[str]]:
-    return [[name, f"{m['native_streams']} x {m['native_frames'] // max(m['native_streams'], 1):,}",
+def memory_measured(summary: dict) -> bool:
+    """Whether any mode's peak memory rose above its start (on CPU, tiny models often show none)."""
+    return any(m[k] for m in summary["modes"].values() for k in ("chunked_peak_bytes", "native_peak_bytes"))
+
+
+def mode_table(summary: dict) -> tuple[list[str], list[list[str]], str]:
+    """Header, rows and the memory note of the chunked vs native table (memory columns only when measured)."""
+    measured = memory_measured(summary)
+    header = MODE_HEADER + (["chunked memory", "native memory"] if measured else [])
+    rows = [[name, f"{m['native_streams']} x {m['native_frames'] // max(m['native_streams'], 1):,}",
              f"{m['max_abs']:.1e}", _f(m["chunked_frames_per_s"], ".0f"), _f(m["native_frames_per_s"], ".0f"),
-             _f(m["speed_ratio"], ".1f") + "x", _mib(m["chunked_peak_bytes"]), _mib(m["native_peak_bytes"])]
+             _f(m["speed_ratio"], ".1f") + "x"] + ([_mib(m["chunked_peak_bytes"]), _mib(m["native_peak_bytes"])]
+                                                  if measured else [])
             for name, m in summary["modes"].items()]
+    kind = next(iter(summary["modes"].values()))["memory_kind"]
+    note = (MEMORY_NOTE.get(kind, f"memory: {kind}") if measured else
+            f"memory: not shown: no growth above the level before scoring was seen ({kind}; tiny models on CPU)")
+    return header, rows, note
 
 
 NLL_HEADER = ["stream", "frames", "TTT", "baseline", "TTT - baseline"]
 MODE_HEADER = ["model", "native streams x frames", "max |dNLL|", "chunked frames/s", "native frames/s",
-               "chunked/native", "chunked memory", "native memory"]
+               "chunked/native"]
 MEMORY_NOTE = {"cpu_rss_sampled": "memory: growth of the process's resident memory over the run, sampled every 5 ms "
-                                  "(coarse on CPU: tiny models need next to none)",
+                                  "(coarse on CPU)",
                "cuda_allocated": "memory: peak CUDA memory allocated above the start of the run"}
 
 
@@ -202,10 +215,9 @@ def render_terminal(summary: dict) -> str:
     lines += ["", "codebook-1 NLL vs position (chunked; T = TTT, b = baseline, * = both):"]
     lines += ascii_plot(summary["curves"]) + [""]
     if summary["modes"]:
-        lines += ["chunked vs native (LMGen.step, ground truth forced): same NLL, different speed and memory"]
-        lines += _text_table(MODE_HEADER, mode_rows(summary))
-        kind = next(iter(summary["modes"].values()))["memory_kind"]
-        lines += [MEMORY_NOTE.get(kind, f"memory: {kind}"), ""]
+        header, rows, note = mode_table(summary)
+        lines += ["chunked vs native (LMGen.step, ground truth forced): same NLL, different speed"]
+        lines += _text_table(header, rows) + [note, ""]
     audio = summary["audio"]
     if "skipped" in audio:
         lines.append(f"audio path: skipped ({audio['skipped']})")
@@ -249,9 +261,8 @@ def render_markdown(summary: dict) -> str:
     lines += ["", "## TTT vs baseline (NLL, nats per token, chunked mode)", ""]
     lines += _md_table(NLL_HEADER, nll_rows(summary)) + [""]
     if summary["modes"]:
-        kind = next(iter(summary["modes"].values()))["memory_kind"]
-        lines += ["## Chunked vs native (`LMGen.step`)", ""] + _md_table(MODE_HEADER, mode_rows(summary))
-        lines += ["", MEMORY_NOTE.get(kind, f"memory: {kind}") + ".", ""]
+        header, rows, note = mode_table(summary)
+        lines += ["## Chunked vs native (`LMGen.step`)", ""] + _md_table(header, rows) + ["", note + ".", ""]
     lines += ["## Plots", ""] + [f"![{k}]({rel(v)})" for k, v in summary["plots"].items()] + [""]
     lines += ["Codebook-1 NLL vs position (T = TTT, b = baseline, * = both):", "", "```"]
     lines += ascii_plot(summary["curves"]) + ["```", ""]

@@ -83,12 +83,11 @@ def _librilight(args: argparse.Namespace) -> int:
 
 
 def _length_gen(args: argparse.Namespace) -> int:
+    from .length_gen import summary_lines
     from .run import run_length_gen
 
     results, paths = run_length_gen(_load(args), progress=not args.quiet)
-    for name, r in results.items():
-        done = [p for p in next(iter(r["groups"].values()))["points"] if "cumulative" in p]
-        print(f"{name}: {len(done)} of {len(r['lengths'])} lengths evaluated, the rest skipped (streams too short)")
+    print("\n".join(summary_lines(results)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

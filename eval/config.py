@@ -18,6 +18,8 @@ from ttt_speech.schema import check, doc
 from ttt_speech.schema import load_config as load_config_file
 from ttt_speech.tracking import WandbConfig
 
+RESERVED_NAMES = ("ttt", "baseline")  # the models named by `export`/`ttt` and by the baseline
+
 
 @dataclass
 class DataConfig:
@@ -119,6 +121,9 @@ class EvalConfig:
                                       "for smoke tests and demos; use `export` for a trained model")
     baseline_export: Path | None = doc(None, "a fine-tuning export *without* TTT layers used as the baseline (the "
                                              "same recipe trained with ttt: null); null: the base model itself")
+    compare: dict[str, Path] = doc(factory=dict, help="more exports scored side by side with the others, "
+                                                      "{name: export folder}, e.g. {ttt-mlp: runs/mlp/export, "
+                                                      "e2e: runs/e2e/export}: one column and one line each")
     data: DataConfig = doc(factory=DataConfig, help="")
     eval: EvalSettings = doc(factory=EvalSettings, help="")
     output_dir: Path = doc("runs/eval", "folder for report.json, report.md and the PNG plots")
@@ -127,6 +132,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
         check_model_source(self.export, self.ttt)
+        for name in self.compare:
+            check(name not in RESERVED_NAMES and "/" not in name and name.strip() == name and name,
+                  f"compare.{name}", f"a name other than {list(RESERVED_NAMES)}, without '/'", name)
 
     def base_model(self) -> ModelConfig:
         """The ModelConfig used for the baseline and for Mimi (the export's when not overridden)."""

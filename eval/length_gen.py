@@ -8,6 +8,7 @@ the streams that are at least L frames long. Lengths no stream reaches are repor
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,6 +20,7 @@ from ttt_speech.handle import TTTModel
 
 from . import metrics
 from .nll import chunked_nll
+from .report import frame_span
 
 
 def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], train_window: int, *,
@@ -33,7 +35,8 @@ def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], 
     model_name: named with the stream in error messages (a NaN names the model and the stream).
     Returns a JSON-ready dict: {"train_window", "chunk_size", "lengths", "streams": [{id, frames}],
     "groups": {group: {"label", "points": [{"length", "factor", "local", "cumulative"} or
-    {"length", "factor", "skipped"}]}}, "speed"}.
+    {"length", "factor", "skipped"}]}}, "uninformative": {group: why} (`metrics.uninformative_groups`),
+    "speed"}.
     """
     if train_window < 1:
         raise ValueError(f"train_window: expected a positive number of frames, got {train_window}")
@@ -57,31 +60,75 @@ def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], 
     seconds = sum(r.seconds for r in results)
     return {"train_window": train_window, "chunk_size": chunk, "window": window, "lengths": lengths,
             "streams": [{"id": name, "frames": r.frames} for (name, _), r in zip(items, results)],
-            "groups": groups, "speed": {"frames": frames, "seconds": seconds,
+            "groups": groups, "uninformative": metrics.uninformative_groups([c for _, c in items], results[0].nll.shape[0]),
+            "speed": {"frames": frames, "seconds": seconds,
                                         "frames_per_s": frames / seconds if seconds else None}}
+
+
+def shown_groups(result: dict) -> dict[str, str]:
+    """{group: label} of the groups that carry information (`metrics.uninformative_groups` left out)."""
+    left_out = result.get("uninformative", {})
+    return {g: v["label"] for g, v in result["groups"].items() if g not in left_out}
+
+
+def _reached(result: dict) -> list[dict]:
+    """The points some stream reaches (a stream at least L frames long)."""
+    return [p for p in next(iter(result["groups"].values()))["points"] if "skipped" not in p]
 
 
 def markdown(results: dict[str, dict]) -> str:
     """Markdown table(s) of one or more `length_generalisation` results ({run name: result})."""
     names = list(results)
     first = results[names[0]]
+    reached = {p["length"] for n in names for p in _reached(results[n])}
+    longest = max(s["frames"] for n in names for s in results[n]["streams"])
     out = ["# Length generalisation", "",
-           f"Perplexity (cumulative NLL in brackets) of the first L frames, one stateful chunked pass per stream; "
-           f"training window {first['train_window']} frames; 'skipped' = no stream is L frames long.", ""]
-    for group, g in first["groups"].items():
-        out += [f"## {g['label']}", "", "| L (frames) | L / window | " + " | ".join(names) + " |",
+           f"Perplexity (cumulative NLL, streams averaged) of the first L frames, one stateful chunked pass per "
+           f"stream; training window {first['train_window']} frames.", ""]
+    unreached = [L for L in first["lengths"] if L not in reached]
+    if unreached:
+        out += [f"{len(unreached)} of {len(first['lengths'])} lengths ({frame_span(unreached)} frames) are "
+                f"longer than every stream (the longest: {longest:,} frames) and left out.", ""]
+    for group, why in first.get("uninformative", {}).items():
+        out += [f"{first['groups'][group]['label']}: left out ({why}).", ""]
+    for group, label in shown_groups(first).items():
+        out += [f"## {label}", "", "| L (frames) | L / window | " + " | ".join(names) + " |",
                 "|---|---|" + "---|" * len(names)]
-        for i, p in enumerate(g["points"]):
+        for i, p in enumerate(first["groups"][group]["points"]):
+            if p["length"] not in reached:
+                continue
             cells = []
             for n in names:
-                entry = results[n]["groups"][group]["points"][i]
-                c = entry.get("cumulative", {})
-                cells.append(f"{c['ppl']:.3f} ({c['nll']:.3f}, {c['n_streams']} streams)" if "nll" in c else "skipped")
+                c = results[n]["groups"][group]["points"][i].get("cumulative", {})
+                cells.append(f"{c['ppl']:.3f} ({c['nll']:.3f}, {c['n_streams']})" if "nll" in c else "—")
             out.append(f"| {p['length']:,} | {p['factor']:.2f}x | " + " | ".join(cells) + " |")
         out.append("")
     for n in names:
         out.append(f"- {n}: streams " + ", ".join(f"{s['id']} ({s['frames']:,} frames)" for s in results[n]["streams"]))
     return "\n".join(out) + "\n"
+
+
+def summary_lines(results: dict[str, dict]) -> list[str]:
+    """For the terminal: per run and informative group, the perplexity at the training window (or the
+    nearest reached length) and at the longest reached length."""
+    lines = []
+    for name, r in results.items():
+        reached = _reached(r)
+        if not reached:
+            lines.append(f"{name}: no stream reaches {r['lengths'][0]:,} frames")
+            continue
+        near = min(reached, key=lambda p: abs(math.log(p["factor"])))
+        far = reached[-1]
+        cells = []
+        for group in shown_groups(r):
+            points = {p["length"]: p for p in r["groups"][group]["points"]}
+            cells.append(f"{group} {points[near['length']]['cumulative']['ppl']:.2f} -> "
+                         f"{points[far['length']]['cumulative']['ppl']:.2f}")
+        lines.append(f"{name}: perplexity at L = {near['factor']:.2f}x -> {far['factor']:.2f}x the window "
+                     f"({near['length']:,} -> {far['length']:,} frames): " + ", ".join(cells))
+        if len(reached) < len(r["lengths"]):
+            lines.append(f"  {len(r['lengths']) - len(reached)} longer length(s) left out: no stream reaches them")
+    return lines
 
 
 def write_length_gen(results: dict[str, dict], output_dir: str | Path, wandb_run=None) -> dict[str, Path]:
@@ -97,9 +144,13 @@ def write_length_gen(results: dict[str, dict], output_dir: str | Path, wandb_run
              "png": output_dir / "length_gen.png"}
     write_text_atomic(paths["json"], json.dumps(results, indent=1, allow_nan=False) + "\n")
     write_text_atomic(paths["markdown"], markdown(results))
-    labels = {g: v["label"] for g, v in first["groups"].items()}
-    points = {n: {g: v["points"] for g, v in r["groups"].items()} for n, r in results.items()}
-    plot_length_gen(points, labels, first["train_window"], paths["png"])
+    labels = shown_groups(first)
+    points = {n: {g: r["groups"][g]["points"] for g in labels} for n, r in results.items()}
+    notes = [f"{first['groups'][g]['label']} left out: {why}" for g, why in first.get("uninformative", {}).items()]
+    if labels:
+        plot_length_gen(points, labels, first["train_window"], paths["png"], notes=notes)
+    else:
+        del paths["png"]
     if wandb_run is not None:
         from .tracking import log_results
 

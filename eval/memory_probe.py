@@ -332,9 +332,9 @@ def markdown(report: dict) -> str:
 
 def plot_memory(report: dict, path: str | Path, groups: Sequence[str] = ("cb1", "audio")) -> Path:
     """Grouped bars per model: mean NLL pre / post / in context, one panel per group."""
-    from .plots import _pyplot, save_figure
+    from .plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(report["results"])
     fig, axes = plt.subplots(1, len(groups), figsize=(max(4.5, 1.4 * len(names) + 1.5) * len(groups), 3.8),
                              squeeze=False, layout="constrained")

@@ -29,6 +29,20 @@ def groups(num_rows: int) -> dict[str, list[int]]:
 GROUP_LABELS = {"text": "text", "cb1": "audio codebook 1 (semantic)"}
 
 
+def uninformative_groups(streams: Sequence[torch.Tensor], num_rows: int) -> dict[str, str]:
+    """Groups whose targets are one repeated value in every stream, {group: why}: their NLL measures
+    nothing (near 0 nats once a model learns the constant), so reports leave them out and say why.
+
+    streams: codes [K', T] in Moshi's layout (text row 0, the predicted audio rows 1..num_rows-1)."""
+    out = {}
+    if all(codes[0].unique().numel() <= 1 for codes in streams):
+        out["text"] = "the text stream is one repeated token (padding: no transcripts)"
+    if all(codes[k].unique().numel() <= 1 for codes in streams for k in range(1, num_rows)):
+        out.update({g: "every audio codebook is constant (a codec that carries no information)"
+                    for g in groups(num_rows) if g != "text"})
+    return out
+
+
 def group_label(name: str) -> str:
     return GROUP_LABELS.get(name, f"audio codebooks {name[2:].replace('-', '–')} (acoustic)")
 
@@ -78,16 +92,68 @@ def range_nll(series: Sequence[np.ndarray], lo: int, hi: int) -> dict:
     return _entry(*_mean(reaching, lo, hi), len(reaching), start=lo, stop=hi)
 
 
-def binned_curve(series: Sequence[np.ndarray], bin_frames: int) -> list[dict]:
-    """Mean NLL per bin of `bin_frames` frames, over all streams that reach the bin."""
-    longest = max((len(s) for s in series), default=0)
+def linear_edges(longest: int, bin_frames: int) -> list[int]:
+    """Bin edges (frames) 0, bin_frames, 2 bin_frames, ..., longest."""
+    return list(range(0, longest, bin_frames)) + [longest] if longest else []
+
+
+def log_edges(longest: int, per_decade: int = 8) -> list[int]:
+    """Bin edges (frames) at 10^(i / per_decade) - 1, cut at `longest`: single frames at the start, wide
+    bins late (for log-x curves, where 8- and 32-frame marks show). The grid does not depend on
+    `longest`, so runs of different lengths share their bins."""
+    if not longest:
+        return []
+    top = math.ceil(math.log10(longest + 1) * per_decade)
+    inner = {round(10 ** (i / per_decade)) - 1 for i in range(top + 1)}
+    return sorted({e for e in inner if e < longest} | {longest})
+
+
+def _bin_mean(s: np.ndarray, lo: int, hi: int) -> float | None:
+    part = s[lo:hi]
+    ok = ~np.isnan(part)
+    return float(part[ok].mean()) if ok.any() else None
+
+
+def binned(series: Sequence[np.ndarray], edges: Sequence[int]) -> list[dict]:
+    """Mean NLL per bin [edges[i], edges[i+1]), over the streams that reach the bin (token-weighted),
+    with the spread across streams: q25/q75 of the per-stream bin means (with 2+ streams)."""
     out = []
-    for lo in range(0, longest, bin_frames):
-        hi = lo + bin_frames
+    for lo, hi in zip(edges[:-1], edges[1:]):
         reaching = [s for s in series if len(s) > lo]
         nll, n = _mean(reaching, lo, hi)
-        if n:
-            out.append({"start": lo, "stop": min(hi, longest), "nll": nll, "n_streams": len(reaching), "n_tokens": n})
+        if not n:
+            continue
+        entry = {"start": lo, "stop": hi, "nll": nll, "n_streams": len(reaching), "n_tokens": n}
+        means = [m for s in reaching if (m := _bin_mean(s, lo, hi)) is not None]
+        if len(means) >= 2:
+            entry["q25"], entry["q75"] = (float(q) for q in np.percentile(means, [25, 75]))
+        out.append(entry)
+    return out
+
+
+def binned_curve(series: Sequence[np.ndarray], bin_frames: int) -> list[dict]:
+    """`binned` over bins of `bin_frames` frames."""
+    return binned(series, linear_edges(max((len(s) for s in series), default=0), bin_frames))
+
+
+def log_binned_curve(series: Sequence[np.ndarray], per_decade: int = 8) -> list[dict]:
+    """`binned` over `log_edges` bins."""
+    return binned(series, log_edges(max((len(s) for s in series), default=0), per_decade))
+
+
+def paired_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], edges: Sequence[int]) -> list[dict]:
+    """Per bin: mean over streams of (bin mean of a − of b), the same streams in both, and its standard
+    error across streams (with 2+ streams): whether a model beats another beyond stream-to-stream noise."""
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        diffs = [ma - mb for sa, sb in zip(a, b)
+                 if (ma := _bin_mean(sa, lo, hi)) is not None and (mb := _bin_mean(sb, lo, hi)) is not None]
+        if not diffs:
+            continue
+        entry = {"start": lo, "stop": hi, "diff": float(np.mean(diffs)), "n_streams": len(diffs)}
+        if len(diffs) >= 2:
+            entry["se"] = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+        out.append(entry)
     return out
 
 
@@ -194,7 +260,9 @@ def mode_difference(a: StreamNLL, b: StreamNLL) -> dict:
         raise ValueError("the two modes scored different positions (masks differ): the evaluator is broken")
     both = mask_a & mask_b
     diff = (a.nll[:, :T] - b.nll[:, :T]).abs()
-    out = {"frames": T, "max_abs": float(diff[both].max()), "mean_abs": float(diff[both].double().mean())}
+    out = {"frames": T, "max_abs": float(diff[both].max()), "mean_abs": float(diff[both].double().mean()),
+           "n_tokens": int(both.sum()), "nll_a": float(a.nll[:, :T][both].double().mean()),
+           "nll_b": float(b.nll[:, :T][both].double().mean())}
     for name, rows in groups(a.nll.shape[0]).items():
         d = diff[rows][both[rows]]
         out[name] = {"max_abs": float(d.max()), "mean_abs": float(d.double().mean())}

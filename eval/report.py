@@ -36,8 +36,12 @@ def report_header(kind: str, title: str, config, device: torch.device) -> dict:
             "environment": {"torch": torch.__version__, "device": name}, "config": schema.to_dict(config)}
 
 
-def run_summary(results: Sequence[StreamNLL], stream_ids: Sequence[str], settings: EvalSettings) -> dict:
-    """Everything reported about one run: speed, memory, per-group curves and points, fast weights."""
+def run_summary(results: Sequence[StreamNLL], stream_ids: Sequence[str], settings: EvalSettings,
+                available: dict[str, int] | None = None) -> dict:
+    """Everything reported about one run: speed, memory, per-group curves and points, fast weights.
+
+    available: {stream id: frames} of every stream loaded, so that a run scoring a subset (native
+    mode's native_max_streams / native_max_frames) says which one ("coverage")."""
     if not results:
         raise ValueError("run_summary: no streams were evaluated")
     series = [metrics.group_series(r) for r in results]
@@ -50,6 +54,7 @@ def run_summary(results: Sequence[StreamNLL], stream_ids: Sequence[str], setting
         groups[name] = {
             "label": metrics.group_label(name),
             "curve": metrics.binned_curve(s, settings.bin_frames),
+            "curve_log": metrics.log_binned_curve(s),
             "positions": metrics.at_positions(s, settings.positions, settings.position_window),
             "length_gen": ({"train_window": tw, "points": metrics.length_points(s, lengths, tw, settings.position_window)}
                            if tw else {"skipped": "eval.train_window is not set"}),
@@ -69,9 +74,15 @@ def run_summary(results: Sequence[StreamNLL], stream_ids: Sequence[str], setting
                             if values.numel() else {"row": k, "name": name, "skipped": "no scored frames"})
     peaks = [r.peak_memory for r in results if r.peak_memory is not None]
     traces = [dict(stream=sid, **r.weights.to_dict()) for sid, r in zip(stream_ids, results) if r.weights is not None]
+    available = available or {sid: r.frames for sid, r in zip(stream_ids, results)}
+    scored_frames = {sid: r.frames for sid, r in zip(stream_ids, results)}
     return {
         "mode": results[0].mode,
         "streams": len(results),
+        "coverage": {"streams": len(results), "of_streams": len(available), "frames": sum(scored_frames.values()),
+                     "of_frames": sum(available.values()),
+                     "max_frames": max(scored_frames.values()) if any(
+                         scored_frames[sid] < available.get(sid, 0) for sid in scored_frames) else None},
         "speed": {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds if seconds else None,
                   "tokens_per_s": frames * K / seconds if seconds else None, "tokens_per_frame": K,
                   "realtime_factor": frames / FRAME_RATE / seconds if seconds else None},
@@ -88,9 +99,14 @@ def mode_comparison(chunked: Sequence[StreamNLL], native: Sequence[StreamNLL], s
     """`--mode both`: per-position NLL differences between modes, speed ratio, memory of each."""
     per_stream = [{"stream": sid, **metrics.mode_difference(a, b)} for sid, a, b in zip(stream_ids, chunked, native)]
     c, n = chunked_run["speed"]["frames_per_s"], native_run["speed"]["frames_per_s"]
+    tokens = sum(s["n_tokens"] for s in per_stream)
     return {
         "max_abs": max(s["max_abs"] for s in per_stream),
-        "mean_abs": sum(s["mean_abs"] * s["frames"] for s in per_stream) / sum(s["frames"] for s in per_stream),
+        "mean_abs": sum(s["mean_abs"] * s["n_tokens"] for s in per_stream) / tokens,
+        # both modes' mean NLL over the same streams and frames (the tables' runs may cover different ones)
+        "shared": {"streams": len(per_stream), "frames": sum(s["frames"] for s in per_stream), "n_tokens": tokens,
+                   "chunked_nll": sum(s["nll_a"] * s["n_tokens"] for s in per_stream) / tokens,
+                   "native_nll": sum(s["nll_b"] * s["n_tokens"] for s in per_stream) / tokens},
         "per_stream": per_stream,
         "speed_ratio": c / n if c and n else None,
         "chunked_frames_per_s": c, "native_frames_per_s": n,
@@ -99,10 +115,15 @@ def mode_comparison(chunked: Sequence[StreamNLL], native: Sequence[StreamNLL], s
     }
 
 
-def ttt_vs_baseline(ttt_run: dict, base_run: dict) -> dict:
-    """NLL difference (TTT − baseline; negative = TTT better) at the reported positions, per group."""
-    out = {}
-    for group, g in ttt_run["groups"].items():
+def baseline_difference(run: dict, base_run: dict, results: Sequence[StreamNLL],
+                        base_results: Sequence[StreamNLL]) -> dict:
+    """A model − the baseline, one mode, the same streams (negative = the model predicts better):
+    at the reported positions per group ("positions": {group: [{position, local, cumulative}]}) and
+    binned along the stream with its standard error across streams ("curve": {group: [bins]},
+    `metrics.paired_difference` over `metrics.log_edges`)."""
+    positions, curves = {}, {}
+    longest = max(r.frames for r in results)
+    for group, g in run["groups"].items():
         rows = []
         for a, b in zip(g["positions"], base_run["groups"][group]["positions"]):
             row = {"position": a["position"]}
@@ -112,8 +133,11 @@ def ttt_vs_baseline(ttt_run: dict, base_run: dict) -> dict:
                 else:
                     row[kind] = {"skipped": "missing in one of the runs"}
             rows.append(row)
-        out[group] = rows
-    return out
+        positions[group] = rows
+        series = [metrics.group_series(r)[group] for r in results]
+        base_series = [metrics.group_series(r)[group] for r in base_results]
+        curves[group] = metrics.paired_difference(series, base_series, metrics.log_edges(longest))
+    return {"positions": positions, "curve": curves}
 
 
 def save_per_position(path: Path, runs: dict[str, Sequence[StreamNLL]], stream_ids: Sequence[str]) -> Path:
@@ -165,13 +189,59 @@ def _bytes(n: int | None) -> str:
     return "—" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def frame_span(values: list[int]) -> str:
+    """"320" or "341-640": the range of a sorted list of frame counts."""
+    return f"{values[0]:,}" if values[0] == values[-1] else f"{values[0]:,}-{values[-1]:,}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def subset_note(run: dict) -> str | None:
+    """What a run scored when it is less than every frame of every stream (native mode's limits), e.g.
+    "the first 300 frames of 4 of 16 streams"; None when it scored everything."""
+    c = run.get("coverage")
+    if not c or (c["streams"] == c["of_streams"] and c["max_frames"] is None):
+        return None
+    streams = "each stream" if c["streams"] == c["of_streams"] else f"{c['streams']} of {c['of_streams']} streams"
+    first = f"the first {c['max_frames']:,} frames of " if c["max_frames"] is not None else ""
+    return f"{first}{streams} ({c['frames']:,} of {c['of_frames']:,} frames)"
+
+
+def run_labels(runs: dict[str, dict], mark: str = "†") -> dict[str, str]:
+    """Column / legend names: the run name, marked when the run scored a subset (`subset_note`)."""
+    return {n: n + (mark if subset_note(r) else "") for n, r in runs.items()}
+
+
+def shown_groups(report: dict) -> list[str]:
+    """The groups whose NLL carries information (`metrics.uninformative_groups` are left out)."""
+    left_out = report.get("data", {}).get("uninformative", {})
+    return [g for g in next(iter(report["runs"].values()))["groups"] if g not in left_out]
+
+
+def _cells(entries: list[dict | None], kind: str) -> list[str]:
+    """One table row's cells; the stream count is shown in each cell when the runs' counts differ."""
+    counts = {e[kind]["n_streams"] for e in entries if e and "nll" in e.get(kind, {})}
+    return [(_nll(e.get(kind)) + (f" [{e[kind]['n_streams']}]" if len(counts) > 1 and "nll" in e.get(kind, {}) else "")
+             if e and "skipped" not in e else "—") for e in entries]
+
+
+def _reached(rows_per_run: list[list[dict]], key: str) -> tuple[list[int], list]:
+    """Indices of the points some run reached, and the values (e.g. positions) no run reached."""
+    first = rows_per_run[0]
+    reached = [i for i in range(len(first)) if any("skipped" not in rows[i] for rows in rows_per_run)]
+    return reached, [first[i][key] for i in range(len(first)) if i not in reached]
 
 
 def markdown(report: dict) -> str:
     """The human-readable report (tables + links to the PNG plots)."""
     runs: dict = report["runs"]
+    labels = run_labels(runs)
+    names = list(runs)
+    groups = shown_groups(report)
+    group_label = {g: v["label"] for g, v in next(iter(runs.values()))["groups"].items()}
+    settings = report["settings"]
     out = [f"# {report['title']}", ""]
     out += [f"Created {report['created']} on {report['environment']['device']} "
             f"(torch {report['environment']['torch']}).", ""]
@@ -184,9 +254,10 @@ def markdown(report: dict) -> str:
                    f"attention context {model['attention_context'] or 'none'} frames")
     data = report["data"]
     counts = data["counts"]
+    longest = max((st["frames"] for st in data.get("streams", [])), default=None)
     out.append(f"- data: {counts['streams']} stream(s), {counts['frames']:,} frames "
-               f"({counts['frames'] / FRAME_RATE / 60:.1f} min); skipped files: {counts['files_skipped']}; "
-               f"books filtered or unreadable: {counts['books_left_out']}")
+               f"({counts['frames'] / FRAME_RATE / 60:.1f} min" + (f"; the longest {longest:,}" if longest else "") +
+               f"); skipped files: {counts['files_skipped']}; books filtered or unreadable: {counts['books_left_out']}")
     codes = data.get("codes")  # reports built by hand (tests) or by older versions have none
     if codes is not None:
         constant = codes["constant_streams"]
@@ -194,86 +265,104 @@ def markdown(report: dict) -> str:
                    f"(min-max over streams and codebooks)" + (
                        f"; {len(constant)} stream(s) with a constant codebook: the codec carries no information"
                        if constant else ""))
+    for group, why in data.get("uninformative", {}).items():
+        out.append(f"- {group_label.get(group, group)}: left out of every table and plot: {why}")
+    for name, run in runs.items():
+        if (note := subset_note(run)) is not None:
+            out.append(f"- {labels[name]} scored {note}; its numbers are over those only (the chunked vs native "
+                       "section compares the modes on the same frames)")
     for name, a in report["alignment"].items():
         out.append(f"- {name}: chunk {a['chunk_size']} vs TTT mini-batch {a['mini_batch_size']}: "
                    f"{'aligned' if a['aligned'] else 'NOT aligned'}, TTT slot efficiency {a['efficiency']:.1%} "
                    f"({a['padding_slots']:,} padding slots); native mode: {a['native_efficiency']:.1%}")
     markers = report["markers"]
     out.append(f"- training window: {markers['train_window'] or 'not set'} frames; bins of "
-               f"{report['settings']['bin_frames']} frames; NLL in nats per token, perplexity in brackets")
+               f"{settings['bin_frames']} frames; NLL in nats per token, perplexity in brackets; "
+               "[n] = streams averaged, shown where runs differ")
     out.append("")
 
-    names = list(runs)
-    groups = list(next(iter(runs.values()))["groups"])
     out += ["## NLL (perplexity) at positions", "",
-            f"local = mean over the {report['settings']['position_window']} frames before the position; "
+            f"local = mean over the {settings['position_window']} frames before the position; "
             "cumulative = mean over all frames before it. Averaged over the streams that reach the position.", ""]
-    for group in groups:
-        out += [f"### {runs[names[0]]['groups'][group]['label']}", ""]
+    reached, unreached = _reached([runs[n]["groups"][groups[0]]["positions"] for n in names], "position") if groups else ([], [])
+    if unreached:
+        out += [f"Not reached by any stream (left out): position(s) {', '.join(f'{p:,}' for p in unreached)}.", ""]
+    for group in groups if reached else []:
+        out += [f"### {group_label[group]}", ""]
         rows = []
-        positions = runs[names[0]]["groups"][group]["positions"]
-        for i, p in enumerate(positions):
+        for i in reached:
+            entries = [runs[n]["groups"][group]["positions"][i] for n in names]
             for kind in ("local", "cumulative"):
-                row = [f"{p['position']:,}", kind]
-                for n in names:
-                    entry = runs[n]["groups"][group]["positions"][i]
-                    row.append(_nll(entry.get(kind)) if "skipped" not in entry else "skipped")
-                rows.append(row)
-        out += _table(["frame", "window"] + names, rows) + [""]
+                rows.append([f"{entries[0]['position']:,}", kind, *_cells(entries, kind)])
+        out += _table(["frame", "window"] + [labels[n] for n in names], rows) + [""]
 
     out += ["## Length generalisation", ""]
-    first = runs[names[0]]["groups"][groups[0]]["length_gen"]
+    first = runs[names[0]]["groups"][groups[0]]["length_gen"] if groups else {"skipped": "no group carries information"}
     if "skipped" in first:
-        out += [f"Skipped: {first['skipped']}.", ""]
+        out += [f"Not reported: {first['skipped']}.", ""]
     else:
-        out += [f"Perplexity of the first L frames (one stateful pass), L = 0.5x ... 10x the training window "
-                f"({first['train_window']} frames); 'skipped' = no stream is that long.", ""]
-        for group in groups:
-            out += [f"### {runs[names[0]]['groups'][group]['label']}", ""]
+        reached, unreached = _reached([runs[n]["groups"][groups[0]]["length_gen"]["points"] for n in names], "length")
+        out += [f"Perplexity of the first L frames (one stateful pass), L = {settings['length_gen']['min_factor']:g}x "
+                f"... {settings['length_gen']['max_factor']:g}x the training window ({first['train_window']} frames).", ""]
+        if unreached:
+            out += [f"{len(unreached)} of {len(first['points'])} lengths are longer than every stream and left out "
+                    f"({frame_span(unreached)} frames).", ""]
+        for group in groups if reached else []:
+            out += [f"### {group_label[group]}", ""]
             rows = []
-            for i, p in enumerate(runs[names[0]]["groups"][group]["length_gen"]["points"]):
-                row = [f"{p['length']:,}", f"{p['factor']:.2f}x"]
-                for n in names:
-                    entry = runs[n]["groups"][group]["length_gen"]["points"][i]
-                    row.append(_nll(entry.get("cumulative")) if "skipped" not in entry else "skipped")
-                rows.append(row)
-            out += _table(["L (frames)", "L / window"] + names, rows) + [""]
+            for i in reached:
+                entries = [runs[n]["groups"][group]["length_gen"]["points"][i] for n in names]
+                rows.append([f"{entries[0]['length']:,}", f"{entries[0]['factor']:.2f}x", *_cells(entries, "cumulative")])
+            out += _table(["L (frames)", "L / window"] + [labels[n] for n in names], rows) + [""]
 
     out += ["## Context use", "",
             "slope: NLL vs ln(position), nats per e-fold (negative = improves with context); gain: mean NLL of the "
-            f"first minus the last {report['settings']['gain_window']} frames of each stream.", ""]
+            f"first minus the last {settings['gain_window']} frames of each stream.", ""]
     rows = []
     for n in names:
         for group in groups:
             g = runs[n]["groups"][group]
-            rows.append([n, group, _num(g["slope"].get("slope"), "+.4f"), _num(g["slope_beyond_window"].get("slope"), "+.4f"),
-                         _num(g["context_gain"].get("gain"), "+.4f")])
+            rows.append([labels[n], group, _num(g["slope"].get("slope"), "+.4f"),
+                         _num(g["slope_beyond_window"].get("slope"), "+.4f"), _num(g["context_gain"].get("gain"), "+.4f")])
     out += _table(["run", "group", "slope", "slope beyond window", "context gain"], rows) + [""]
 
     out += ["## Speed and memory", ""]
-    rows = [[n, f"{r['speed']['frames']:,}", _num(r["speed"]["frames_per_s"], ".1f"),
-             _num(r["speed"]["tokens_per_s"], ".0f"), _num(r["speed"]["realtime_factor"], ".1f") + "x",
-             _bytes(r["memory"]["peak_bytes"]), r["memory"]["kind"]] for n, r in runs.items()]
-    out += _table(["run", "frames", "frames/s", "tokens/s", "real time", "peak memory", "memory measure"], rows) + [""]
+    measured = any(r["memory"]["peak_bytes"] for r in runs.values())
+    rows = [[labels[n], f"{r['speed']['frames']:,}", _num(r["speed"]["frames_per_s"], ".1f"),
+             _num(r["speed"]["tokens_per_s"], ".0f"), _num(r["speed"]["realtime_factor"], ".1f") + "x"]
+            + ([_bytes(r["memory"]["peak_bytes"])] if measured else []) for n, r in runs.items()]
+    out += _table(["run", "frames", "frames/s", "tokens/s", "real time"] + (["peak memory"] if measured else []), rows)
+    kind = next(iter(runs.values()))["memory"]["kind"]
+    out += ["", f"Peak memory measured as {kind}." if measured else
+            f"Peak memory: no growth above the level before scoring was seen ({kind}); on CPU the sampled resident "
+            "memory misses short-lived buffers: measure on CUDA, or with scripts/bench_eval.py in fresh processes.", ""]
 
     comparisons = report.get("comparisons", {})
     if comparisons.get("modes"):
         out += ["## Chunked vs native", "",
-                "Per-position NLL difference between the modes (the evaluator's self-check: float noise only).", ""]
-        rows = [[m, f"{c['max_abs']:.2e}", f"{c['mean_abs']:.2e}", _num(c["speed_ratio"], ".1f") + "x",
-                 _bytes(c["chunked_peak_bytes"]), _bytes(c["native_peak_bytes"])]
-                for m, c in comparisons["modes"].items()]
-        out += _table(["model", "max abs ΔNLL", "mean abs ΔNLL", "chunked / native speed", "chunked memory",
-                       "native memory"], rows) + [""]
-    if comparisons.get("ttt_vs_baseline"):
-        out += ["## TTT − baseline", "", "NLL difference at each position (negative: TTT predicts better).", ""]
+                "Both modes on the same streams and frames: mean NLL of each, and the per-position difference (the "
+                "evaluator's self-check: float noise only).", ""]
         rows = []
-        for mode, per_group in comparisons["ttt_vs_baseline"].items():
-            for group, points in per_group.items():
-                for p in points:
-                    rows.append([mode, group, f"{p['position']:,}",
-                                 *(f"{p[k]:+.4f}" if isinstance(p[k], float) else "skipped" for k in ("local", "cumulative"))])
-        out += _table(["mode", "group", "frame", "local", "cumulative"], rows) + [""]
+        for m, c in comparisons["modes"].items():
+            shared = c.get("shared", {})
+            rows.append([m, f"{shared.get('streams', '—')} / {shared.get('frames', 0):,}",
+                         _num(shared.get("chunked_nll"), ".4f"), _num(shared.get("native_nll"), ".4f"),
+                         f"{c['max_abs']:.2e}", f"{c['mean_abs']:.2e}", _num(c["speed_ratio"], ".1f") + "x"]
+                        + ([_bytes(c["chunked_peak_bytes"]), _bytes(c["native_peak_bytes"])] if measured else []))
+        out += _table(["model", "streams / frames", "chunked NLL", "native NLL", "max abs ΔNLL", "mean abs ΔNLL",
+                       "chunked / native speed"] + (["chunked memory", "native memory"] if measured else []), rows) + [""]
+    if comparisons.get("vs_baseline"):
+        out += ["## Model − baseline", "",
+                "NLL difference at each position, the same streams in both (negative: the model predicts better).", ""]
+        rows = []
+        for model, per_mode in comparisons["vs_baseline"].items():
+            for mode, diff in per_mode.items():
+                for group in groups:
+                    for p in diff["positions"][group]:
+                        if any(isinstance(p[k], float) for k in ("local", "cumulative")):
+                            rows.append([model, mode, group, f"{p['position']:,}",
+                                         *(f"{p[k]:+.4f}" if isinstance(p[k], float) else "—" for k in ("local", "cumulative"))])
+        out += _table(["model", "mode", "group", "frame", "local", "cumulative"], rows) + [""]
 
     if report.get("plots"):
         out += ["## Plots", ""] + [f"![{name}]({file})" for name, file in report["plots"].items()] + [""]

@@ -23,27 +23,35 @@ from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokeniz
 from ttt_speech.stats import runaway_warning
 from ttt_speech.tracking import start_wandb
 
+from . import metrics
 from .alignment import chunk_alignment
 from .books import BookLeftOut, Skipped, Stream, find_books, load_stream
 from .config import EvalConfig, EvalSettings
 from .length_gen import length_generalisation, write_length_gen
 from .nll import MODES, StreamNLL
 from .report import (
+    baseline_difference,
     mode_comparison,
     report_header,
+    run_labels,
     run_summary,
     save_per_position,
-    ttt_vs_baseline,
+    shown_groups,
+    subset_note,
     write_json,
     write_markdown,
 )
 
 logger = logging.getLogger(__name__)
+# `eval librilight`'s figures; `eval length-gen` writes length_gen.* (eval/length_gen.py) into the same
+# output_dir without touching these
+PLOTS = {"nll_curves": "nll_curves.png", "ppl_vs_length": "ppl_vs_length.png", "fast_weights": "fast_weights.png"}
 
 
 @dataclass
 class EvalModel:
-    """A model under evaluation: "ttt" (with TTT layers) or "baseline" (the same model without)."""
+    """A model under evaluation: "ttt" (with TTT layers), "baseline" (the same model without), or a
+    name of `compare` (another export)."""
 
     name: str
     lm: torch.nn.Module
@@ -99,12 +107,15 @@ def planned_models(config: EvalConfig) -> dict[str, TTTConfig | None]:
     """The models the config asks for, in order, and the TTT config each will have (None: no TTT
     layers), read from the config and the exports' metadata without loading any weights: "ttt" (an
     export, or the base model with fresh layers) and/or "baseline" (a baseline export, or the base
-    model, when asked for or when there is nothing else to score)."""
+    model, when asked for or when there is nothing else to score), with the `compare` exports
+    between them."""
     planned: dict[str, TTTConfig | None] = {}
     if config.export is not None:
         planned["ttt"] = export_ttt_config(config.export)
     elif config.ttt is not None:
         planned["ttt"] = config.ttt
+    for name, path in config.compare.items():
+        planned[name] = export_ttt_config(path)
     if config.baseline_export is not None:
         if export_ttt_config(config.baseline_export) is not None:
             raise ValueError(f"baseline_export: {config.baseline_export} has TTT layers (expected a model trained "
@@ -126,9 +137,18 @@ def check_model_settings(settings: EvalSettings, ttt: TTTConfig | None, where: s
 
 
 def check_settings(config: EvalConfig) -> None:
-    """`check_model_settings` for every model the config plans, before any model or data is loaded."""
+    """`check_model_settings` for every model the config plans, and that the `compare` exports read
+    the streams the others read (one codec), before any model or data is loaded."""
+    from ttt_speech.export import export_model_config
+
     for ttt in planned_models(config).values():
         check_model_settings(config.eval, ttt)
+    codec = config.base_model().codec_id()
+    for name, path in config.compare.items():
+        other = export_model_config(path).codec_id()
+        if other != codec:
+            raise ValueError(f"compare.{name}: {path} was trained on {other} codes, the streams are encoded with "
+                             f"{codec}; compare models of one codec")
 
 
 def build_models(config: EvalConfig, device: torch.device | None = None) -> list[EvalModel]:
@@ -149,12 +169,25 @@ def build_models(config: EvalConfig, device: torch.device | None = None) -> list
             torch.manual_seed(base.seed)
             patch_moshi(lm, config.ttt)
         models.append(EvalModel("ttt", lm, f"{base.name} + fresh (untrained) TTT layers"))
+    for name, path in config.compare.items():
+        lm, other = load_exported_lm(path, device=device)
+        models.append(EvalModel(name, lm, f"export {path} (base {other.name})"))
     if "baseline" in plan and config.baseline_export is not None:
         lm, _ = load_exported_lm(config.baseline_export, device=device)
         models.append(EvalModel("baseline", lm, f"export {config.baseline_export} (no TTT)"))
     elif "baseline" in plan:
         models.append(EvalModel("baseline", load_lm(base, device=device), f"{base.name} (no TTT)"))
+    shape = _stream_shape(models[0].lm)
+    for model in models[1:]:  # the streams are laid out once, for the first model
+        if _stream_shape(model.lm) != shape:
+            raise ValueError(f"{model.name}: its streams (codebooks, audio streams, card, text card) "
+                             f"{_stream_shape(model.lm)} differ from {models[0].name}'s {shape}; compare models "
+                             "that read the same streams")
     return models
+
+
+def _stream_shape(lm) -> tuple[int, int, int, int]:
+    return lm.num_codebooks, lm.dep_q, lm.card, lm.text_card
 
 
 def load_data(config: EvalConfig, lm, model_config: ModelConfig, progress: bool = True) -> LoadedData:
@@ -252,8 +285,9 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
     models = models or build_models(config, device)
     data = load_data(config, models[0].lm, model_config, progress)
     ids = [s.book.id for s in data.streams]
+    available = {s.book.id: s.frames for s in data.streams}
     results = evaluate(models, data.streams, config, progress)
-    runs = {name: run_summary(r, ids, config.eval) for name, r in results.items()}
+    runs = {name: run_summary(r, ids, config.eval, available) for name, r in results.items()}
 
     comparisons: dict = {}
     for model in models:
@@ -261,17 +295,23 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
         if chunked and native:
             comparisons.setdefault("modes", {})[model.name] = mode_comparison(
                 chunked, native, ids, runs[f"{model.name}/chunked"], runs[f"{model.name}/native"])
-    for mode in ("chunked", "native"):
-        if f"ttt/{mode}" in runs and f"baseline/{mode}" in runs:
-            comparisons.setdefault("ttt_vs_baseline", {})[mode] = ttt_vs_baseline(runs[f"ttt/{mode}"], runs[f"baseline/{mode}"])
+    for model in models:
+        for mode in ("chunked", "native"):
+            run, base = f"{model.name}/{mode}", f"baseline/{mode}"
+            if model.name != "baseline" and run in runs and base in runs:
+                comparisons.setdefault("vs_baseline", {}).setdefault(model.name, {})[mode] = baseline_difference(
+                    runs[run], runs[base], results[run], results[base])
 
+    data_summary = data.to_dict()
+    data_summary["uninformative"] = metrics.uninformative_groups(
+        [s.codes for s in data.streams], next(iter(results.values()))[0].nll.shape[0])
     markers = {"train_window": config.eval.train_window,
                "attention_context": next((m.describe()["attention_context"] for m in models), None)}
     report = {
         **report_header("librilight", "LibriLight long-context evaluation", config, device),
         "settings": schema.to_dict(config.eval),
         "models": {m.name: m.describe() for m in models},
-        "data": data.to_dict(),
+        "data": data_summary,
         "alignment": alignment_report(models, data.streams, config),
         "markers": markers,
         "runs": runs,
@@ -279,6 +319,14 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
     }
     paths = write_outputs(config, report, results, ids, plots)
     return report, paths
+
+
+def plotted_runs(runs: dict[str, dict]) -> dict[str, dict]:
+    """The runs drawn in the figures: a run that scored a subset is left out when its model has a run
+    over everything in another mode (lines over different streams side by side would mislead; the
+    tables mark the subset and compare the modes on the same frames)."""
+    full = {n.split("/")[0] for n, r in runs.items() if subset_note(r) is None}
+    return {n: r for n, r in runs.items() if subset_note(r) is None or n.split("/")[0] not in full}
 
 
 def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[StreamNLL]], ids: list[str],
@@ -289,17 +337,34 @@ def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[Stre
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = report["runs"]
-    labels = {g: v["label"] for g, v in next(iter(runs.values()))["groups"].items()}
+    groups = shown_groups(report)
+    all_labels = next(iter(runs.values()))["groups"]
+    labels = {g: all_labels[g]["label"] for g in groups}
+    names = run_labels(runs)
+    plotted = plotted_runs(runs)
+    notes = [f"{names[n]}: scored {note}" for n, r in plotted.items() if (note := subset_note(r))]
+    notes += [f"{', '.join(names[n] for n in runs if n not in plotted)} left out: a subset of the streams (native mode's "
+              "limits), whose agreement with chunked mode report.md shows on the same frames"] if len(plotted) < len(runs) else []
+    notes += [f"{all_labels[g]['label']} left out: {why}" for g, why in report["data"].get("uninformative", {}).items()]
     images: dict[str, Path] = {}
-    if plots:
-        images["nll_curves"] = plot_curves(runs, labels, report["markers"], out / "nll_curves.png")
+    if plots and groups:
+        differences = {model: {mode: d for mode, d in per_mode.items() if f"{model}/{mode}" in plotted}
+                       for model, per_mode in report["comparisons"].get("vs_baseline", {}).items()}
+        images["nll_curves"] = plot_curves(plotted, labels, report["markers"], out / PLOTS["nll_curves"],
+                                           differences or None, notes, names)
         if config.eval.train_window:
-            points = {n: {g: v["length_gen"]["points"] for g, v in r["groups"].items()} for n, r in runs.items()}
-            images["length_gen"] = plot_length_gen(points, labels, config.eval.train_window, out / "length_gen.png")
-        traces = {n: max(r["fast_weights"], key=lambda t: t["positions"][-1] if t["positions"] else 0)
-                  for n, r in runs.items() if r["fast_weights"]}
+            points = {n: {g: r["groups"][g]["length_gen"]["points"] for g in groups} for n, r in plotted.items()}
+            images["ppl_vs_length"] = plot_length_gen(points, labels, config.eval.train_window,
+                                                      out / PLOTS["ppl_vs_length"], names, notes)
+    if plots:
+        # both modes trace the same fast weights (the modes agree): draw each model once, chunked first
+        traces = {}
+        for n, r in runs.items():
+            model = n.split("/")[0]
+            if r["fast_weights"] and not any(k.split("/")[0] == model for k in traces):
+                traces[n] = max(r["fast_weights"], key=lambda t: t["positions"][-1] if t["positions"] else 0)
         if traces:
-            images["fast_weights"] = plot_fast_weights(traces, report["markers"], out / "fast_weights.png")
+            images["fast_weights"] = plot_fast_weights(traces, report["markers"], out / PLOTS["fast_weights"])
     report["plots"] = {k: p.name for k, p in images.items()}
     paths = {"json": write_json(out / "report.json", report), "markdown": write_markdown(out / "report.md", report),
              "per_position": save_per_position(out / "per_position.safetensors", results, ids), **images}
@@ -341,18 +406,22 @@ def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
 
 
 def summary_lines(report: dict) -> list[str]:
-    """A few lines for the terminal: NLL at each reported position per run and group."""
+    """A few lines for the terminal: cumulative NLL at each reached position, per run and informative group."""
     lines = []
+    groups = shown_groups(report)
     for name, run in report["runs"].items():
         speed = run["speed"]
-        lines.append(f"{name}: {speed['frames']:,} frames at {speed['frames_per_s']:.1f} frames/s")
-        for group, g in run["groups"].items():
-            cells = []
-            for p in g["positions"]:
-                c = p.get("cumulative", {})
-                cells.append(f"@{p['position']}: {c['nll']:.3f}" if "nll" in c else f"@{p['position']}: skipped")
-            lines.append(f"  {group:8s} " + "  ".join(cells))
+        note = subset_note(run)
+        lines.append(f"{name}: {speed['frames']:,} frames at {speed['frames_per_s']:.1f} frames/s"
+                     + (f", scored on {note}" if note else ""))
+        for group in groups:
+            cells = [f"@{p['position']}: {p['cumulative']['nll']:.3f}" for p in run["groups"][group]["positions"]
+                     if "nll" in p.get("cumulative", {})]
+            lines.append(f"  {group:8s} " + ("  ".join(cells) or "no stream reaches a reported position"))
+    for group, why in report["data"].get("uninformative", {}).items():
+        lines.append(f"{group}: left out ({why})")
     for model, c in report["comparisons"].get("modes", {}).items():
-        lines.append(f"{model}: chunked vs native max |dNLL| {c['max_abs']:.2e}, chunked {c['speed_ratio']:.1f}x faster")
+        shared = c["shared"]
+        lines.append(f"{model}: chunked vs native on the same {shared['frames']:,} frames: NLL {shared['chunked_nll']:.4f}"
+                     f" vs {shared['native_nll']:.4f}, max |dNLL| {c['max_abs']:.2e}; chunked {c['speed_ratio']:.1f}x faster")
     return lines
-

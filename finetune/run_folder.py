@@ -26,12 +26,13 @@ from ttt_speech.files import writable_dir
 
 from .checkpointing import STEP_DIR, DamagedCheckpoint, list_checkpoints, verify_checkpoint
 from .monitor import MEMORY, METRICS, TTT_STATS
+from .plots import LOSS_PLOT
 
 logger = logging.getLogger("finetune")
 
 LOCK = ".lock"
 # What a run writes into its folder (train.log, which the demo writes beside it, is not a run's).
-RUN_OUTPUTS = ("checkpoints", "export", METRICS, TTT_STATS, MEMORY, "loss.png", "length_gen", "wandb")
+RUN_OUTPUTS = ("checkpoints", "export", METRICS, TTT_STATS, MEMORY, LOSS_PLOT, "length_gen", "wandb")
 
 
 class RunFolder:

@@ -38,12 +38,16 @@ def test_demo_writes_what_the_readme_says(demo_run):
     summary = json.loads((out / "demo.json").read_text())
     readme = (ROOT / "README.md").read_text()
     for name in ("demo.md", "demo.json", "eval/report.md", "eval/report.json", "eval/nll_curves.png",
-                 "eval/length_gen.png", "eval/fast_weights.png", "ttt/export", "baseline/export", "ttt.yaml",
-                 "baseline.yaml", "eval.yaml", "ttt/loss.png", "ttt/ttt_stats.csv"):
+                 "eval/ppl_vs_length.png", "eval/fast_weights.png", "ttt/export", "baseline/export", "ttt.yaml",
+                 "baseline.yaml", "eval.yaml", "loss.png", "ttt/loss.png", "ttt/ttt_stats.csv"):
         assert (out / name).exists(), name
         assert f"runs/demo/{name}" in readme, f"README does not name runs/demo/{name}"
-    for png in out.glob("eval/*.png"):
+    for png in [*out.glob("eval/*.png"), out / "loss.png"]:
         assert png.read_bytes()[:8] == PNG
+    for run in ("ttt", "baseline"):  # loss.png overlays a held-out loss for both models
+        rows = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+        assert any("eval_loss" in r for r in rows), run
+    assert summary["plots"]["loss"] == str(out / "loss.png")
     assert (out / "demo.md").read_text().startswith("# ttt-speech demo")
     # the terminal table: both models, every range, chunked vs native, and the files at the end
     assert "TTT - baseline" in stdout and "chunked vs native" in stdout and "files:" in stdout
@@ -94,7 +98,7 @@ def test_demo_config_errors_name_the_field(tmp_path, capsys):
 
 def test_baseline_is_the_same_recipe_without_ttt(tmp_path):
     config = load_demo_config(CONFIG, [f"output_dir={tmp_path}"])
-    runs = train_configs(config, tmp_path / "train.jsonl")
+    runs = train_configs(config, tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
     assert runs["baseline"].ttt is None and runs["ttt"].ttt == config.train.ttt
     assert runs["ttt"].output_dir == tmp_path / "ttt" and runs["baseline"].output_dir == tmp_path / "baseline"
     assert runs["ttt"].optim == runs["baseline"].optim and runs["ttt"].seed == runs["baseline"].seed

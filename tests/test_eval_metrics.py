@@ -107,7 +107,7 @@ def test_report_never_writes_nan(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_markdown_renders_skipped_entries():
+def test_markdown_says_once_what_is_left_out():
     settings = EvalSettings(positions=[10, 1000], bin_frames=5, position_window=5, gain_window=5)
     run = run_summary([stream(torch.rand(4, 40))], ["s0"], settings)
     report = {"title": "t", "created": "now", "environment": {"device": "cpu", "torch": "x"},
@@ -118,4 +118,25 @@ def test_markdown_renders_skipped_entries():
               "settings": {"bin_frames": 5, "position_window": 5, "gain_window": 5},
               "runs": {"baseline/chunked": run}, "comparisons": {}}
     text = markdown(report)
-    assert "| 1,000 | local | skipped |" in text and "train_window is not set" in text and "nan" not in text.lower()
+    assert "Not reached by any stream (left out): position(s) 1,000." in text and "| 1,000 |" not in text
+    assert "| 10 | local |" in text and "train_window is not set" in text and "nan" not in text.lower()
+    assert "no growth above the level before scoring" in text and "MiB" not in text  # CPU RSS did not rise
+
+    report["data"]["uninformative"] = {"text": "padding"}
+    text = markdown(report)
+    assert "### text" not in text and "- text: left out of every table and plot: padding" in text
+    assert "### audio codebook 1" in text
+
+
+def test_log_bins_are_shared_and_the_paired_difference_has_an_error():
+    assert metrics.log_edges(300)[:5] == [0, 1, 2, 3, 5] and metrics.log_edges(300)[-1] == 300
+    assert set(metrics.log_edges(300)[:-1]) <= set(metrics.log_edges(5000))  # runs of any length share bins
+    a = [np.linspace(2.0, 1.0, 100), np.linspace(3.0, 2.0, 100)]
+    b = [s + 0.5 for s in a]
+    diff = metrics.paired_difference(a, b, metrics.log_edges(100))
+    assert all(abs(d["diff"] + 0.5) < 1e-12 and d["se"] < 1e-12 for d in diff)  # a constant shift: no spread
+    b[1] = b[1] + 1.0
+    diff = metrics.paired_difference(a, b, metrics.log_edges(100))
+    assert all(abs(d["diff"] + 1.0) < 1e-12 and abs(d["se"] - 0.5) < 1e-12 for d in diff)
+    curve = metrics.binned(a, metrics.log_edges(100))
+    assert all(c["q25"] < c["nll"] < c["q75"] for c in curve)

@@ -70,7 +70,7 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
     out = tmp_path / "out"
     for name in ("report.json", "report.md", "per_position.safetensors"):
         assert (out / name).is_file()
-    for name in ("nll_curves.png", "length_gen.png", "fast_weights.png"):
+    for name in ("nll_curves.png", "ppl_vs_length.png", "fast_weights.png"):
         assert (out / name).read_bytes()[:8] == PNG
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
     report = json.loads((out / "report.json").read_text())
@@ -99,7 +99,19 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
         c = report["comparisons"]["modes"][model]
         assert c["max_abs"] <= 1e-4 and all(s["frames"] == 32 for s in c["per_stream"])
         assert c["speed_ratio"] > 0
-    assert set(report["comparisons"]["ttt_vs_baseline"]) == {"chunked", "native"}
+        # the modes' NLLs compared on the same frames (the runs' own tables cover different ones)
+        assert c["shared"]["frames"] == 64 and c["shared"]["streams"] == 2
+        assert abs(c["shared"]["chunked_nll"] - c["shared"]["native_nll"]) <= 1e-4
+    native = report["runs"]["ttt/native"]["coverage"]
+    assert native == {"streams": 2, "of_streams": 2, "frames": 64, "of_frames": 390, "max_frames": 32}
+    assert report["runs"]["ttt/chunked"]["coverage"]["max_frames"] is None
+    vs = report["comparisons"]["vs_baseline"]["ttt"]
+    assert set(vs) == {"chunked", "native"}
+    diffs = [b["diff"] for b in vs["chunked"]["curve"]["cb1"]]
+    assert len(diffs) > 5 and len(set(diffs)) > 5 and any(d != 0 for d in diffs)  # the TTT branch changes the NLL
+    assert any("se" in b for b in vs["chunked"]["curve"]["cb1"])  # 2 streams share the early bins
+    # the fixture has no transcripts: the text stream is padding, its NLL measures nothing
+    assert set(report["data"]["uninformative"]) == {"text"}
 
     run = report["runs"]["ttt/chunked"]
     assert set(run["groups"]) == {"text", "cb1", "cb2-8"}
@@ -125,11 +137,16 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
 
     md = (out / "report.md").read_text()
     for section in ("## NLL (perplexity) at positions", "## Length generalisation", "## Chunked vs native",
-                    "## TTT − baseline", "## Speed and memory", "zz_corrupt.flac", "![nll_curves](nll_curves.png)",
+                    "## Model − baseline", "## Speed and memory", "zz_corrupt.flac", "![nll_curves](nll_curves.png)",
+                    "![ppl_vs_length](ppl_vs_length.png)", "| ttt/native† |",
+                    "ttt/native† scored the first 32 frames of each stream (64 of 390 frames)",
+                    "Not reached by any stream (left out): position(s) 1,000.",
+                    "- text: left out of every table and plot: the text stream is one repeated token",
                     f"- Mimi codes: {report['data']['codes']['distinct_min']}-{report['data']['codes']['distinct_max']} "
                     "distinct values per codebook"):
         assert section in md
-    assert "chunked vs native max |dNLL|" in capsys.readouterr().out
+    assert "### text" not in md and "| 1,000 |" not in md and "| skipped" not in md
+    assert "chunked vs native on the same 64 frames" in capsys.readouterr().out
 
 
 def test_bad_audio_is_skipped_and_a_mixed_book_left_out(tree, tmp_path, capfd):
@@ -208,8 +225,59 @@ def test_length_gen_command(tree, tmp_path, capsys):
     assert [p["length"] for p in points][:2] == [16, 19] and points[-1]["length"] == 320
     assert "skipped" in points[-1] and "cumulative" in points[0]  # 320 > the 200 frames evaluated
     assert (out / "length_gen.png").read_bytes()[:8] == PNG
-    assert "skipped" in (out / "length_gen.md").read_text()
-    assert "lengths evaluated" in capsys.readouterr().out
+    md = (out / "length_gen.md").read_text()
+    assert "are longer than every stream (the longest: 200 frames) and left out" in md and "| 320 |" not in md
+    assert "## text" not in md and "text stream is one repeated token" in md
+    printed = capsys.readouterr().out
+    assert "ttt: perplexity at L = 0.94x -> 6.22x the window (30 -> 199 frames)" in printed and "longer length(s) left out" in printed
+
+
+def test_librilight_and_length_gen_share_an_output_dir(tree, tmp_path):
+    """Both commands write into one output_dir without overwriting each other's figures."""
+    config = write_config(tmp_path / "eval.yaml", tree)
+    assert main(["eval", "librilight", str(config), "--quiet"]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    before = {name: (out / name).read_bytes() for name in report["plots"].values()}
+    assert main(["eval", "length-gen", str(config), "--quiet"]) == 0
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / "length_gen.png").read_bytes()[:8] == PNG and "length_gen.png" not in before
+
+
+def test_several_exports_in_one_report(tree, tmp_path):
+    """`compare` adds exports side by side: one run each, each compared with the baseline."""
+    from ttt_speech.export import save_export
+    from ttt_speech.models import ModelConfig
+
+    model = ModelConfig(name="tiny", tiny=TINY, device="cpu")
+    for name, layer_type in (("linear", "linear"), ("mlp", "mlp")):
+        lm = tiny_moshi_lm(**TINY)
+        torch.manual_seed(1)
+        patch_moshi(lm, TTTConfig(layer_type=layer_type, mini_batch_size=16, gate_init=0.5))
+        save_export(lm, model, tmp_path / name, trainable="ttt")
+    config = write_config(tmp_path / "eval.yaml", tree, ttt=None, export=str(tmp_path / "linear"),
+                          compare={"ttt-mlp": str(tmp_path / "mlp")}, eval={"baseline": True})
+    assert main(["eval", "librilight", str(config), "--quiet"]) == 0
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert list(report["runs"]) == ["ttt/chunked", "ttt-mlp/chunked", "baseline/chunked"]
+    assert report["models"]["ttt-mlp"]["ttt"]["layer_type"] == "mlp"
+    vs = report["comparisons"]["vs_baseline"]
+    assert set(vs) == {"ttt", "ttt-mlp"}
+    nll = [report["runs"][r]["groups"]["cb1"]["positions"][0]["cumulative"]["nll"] for r in report["runs"]]
+    assert len(set(nll)) == 3  # three different models, not one scored three times
+    md = (tmp_path / "out/report.md").read_text()
+    assert "| frame | window | ttt/chunked | ttt-mlp/chunked | baseline/chunked |" in md
+
+
+@pytest.mark.parametrize("compare, message", [
+    ({"baseline": "x"}, "compare.baseline: expected a name other than ['ttt', 'baseline']"),
+    ({"a/b": "x"}, "compare.a/b: expected a name other than"),
+])
+def test_compare_names_are_checked(tmp_path, compare, message):
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({"compare": compare}))
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(path)
 
 
 def test_cli_errors_name_the_field_and_exit_2(tree, tmp_path, capsys):

@@ -175,6 +175,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ValueError(f"{where}: expected a mapping, got {_show(value)}")
+        args = typing.get_args(tp)
+        if len(args) == 2:  # dict[str, X]: the values are checked like any field
+            return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value
