@@ -42,7 +42,8 @@ from .distributed import Dist, build_device, chunk_model, close_distributed, con
 from .loss import loss_terms, summarize, total_loss
 from .memory import rank_memory
 from .model import build_model, master_to_model_dtype
-from .monitor import MEMORY, METRICS, InnerLrProbe, Monitor, truncate_step_logs
+from .monitor import MEMORY, InnerLrProbe, Monitor, truncate_step_logs
+from .plots import LOSS_PLOT, plot_loss, read_history
 from .run_folder import RunFolder, claim
 from .stop import StopRequest, TrainingInterrupted, sigterm_interrupts
 
@@ -300,8 +301,15 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
             _length_gen(final, eval_entries, config, monitor)
     if env.is_main:
         lora = {"rank": config.lora.rank, "scale": config.lora.scale} if config.uses_lora else None
-        save_export(master_to_model_dtype(final, config), config.model, out_dir / "export", config.trainable, lora)
-        _plot_curves(out_dir)
+        durations = [e.duration for e in entries]  # hours only when every entry declares its duration
+        provenance = {"steps": step, "train_loss": metrics.get("loss"),
+                      "data": {"train_manifest": str(config.data.train_manifest), "entries": len(entries),
+                               "hours": None if None in durations else sum(durations) / 3600,
+                               "eval_manifest": str(config.data.eval_manifest) if eval_entries else None},
+                      "eval": {k: v for k, v in metrics.items() if k.startswith("eval_")} or None}
+        save_export(master_to_model_dtype(final, config), config.model, out_dir / "export", config.trainable, lora,
+                    provenance)
+        plot_loss({config.output_dir.name: read_history(out_dir)}, out_dir / LOSS_PLOT)
         logger.info("export written to %s", out_dir / "export")
     monitor.finish()
     env.barrier()
@@ -451,31 +459,3 @@ def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig
     lm.train(was_training)
     paths = write_length_gen({"trained": result}, config.output_dir / "length_gen", wandb_run=monitor.wandb)
     logger.info("length generalisation written to %s", paths["markdown"])
-
-
-def _plot_curves(out_dir: Path) -> None:
-    """loss.png from metrics.jsonl (train loss, eval loss when present)."""
-    import os
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = out_dir / METRICS
-    if not path.is_file():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if label == "eval" else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (text + audio)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_dir / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_dir / "loss.png")

@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "code file (.safetensors); none with --state-in: continue the saved stream")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created)")
     model = p.add_argument_group("model")
-    model.add_argument("--export", type=Path, metavar="DIR", help="fine-tuned export directory (ttt-speech train); replaces --model")
+    model.add_argument("--export", type=Path, metavar="DIR_OR_REPO",
+                       help="fine-tuned export directory (ttt-speech train) or hub repo id namespace/name[@revision]; "
+                            "replaces --model")
     model.add_argument("--model", default="tiny", metavar="NAME",
                        help="'tiny' (random-init, no download) or a Hugging Face repo such as "
                             "kyutai/moshiko-pytorch-bf16 (default tiny)")

@@ -9,7 +9,6 @@ import json
 import sys
 import time
 from importlib.metadata import entry_points
-from pathlib import Path
 
 COMMAND_GROUP = "ttt_speech.commands"  # entry points: name = "module:register", register(subparsers) adds one command
 STREAMING_TOLERANCE = 1e-4  # `check`: max |logit diff| of chunked streaming vs one full forward (float32)
@@ -39,10 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     check.set_defaults(func=_check)
 
-    inspect = sub.add_parser("inspect", help="print the patch report of a saved TTT export",
-                             description="Print what a TTT export (save_ttt directory) contains.")
-    inspect.add_argument("export_dir", type=Path, help="directory holding ttt_config.json and ttt.safetensors")
+    inspect = sub.add_parser("inspect", help="print what an export holds: trainable set, LoRA, TTT layers, provenance",
+                             description="Print what an export contains: its base model, trainable set, LoRA, "
+                                         "training provenance (model.json) and its TTT patch report and config "
+                                         "(ttt_config.json; a bare save_ttt folder has only these).")
+    inspect.add_argument("export", metavar="DIR_OR_REPO",
+                         help="export or save_ttt folder, or hub repo id namespace/name[@revision]")
     inspect.set_defaults(func=_inspect)
+
+    from .publish import register as register_export
+
+    register_export(sub)
 
     from .data.cli import register as register_data
 
@@ -141,8 +147,19 @@ def _check(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_saved_ttt
+    from .export import MODEL_FILE, export_dir, read_export_meta
+    from .publish import describe
 
-    saved = read_saved_ttt(args.export_dir)
+    directory = export_dir(args.export)
+    if (directory / MODEL_FILE).is_file():  # an export; a bare save_ttt folder has only ttt_config.json
+        meta = read_export_meta(directory)
+        rows = describe(meta)
+        width = max(len(label) for label, _ in rows)
+        print("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
+        if not meta.get("ttt"):
+            return 0
+        print()
+    saved = read_saved_ttt(directory)
     print(saved.report)
     print("config:", json.dumps(saved.config.to_dict()))
     return 0

@@ -3,14 +3,19 @@
 An export directory holds `model.json` (the base `ModelConfig`, the trainable set and the LoRA
 shape) and, as trained: `ttt.safetensors` + `ttt_config.json` (see `save_ttt`), `lora.safetensors`,
 or for full fine-tuning `model.safetensors`. It is written to a temporary directory and renamed
-into place, so a reader never sees half an export.
+into place, so a reader never sees half an export. model.json also records the training's
+provenance (`provenance`: steps, data, eval figures, ttt-speech version and git commit); exports
+written before it have none and load the same. Every reader takes a folder or a hub repo id
+`namespace/name[@revision]` (`hub.resolve_export`, docs/architecture.md §1).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +24,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import schema
-from .checkpoint import fuse_legacy_projections, load_ttt, read_saved_ttt, save_ttt
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, fuse_legacy_projections, load_ttt, read_saved_ttt, save_ttt
 from .files import read_json, save_tensors_atomic, write_text_atomic
 from .config import TTTConfig
 from .handle import TTTModel
+from .hub import resolve_export
 from .lora import add_lora, load_lora, lora_state_dict
 from .models import ModelConfig, load_lm
 
@@ -30,11 +36,45 @@ FORMAT = "ttt-speech-export"
 VERSION = 1
 MODEL_FILE = "model.json"
 TRAINS_EVERYTHING = ("full", "e2e-meta")  # `trainable` values whose export holds every weight
+LORA_FILE = "lora.safetensors"
+FULL_FILE = "model.safetensors"
+EXPORT_FILES = (MODEL_FILE, CONFIG_FILE, WEIGHTS_FILE, LORA_FILE, FULL_FILE)  # what a hub snapshot needs
+
+
+def export_dir(source: str | Path) -> Path:
+    """The local folder of an export: `source` itself, or the snapshot of a hub repo id (downloaded)."""
+    return resolve_export(source, EXPORT_FILES)
+
+
+def export_files(directory: Path) -> list[str]:
+    """The export files present in `directory` (what `export push` uploads)."""
+    return [name for name in EXPORT_FILES if (directory / name).is_file()]
+
+
+def code_provenance() -> dict[str, str | None]:
+    """The installed ttt-speech version and the git commit of its checkout (None when unknown)."""
+    try:
+        installed = version("ttt-speech")
+    except PackageNotFoundError:
+        installed = None
+    root = Path(__file__).resolve().parents[1]
+    commit = None
+    if (root / ".git").exists():  # only our own checkout: never an enclosing repo of a site-packages install
+        try:
+            out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):  # no git, or it hangs: provenance never fails a save
+            out = None
+        if out is not None and out.returncode == 0:
+            commit = out.stdout.strip() or None
+    return {"ttt_speech_version": installed, "git_commit": commit}
 
 
 def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, trainable: str,
-                lora: dict[str, Any] | None = None) -> Path:
-    """Write the export of a trained `lm` (built from `model`) into `directory` (replaced atomically)."""
+                lora: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Path:
+    """Write the export of a trained `lm` (built from `model`) into `directory` (replaced atomically).
+    `provenance`: how it was trained (steps, data, eval figures: JSON values), recorded in model.json
+    with the ttt-speech version and git commit."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
@@ -43,13 +83,14 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
         if patched:
             save_ttt(lm, stage)
         if lora is not None:
-            save_tensors_atomic(stage / "lora.safetensors",
+            save_tensors_atomic(stage / LORA_FILE,
                                 {k: v.detach().contiguous() for k, v in lora_state_dict(lm).items()})
         if trainable in TRAINS_EVERYTHING:
-            save_tensors_atomic(stage / "model.safetensors",
+            save_tensors_atomic(stage / FULL_FILE,
                                 {k: v.detach().contiguous() for k, v in lm.state_dict().items()})
         meta = {"format": FORMAT, "version": VERSION, "model": schema.to_dict(model),
-                "trainable": trainable, "lora": lora, "ttt": patched}
+                "trainable": trainable, "lora": lora, "ttt": patched,
+                "provenance": {**(provenance or {}), **code_provenance()}}
         write_text_atomic(stage / MODEL_FILE, json.dumps(meta, indent=2) + "\n")
         os.chmod(stage, 0o755)
         old = None
@@ -65,44 +106,46 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
     return directory
 
 
-def read_export_meta(directory: str | Path) -> dict[str, Any]:
-    """model.json of an export (no weights are read)."""
-    path = Path(directory) / MODEL_FILE
+def read_export_meta(source: str | Path) -> dict[str, Any]:
+    """model.json of an export folder or hub repo id (no weights are read); `provenance` may be absent."""
+    path = export_dir(source) / MODEL_FILE
     meta = read_json(path, "an export directory written by `ttt-speech train`")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: not a ttt-speech export (format {meta.get('format')!r}, version {meta.get('version')!r})")
     return meta
 
 
-def export_model_config(directory: str | Path) -> ModelConfig:
+def export_model_config(source: str | Path) -> ModelConfig:
     """The base model an export was trained from (its model.json), without loading anything."""
-    directory = Path(directory)
+    directory = export_dir(source)
     return schema.from_dict(ModelConfig, read_export_meta(directory)["model"], f"{directory / MODEL_FILE}:model")
 
 
-def export_ttt_config(directory: str | Path) -> TTTConfig | None:
+def export_ttt_config(source: str | Path) -> TTTConfig | None:
     """The TTTConfig an export's model is patched with (None: trained without TTT); no weights read,
     so settings that depend on it (chunk sizes) can be checked before any model is loaded."""
+    directory = export_dir(source)
     if not read_export_meta(directory).get("ttt"):
         return None
     return read_saved_ttt(directory).config
 
 
-def load_exported_lm(directory: str | Path, device: torch.device | None = None,
+def load_exported_lm(source: str | Path, device: torch.device | None = None,
                      model: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig]:
-    """Rebuild a fine-tuned LM: the base model (or `model`, e.g. a local copy of the same weights),
-    its LoRA adapters, its TTT layers and their weights. Returns (lm in eval mode, ModelConfig)."""
-    directory = Path(directory)
+    """Rebuild a fine-tuned LM from an export folder or hub repo id `namespace/name[@revision]`: the
+    base model (or `model`, e.g. a local copy of the same weights), its LoRA adapters, its TTT layers
+    and their weights. Returns (lm in eval mode, ModelConfig)."""
+    directory = export_dir(source)
     meta = read_export_meta(directory)
     model = model or export_model_config(directory)
     lm = load_lm(model, device=device)
     if meta.get("lora"):
         add_lora(lm, meta["lora"]["rank"], meta["lora"]["scale"])
-        load_lora(lm, load_file(str(directory / "lora.safetensors")), str(directory / "lora.safetensors"))
+        load_lora(lm, load_file(str(directory / LORA_FILE)), str(directory / LORA_FILE))
     if meta.get("ttt"):
         load_ttt(lm, directory)
     if meta.get("trainable") in TRAINS_EVERYTHING:
-        path = directory / "model.safetensors"
+        path = directory / FULL_FILE
         try:
             tensors = fuse_legacy_projections(load_file(str(path)), lm.state_dict())
             missing, unexpected = lm.load_state_dict(tensors, strict=False)

@@ -1,0 +1,96 @@
+"""The Hugging Face hub as a source of exports: `user/repo[@revision]` → a local snapshot folder
+(the standard HF cache: HF_HUB_CACHE, HF_HUB_OFFLINE), and the upload of an export folder.
+
+One convention everywhere an export is named (Python, configs, the command line): a local folder
+that exists wins; otherwise `namespace/name` is a hub model repo, `namespace/name@revision` pins a
+branch, tag or commit. huggingface_hub is imported when the hub is used, not with the command tree.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+LIBRARY = "ttt-speech"  # the hub's library_name: user agent and model-card front matter
+HUB_SOURCE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
+
+
+def parse_hub_source(source: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) of a `namespace/name[@revision]` string; None when it is not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    match = HUB_SOURCE.fullmatch(source)
+    if match is None:
+        return None
+    try:
+        validate_repo_id(match["repo"])
+    except HFValidationError:
+        return None
+    return match["repo"], match["revision"]
+
+
+def check_repo_id(repo_id: str, field: str) -> str:
+    """`repo_id` if it names a hub repo (`namespace/name`, no revision); otherwise a one-line ValueError."""
+    parsed = parse_hub_source(repo_id)
+    if parsed is None or parsed[1] is not None:
+        raise ValueError(f"{field}: expected a hub repo id namespace/name (e.g. me/moshi-ttt), got {repo_id!r}")
+    return repo_id
+
+
+def resolve_export(source: str | Path, files: Sequence[str] | None = None) -> Path:
+    """The local folder of an export named by `source`: the folder itself when it exists, else the
+    snapshot of the hub repo `namespace/name[@revision]` (downloaded into the HF cache, only `files`
+    when given). Neither a folder nor a repo id: `Path(source)`, for the readers' own missing-file error."""
+    path = Path(source)
+    parsed = None if path.exists() else parse_hub_source(str(source))
+    if parsed is None:
+        return path
+    repo_id, revision = parsed
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
+
+    at = f"revision {revision!r}" if revision else "its main branch"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files) if files else None,
+                                      library_name=LIBRARY))
+    except RevisionNotFoundError:
+        raise ValueError(f"{source}: the hub repo {repo_id} has no {at} (expected a branch, tag or commit)") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{source}: no such local folder, and no hub repo {repo_id} that you can read (check the "
+                         "path or repo id; a private repo needs `hf auth login` or HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise ValueError(f"{source}: hub repo {repo_id} ({at}) is not in the local cache ({constants.HF_HUB_CACHE})"
+                             " and HF_HUB_OFFLINE is set; download it once online, or unset HF_HUB_OFFLINE") from None
+        raise ValueError(f"{source}: the hub cannot be reached and repo {repo_id} ({at}) is not (completely) in the "
+                         f"local cache ({constants.HF_HUB_CACHE}); retry with network access") from None
+    except HfHubHTTPError as e:
+        raise ValueError(f"{source}: the hub refused repo {repo_id} ({_first_line(e)})") from None
+
+
+def push_folder(directory: Path, files: Sequence[str], readme: str, repo_id: str, revision: str | None = None,
+                private: bool = False, message: str = "Upload ttt-speech export") -> str:
+    """Upload `files` of `directory` and `readme` as README.md to the hub model repo `repo_id` in one
+    commit (the repo, and the branch `revision`, created when missing). Returns the commit's URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled
+
+    api = HfApi(library_name=LIBRARY)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(directory / name)) for name in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode()))
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        info = api.create_commit(repo_id, operations, commit_message=message, repo_type="model", revision=revision)
+    except OfflineModeIsEnabled:
+        raise ValueError(f"{repo_id}: HF_HUB_OFFLINE is set; pushing needs the network (unset it)") from None
+    except HfHubHTTPError as e:
+        raise ValueError(f"{repo_id}: the hub refused the push ({_first_line(e)}); it needs a write token "
+                         "(`hf auth login` or HF_TOKEN) for a repo you may write to") from None
+    return info.commit_url
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -1,0 +1,158 @@
+"""Sharing an export: what it holds as readable rows (`ttt-speech inspect`), its Hugging Face model
+card, and the `ttt-speech export card / push` command (docs/architecture.md §1)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+TAGS = ["moshi", "test-time-training", "speech"]
+README = "README.md"
+PUSH = (
+    "Upload an export folder (model.json and its weights) to a Hugging Face model repo in one commit, "
+    "with a model card as README.md: the folder's own README.md when it has one (e.g. written and edited "
+    "with `export card --out DIR/README.md`), else the generated card. The repo is created when missing; "
+    "log in first (`hf auth login`, or HF_TOKEN with a write token)."
+)
+CARD = (
+    "Print the model card `export push` uploads (YAML front matter for the hub, then the base model, "
+    "TTT config, trainable set, LoRA, training provenance and the eval figures the export carries), "
+    "or write it with --out to review and edit before pushing."
+)
+
+
+def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of an export's model.json: base model, trainable set, LoRA, provenance."""
+    model = meta["model"]
+    if model["name"] == "tiny":
+        kwargs = ", ".join(f"{k}={v}" for k, v in model.get("tiny", {}).items())
+        base = f"tiny (random-init, seed {model.get('seed', 0)}{', ' + kwargs if kwargs else ''})"
+    else:
+        base = model["name"]
+    lora = meta.get("lora")
+    rows = [("base model", f"{base}, {model.get('dtype', 'float32')}"),
+            ("trainable", str(meta.get("trainable"))),
+            ("LoRA", f"rank {lora['rank']}, scale {lora['scale']:g}" if lora else "none"),
+            ("TTT layers", "yes (ttt_config.json)" if meta.get("ttt") else "none")]
+    provenance = meta.get("provenance")
+    if provenance is None:
+        return rows + [("provenance", "not recorded (written before ttt-speech recorded it)")]
+    data = provenance.get("data") or {}
+    if "steps" in provenance:
+        rows.append(("steps trained", str(provenance["steps"])))
+    if data.get("train_manifest"):
+        hours = data.get("hours")
+        rows.append(("train data", f"{data['train_manifest']} ({data.get('entries', '?')} entries, "
+                                   f"{'unknown hours' if hours is None else f'{hours:.3g} h'})"))
+    if data.get("eval_manifest"):
+        rows.append(("eval data", data["eval_manifest"]))
+    if provenance.get("train_loss") is not None:
+        rows.append(("final train loss", f"{provenance['train_loss']:.4g}"))
+    if provenance.get("eval"):
+        rows.append(("final eval", ", ".join(f"{k}={v:.4g}" for k, v in provenance["eval"].items())))
+    rows.append(("ttt-speech", f"{provenance.get('ttt_speech_version') or 'unknown version'}, commit "
+                               f"{provenance.get('git_commit') or 'unknown'}"))
+    return rows
+
+
+def model_card(directory: Path, repo_id: str | None = None, license: str | None = None) -> str:
+    """The hub model card (README.md) of the export in `directory`: YAML front matter (library_name,
+    base_model, tags, license) and a body describing the model and how it was trained."""
+    from huggingface_hub import ModelCardData
+
+    from .checkpoint import read_saved_ttt
+    from .export import TRAINS_EVERYTHING, export_files, read_export_meta
+
+    meta = read_export_meta(directory)
+    name = meta["model"]["name"]
+    front = ModelCardData(library_name="ttt-speech", base_model=None if name == "tiny" else name, tags=TAGS,
+                          license=license).to_yaml()
+    shown = repo_id or "namespace/name"
+    held = ("every weight" if meta.get("trainable") in TRAINS_EVERYTHING else
+            " and ".join(part for part, present in (("the TTT layers", meta.get("ttt")),
+                                                    ("the LoRA adapters", meta.get("lora"))) if present))
+    rows = describe(meta)
+    lines = [f"---\n{front}\n---", "", f"# {(repo_id or directory.resolve().name).split('/')[-1]}", "",
+             "A [Moshi](https://github.com/kyutai-labs/moshi) speech language model with Test-Time-Training (TTT) "
+             "layers, fine-tuned with ttt-speech. Loading builds the base model "
+             f"({'the tiny random-init model' if name == 'tiny' else f'`{name}`, from its own repo'}) and applies "
+             f"the weights of this repo ({held or 'none'}).", "",
+             "## Use", "", "```python", "from ttt_speech.export import load_exported_lm", "",
+             f'lm, model = load_exported_lm("{shown}")  # pinned: "{shown}@<tag or commit>"', "```", "",
+             f"`ttt-speech inspect {shown}` prints what it holds.", "",
+             "## Model", "", "| | |", "|---|---|",
+             *(f"| {label} | {value} |" for label, value in rows if label in ("base model", "trainable", "LoRA")), "",
+             "| file | bytes |", "|---|---|",
+             *(f"| `{f}` | {(directory / f).stat().st_size:,} |" for f in export_files(directory)), ""]
+    if meta.get("ttt"):
+        saved = read_saved_ttt(directory)
+        lines += ["## TTT layers", "", "```", str(saved.report), "```", "", "| TTTConfig field | value |", "|---|---|",
+                  *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in saved.config.to_dict().items()), ""]
+    training = [(label, value) for label, value in rows if label not in ("base model", "trainable", "LoRA",
+                                                                         "TTT layers", "final eval")]
+    lines += ["## Training", "", "| | |", "|---|---|", *(f"| {label} | {value} |" for label, value in training), ""]
+    figures = (meta.get("provenance") or {}).get("eval")
+    if figures:
+        lines += ["## Evaluation", "", "Teacher-forced cross-entropies (nats) on the held-out manifest at the end "
+                  "of training; `eval_loss` = text + audio.", "", "| metric | value |", "|---|---|",
+                  *(f"| `{k}` | {v:.4f} |" for k, v in figures.items()), ""]
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="share an export on the Hugging Face hub (model card, upload)",
+                            description="Share a fine-tuning export: review its model card, push it to the hub. "
+                                        "Load one back with load_exported_lm('namespace/name[@revision]').")
+    tools = export.add_subparsers(dest="export_command", required=True, metavar="ACTION")
+    card = tools.add_parser("card", help="print or write the model card `export push` would upload", description=CARD)
+    card.add_argument("export", metavar="DIR_OR_REPO", help="export folder, or hub repo id namespace/name[@revision]")
+    card.add_argument("--repo-id", help="repo id shown in the card's loading example (default: a placeholder)")
+    card.add_argument("--license", help="license id for the front matter, e.g. cc-by-4.0 (the Moshi weights' "
+                                        "license); default: none written")
+    card.add_argument("--out", type=Path, help="write the card to this file (e.g. DIR/README.md, which push then "
+                                               "uploads as it is) instead of printing it")
+    card.set_defaults(func=_card)
+    push = tools.add_parser("push", help="upload an export folder with its model card to a hub repo", description=PUSH)
+    push.add_argument("export", type=Path, metavar="DIR", help="export folder written by `ttt-speech train`")
+    push.add_argument("repo_id", metavar="REPO_ID", help="hub model repo namespace/name (created when missing)")
+    push.add_argument("--revision", "--branch", dest="revision",
+                      help="branch to commit to, created from main when missing (default: main)")
+    push.add_argument("--private", action="store_true",
+                      help="create the repo private (an existing repo keeps its visibility)")
+    push.add_argument("--message", help="commit message (default: 'Upload ttt-speech export (N steps)')")
+    push.add_argument("--license", help="license id for the generated card's front matter, e.g. cc-by-4.0")
+    push.set_defaults(func=_push)
+
+
+def _card(args: argparse.Namespace) -> int:
+    from .export import export_dir
+    from .files import write_text_atomic, writable_file
+
+    text = model_card(export_dir(args.export), args.repo_id, args.license)
+    if args.out is None:
+        print(text, end="")
+        return 0
+    write_text_atomic(writable_file(args.out, "--out"), text)
+    print(f"model card written to {args.out}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .export import export_files, read_export_meta
+    from .hub import check_repo_id, push_folder
+
+    repo_id = check_repo_id(args.repo_id, "REPO_ID")
+    directory = args.export
+    if not directory.is_dir():  # never a hub id here: a mistyped folder must not be downloaded
+        raise ValueError(f"{directory}: not a folder (expected an export folder written by `ttt-speech train`)")
+    steps = (read_export_meta(directory).get("provenance") or {}).get("steps")
+    own = directory / README
+    readme = own.read_text() if own.is_file() else model_card(directory, repo_id, args.license)
+    files = export_files(directory)
+    message = args.message or f"Upload ttt-speech export{f' ({steps} steps)' if steps is not None else ''}"
+    url = push_folder(directory, files, readme, repo_id, args.revision, args.private, message)
+    card = "the folder's own" if own.is_file() else "generated"
+    print(f"pushed {', '.join(files)} and {README} ({card}) to {repo_id}"
+          f"{'@' + args.revision if args.revision else ''}: {url}")
+    return 0
