@@ -115,8 +115,9 @@ class EvalConfig:
 
     model: ModelConfig | None = doc(None, "the base model (ModelConfig fields); null: the export's base model, "
                                           "or the tiny random-init model without an export")
-    export: Path | None = doc(None, "a fine-tuning export folder (model.json + TTT weights): the TTT model to "
-                                    "evaluate; `model`, when set, replaces its base (e.g. a local copy)")
+    export: Path | None = doc(None, "a fine-tuning export folder (model.json + TTT weights) or hub repo id "
+                                    "(user/repo[@revision]): the TTT model to evaluate; `model`, when set, "
+                                    "replaces its base (e.g. a local copy)")
     ttt: TTTConfig | None = doc(None, "patch the base model with fresh, untrained TTT layers (TTTConfig fields): "
                                       "for smoke tests and demos; use `export` for a trained model")
     baseline_export: Path | None = doc(None, "a fine-tuning export *without* TTT layers used as the baseline (the "

@@ -13,7 +13,7 @@ import yaml
 from huggingface_hub import CommitInfo, constants, scan_cache_dir
 from huggingface_hub.file_download import repo_folder_name
 
-from ttt_speech import TTTConfig, patch_moshi
+from ttt_speech import TTTConfig, hub, patch_moshi
 from ttt_speech.checkpoint import ttt_state_dict
 from ttt_speech.cli import main
 from ttt_speech.export import (export_model_config, export_ttt_config, load_exported_lm, read_export_meta,
@@ -66,6 +66,14 @@ def cache_repo(cache: Path, repo_id: str, export: Path, commit: str, ref: str) -
     (storage / "refs" / ref).write_text(commit)
 
 
+@pytest.fixture(autouse=True)
+def fresh_resolutions():
+    """hub resolutions are cached per process (one commit per run): each test starts with none."""
+    hub._snapshot.cache_clear()
+    yield
+    hub._snapshot.cache_clear()
+
+
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch):
     """An HF cache holding user/repo: main = export A, tag v1 = export B; offline; cwd without user/."""
@@ -105,6 +113,16 @@ def test_load_from_a_hub_repo_id(offline_cache):
     assert torch.equal(logits(load_exported_lm(Path("user/repo@v1"))[0]), pinned)  # configs hold Paths
     assert read_export_meta("user/repo")["provenance"]["steps"] == 12
     assert export_ttt_config("user/repo@v1").mini_batch_size == 4 and export_model_config("user/repo").is_tiny
+
+
+def test_one_run_reads_one_commit_even_if_the_branch_moves(offline_cache):
+    """model.json and the weights of one export come from the same snapshot: main is resolved once."""
+    cache = offline_cache[0]
+    first = hub.resolve_export("user/repo", ["model.json"])
+    (cache / "models--user--repo" / "refs" / "main").write_text(V1)  # main now points at export B
+    assert hub.resolve_export("user/repo", ["model.json"]) == first and first.name == MAIN
+    hub._snapshot.cache_clear()  # a new process sees the move
+    assert hub.resolve_export("user/repo", ["model.json"]).name == V1
 
 
 def test_a_local_folder_wins_over_the_hub(offline_cache):
@@ -259,3 +277,13 @@ def test_push_refuses_bad_input_before_the_hub(tmp_path, hub_calls, capsys):
     assert main(["export", "push", "me/moshi-ttt", "me/moshi-ttt"]) == 2
     assert "me/moshi-ttt: not a folder" in capsys.readouterr().err
     assert not hub_calls
+
+
+def test_push_warns_when_the_export_names_local_base_files(tmp_path, hub_calls, capsys):
+    weights = tmp_path / "mimi.safetensors"
+    weights.write_bytes(b"")
+    base = ModelConfig(name="kyutai/moshiko-pytorch-bf16", mimi_weights=weights, device="cpu")
+    export = make_export(tmp_path / "export", seed=1, model=base)
+    assert main(["export", "push", str(export), "me/moshi-ttt"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: model.json names local files (mimi_weights)" in err and "create_commit" in hub_calls

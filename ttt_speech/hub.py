@@ -7,6 +7,7 @@ branch, tag or commit. huggingface_hub is imported when the hub is used, not wit
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,14 +47,13 @@ def resolve_export(source: str | Path, files: Sequence[str] | None = None) -> Pa
     if parsed is None:
         return path
     repo_id, revision = parsed
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
     from huggingface_hub.utils import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                        RevisionNotFoundError)
 
     at = f"revision {revision!r}" if revision else "its main branch"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files) if files else None,
-                                      library_name=LIBRARY))
+        return _snapshot(repo_id, revision, tuple(files) if files else None)
     except RevisionNotFoundError:
         raise ValueError(f"{source}: the hub repo {repo_id} has no {at} (expected a branch, tag or commit)") from None
     except RepositoryNotFoundError:
@@ -67,6 +67,16 @@ def resolve_export(source: str | Path, files: Sequence[str] | None = None) -> Pa
                          f"local cache ({constants.HF_HUB_CACHE}); retry with network access") from None
     except HfHubHTTPError as e:
         raise ValueError(f"{source}: the hub refused repo {repo_id} ({_first_line(e)})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _snapshot(repo_id: str, revision: str | None, files: tuple[str, ...] | None) -> Path:
+    """One resolution per process: every reader of one export (its model.json, its TTT config, its
+    weights) sees the same commit even if the branch moves meanwhile, and asks the hub once."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files) if files else None,
+                                  library_name=LIBRARY))
 
 
 def push_folder(directory: Path, files: Sequence[str], readme: str, repo_id: str, revision: str | None = None,

@@ -69,6 +69,9 @@ def pretrained_moshi_lm(hf_repo: str = "kyutai/moshiko-pytorch-bf16", device: st
     return info.get_moshi(device=device, dtype=dtype).eval()
 
 
+LOCAL_FILES = ("moshi_weights", "mimi_weights", "config_path", "text_tokenizer")  # ModelConfig fields naming local files
+
+
 @dataclass
 class ModelConfig:
     """Which Moshi LM (and Mimi codec) to build: shared by training, evaluation and generation."""
@@ -88,7 +91,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model.name: expected 'tiny' or a Hugging Face repo id, got ''")
-        for key in ("moshi_weights", "mimi_weights", "config_path", "text_tokenizer"):
+        for key in LOCAL_FILES:
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"model.{key}: {path} is a directory, expected a file" if Path(path).is_dir()

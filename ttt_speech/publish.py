@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +142,19 @@ def _card(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .export import export_files, read_export_meta
     from .hub import check_repo_id, push_folder
+    from .models import LOCAL_FILES
 
     repo_id = check_repo_id(args.repo_id, "REPO_ID")
     directory = args.export
     if not directory.is_dir():  # never a hub id here: a mistyped folder must not be downloaded
         raise ValueError(f"{directory}: not a folder (expected an export folder written by `ttt-speech train`)")
-    steps = (read_export_meta(directory).get("provenance") or {}).get("steps")
+    meta = read_export_meta(directory)
+    steps = (meta.get("provenance") or {}).get("steps")
+    local = [k for k in LOCAL_FILES if (meta.get("model") or {}).get(k)]
+    if local:  # the export loads only where those files exist: say so before it is shared
+        print(f"ttt-speech export push: warning: model.json names local files ({', '.join(local)}); others who "
+              "load the export from the hub need the same files at the same paths, or `model:` overrides",
+              file=sys.stderr)
     own = directory / README
     readme = own.read_text() if own.is_file() else model_card(directory, repo_id, args.license)
     files = export_files(directory)
