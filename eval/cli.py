@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ttt_speech.tracking import WANDB_OFFLINE_HELP
+
 LIBRILIGHT = (
     "Concatenate each LibriLight book's chapters into one stream (Mimi codes, cached), score "
     "every frame teacher-forced (text, codebook 1, codebooks 2-8) in chunked mode (LMModel "
@@ -31,6 +33,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. data.max_frames=8000 eval.chunk_size=128 output_dir=runs/x")
     parser.add_argument("--baseline", action="store_true",
                         help="also evaluate the same model without TTT layers (eval.baseline=true)")
+    parser.add_argument("--wandb-offline", action="store_true", help=WANDB_OFFLINE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -63,10 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace, extra=lambda: []):
     """The config of `args`; `extra()` gives more overrides, read once the options after them are parsed."""
     from ttt_speech.cli_options import overrides_and_options
+    from ttt_speech.tracking import wandb_offline
 
     from .config import load_config
 
-    overrides = overrides_and_options(args.parser, args) + extra()
+    overrides = overrides_and_options(args.parser, args) + extra() + wandb_offline(args.wandb_offline)
     if args.baseline:
         overrides.append("eval.baseline=true")
     return load_config(args.config, overrides)

@@ -132,7 +132,8 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
 
 
 def write_length_gen(results: dict[str, dict], output_dir: str | Path, wandb_run=None) -> dict[str, Path]:
-    """length_gen.json / .md / .png for {run name: result} into output_dir (atomic); optional wandb."""
+    """length_gen.json / .md / .png for {run name: result} into output_dir (atomic); optional wandb
+    (keys under `length_gen/`, so that a training run's own keys stay apart)."""
     import json
 
     from .plots import plot_length_gen
@@ -156,5 +157,6 @@ def write_length_gen(results: dict[str, dict], output_dir: str | Path, wandb_run
 
         runs = {n: {"groups": {g: {"length_gen": {"points": v["points"]}} for g, v in r["groups"].items()}}
                 for n, r in results.items()}
-        log_results(wandb_run, runs, {"length_gen_plot": paths["png"]}, [paths["json"]])
+        log_results(wandb_run, runs, {"length_gen": paths["png"]} if "png" in paths else {}, [paths["json"]],
+                    prefix="length_gen", left_out=list(first.get("uninformative", {})))
     return paths

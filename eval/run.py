@@ -372,7 +372,8 @@ def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[Stre
     if tracker is not None:
         from .tracking import log_results
 
-        log_results(tracker.run, runs, images, [paths["json"], paths["markdown"]])
+        log_results(tracker.run, runs, images, [paths["json"], paths["markdown"]],
+                    left_out=list(report["data"].get("uninformative", {})))
         tracker.finish()
     return paths
 

@@ -7,48 +7,57 @@ numbers); the full report, skipped entries included, is attached as a file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
-def scalars(report_runs: dict[str, dict]) -> dict[str, float]:
-    """Flat {"<run>/<group>/nll@<frame>": value, ...} of every reported number (skipped ones left out)."""
+def scalars(report_runs: dict[str, dict], prefix: str = "eval", left_out: Sequence[str] = ()) -> dict[str, float]:
+    """Flat {"<prefix>/<run>/<group>/<kind>_nll@<frame>": value, ...} of every reported number (skipped
+    ones and the `left_out` groups, which carry no information, are not logged)."""
     out: dict[str, float] = {}
     for run, r in report_runs.items():
+        key = f"{prefix}/{run}"
         speed = r.get("speed") or {}
-        for key in ("frames_per_s", "tokens_per_s"):
-            if speed.get(key) is not None:
-                out[f"{run}/{key}"] = speed[key]
-        if (r.get("memory") or {}).get("peak_bytes") is not None:
-            out[f"{run}/peak_memory_mib"] = r["memory"]["peak_bytes"] / 2**20
+        for name in ("frames_per_s", "tokens_per_s"):
+            if speed.get(name) is not None:
+                out[f"{key}/{name}"] = speed[name]
+        if (r.get("memory") or {}).get("peak_bytes"):
+            out[f"{key}/peak_memory_mib"] = r["memory"]["peak_bytes"] / 2**20
         for group, g in r["groups"].items():
+            if group in left_out:
+                continue
             for p in g.get("positions", []):
                 for kind in ("local", "cumulative"):
                     if "nll" in p.get(kind, {}):
-                        out[f"{run}/{group}/{kind}_nll@{p['position']}"] = p[kind]["nll"]
+                        out[f"{key}/{group}/{kind}_nll@{p['position']}"] = p[kind]["nll"]
             for p in g.get("length_gen", {}).get("points", []):
                 if "nll" in p.get("cumulative", {}):
-                    out[f"{run}/{group}/length_gen_ppl@{p['factor']:.2f}x"] = p["cumulative"]["ppl"]
-            for key, field in (("slope", "slope"), ("slope_beyond_window", "slope"), ("context_gain", "gain")):
-                if field in g.get(key, {}):
-                    out[f"{run}/{group}/{key}"] = g[key][field]
+                    out[f"{key}/{group}/ppl@{p['factor']:.2f}x"] = p["cumulative"]["ppl"]
+            for name, field in (("slope", "slope"), ("slope_beyond_window", "slope"), ("context_gain", "gain")):
+                if field in g.get(name, {}):
+                    out[f"{key}/{group}/{name}"] = g[name][field]
     return out
 
 
-def log_results(run, report_runs: dict[str, dict], images: dict[str, Path], files: list[Path] = ()) -> None:
-    """Log summary scalars, the length-generalisation table, the PNG plots and the report files."""
+def log_results(run, report_runs: dict[str, dict], images: dict[str, Path], files: Sequence[Path] = (),
+                prefix: str = "eval", left_out: Sequence[str] = ()) -> None:
+    """Log the summary scalars, the PNG plots (`<prefix>/plots/<name>`), the length-generalisation
+    table (`<prefix>/tables/length_gen`: a table never shares a key with an image) and the report files."""
     import wandb
 
-    values = scalars(report_runs)
-    run.summary.update(values)
-    payload: dict[str, Any] = {name: wandb.Image(str(path)) for name, path in images.items()}
+    run.summary.update(scalars(report_runs, prefix, left_out))
+    payload: dict[str, Any] = {f"{prefix}/plots/{name}": wandb.Image(str(path)) for name, path in images.items()}
     rows = []
     for name, r in report_runs.items():
         for group, g in r["groups"].items():
+            if group in left_out:
+                continue
             for p in g.get("length_gen", {}).get("points", []):
                 if "nll" in p.get("cumulative", {}):
-                    rows.append([name, group, p["length"], p["factor"], p["cumulative"]["nll"], p["cumulative"]["ppl"]])
+                    rows.append([name, group, p["length"], p["factor"], p["cumulative"]["nll"], p["cumulative"]["ppl"],
+                                 p["cumulative"]["n_streams"]])
     if rows:
-        payload["length_gen"] = wandb.Table(columns=["run", "group", "length", "factor", "nll", "ppl"], data=rows)
+        payload[f"{prefix}/tables/length_gen"] = wandb.Table(
+            columns=["run", "group", "length", "factor", "nll", "ppl", "streams"], data=rows)
     run.log(payload)
     for path in files:
         run.save(str(path), base_path=str(Path(path).parent), policy="now")

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from ttt_speech.tracking import WANDB_OFFLINE_HELP
+
 DESCRIPTION = (
     "Fine-tune a Moshi-architecture model with TTT layers on audio or code manifests, "
     "TTT state carried across consecutive windows of each recording. Multi-GPU: "
@@ -29,7 +31,7 @@ def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run output_dir holds (its checkpoints, export and logs are deleted); "
                              "without it, a folder holding another run is refused")
-    parser.add_argument("--wandb-offline", action="store_true", help="log wandb offline (sync later with `wandb sync`)")
+    parser.add_argument("--wandb-offline", action="store_true", help=WANDB_OFFLINE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run, parser=parser)
     return parser
@@ -46,14 +48,13 @@ def _run(args: argparse.Namespace) -> int:
     import logging
 
     from ttt_speech.cli_options import overrides_and_options
+    from ttt_speech.tracking import wandb_offline
 
     from .config import load_train_config
     from .stop import TrainingInterrupted
     from .train import TrainingDiverged, train
 
-    overrides = overrides_and_options(args.parser, args)
-    if args.wandb_offline:
-        overrides.append("wandb.mode=offline")
+    overrides = overrides_and_options(args.parser, args) + wandb_offline(args.wandb_offline)
     config = load_train_config(args.config, overrides)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

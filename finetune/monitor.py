@@ -43,10 +43,11 @@ class Monitor:
 
     CSV_FIELDS = ("step", "layer", "w_norm", "w_delta", "eta_mean")
 
-    def __init__(self, output_dir: Path, wandb_config: WandbConfig, run_config: dict[str, Any], enabled: bool) -> None:
+    def __init__(self, output_dir: Path, wandb_config: WandbConfig, run_config: dict[str, Any], enabled: bool,
+                 resume: bool = False) -> None:
         self.enabled = enabled
         self.dir = output_dir
-        self.tracker = start_wandb(wandb_config, run_config, output_dir, "train") if enabled else None
+        self.tracker = start_wandb(wandb_config, run_config, output_dir, "train", resume) if enabled else None
 
     @property
     def wandb(self):
@@ -58,7 +59,7 @@ class Monitor:
             return
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        flat = dict(metrics)
+        flat = {wandb_key(k): v for k, v in metrics.items()}
         if layer_stats:
             new = not (self.dir / TTT_STATS).exists()
             with open(self.dir / TTT_STATS, "a", newline="") as f:
@@ -72,9 +73,25 @@ class Monitor:
         if self.wandb is not None:
             self.wandb.log(flat, step=step)
 
+    def log_export(self, export: Path, metadata: dict[str, Any]) -> None:
+        """The export folder as a wandb model artifact (offline runs keep it for `wandb sync`)."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"{self.wandb.name or self.dir.name}-export".replace("/", "-"), type="model",
+                                  metadata=metadata)
+        artifact.add_dir(str(export))
+        self.wandb.log_artifact(artifact)
+
     def finish(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+
+
+def wandb_key(name: str) -> str:
+    """metrics.jsonl's names as wandb keys: `eval_loss` → `eval/loss`, `loss` → `train/loss`."""
+    return f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
 
 
 def truncate_step_logs(output_dir: Path, step: int) -> None:

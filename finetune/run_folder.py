@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ttt_speech.files import writable_dir
+from ttt_speech.tracking import WANDB_DIR
 
 from .checkpointing import STEP_DIR, DamagedCheckpoint, list_checkpoints, verify_checkpoint
 from .monitor import MEMORY, METRICS, TTT_STATS
@@ -32,7 +33,7 @@ logger = logging.getLogger("finetune")
 
 LOCK = ".lock"
 # What a run writes into its folder (train.log, which the demo writes beside it, is not a run's).
-RUN_OUTPUTS = ("checkpoints", "export", METRICS, TTT_STATS, MEMORY, LOSS_PLOT, "length_gen", "wandb")
+RUN_OUTPUTS = ("checkpoints", "export", METRICS, TTT_STATS, MEMORY, LOSS_PLOT, "length_gen", WANDB_DIR)
 
 
 class RunFolder:

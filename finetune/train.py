@@ -186,7 +186,7 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
     if folder is not None:  # rank 0, every check passed: now --overwrite deletes, a resume cuts the logs back
         folder.replace_previous()
         truncate_step_logs(out_dir, step)
-    monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main)
+    monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main, resume=resume_dir is not None)
     warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
 
     def carry_state() -> dict | None:
@@ -309,6 +309,8 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
                       "eval": {k: v for k, v in metrics.items() if k.startswith("eval_")} or None}
         save_export(master_to_model_dtype(final, config), config.model, out_dir / "export", config.trainable, lora,
                     provenance)
+        monitor.log_export(out_dir / "export", {"trainable": config.trainable, "steps": step,
+                                                "ttt": schema.to_dict(config.ttt), "base_model": config.model.name})
         plot_loss({config.output_dir.name: read_history(out_dir)}, out_dir / LOSS_PLOT)
         logger.info("export written to %s", out_dir / "export")
     monitor.finish()

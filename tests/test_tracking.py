@@ -1,0 +1,154 @@
+"""Weights & Biases, one behaviour in every app (always offline or disabled here: no network).
+
+The mode comes from the config, WANDB_MODE overrides it, `--wandb-offline` sets it; every wandb file
+lands under output_dir/wandb, nothing in the current directory; `--resume` logs into the run it
+continues; keys are `train/...`, `eval/...`, `ttt/layer<i>/...`; images and tables never share a key.
+"""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from train_utils import TINY_MODEL, make_corpus, write_config
+
+from ttt_speech.cli import main
+from ttt_speech.stats import FastWeightStats
+from ttt_speech.tracking import RUN_ID, WandbConfig
+from ttt_speech_apps.finetune.monitor import Monitor, wandb_key
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def quiet_wandb(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("data"))
+
+
+def eval_config(tmp_path: Path, corpus: dict, mode: str) -> Path:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": TINY_MODEL, "ttt": {"mini_batch_size": 4},
+        "data": {"manifest": str(corpus["eval"]), "codes_cache": str(tmp_path / "cache")},
+        "eval": {"chunk_size": 8, "positions": [8, 16], "position_window": 4, "bin_frames": 8, "gain_window": 4},
+        "output_dir": str(tmp_path / "out"), "wandb": {"mode": mode}}))
+    return path
+
+
+def offline_runs(out: Path) -> list[Path]:
+    return sorted((out / "wandb").glob("offline-run-*"))
+
+
+def test_eval_logs_under_output_dir_and_nothing_in_cwd(tmp_path, corpus, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    import wandb
+
+    started, init = [], wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: started.append(kwargs) or init(**kwargs))
+    config = eval_config(tmp_path, corpus, "disabled")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment overrides the config ...
+    assert main(["eval", "librilight", str(config), "--quiet"]) == 0
+    (run,) = offline_runs(tmp_path / "out")
+    assert list(cwd.iterdir()) == []  # ... and no ./wandb appears where the command ran
+    assert {p.name for p in (run / "files").iterdir()} >= {"report.json", "report.md", "media"}
+    (kwargs,) = started
+    assert kwargs["config"]["wandb"]["mode"] == "offline"  # the mode in effect, not the file's "disabled"
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # ... both ways
+    assert main(["eval", "librilight", str(config), "--quiet", "output_dir=" + str(tmp_path / "off"),
+                 "--wandb-offline"]) == 0
+    assert not (tmp_path / "off" / "wandb").exists()
+
+    monkeypatch.delenv("WANDB_MODE")  # without it, --wandb-offline turns logging on, in every eval command
+    for command in ("librilight", "length-gen"):
+        out = tmp_path / f"flag-{command}"
+        assert main(["eval", command, str(config), "--quiet", "--wandb-offline", f"output_dir={out}",
+                     "eval.train_window=8"]) == 0
+        assert len(offline_runs(out)) == 1, command
+
+
+def test_resume_continues_the_wandb_run(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, steps=2, wandb={"mode": "offline"})
+    assert main(["train", str(path), "--quiet"]) == 0
+    out = tmp_path / "run"
+    first = json.loads((out / "wandb" / RUN_ID).read_text())["id"]
+    assert main(["train", str(path), "steps=4", "--resume", str(out), "--quiet"]) == 0
+    assert json.loads((out / "wandb" / RUN_ID).read_text())["id"] == first
+    runs = offline_runs(out)
+    assert len(runs) == 2 and all(f"-{first}" in r.name for r in runs)  # one run id, two sessions
+
+    fresh = write_config(tmp_path / "b", corpus, steps=2, wandb={"mode": "offline"})
+    assert main(["train", str(fresh), "--quiet"]) == 0  # another run: another id
+    assert json.loads((tmp_path / "b" / "run" / "wandb" / RUN_ID).read_text())["id"] != first
+
+
+class FakeRun:
+    """What a wandb run receives (`log`, `log_artifact`, `summary`, `save`)."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.logged, self.artifacts, self.summary, self.saved = [], [], {}, []
+
+    def log(self, payload, step=None):
+        self.logged.append((step, payload))
+
+    def log_artifact(self, artifact):
+        self.artifacts.append(artifact)
+
+    def save(self, path, **kwargs):
+        self.saved.append(path)
+
+
+def test_keys_are_namespaced_and_short(tmp_path):
+    assert [wandb_key(k) for k in ("loss", "grad_norm", "eval_loss", "eval_cb1_loss")] == [
+        "train/loss", "train/grad_norm", "eval/loss", "eval/cb1_loss"]
+    monitor = Monitor(tmp_path, WandbConfig(mode="disabled"), {}, enabled=True)
+    run = FakeRun()
+    monitor.tracker = SimpleNamespace(run=run, finish=lambda: None)
+    monitor.log(10, {"loss": 2.0, "lr": 1e-3}, {0: FastWeightStats(w_norm=1.5, w_delta=0.5, eta_mean=0.1)})
+    monitor.log(10, {"eval_loss": 2.5})
+    assert run.logged == [(10, {"train/loss": 2.0, "train/lr": 1e-3, "ttt/layer0/w_norm": 1.5,
+                                "ttt/layer0/w_delta": 0.5, "ttt/layer0/eta_mean": 0.1}),
+                          (10, {"eval/loss": 2.5})]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1]) == {"step": 10, "eval_loss": 2.5}
+
+
+def test_the_length_gen_image_and_table_have_their_own_keys(tmp_path):
+    from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
+    from ttt_speech_apps.eval.length_gen import length_generalisation, write_length_gen
+    from test_eval_run import random_streams
+
+    lm = tiny_moshi_lm(card=64, text_card=100, context=16)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    run = FakeRun()
+    write_length_gen({"ttt": length_generalisation(lm, random_streams(), train_window=8)}, tmp_path, wandb_run=run)
+    ((_, payload),) = run.logged
+    assert set(payload) == {"length_gen/plots/length_gen", "length_gen/tables/length_gen"}
+    import wandb
+
+    assert isinstance(payload["length_gen/plots/length_gen"], wandb.Image)
+    assert isinstance(payload["length_gen/tables/length_gen"], wandb.Table)
+    assert any(k.startswith("length_gen/ttt/cb1/ppl@") for k in run.summary)
+
+
+def test_training_logs_its_export_as_an_artifact(tmp_path, corpus, monkeypatch):
+    import wandb.sdk.wandb_run
+
+    logged = []
+    original = wandb.sdk.wandb_run.Run.log_artifact
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log_artifact",
+                        lambda self, artifact, *a, **k: logged.append(artifact) or original(self, artifact, *a, **k))
+    path = write_config(tmp_path, corpus, steps=1)
+    assert main(["train", str(path), "--quiet", "--wandb-offline"]) == 0
+    (artifact,) = logged
+    assert artifact.type == "model" and artifact.metadata["trainable"] == "full"
+    assert {"model.json", "ttt.safetensors", "ttt_config.json"} <= set(artifact.manifest.entries)
