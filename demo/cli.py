@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+from ttt_speech_apps.configs import FOLDER as CONFIGS, resolve_config
+
+DEFAULT_CONFIG = CONFIGS / "demo.yaml"  # the shipped one: `ttt-speech demo` works outside a clone
 
 DESCRIPTION = (
     "Write the synthetic long-context corpus, fine-tune a tiny TTT-patched Moshi and the same "
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", description=DESCRIPTION,
         help="the whole mission on a CPU in minutes: fine-tune TTT and a baseline, evaluate both")
     parser.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG,
-                        help="demo config (YAML; default configs/demo.yaml)")
+                        help="demo config (YAML, or a shipped config's name; default: the shipped demo.yaml)")
     # REMAINDER, not "*": options may follow the overrides too (`overrides_and_options`)
     parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. train.steps=200 corpus.seed=1 output_dir=runs/demo1")
@@ -38,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if "=" in str(args.config):  # `demo k=v`: the optional CONFIG took the first override
         args.overrides, args.config = [str(args.config), *args.overrides], DEFAULT_CONFIG
-    config = load_demo_config(args.config, overrides_and_options(args.parser, args))
+    config = load_demo_config(resolve_config(args.config), overrides_and_options(args.parser, args))
     try:
         run_demo(config, progress=not args.quiet)
     except RuntimeError as e:  # a training subprocess failed: its log is named in the message

@@ -72,7 +72,7 @@ def _steps_done(run_dir: Path) -> int:
 def train_side_by_side(configs: dict[str, Path], runs: dict[str, TrainConfig], progress: bool) -> dict[str, float]:
     """`python -m ttt_speech_apps.finetune` per config, in parallel, one CPU thread each; returns
     seconds per run."""
-    from tqdm import tqdm
+    from ttt_speech.progress import progress_bar
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     procs, logs, bars, start = {}, {}, {}, time.perf_counter()
@@ -84,8 +84,8 @@ def train_side_by_side(configs: dict[str, Path], runs: dict[str, TrainConfig], p
             logs[name] = open(run_dir / "train.log", "w")
             procs[name] = subprocess.Popen([sys.executable, "-m", "ttt_speech_apps.finetune", str(path), "--quiet"],
                                            stdout=logs[name], stderr=subprocess.STDOUT, env=env)
-            bars[name] = tqdm(total=runs[name].steps, desc=f"train {name:8s}", unit="step", position=i,
-                              disable=not progress, dynamic_ncols=True)
+            bars[name] = progress_bar(total=runs[name].steps, desc=f"train {name:8s}", unit="step", position=i,
+                                      enabled=progress)
         while len(seconds) < len(procs):
             time.sleep(0.5)
             for name, proc in procs.items():

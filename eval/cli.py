@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ttt_speech.tracking import WANDB_OFFLINE_HELP
+from ttt_speech_apps.configs import resolve_config
 
 LIBRILIGHT = (
     "Concatenate each LibriLight book's chapters into one stream (Mimi codes, cached), score "
@@ -26,7 +27,7 @@ MEMORY = (
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="evaluation config (YAML); see configs/eval_librilight.yaml")
+    parser.add_argument("config", type=Path, help="evaluation config: a YAML file, or a shipped config by name (e.g. eval_tiny; `ttt-speech config list`)")
     # REMAINDER (not "*"): argparse cannot take positionals after options otherwise; options given
     # among the overrides are parsed by `overrides_and_options`
     parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     memory = tools.add_parser(
         "memory", description=MEMORY,
         help="does a model remember a segment after test-time training on it? NLL pre vs post")
-    memory.add_argument("config", type=Path, help="memory-test config (YAML); see configs/eval_memory.yaml")
+    memory.add_argument("config", type=Path, help="memory-test config: a YAML file, or a shipped config by name (eval_memory)")
     memory.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. segment_frames=128 data.max_books=4 output_dir=runs/x")
     memory.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -73,7 +74,7 @@ def _load(args: argparse.Namespace, extra=lambda: []):
     overrides = overrides_and_options(args.parser, args) + extra() + wandb_offline(args.wandb_offline)
     if args.baseline:
         overrides.append("eval.baseline=true")
-    return load_config(args.config, overrides)
+    return load_config(resolve_config(args.config), overrides)
 
 
 def _librilight(args: argparse.Namespace) -> int:
@@ -101,7 +102,7 @@ def _memory(args: argparse.Namespace) -> int:
 
     from ttt_speech.cli_options import overrides_and_options
 
-    config = load_config(args.config, overrides_and_options(args.parser, args))
+    config = load_config(resolve_config(args.config), overrides_and_options(args.parser, args))
     report, paths = run_memory(config, progress=not args.quiet)
     print("\n".join(summary_lines(report)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

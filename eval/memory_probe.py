@@ -222,7 +222,7 @@ def remembered(result: dict, group: str = "cb1") -> str:
 def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) -> tuple[dict, dict[str, Path]]:
     """Build each model in turn (one in memory at a time), probe every stream, write the outputs.
     Returns (report, {kind: path written})."""
-    from tqdm import tqdm
+    from ttt_speech.progress import progress_bar
 
     from .run import build_models
 
@@ -237,8 +237,8 @@ def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) 
         (model,) = build_models(config.eval_config(entry), device)
         if streams is None:  # the layout (moshi_streams) needs a model: the first one's
             streams, data = load_segments(config, model.lm, base, progress)
-            bar = tqdm(total=len(config.models) * len(streams), desc="memory test", unit="stream",
-                       disable=not progress, dynamic_ncols=True)
+            bar = progress_bar(total=len(config.models) * len(streams), desc="memory test", unit="stream",
+                               enabled=progress)
         probes = []
         for stream in streams:
             bar.set_postfix_str(entry.name, refresh=False)

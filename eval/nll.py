@@ -91,9 +91,9 @@ def undelay_nll(lm: LMModel, codes: Tensor, text_nll: Tensor, audio_nll: Tensor,
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    from ttt_speech.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled, leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="frame", enabled=enabled, leave=False)
 
 
 def _check_codes(lm: LMModel, codes: Tensor, where: str) -> None:

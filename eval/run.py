@@ -192,14 +192,14 @@ def _stream_shape(lm) -> tuple[int, int, int, int]:
 
 def load_data(config: EvalConfig, lm, model_config: ModelConfig, progress: bool = True) -> LoadedData:
     """Find the books / manifest entries, encode (or read cached) codes, lay them out for `lm`."""
-    from tqdm import tqdm
+    from ttt_speech.progress import progress_bar
 
     found = find_books(config.data)
     device = model_config.torch_device()
     cache = CodesCache(config.data.codes_cache, model_config.codec_id(), lambda: load_mimi(model_config, device))
     tokenizer = functools.cache(lambda: load_text_tokenizer(model_config))  # only for files with a transcript
     data = LoadedData([], list(found.skipped_files), list(found.filtered_books))
-    with tqdm(found.books, desc="loading streams", unit="book", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(found.books, desc="loading streams", unit="book", enabled=progress) as bar:
         for book in bar:
             try:
                 stream = load_stream(book, lm, cache, config.data.max_frames,

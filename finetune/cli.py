@@ -21,7 +21,7 @@ DESCRIPTION = (
 
 
 def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("config", type=Path, help="training config (YAML); see configs/tiny.yaml")
+    parser.add_argument("config", type=Path, help="training config: a YAML file, or a shipped config by name (e.g. tiny; `ttt-speech config list`)")
     # REMAINDER, not "*": options may follow the overrides too (`overrides_and_options`)
     parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. optim.lr=3e-4 data.batch_size=8 ttt.layers=last:0.5")
@@ -49,13 +49,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from ttt_speech.cli_options import overrides_and_options
     from ttt_speech.tracking import wandb_offline
+    from ttt_speech_apps.configs import resolve_config
 
     from .config import load_train_config
     from .stop import TrainingInterrupted
     from .train import TrainingDiverged, train
 
     overrides = overrides_and_options(args.parser, args) + wandb_offline(args.wandb_offline)
-    config = load_train_config(args.config, overrides)
+    config = load_train_config(resolve_config(args.config), overrides)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     if not main_rank:  # the run's own warnings (resume, runaway growth, ...) are the same on every rank: rank 0 says them

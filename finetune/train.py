@@ -145,7 +145,7 @@ def _check_resume(config: TrainConfig, resume: Path) -> Path:
 
 def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry], list[ManifestEntry]],
            resume_dir: Path | None, folder: RunFolder | None, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
+    from ttt_speech.progress import progress_bar
 
     out_dir = config.output_dir
     entries, eval_entries = manifests
@@ -217,8 +217,7 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
                                config.keep_checkpoints)
 
     tokens_per_step = config.data.batch_size * config.data.window_frames * lm.num_codebooks
-    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not (progress and env.is_main),
-               dynamic_ncols=True)
+    bar = progress_bar(total=config.steps, initial=step, desc="train", unit="step", enabled=progress and env.is_main)
     metrics: dict[str, Any] = {}
     window_start_time, window_steps = time.perf_counter(), 0
     memory_reported = False
@@ -330,12 +329,12 @@ def _check_entries(entries: list[ManifestEntry], loader: RecordingLoader, field:
                    progress: bool) -> None:
     """Read every manifest entry once before the first step (audio: encoded into the codes cache), so
     a bad file is a one-line error now, not hours into the run. Each rank checks its share."""
-    from tqdm import tqdm
+    from ttt_speech.progress import progress_bar
 
     mine = range(env.rank, len(entries), env.world)
     error = None
-    for i in tqdm(mine, desc=f"checking {field}", unit="file", disable=not (progress and env.is_main) or len(mine) < 2,
-                  dynamic_ncols=True, leave=False):
+    for i in progress_bar(mine, desc=f"checking {field}", unit="file", leave=False,
+                          enabled=progress and env.is_main and len(mine) >= 2):
         try:
             if loader.codes(i).shape[1] == 0:
                 error = f"{field}: {entries[i].path} holds no frames"

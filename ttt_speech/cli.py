@@ -30,12 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check", description=CHECK,
         help="seconds-long install check: patch a tiny Moshi, check streaming, time LMGen.step")
-    check.add_argument("--frames", type=int, default=300, help="frames to stream through LMGen.step (default 300)")
+    check.add_argument("--frames", type=int, default=100, help="frames to stream through LMGen.step (default 100)")
     check.add_argument("--layer-type", choices=["linear", "mlp"], default="linear", help="TTT inner model (default linear)")
     check.add_argument("--mode", choices=["replace", "hybrid"], default="hybrid", help="patch mode (default hybrid)")
     check.add_argument("--layers", default="all", help="layers to patch: all, every:k, last:f (default all)")
     check.add_argument("--mini-batch-size", type=int, default=16, help="TTT mini-batch size b (default 16)")
     check.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(func=_check)
 
     inspect = sub.add_parser("inspect", help="print what an export holds: trainable set, LoRA, TTT layers, provenance",
@@ -97,7 +98,7 @@ def streaming_error(lm, codes, chunks: tuple[int, ...]) -> float:
 def _check(args: argparse.Namespace) -> int:
     import torch
     from moshi.models.lm import LMGen
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     from . import TTTConfig, TTTModel, patch_moshi, tiny_moshi_lm
     from .data import FRAME_RATE
@@ -135,7 +136,8 @@ def _check(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         with lm_gen.streaming(1):
             start = time.perf_counter()
-            for t in tqdm(range(args.frames), desc=f"LMGen.step ({name})", unit="frame", leave=False):
+            for t in progress_bar(range(args.frames), desc=f"LMGen.step ({name})", unit="frame", leave=False,
+                                  enabled=not args.quiet):
                 lm_gen.step(user[:, :, t:t + 1])
             rates[name] = args.frames / (time.perf_counter() - start)
     print(f"\n== LMGen.step, {args.frames} frames, batch 1, CPU ({torch.get_num_threads()} threads) ==")

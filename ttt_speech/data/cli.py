@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, default, help_text in reference(SynthConfig):
         synth.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
                            help=f"{help_text} (default {default})")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_synth)
 
     encode = tools.add_parser(
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     encode.add_argument("--skip-bad", action="store_true",
                         help="leave files that cannot be decoded out of the manifest (warned, then listed at the "
                              "end) instead of stopping with an error")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(func=_encode)
 
 
@@ -70,7 +72,7 @@ def _synth(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None})
     config = from_dict(SynthConfig, data, "synth")
     writable_dir(args.out, "out")  # a file or a read-only folder there: one line, before any recording is made
-    files = write_corpus(config, args.out, progress=True)
+    files = write_corpus(config, args.out, progress=not args.quiet)
     print("wrote " + ", ".join(f"{k}: {v}" for k, v in files.items()))
     return 0
 
@@ -80,7 +82,8 @@ def _encode(args: argparse.Namespace) -> int:
     from ..models import ModelConfig
 
     model = ModelConfig(name=args.model, mimi_weights=args.mimi_weights, device=args.device)
-    out, skipped = encode_manifest(args.manifest, args.out_manifest, args.cache, model, skip_bad=args.skip_bad)
+    out, skipped = encode_manifest(args.manifest, args.out_manifest, args.cache, model, skip_bad=args.skip_bad,
+                                   progress=not args.quiet)
     print(f"wrote {out}")
     if skipped:
         print(f"skipped {len(skipped)} file(s) that cannot be decoded:")

@@ -13,14 +13,14 @@ logger = logging.getLogger(__name__)
 
 
 def encode_manifest(manifest: Path, out_manifest: Path, cache_dir: Path, model,
-                    skip_bad: bool = False) -> tuple[Path, dict[Path, str]]:
+                    skip_bad: bool = False, progress: bool = True) -> tuple[Path, dict[Path, str]]:
     """Audio manifest → code files in the cache + a manifest of them; returns (out_manifest,
     {skipped file: reason}). Code files in the input are passed through.
 
     Audio that cannot be decoded cleanly (corrupt, empty, NaN / inf samples) is a one-line
     ValueError naming the file, and no manifest is written; with `skip_bad` such files are left
     out of the manifest with a warning instead, and returned with the reason."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..models import load_mimi
 
@@ -30,7 +30,7 @@ def encode_manifest(manifest: Path, out_manifest: Path, cache_dir: Path, model,
     writable_dir(cache_dir, "--cache")
     cache = CodesCache(cache_dir, model.codec_id(), lambda: load_mimi(model))
     out, skipped = [], {}
-    for entry in tqdm(entries, desc="encode", unit="file"):
+    for entry in progress_bar(entries, desc="encode", unit="file", enabled=progress):
         if entry.is_codes:
             out.append(entry)
             continue

@@ -99,12 +99,12 @@ def synth_recording(config: SynthConfig, index: int, maps: Tensor | None = None)
 
 def write_corpus(config: SynthConfig, out: str | Path, progress: bool = False) -> dict[str, Path]:
     """Write the corpus into `out`: recordings/*.safetensors, train.jsonl, eval.jsonl, corpus.json."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     out = Path(out)
     maps = acoustic_maps(config)
     train, held_out = [], []
-    for i in tqdm(range(config.recordings), desc="synth corpus", unit="rec", disable=not progress):
+    for i in progress_bar(range(config.recordings), desc="synth corpus", unit="rec", enabled=progress):
         codes, _ = synth_recording(config, i, maps)
         path = save_codes(out / "recordings" / f"rec_{i:05d}.safetensors",
                           Recording(codes, silence=torch.zeros(NUM_CODEBOOKS, dtype=torch.long),
