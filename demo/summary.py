@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ttt_speech.data import FRAME_RATE
 from ttt_speech_apps.eval import metrics
+from ttt_speech_apps.eval.memory import CPU_FLOOR, informative_peaks
 from ttt_speech_apps.eval.report import read_per_position
 
 GROUPS = {"cb1": "audio codebook 1 (semantic)", "cb2-8": "audio codebooks 2-8 (acoustic)"}
@@ -138,8 +139,10 @@ def nll_rows(summary: dict) -> list[list[str]]:
 
 
 def memory_measured(summary: dict) -> bool:
-    """Whether any mode's peak memory rose above its start (on CPU, tiny models often show none)."""
-    return any(m[k] for m in summary["modes"].values() for k in ("chunked_peak_bytes", "native_peak_bytes"))
+    """Whether the modes' peak memory figures say something (`informative_peaks`)."""
+    modes = summary["modes"].values()
+    return informative_peaks([m[k] for m in modes for k in ("chunked_peak_bytes", "native_peak_bytes")],
+                             next(iter(modes))["memory_kind"])
 
 
 def mode_table(summary: dict) -> tuple[list[str], list[list[str]], str]:
@@ -153,7 +156,7 @@ def mode_table(summary: dict) -> tuple[list[str], list[list[str]], str]:
             for name, m in summary["modes"].items()]
     kind = next(iter(summary["modes"].values()))["memory_kind"]
     note = (MEMORY_NOTE.get(kind, f"memory: {kind}") if measured else
-            f"memory: not shown: no growth above the level before scoring was seen ({kind}; tiny models on CPU)")
+            f"memory: not shown, no mode rose above {CPU_FLOOR // 2**20} MiB ({kind}: too coarse for tiny models)")
     return header, rows, note
 
 

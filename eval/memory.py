@@ -17,6 +17,16 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+CPU_FLOOR = 8 * 2**20  # bytes: sampled resident-memory growth below this is allocator noise, not a measurement
+
+
+def informative_peaks(peaks: list[int | None], kind: str) -> bool:
+    """Whether peak-memory figures say something: any CUDA peak, or a CPU one of at least CPU_FLOOR
+    (tiny models on CPU grow the process by 0-1 MiB: printed, that reads as a measurement)."""
+    floor = CPU_FLOOR if kind == "cpu_rss_sampled" else 1
+    return any(p is not None and p >= floor for p in peaks)
+
+
 class PeakMemory:
     """`with PeakMemory(device) as m: ...` → m.peak: bytes above the level at entry, m.kind: how.
 

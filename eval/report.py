@@ -18,6 +18,7 @@ from ttt_speech.data import FRAME_RATE
 
 from . import metrics
 from .config import EvalSettings
+from .memory import CPU_FLOOR, informative_peaks
 from .nll import StreamNLL
 
 FORMAT = "ttt-speech-eval"
@@ -327,15 +328,16 @@ def markdown(report: dict) -> str:
     out += _table(["run", "group", "slope", "slope beyond window", "context gain"], rows) + [""]
 
     out += ["## Speed and memory", ""]
-    measured = any(r["memory"]["peak_bytes"] for r in runs.values())
+    kind = next(iter(runs.values()))["memory"]["kind"]
+    measured = informative_peaks([r["memory"]["peak_bytes"] for r in runs.values()], kind)
     rows = [[labels[n], f"{r['speed']['frames']:,}", _num(r["speed"]["frames_per_s"], ".1f"),
              _num(r["speed"]["tokens_per_s"], ".0f"), _num(r["speed"]["realtime_factor"], ".1f") + "x"]
             + ([_bytes(r["memory"]["peak_bytes"])] if measured else []) for n, r in runs.items()]
     out += _table(["run", "frames", "frames/s", "tokens/s", "real time"] + (["peak memory"] if measured else []), rows)
-    kind = next(iter(runs.values()))["memory"]["kind"]
     out += ["", f"Peak memory measured as {kind}." if measured else
-            f"Peak memory: no growth above the level before scoring was seen ({kind}); on CPU the sampled resident "
-            "memory misses short-lived buffers: measure on CUDA, or with scripts/bench_eval.py in fresh processes.", ""]
+            f"Peak memory: not shown, none rose above {CPU_FLOOR // 2**20} MiB ({kind}: the process's resident memory "
+            "sampled every 5 ms, too coarse for small models); measure on CUDA, or with scripts/bench_eval.py in "
+            "fresh processes.", ""]
 
     comparisons = report.get("comparisons", {})
     if comparisons.get("modes"):

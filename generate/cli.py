@@ -62,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--no-audio", action="store_true", help="write code files only (no Mimi decoding)")
     o.add_argument("--state-in", type=Path, metavar="FILE", help="continue the stream saved in this file")
     o.add_argument("--state-out", type=Path, metavar="FILE", help="save the live stream here at the end (safetensors)")
+    o.add_argument("--quiet", action="store_true", help="no live progress line")
     p.set_defaults(func=_generate)
 
 
@@ -138,9 +139,11 @@ def _output_names(prompts: list[Path]) -> list[str]:
 class _Progress:
     """`generate: 37/125 steps | 41.2 frames/s | 3.30x real time` on a terminal (stderr), live."""
 
-    def __init__(self, total: int, batch: int) -> None:
+    def __init__(self, total: int, batch: int, enabled: bool) -> None:
+        from ttt_speech.progress import show_progress
+
         self.total, self.batch = total, batch
-        self.live = sys.stderr.isatty()
+        self.live = show_progress(enabled)
         self.start = self.last_print = time.perf_counter()
         self.window: list[float] = []
 
@@ -250,7 +253,7 @@ def _generate(args: argparse.Namespace) -> int:
                           "restarts at this boundary", file=sys.stderr)
             lengths = [0 if s is None else s.shape[1] for s in (streams or [None] * batch)]
             total = max(session.plan(lengths, config.num_frames))
-            progress = _Progress(total, batch)
+            progress = _Progress(total, batch, enabled=not args.quiet)
             try:
                 for done, frame in enumerate(session.run(streams), start=1):
                     keep = frame.emitted if args.include_prompt else frame.generated

@@ -120,7 +120,7 @@ def test_markdown_says_once_what_is_left_out():
     text = markdown(report)
     assert "Not reached by any stream (left out): position(s) 1,000." in text and "| 1,000 |" not in text
     assert "| 10 | local |" in text and "train_window is not set" in text and "nan" not in text.lower()
-    assert "no growth above the level before scoring" in text and "MiB" not in text  # CPU RSS did not rise
+    assert "Peak memory: not shown, none rose above 8 MiB" in text and "| peak memory |" not in text
 
     report["data"]["uninformative"] = {"text": "padding"}
     text = markdown(report)

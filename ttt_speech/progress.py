@@ -17,9 +17,8 @@ def show_progress(enabled: bool = True) -> bool:
 
 
 def progress_bar(iterable: Iterable | None = None, *, enabled: bool, **tqdm_kwargs: Any):
-    """A tqdm bar (on stderr), disabled unless `show_progress(enabled)`; a `disable=True` given stays."""
+    """A tqdm bar (on stderr), disabled unless `show_progress(enabled)`."""
     from tqdm import tqdm
 
     tqdm_kwargs.setdefault("dynamic_ncols", True)  # follow the terminal's width when it is resized
-    disable = bool(tqdm_kwargs.pop("disable", False)) or not show_progress(enabled)
-    return tqdm(iterable, disable=disable, **tqdm_kwargs)
+    return tqdm(iterable, disable=not show_progress(enabled), **tqdm_kwargs)
