@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     memory.add_argument("config", type=Path, help="memory-test config: a YAML file, or a shipped config by name (eval_memory)")
     memory.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. segment_frames=128 data.max_books=4 output_dir=runs/x")
+    memory.add_argument("--wandb-offline", action="store_true", help=WANDB_OFFLINE_HELP)
     memory.add_argument("--quiet", action="store_true", help="no progress bars")
     memory.set_defaults(func=_memory, parser=memory)
 
@@ -101,8 +102,10 @@ def _memory(args: argparse.Namespace) -> int:
     from .memory_probe import load_config, run_memory, summary_lines
 
     from ttt_speech.cli_options import overrides_and_options
+    from ttt_speech.tracking import wandb_offline
 
-    config = load_config(resolve_config(args.config), overrides_and_options(args.parser, args))
+    config = load_config(resolve_config(args.config),
+                         overrides_and_options(args.parser, args) + wandb_offline(args.wandb_offline))
     report, paths = run_memory(config, progress=not args.quiet)
     print("\n".join(summary_lines(report)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

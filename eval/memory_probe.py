@@ -34,6 +34,7 @@ from ttt_speech.export import export_ttt_config
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.models import ModelConfig
 from ttt_speech.schema import check, doc
+from ttt_speech.tracking import WandbConfig, start_wandb
 
 from . import metrics
 from .books import Skipped, Stream
@@ -77,6 +78,7 @@ class MemoryConfig:
     chunk_size: int | None = doc(None, "frames per chunk (chunked mode); null: 4 x each model's TTT mini-batch size "
                                        "(64 without TTT); E2E models need multiples of their mini-batch size")
     output_dir: Path = doc("runs/memory/eval", "folder for memory.json, memory.md and memory.png")
+    wandb: WandbConfig = doc(factory=WandbConfig, help="")
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -260,7 +262,14 @@ def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) 
         "data": data,
         "results": results,
     }
-    return report, write_memory(report, config.output_dir, plots)
+    paths = write_memory(report, config.output_dir, plots)
+    tracker = start_wandb(config.wandb, report["config"], config.output_dir, "eval-memory")
+    if tracker is not None:
+        from .tracking import log_memory
+
+        log_memory(tracker.run, report, paths)
+        tracker.finish()
+    return report, paths
 
 
 def load_segments(config: MemoryConfig, lm, model_config: ModelConfig,

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -19,6 +19,7 @@ logger = logging.getLogger("finetune")
 METRICS = "metrics.jsonl"  # one JSON object per log step
 TTT_STATS = "ttt_stats.csv"  # one row per log step and TTT layer, `step` first
 MEMORY = "memory.json"  # bytes per rank after the first step (train.py)
+STEP = "train/step"  # the x axis of every wandb series of training
 
 
 class InnerLrProbe:
@@ -48,6 +49,7 @@ class Monitor:
         self.enabled = enabled
         self.dir = output_dir
         self.tracker = start_wandb(wandb_config, run_config, output_dir, "train", resume) if enabled else None
+        self._to_wandb("define the step metric", _define_step)
 
     @property
     def wandb(self):
@@ -59,7 +61,7 @@ class Monitor:
             return
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        flat = {wandb_key(k): v for k, v in metrics.items()}
+        flat = {STEP: step, **{wandb_key(k): v for k, v in metrics.items()}}
         if layer_stats:
             new = not (self.dir / TTT_STATS).exists()
             with open(self.dir / TTT_STATS, "a", newline="") as f:
@@ -70,23 +72,43 @@ class Monitor:
                     values = stats.to_dict()
                     writer.writerow({"step": step, "layer": layer, **{k: f"{v:.6g}" for k, v in values.items()}})
                     flat.update({f"ttt/layer{layer}/{k}": v for k, v in values.items()})
-        if self.wandb is not None:
-            self.wandb.log(flat, step=step)
+        self._to_wandb("log", lambda run: run.log(flat))
 
     def log_export(self, export: Path, metadata: dict[str, Any]) -> None:
         """The export folder as a wandb model artifact (offline runs keep it for `wandb sync`)."""
+        def log(run) -> None:
+            import wandb
+
+            artifact = wandb.Artifact(f"{run.name or self.dir.name}-export".replace("/", "-"), type="model",
+                                      metadata=metadata)
+            artifact.add_dir(str(export))
+            run.log_artifact(artifact)
+
+        self._to_wandb("log the export", log)
+
+    def _to_wandb(self, what: str, call: Callable[[Any], None]) -> None:
+        """`call(run)` when wandb is on; a failure turns wandb off with a warning (metrics.jsonl and the
+        run go on: a tracker never ends a training run)."""
         if self.wandb is None:
             return
-        import wandb
-
-        artifact = wandb.Artifact(f"{self.wandb.name or self.dir.name}-export".replace("/", "-"), type="model",
-                                  metadata=metadata)
-        artifact.add_dir(str(export))
-        self.wandb.log_artifact(artifact)
+        try:
+            call(self.wandb)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logger.warning("wandb failed to %s (%s); continuing without it", what,
+                           str(e).splitlines()[0] if str(e) else e)
+            self.tracker = None
 
     def finish(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+
+
+def _define_step(run) -> None:
+    """Every training series against STEP, a logged value rather than wandb's own `step=`, which must
+    only grow: a resumed run re-does the steps past its checkpoint, which wandb would drop."""
+    run.define_metric(STEP)
+    for prefix in ("train", "eval", "ttt"):
+        run.define_metric(f"{prefix}/*", step_metric=STEP)
 
 
 def wandb_key(name: str) -> str:
