@@ -40,6 +40,11 @@ def packaged_configs() -> list[PackagedConfig]:
     return out
 
 
+def packaged_names() -> str:
+    """"demo, eval_librilight, ...": the shipped configs' names, for error messages."""
+    return ", ".join(c.name.removesuffix(".yaml") for c in packaged_configs())
+
+
 def find_packaged(name: str) -> PackagedConfig | None:
     """The shipped config called `name` (with or without .yaml), or None."""
     stem = name.removesuffix(".yaml")
@@ -52,13 +57,13 @@ def resolve_config(path: str | Path) -> Path:
     is neither is a one-line error listing the packaged names; any other path is returned for the
     loader's own missing-file error."""
     path = Path(path)
-    if path.exists():
+    if path.is_file():  # not a folder: in a clone `demo` is also the demo app's package
         return path
     packaged = find_packaged(path.name) if path.parent in (Path("."), Path("configs")) else None
     if packaged is not None:
         return packaged.path
     if path.parent == Path(".") and path.suffix in ("", ".yaml"):
-        names = ", ".join(c.name.removesuffix(".yaml") for c in packaged_configs())
-        raise ValueError(f"config: no file {str(path)!r} here, and no packaged config of that name (packaged: {names}; "
+        raise ValueError(f"config: no file {str(path)!r} here, and no packaged config of that name (packaged: "
+                         f"{packaged_names()}; "
                          "`ttt-speech config list` describes them)")
     return path

@@ -5,7 +5,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from . import find_packaged, packaged_configs
+from . import find_packaged, packaged_configs, packaged_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,7 @@ def _list(args: argparse.Namespace) -> int:
 def _copy(args: argparse.Namespace) -> int:
     packaged = find_packaged(args.name)
     if packaged is None:
-        names = ", ".join(c.name.removesuffix(".yaml") for c in packaged_configs())
-        raise ValueError(f"NAME: no packaged config {args.name!r} (packaged: {names})")
+        raise ValueError(f"NAME: no packaged config {args.name!r} (packaged: {packaged_names()})")
     dest = args.dest / packaged.name if args.dest.is_dir() else args.dest
     if dest.exists() and not args.force:
         raise ValueError(f"DEST: {dest} exists; pass --force to replace it")

@@ -15,7 +15,6 @@ from ttt_speech_apps.eval import metrics
 from ttt_speech_apps.eval.memory import CPU_FLOOR, informative_peaks
 from ttt_speech_apps.eval.report import read_per_position
 
-GROUPS = {"cb1": "audio codebook 1 (semantic)", "cb2-8": "audio codebooks 2-8 (acoustic)"}
 
 
 def range_edges(context: int | None, window: int | None, frames: int) -> list[int]:
@@ -46,7 +45,8 @@ def comparison(report: dict, config, eval_paths: dict[str, Path], train_seconds:
     edges = range_edges(context, window, frames)
     ttt, base = _series(per_position, "ttt/chunked"), _series(per_position, "baseline/chunked")
     table = {}
-    for group in GROUPS:
+    groups = metrics.shown_groups(report["runs"]["ttt/chunked"]["groups"], report["data"].get("uninformative", {}))
+    for group in groups:
         rows = []
         for lo, hi in zip(edges[:-1], edges[1:]):
             a, b = metrics.range_nll(ttt[group], lo, hi), metrics.range_nll(base[group], lo, hi)
@@ -85,6 +85,7 @@ def comparison(report: dict, config, eval_paths: dict[str, Path], train_seconds:
                          "seconds": train_seconds, "parallel": config.parallel},
         },
         "nll": table,
+        "group_labels": groups,
         "late": {"group": "cb1", **late, "ttt_better": "diff" in late and late["diff"] < 0},
         "modes": modes,
         "curves": {name: report["runs"][f"{name}/chunked"]["groups"]["cb1"]["curve"] for name in ("ttt", "baseline")},
@@ -127,7 +128,7 @@ def _range(row: dict, context: int | None) -> str:
 def nll_rows(summary: dict) -> list[list[str]]:
     context = summary["setup"]["models"]["baseline"]["attention_context"]
     rows = []
-    for group, label in GROUPS.items():
+    for group, label in summary["group_labels"].items():
         for i, row in enumerate(summary["nll"][group]):
             name = label if i == 0 else ""
             if "skipped" in row:

@@ -16,7 +16,7 @@ LIBRILIGHT = (
 LENGTH_GEN = (
     "Perplexity of the first L frames of each stream (one stateful chunked pass) at "
     "eval.length_gen.num_lengths lengths from min_factor to max_factor x eval.train_window; "
-    "lengths no stream reaches are reported as skipped. Writes length_gen.json/.md/.png."
+    "lengths no stream reaches are left out (listed once). Writes length_gen.json/.md/.png."
 )
 MEMORY = (
     "For each model and stream, score S = the first segment_frames frames in a fresh stream "

@@ -120,11 +120,14 @@ class EvalConfig:
                                     "replaces its base (e.g. a local copy)")
     ttt: TTTConfig | None = doc(None, "patch the base model with fresh, untrained TTT layers (TTTConfig fields): "
                                       "for smoke tests and demos; use `export` for a trained model")
-    baseline_export: Path | None = doc(None, "a fine-tuning export *without* TTT layers used as the baseline (the "
-                                             "same recipe trained with ttt: null); null: the base model itself")
+    baseline_export: Path | None = doc(None, "a fine-tuning export (folder or hub repo id) *without* TTT layers used "
+                                             "as the baseline (the same recipe trained with ttt: null); null: the "
+                                             "base model itself")
     compare: dict[str, Path] = doc(factory=dict, help="more exports scored side by side with the others, "
-                                                      "{name: export folder}, e.g. {ttt-mlp: runs/mlp/export, "
-                                                      "e2e: runs/e2e/export}: one column and one line each")
+                                                      "{name: export folder or hub repo id}, e.g. {ttt-mlp: "
+                                                      "runs/mlp/export, e2e: runs/e2e/export}: one column and one "
+                                                      "line each; each loads its own base model (model.json), "
+                                                      "`model` replaces the base of `export` only")
     data: DataConfig = doc(factory=DataConfig, help="")
     eval: EvalSettings = doc(factory=EvalSettings, help="")
     output_dir: Path = doc("runs/eval", "folder for report.json, report.md and the PNG plots")

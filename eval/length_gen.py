@@ -4,7 +4,8 @@
 (after training) and for `ttt-speech eval length-gen`. Each stream is scored once in chunked mode
 up to the longest evaluation length; the perplexity at length L is the mean NLL over its first
 L frames (exactly what evaluating a stream of length L would give: the model is causal), over
-the streams that are at least L frames long. Lengths no stream reaches are reported as skipped.
+the streams that are at least L frames long. Lengths no stream reaches are skipped entries of the
+result, which the reports list once.
 """
 from __future__ import annotations
 
@@ -66,9 +67,8 @@ def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], 
 
 
 def shown_groups(result: dict) -> dict[str, str]:
-    """{group: label} of the groups that carry information (`metrics.uninformative_groups` left out)."""
-    left_out = result.get("uninformative", {})
-    return {g: v["label"] for g, v in result["groups"].items() if g not in left_out}
+    """{group: label} of a result's groups that carry information (`metrics.shown_groups`)."""
+    return metrics.shown_groups(result["groups"], result.get("uninformative", {}))
 
 
 def _reached(result: dict) -> list[dict]:
@@ -91,7 +91,7 @@ def markdown(results: dict[str, dict]) -> str:
                 f"longer than every stream (the longest: {longest:,} frames) and left out.", ""]
     for group, why in first.get("uninformative", {}).items():
         out += [f"{first['groups'][group]['label']}: left out ({why}).", ""]
-    for group, label in shown_groups(first).items():
+    for group, label in (shown_groups(first) if reached else {}).items():  # no table without a row
         out += [f"## {label}", "", "| L (frames) | L / window | " + " | ".join(names) + " |",
                 "|---|---|" + "---|" * len(names)]
         for i, p in enumerate(first["groups"][group]["points"]):

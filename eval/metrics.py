@@ -29,6 +29,12 @@ def groups(num_rows: int) -> dict[str, list[int]]:
 GROUP_LABELS = {"text": "text", "cb1": "audio codebook 1 (semantic)"}
 
 
+def shown_groups(groups: dict[str, dict], left_out: dict[str, str]) -> dict[str, str]:
+    """{group: label} of the `groups` (a run's or result's "groups") not in `left_out`
+    (`uninformative_groups`): what reports, plots and trackers show."""
+    return {g: v["label"] for g, v in groups.items() if g not in left_out}
+
+
 def uninformative_groups(streams: Sequence[torch.Tensor], num_rows: int) -> dict[str, str]:
     """Groups whose targets are one repeated value in every stream, {group: why}: their NLL measures
     nothing (near 0 nats once a model learns the constant), so reports leave them out and say why.
@@ -265,5 +271,7 @@ def mode_difference(a: StreamNLL, b: StreamNLL) -> dict:
            "nll_b": float(b.nll[:, :T][both].double().mean())}
     for name, rows in groups(a.nll.shape[0]).items():
         d = diff[rows][both[rows]]
-        out[name] = {"max_abs": float(d.max()), "mean_abs": float(d.double().mean())}
+        out[name] = {"max_abs": float(d.max()), "mean_abs": float(d.double().mean()), "n_tokens": int(d.numel()),
+                     "nll_a": float(a.nll[rows, :T][both[rows]].double().mean()),
+                     "nll_b": float(b.nll[rows, :T][both[rows]].double().mean())}
     return out

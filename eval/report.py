@@ -96,18 +96,23 @@ def run_summary(results: Sequence[StreamNLL], stream_ids: Sequence[str], setting
 
 
 def mode_comparison(chunked: Sequence[StreamNLL], native: Sequence[StreamNLL], stream_ids: Sequence[str],
-                    chunked_run: dict, native_run: dict) -> dict:
-    """`--mode both`: per-position NLL differences between modes, speed ratio, memory of each."""
+                    chunked_run: dict, native_run: dict, shown: Sequence[str] | None = None) -> dict:
+    """`--mode both`: per-position NLL differences between modes, speed ratio, memory of each, and both
+    modes' mean NLL over the same streams and frames and the `shown` groups (default: all)."""
     per_stream = [{"stream": sid, **metrics.mode_difference(a, b)} for sid, a, b in zip(stream_ids, chunked, native)]
     c, n = chunked_run["speed"]["frames_per_s"], native_run["speed"]["frames_per_s"]
     tokens = sum(s["n_tokens"] for s in per_stream)
+    groups = list(shown) if shown is not None else list(metrics.groups(chunked[0].nll.shape[0]))
+    parts = [s[g] for s in per_stream for g in groups]
+    shared_tokens = sum(p["n_tokens"] for p in parts)
     return {
         "max_abs": max(s["max_abs"] for s in per_stream),
         "mean_abs": sum(s["mean_abs"] * s["n_tokens"] for s in per_stream) / tokens,
-        # both modes' mean NLL over the same streams and frames (the tables' runs may cover different ones)
-        "shared": {"streams": len(per_stream), "frames": sum(s["frames"] for s in per_stream), "n_tokens": tokens,
-                   "chunked_nll": sum(s["nll_a"] * s["n_tokens"] for s in per_stream) / tokens,
-                   "native_nll": sum(s["nll_b"] * s["n_tokens"] for s in per_stream) / tokens},
+        # the tables' runs may cover different streams; this compares the modes on the same ones
+        "shared": {"streams": len(per_stream), "frames": sum(s["frames"] for s in per_stream), "n_tokens": shared_tokens,
+                   "groups": groups,
+                   "chunked_nll": sum(p["nll_a"] * p["n_tokens"] for p in parts) / shared_tokens,
+                   "native_nll": sum(p["nll_b"] * p["n_tokens"] for p in parts) / shared_tokens},
         "per_stream": per_stream,
         "speed_ratio": c / n if c and n else None,
         "chunked_frames_per_s": c, "native_frames_per_s": n,
@@ -216,9 +221,9 @@ def run_labels(runs: dict[str, dict], mark: str = "†") -> dict[str, str]:
 
 
 def shown_groups(report: dict) -> list[str]:
-    """The groups whose NLL carries information (`metrics.uninformative_groups` are left out)."""
-    left_out = report.get("data", {}).get("uninformative", {})
-    return [g for g in next(iter(report["runs"].values()))["groups"] if g not in left_out]
+    """The groups of an evaluation report that carry information (`metrics.shown_groups`)."""
+    return list(metrics.shown_groups(next(iter(report["runs"].values()))["groups"],
+                                     report.get("data", {}).get("uninformative", {})))
 
 
 def _cells(entries: list[dict | None], kind: str) -> list[str]:
@@ -342,8 +347,8 @@ def markdown(report: dict) -> str:
     comparisons = report.get("comparisons", {})
     if comparisons.get("modes"):
         out += ["## Chunked vs native", "",
-                "Both modes on the same streams and frames: mean NLL of each, and the per-position difference (the "
-                "evaluator's self-check: float noise only).", ""]
+                "Both modes on the same streams and frames: mean NLL of each (over the groups shown), and the "
+                "per-position difference over every row (the evaluator's self-check: float noise only).", ""]
         rows = []
         for m, c in comparisons["modes"].items():
             shared = c.get("shared", {})
@@ -362,7 +367,8 @@ def markdown(report: dict) -> str:
                 for group in groups:
                     for p in diff["positions"][group]:
                         if any(isinstance(p[k], float) for k in ("local", "cumulative")):
-                            rows.append([model, mode, group, f"{p['position']:,}",
+                            subset = labels.get(f"{model}/{mode}", "").endswith("†")  # as in the other tables
+                            rows.append([model + "†" * subset, mode, group, f"{p['position']:,}",
                                          *(f"{p[k]:+.4f}" if isinstance(p[k], float) else "—" for k in ("local", "cumulative"))])
         out += _table(["model", "mode", "group", "frame", "local", "cumulative"], rows) + [""]
 

@@ -162,7 +162,7 @@ def build_models(config: EvalConfig, device: torch.device | None = None) -> list
     models = []
     if "ttt" in plan and config.export is not None:
         lm, base = load_exported_lm(config.export, device=device, model=config.model)
-        models.append(EvalModel("ttt", lm, f"export {config.export} (base {base.name})"))
+        models.append(EvalModel("ttt", lm, f"export {_source(config.export)} (base {base.name})"))
     elif "ttt" in plan:
         lm = load_lm(base, device=device)
         with torch.random.fork_rng(devices=[]):  # the fresh TTT layers are seeded like the tiny model
@@ -171,10 +171,10 @@ def build_models(config: EvalConfig, device: torch.device | None = None) -> list
         models.append(EvalModel("ttt", lm, f"{base.name} + fresh (untrained) TTT layers"))
     for name, path in config.compare.items():
         lm, other = load_exported_lm(path, device=device)
-        models.append(EvalModel(name, lm, f"export {path} (base {other.name})"))
+        models.append(EvalModel(name, lm, f"export {_source(path)} (base {other.name})"))
     if "baseline" in plan and config.baseline_export is not None:
         lm, _ = load_exported_lm(config.baseline_export, device=device)
-        models.append(EvalModel("baseline", lm, f"export {config.baseline_export} (no TTT)"))
+        models.append(EvalModel("baseline", lm, f"export {_source(config.baseline_export)} (no TTT)"))
     elif "baseline" in plan:
         models.append(EvalModel("baseline", load_lm(base, device=device), f"{base.name} (no TTT)"))
     shape = _stream_shape(models[0].lm)
@@ -184,6 +184,14 @@ def build_models(config: EvalConfig, device: torch.device | None = None) -> list
                              f"{_stream_shape(model.lm)} differ from {models[0].name}'s {shape}; compare models "
                              "that read the same streams")
     return models
+
+
+def _source(export: Path) -> str:
+    """An export as the report names it: a hub repo id with the commit that was scored."""
+    from ttt_speech.export import export_dir
+
+    folder = export_dir(export)
+    return str(export) if folder == Path(export) else f"{export} (hub commit {folder.name})"
 
 
 def _stream_shape(lm) -> tuple[int, int, int, int]:
@@ -289,12 +297,15 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
     results = evaluate(models, data.streams, config, progress)
     runs = {name: run_summary(r, ids, config.eval, available) for name, r in results.items()}
 
+    uninformative = metrics.uninformative_groups([s.codes for s in data.streams],
+                                                 next(iter(results.values()))[0].nll.shape[0])
+    shown = [g for g in next(iter(runs.values()))["groups"] if g not in uninformative]
     comparisons: dict = {}
     for model in models:
         chunked, native = results.get(f"{model.name}/chunked"), results.get(f"{model.name}/native")
         if chunked and native:
             comparisons.setdefault("modes", {})[model.name] = mode_comparison(
-                chunked, native, ids, runs[f"{model.name}/chunked"], runs[f"{model.name}/native"])
+                chunked, native, ids, runs[f"{model.name}/chunked"], runs[f"{model.name}/native"], shown)
     for model in models:
         for mode in ("chunked", "native"):
             run, base = f"{model.name}/{mode}", f"baseline/{mode}"
@@ -302,9 +313,7 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
                 comparisons.setdefault("vs_baseline", {}).setdefault(model.name, {})[mode] = baseline_difference(
                     runs[run], runs[base], results[run], results[base])
 
-    data_summary = data.to_dict()
-    data_summary["uninformative"] = metrics.uninformative_groups(
-        [s.codes for s in data.streams], next(iter(results.values()))[0].nll.shape[0])
+    data_summary = {**data.to_dict(), "uninformative": uninformative}
     markers = {"train_window": config.eval.train_window,
                "attention_context": next((m.describe()["attention_context"] for m in models), None)}
     report = {

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .memory import informative_peaks
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,8 +25,9 @@ def scalars(report_runs: dict[str, dict], prefix: str = "eval", left_out: Sequen
         for name in ("frames_per_s", "tokens_per_s"):
             if speed.get(name) is not None:
                 out[f"{key}/{name}"] = speed[name]
-        if (r.get("memory") or {}).get("peak_bytes"):
-            out[f"{key}/peak_memory_mib"] = r["memory"]["peak_bytes"] / 2**20
+        memory = r.get("memory") or {}
+        if informative_peaks([memory.get("peak_bytes")], memory.get("kind", "")):  # as the report shows it
+            out[f"{key}/peak_memory_mib"] = memory["peak_bytes"] / 2**20
         for group, g in r["groups"].items():
             if group in left_out:
                 continue

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,8 +80,9 @@ class Monitor:
         def log(run) -> None:
             import wandb
 
-            artifact = wandb.Artifact(f"{run.name or self.dir.name}-export".replace("/", "-"), type="model",
-                                      metadata=metadata)
+            # artifact names allow letters, digits, "-", "_" and "." only; run names may hold anything
+            name = re.sub(r"[^\w.-]+", "-", f"{run.name or self.dir.name}-export")
+            artifact = wandb.Artifact(name, type="model", metadata=metadata)
             artifact.add_dir(str(export))
             run.log_artifact(artifact)
 

@@ -272,6 +272,10 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
                     warned_runaway = warned_runaway or _warn_runaway(stats, norms, step, config)
                 monitor.log(step, metrics, stats)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if bar.disable and env.is_main:  # no bar (no terminal, or --quiet): a log line says where it is
+                    logger.info("step %d/%d: loss=%.4f lr=%.2e%s tokens/s=%.0f", step, config.steps, values["loss"],
+                                metrics["lr"], "" if grad_norm is None else f" grad_norm={grad_norm:.3g}",
+                                metrics["tokens_per_s"])
                 window_start_time, window_steps = time.perf_counter(), 0
             if eval_entries and config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 _log_eval(step, model, eval_entries, config, carry, monitor, env)

@@ -133,8 +133,8 @@ def test_a_local_folder_wins_over_the_hub(offline_cache):
 
 
 def test_hub_errors_are_one_line(offline_cache):
-    with pytest.raises(ValueError, match=r"^user/other: hub repo user/other \(its main branch\) is not in the local "
-                                         r"cache .* and HF_HUB_OFFLINE is set; download it once online") as e:
+    with pytest.raises(ValueError, match=r"^user/other: no such local folder, and hub repo user/other \(its main "
+                                         r"branch\) is not in the local cache .* while HF_HUB_OFFLINE is set") as e:
         load_exported_lm("user/other")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"revision 'v2'.*HF_HUB_OFFLINE is set"):
@@ -287,3 +287,17 @@ def test_push_warns_when_the_export_names_local_base_files(tmp_path, hub_calls, 
     assert main(["export", "push", str(export), "me/moshi-ttt"]) == 0
     err = capsys.readouterr().err
     assert "warning: model.json names local files (mimi_weights)" in err and "create_commit" in hub_calls
+
+
+def test_push_without_a_network_is_one_line(tmp_path, monkeypatch, capsys):
+    import httpx
+
+    def unreachable(self, repo_id, **kwargs):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    export = make_export(tmp_path / "export", seed=1)
+    assert main(["export", "push", str(export), "me/moshi-ttt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("ttt-speech export: error: me/moshi-ttt: the hub cannot be reached ([Errno -3] Temporary failure "
+                   "in name resolution); pushing needs the network")

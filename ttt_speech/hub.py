@@ -61,10 +61,14 @@ def resolve_export(source: str | Path, files: Sequence[str] | None = None) -> Pa
                          "path or repo id; a private repo needs `hf auth login` or HF_TOKEN)") from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise ValueError(f"{source}: hub repo {repo_id} ({at}) is not in the local cache ({constants.HF_HUB_CACHE})"
-                             " and HF_HUB_OFFLINE is set; download it once online, or unset HF_HUB_OFFLINE") from None
-        raise ValueError(f"{source}: the hub cannot be reached and repo {repo_id} ({at}) is not (completely) in the "
-                         f"local cache ({constants.HF_HUB_CACHE}); retry with network access") from None
+            raise ValueError(f"{source}: no such local folder, and hub repo {repo_id} ({at}) is not in the local cache "
+                             f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; check the path, or download the "
+                             "repo once online") from None
+        raise ValueError(f"{source}: no such local folder, and the hub cannot be reached while repo {repo_id} ({at}) is "
+                         f"not (completely) in the local cache ({constants.HF_HUB_CACHE}); check the path, or retry "
+                         "with network access") from None
+    except transport_errors() as e:
+        raise ValueError(f"{source}: no such local folder, and the hub cannot be reached ({_first_line(e)})") from None
     except HfHubHTTPError as e:
         raise ValueError(f"{source}: the hub refused repo {repo_id} ({_first_line(e)})") from None
 
@@ -99,7 +103,28 @@ def push_folder(directory: Path, files: Sequence[str], readme: str, repo_id: str
     except HfHubHTTPError as e:
         raise ValueError(f"{repo_id}: the hub refused the push ({_first_line(e)}); it needs a write token "
                          "(`hf auth login` or HF_TOKEN) for a repo you may write to") from None
+    except transport_errors() as e:  # no network, DNS, proxy, timeout
+        raise ValueError(f"{repo_id}: the hub cannot be reached ({_first_line(e)}); pushing needs the network") from None
     return info.commit_url
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of a network that is not there (no route, DNS, proxy, timeout): huggingface_hub
+    1.x talks through httpx, 0.x through requests. Caught after the hub's own HTTP errors."""
+    errors: list[type[BaseException]] = []
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _first_line(error: Exception) -> str:

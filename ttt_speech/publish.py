@@ -74,7 +74,9 @@ def model_card(directory: Path, repo_id: str | None = None, license: str | None 
             " and ".join(part for part, present in (("the TTT layers", meta.get("ttt")),
                                                     ("the LoRA adapters", meta.get("lora"))) if present))
     rows = describe(meta)
-    lines = [f"---\n{front}\n---", "", f"# {(repo_id or directory.resolve().name).split('/')[-1]}", "",
+    folder = directory.resolve()  # a run's export/ is named for its run folder
+    title = repo_id.split("/")[-1] if repo_id else (folder.parent.name if folder.name == "export" else folder.name)
+    lines = [f"---\n{front}\n---", "", f"# {title}", "",
              "A [Moshi](https://github.com/kyutai-labs/moshi) speech language model with Test-Time-Training (TTT) "
              "layers, fine-tuned with ttt-speech. Loading builds the base model "
              f"({'the tiny random-init model' if name == 'tiny' else f'`{name}`, from its own repo'}) and applies "
@@ -95,8 +97,10 @@ def model_card(directory: Path, repo_id: str | None = None, license: str | None 
     lines += ["## Training", "", "| | |", "|---|---|", *(f"| {label} | {value} |" for label, value in training), ""]
     figures = (meta.get("provenance") or {}).get("eval")
     if figures:
-        lines += ["## Evaluation", "", "Teacher-forced cross-entropies (nats) on the held-out manifest at the end "
-                  "of training; `eval_loss` = text + audio.", "", "| metric | value |", "|---|---|",
+        lines += ["## Evaluation", "", "Teacher-forced losses (nats per token) on the held-out manifest at the end "
+                  "of training, weighted as in training: `eval_loss` = text + audio, the audio a weighted mean over "
+                  "the codebooks (`data.first_codebook_weight`), the text's padding down-weighted "
+                  "(`data.text_padding_weight`).", "", "| metric | value |", "|---|---|",
                   *(f"| `{k}` | {v:.4f} |" for k, v in figures.items()), ""]
     return "\n".join(lines)
 
@@ -130,7 +134,11 @@ def _card(args: argparse.Namespace) -> int:
     from .export import export_dir
     from .files import write_text_atomic, writable_file
 
-    text = model_card(export_dir(args.export), args.repo_id, args.license)
+    from .hub import parse_hub_source
+
+    parsed = None if Path(args.export).exists() else parse_hub_source(str(args.export))
+    repo_id = args.repo_id or (parsed[0] if parsed else None)  # a card of a hub export names its own repo
+    text = model_card(export_dir(args.export), repo_id, args.license)
     if args.out is None:
         print(text, end="")
         return 0

@@ -79,7 +79,7 @@ def start_wandb(settings: WandbConfig, run_config: dict[str, Any], output_dir: P
             return Tracker(wandb.run, owned=False)
         folder = Path(output_dir) / WANDB_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        previous = _recorded_run(folder) if resume else None
+        previous = _recorded_run(folder, settings.project) if resume else None
         if isinstance(run_config.get("wandb"), dict):  # what was in effect, not what the file said
             run_config = {**run_config, "wandb": {**run_config["wandb"], "mode": mode}}
         run = wandb.init(project=settings.project, entity=settings.entity, name=settings.run_name or Path(output_dir).name,
@@ -93,9 +93,11 @@ def start_wandb(settings: WandbConfig, run_config: dict[str, Any], output_dir: P
         return None
 
 
-def _recorded_run(folder: Path) -> str | None:
-    """The run id a previous start recorded in `folder` (None: none, or unreadable: a new run)."""
+def _recorded_run(folder: Path, project: str) -> str | None:
+    """The run id a previous start recorded in `folder` for `project` (None: none, another project, or
+    unreadable: a new run)."""
     try:
-        return json.loads((folder / RUN_ID).read_text())["id"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = json.loads((folder / RUN_ID).read_text())
+        return recorded["id"] if recorded.get("project") == project else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
