@@ -27,7 +27,6 @@ from ttt_speech.files import writable_dir, write_text_atomic
 from ttt_speech.tracking import WandbConfig
 from ttt_speech_apps.eval.config import DataConfig, EvalConfig
 from ttt_speech_apps.finetune.config import TrainConfig
-from ttt_speech_apps.finetune.monitor import METRICS
 from ttt_speech_apps.finetune.plots import LOSS_PLOT, plot_loss, read_history
 
 from .config import DemoConfig
@@ -62,11 +61,9 @@ def train_configs(config: DemoConfig, train_manifest: Path, eval_manifest: Path)
 
 
 def _steps_done(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / METRICS).read_text().splitlines()
-    except OSError:
-        return 0
-    return json.loads(lines[-1])["step"] if lines else 0
+    """The last logged step of a training run in progress (its last line may be half-written)."""
+    rows = read_history(run_dir)
+    return rows[-1]["step"] if rows else 0
 
 
 def train_side_by_side(configs: dict[str, Path], runs: dict[str, TrainConfig], progress: bool) -> dict[str, float]:

@@ -137,7 +137,7 @@ class EvalConfig:
         self.output_dir = Path(self.output_dir)
         check_model_source(self.export, self.ttt)
         for name in self.compare:
-            check(name not in RESERVED_NAMES and "/" not in name and name.strip() == name and name,
+            check(bool(name) and name not in RESERVED_NAMES and "/" not in name and name.strip() == name,
                   f"compare.{name}", f"a name other than {list(RESERVED_NAMES)}, without '/'", name)
 
     def base_model(self) -> ModelConfig:

@@ -129,6 +129,7 @@ def baseline_difference(run: dict, base_run: dict, results: Sequence[StreamNLL],
     `metrics.paired_difference` over `metrics.log_edges`)."""
     positions, curves = {}, {}
     longest = max(r.frames for r in results)
+    series, base_series = [metrics.group_series(r) for r in results], [metrics.group_series(r) for r in base_results]
     for group, g in run["groups"].items():
         rows = []
         for a, b in zip(g["positions"], base_run["groups"][group]["positions"]):
@@ -140,9 +141,8 @@ def baseline_difference(run: dict, base_run: dict, results: Sequence[StreamNLL],
                     row[kind] = {"skipped": "missing in one of the runs"}
             rows.append(row)
         positions[group] = rows
-        series = [metrics.group_series(r)[group] for r in results]
-        base_series = [metrics.group_series(r)[group] for r in base_results]
-        curves[group] = metrics.paired_difference(series, base_series, metrics.log_edges(longest))
+        curves[group] = metrics.paired_difference([x[group] for x in series], [x[group] for x in base_series],
+                                                  metrics.log_edges(longest))
     return {"positions": positions, "curve": curves}
 
 
@@ -215,9 +215,9 @@ def subset_note(run: dict) -> str | None:
     return f"{first}{streams} ({c['frames']:,} of {c['of_frames']:,} frames)"
 
 
-def run_labels(runs: dict[str, dict], mark: str = "†") -> dict[str, str]:
-    """Column / legend names: the run name, marked when the run scored a subset (`subset_note`)."""
-    return {n: n + (mark if subset_note(r) else "") for n, r in runs.items()}
+def run_labels(runs: dict[str, dict]) -> dict[str, str]:
+    """Column / legend names: the run name, marked † when the run scored a subset (`subset_note`)."""
+    return {n: n + ("†" if subset_note(r) else "") for n, r in runs.items()}
 
 
 def shown_groups(report: dict) -> list[str]:

@@ -299,7 +299,7 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
 
     uninformative = metrics.uninformative_groups([s.codes for s in data.streams],
                                                  next(iter(results.values()))[0].nll.shape[0])
-    shown = [g for g in next(iter(runs.values()))["groups"] if g not in uninformative]
+    shown = list(metrics.shown_groups(next(iter(runs.values()))["groups"], uninformative))
     comparisons: dict = {}
     for model in models:
         chunked, native = results.get(f"{model.name}/chunked"), results.get(f"{model.name}/native")
