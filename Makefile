@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(PY) scripts/bench_width.py --out runs/bench/width.json --plot runs/bench/width.png
 	# bytes per rank, DDP vs FSDP (torchrun on gloo), and Moshi-7B's table
 	$(PY) scripts/bench_memory.py --out runs/bench/memory.json
+	# serving: per-frame latency through the real server and client, TTT vs unpatched
+	$(PY) scripts/bench_serve.py --out runs/bench/serve.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

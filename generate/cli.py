@@ -8,13 +8,7 @@ import time
 from pathlib import Path
 
 from ttt_speech.data import FRAME_RATE
-
-# CLI option of each GenerationConfig field (errors name the option the user typed)
-OPTIONS = {
-    "max_duration": "--max-duration", "temperature": "--temperature", "text_temperature": "--text-temperature",
-    "top_k": "--top-k", "text_top_k": "--text-top-k", "top_p": "--top-p", "text_top_p": "--text-top-p",
-    "seed": "--seed", "prompt_text": "--prompt-text",
-}
+from ttt_speech.generation.options import add_model_options, add_sampling_options, generation_config
 
 DESCRIPTION = (
     "Continue each PROMPT (an audio file, or a code file) with Moshi (TTT-patched or not), "
@@ -33,30 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="audio (wav, flac, ogg, mp3, opus; mono = Moshi's voice, stereo = Moshi + user) or "
                         "code file (.safetensors); none with --state-in: continue the saved stream")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created)")
-    model = p.add_argument_group("model")
-    model.add_argument("--export", type=Path, metavar="DIR_OR_REPO",
-                       help="fine-tuned export directory (ttt-speech train) or hub repo id namespace/name[@revision]; "
-                            "replaces --model")
-    model.add_argument("--model", default="tiny", metavar="NAME",
-                       help="'tiny' (random-init, no download) or a Hugging Face repo such as "
-                            "kyutai/moshiko-pytorch-bf16 (default tiny)")
-    model.add_argument("--ttt", type=Path, metavar="DIR", help="TTT weights to patch onto --model (a save_ttt directory)")
-    model.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default auto)")
-    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                       help="LM dtype (default: float32 for --model, the export's own for --export)")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--max-duration", type=float, default=10.0, metavar="SECONDS",
-                   help=f"seconds generated after each prompt, > 0 ({FRAME_RATE:g} frames per second; default 10)")
-    s.add_argument("--temperature", type=float, default=0.8, metavar="T", help="audio temperature, >= 0; 0 = greedy (default 0.8)")
-    s.add_argument("--text-temperature", type=float, default=0.7, metavar="T", help="text temperature, >= 0 (default 0.7)")
-    s.add_argument("--top-k", type=int, default=250, metavar="K", help="audio top-k, >= 0; 0 = off (default 250)")
-    s.add_argument("--text-top-k", type=int, default=25, metavar="K", help="text top-k, >= 0; 0 = off (default 25)")
-    s.add_argument("--top-p", type=float, default=1.0, metavar="P", help="audio nucleus top-p, in (0, 1]; 1 = off (default 1)")
-    s.add_argument("--text-top-p", type=float, default=1.0, metavar="P", help="text nucleus top-p, in (0, 1] (default 1)")
-    s.add_argument("--seed", type=int, metavar="N", help="sampling seed of a new stream (default 0; ignored "
-                                                          "with --state-in: a resumed stream continues its saved RNG)")
-    s.add_argument("--prompt-text", choices=["force", "free"], default="force",
-                   help="text stream during a prompt: its transcript or padding (force, default), or sampled (free)")
+    add_model_options(p)
+    add_sampling_options(p)
     o = p.add_argument_group("output and state")
     o.add_argument("--include-prompt", action="store_true", help="outputs start with the prompt, not after it")
     o.add_argument("--no-audio", action="store_true", help="write code files only (no Mimi decoding)")
@@ -64,47 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--state-out", type=Path, metavar="FILE", help="save the live stream here at the end (safetensors)")
     o.add_argument("--quiet", action="store_true", help="no live progress line")
     p.set_defaults(func=_generate)
-
-
-def _config(args: argparse.Namespace):
-    from ttt_speech.generation.config import GenerationConfig, validate
-
-    values = {field: getattr(args, field) for field in OPTIONS}
-    values["seed"] = 0 if args.seed is None else args.seed
-    validate(values, OPTIONS)
-    return GenerationConfig(**values)
-
-
-def _check_model(args: argparse.Namespace) -> None:
-    """What the model's metadata already refuses, before it is loaded: --ttt with --export, E2E layers."""
-    from ttt_speech.checkpoint import read_saved_ttt
-    from ttt_speech.export import export_ttt_config
-    from ttt_speech.generation.session import check_generable
-
-    if args.export is not None and args.ttt is not None:
-        raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
-    check_generable(export_ttt_config(args.export) if args.export is not None else
-                    read_saved_ttt(args.ttt).config if args.ttt is not None else None)
-
-
-def _load_model(args: argparse.Namespace):
-    import dataclasses
-
-    from ttt_speech.checkpoint import load_ttt
-    from ttt_speech.models import ModelConfig, load_lm
-
-    if args.export is not None:
-        from ttt_speech.export import export_model_config, load_exported_lm
-
-        config = export_model_config(args.export)
-        config = dataclasses.replace(config, device=args.device, **({"dtype": args.dtype} if args.dtype else {}))
-        lm, config = load_exported_lm(args.export, device=config.torch_device(), model=config)
-        return lm, config
-    config = ModelConfig(name=args.model, device=args.device, dtype=args.dtype or "float32")
-    lm = load_lm(config)
-    if args.ttt is not None:
-        load_ttt(lm, args.ttt)
-    return lm.eval(), config
 
 
 def _check_outputs(args: argparse.Namespace, prompts: list[Path], outputs: list[Path]) -> None:
@@ -163,39 +94,23 @@ class _Progress:
         return time.perf_counter() - self.start
 
 
-def _write_wav(path: Path, pcm, sample_rate: int) -> None:
-    import os
-    import tempfile
-
-    import sphn
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".wav")
-    os.close(fd)
-    try:
-        sphn.write_wav(tmp, pcm.numpy(), sample_rate)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _generate(args: argparse.Namespace) -> int:
     from ttt_speech.files import require_file
+    from ttt_speech.generation.loading import check_generation_model, load_generation_model
     from ttt_speech.generation.prompts import PROMPT
 
-    config = _config(args)
+    config = generation_config(args)
     prompts: list[Path] = list(args.prompts)
     if not prompts and args.state_in is None:
         raise ValueError("give at least one PROMPT, or --state-in to continue a saved stream")
     prompts = [require_file(path, PROMPT) for path in prompts]
     if args.state_in is not None and args.seed is not None:
         print("note: --seed is ignored with --state-in (the saved stream continues its own RNG)", file=sys.stderr)
-    _check_model(args)
+    check_generation_model(args.export, args.ttt)
 
     import torch
 
-    from ttt_speech.data.audio import AUDIO_SUFFIXES, silence_codes
+    from ttt_speech.data.audio import AUDIO_SUFFIXES, silence_codes, write_wav
     from ttt_speech.data.codes import Recording, save_codes
     from ttt_speech.generate import (
         AudioDecoder,
@@ -221,7 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
     _check_outputs(args, prompts, [args.out / f"{name}{suffix}{ext}" for name in names
                                    for ext in (".safetensors", *(() if args.no_audio else (".wav",)))])
 
-    lm, model_config = _load_model(args)
+    lm, model_config = load_generation_model(args.export, args.model, args.ttt, args.device, args.dtype)
     if lm.dep_q != 8:
         raise ValueError(f"the model makes {lm.dep_q} audio codebooks; Mimi and code files use 8")
     device = lm.device
@@ -286,7 +201,7 @@ def _generate(args: argparse.Namespace) -> int:
         written.append(path)
         if pcm is not None:
             wav = args.out / f"{name}{suffix}.wav"
-            _write_wav(wav, pcm[i], mimi.sample_rate)
+            write_wav(wav, pcm[i], mimi.sample_rate)
             written.append(wav)
     rate = total / elapsed if elapsed > 0 else float("inf")
     counts = sorted({len(t) for t in texts})

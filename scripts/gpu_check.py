@@ -20,6 +20,8 @@ measured (figures only: latency and throughput), skipped, or smoke (see below):
                  frames/s TTT / unpatched
   moshi_7b       `LMGen.step` of the whole Moshi-7B architecture (random weights, bfloat16) patched
                  as configs/moshi_7b_ttt.yaml vs unpatched: ms/frame against the 80 ms budget of 12.5 Hz
+  serve_7b       a `ttt-speech serve` conversation's frames with that model (`LiveStream`: Mimi encode
+                 + LMGen.step + Mimi decode) against the budget, and the save of its state (size, s)
 
 Without a GPU it runs in seconds: what needs CUDA is skipped, what a CPU can check is checked
 (bf16_agreement), and the rest runs its code at tiny sizes ("smoke": the numbers say nothing about
@@ -205,6 +207,46 @@ def check_moshi_7b(device: str) -> dict:
     return {"status": "pass" if out["ttt_within_budget"] else "fail", "ttt": config.to_dict(), **out}
 
 
+def check_serve_7b(device: str) -> dict:
+    """What a `ttt-speech serve` conversation costs per frame with Moshi-7B patched as
+    configs/moshi_7b_ttt.yaml: `LiveStream` frames (Mimi encode + `LMGen.step` + Mimi decode; random
+    weights, bfloat16 LM) against the 80 ms budget, and the save of its state at a disconnect."""
+    import tempfile
+
+    from ttt_speech.generation.config import GenerationConfig
+    from ttt_speech.generation.live import LiveStream
+    from ttt_speech.generation.state import write_state
+    from ttt_speech.models import ModelConfig, load_mimi
+    from ttt_speech.moshi.internals import moshi_7b_lm
+    from ttt_speech_apps.finetune.config import load_train_config
+    from ttt_speech_apps.serve.server import timing_summary
+
+    config = load_train_config(ROOT / "configs" / "moshi_7b_ttt.yaml", []).ttt
+    if cuda():
+        torch.manual_seed(0)
+        lm, frames, warmup, status = moshi_7b_lm(device, torch.bfloat16).eval(), 200, 20, "measured"
+    else:
+        lm, frames, warmup, status = tiny_moshi_lm(), 6, 2, "smoke"
+    patch_moshi(lm, config)
+    mimi = load_mimi(ModelConfig(name="tiny", device=device))  # the real codec's architecture, random weights
+    pcm = 0.1 * torch.randn((warmup + frames) * mimi.frame_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), LiveStream(lm, mimi, GenerationConfig()) as live:
+        seconds = [out.seconds for out in live.feed_pcm(pcm)][warmup:]
+        start = time.perf_counter()
+        tensors, meta = live.state_dict()
+        with tempfile.TemporaryDirectory() as tmp:
+            size = write_state(Path(tmp) / "session.safetensors", tensors, meta).stat().st_size
+        save_s = time.perf_counter() - start
+    timing = timing_summary(seconds)  # as the server logs it
+    out = {"status": status, "frames": frames, "median_ms": timing["p50_ms"], "p99_ms": timing["p99_ms"],
+           "budget_ms": BUDGET_MS, "within_budget": timing["p50_ms"] <= BUDGET_MS, "state_mib": size / 2**20,
+           "save_s": save_s}
+    del lm, live, tensors
+    if cuda():
+        torch.cuda.empty_cache()
+    return out
+
+
 CHECKS: dict[str, Callable[[str], dict]] = {
     "gpu_tests": lambda device: check_gpu_tests(),
     "cuda_graphs": check_cuda_graphs,
@@ -212,6 +254,7 @@ CHECKS: dict[str, Callable[[str], dict]] = {
     "width_latency": check_width_latency,
     "training_width": check_training_width,
     "moshi_7b": check_moshi_7b,
+    "serve_7b": check_serve_7b,
 }
 
 

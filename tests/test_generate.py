@@ -174,10 +174,10 @@ def test_cli_checks_every_output_before_loading_the_model(tmp_path, code_prompt,
                                                           outputs, message):
     """A path the results cannot be written to fails in a second (exit 2, one line naming the option),
     not after the whole generation: the model is never loaded."""
-    def no_model(args):
+    def no_model(*args):
         raise AssertionError("the model was loaded before the outputs were checked")
 
-    monkeypatch.setattr("ttt_speech_apps.generate.cli._load_model", no_model)
+    monkeypatch.setattr("ttt_speech.generation.loading.load_generation_model", no_model)
     (tmp_path / "file").write_text("")
     (tmp_path / "state").mkdir()
     (tmp_path / "taken" / "b.wav").mkdir(parents=True)

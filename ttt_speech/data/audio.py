@@ -1,4 +1,4 @@
-"""Audio files → Mimi codes: reading (sphn: wav/flac/ogg/mp3), resampling, chunked encoding."""
+"""Audio files → Mimi codes: reading (sphn: wav/flac/ogg/mp3), resampling, chunked encoding; wav writing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,6 +39,25 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
         pcm = _guarded(path, f"cannot resample audio from {rate} Hz",
                        lambda: sphn.resample(pcm, src_sample_rate=rate, dst_sample_rate=sample_rate))
     return torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32))
+
+
+def write_wav(path: str | Path, pcm: Tensor, sample_rate: int) -> None:
+    """pcm [S] (or [C, S]) as a wav file, written atomically (a temporary name, then a rename)."""
+    import os
+    import tempfile
+
+    import sphn
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".wav")
+    os.close(fd)
+    try:
+        sphn.write_wav(tmp, torch.as_tensor(pcm).float().numpy(), sample_rate)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _guarded(path: Path, what: str, call):

@@ -48,11 +48,12 @@ class GenerationDiverged(RuntimeError):
     diverged (e.g. broken weights, or overflow in a low-precision dtype). Nothing sampled from such
     logits means anything, so the run stops at the first step that shows them."""
 
-    def __init__(self, step: int, stream_step: int, where: list[tuple[int, str]]) -> None:
-        self.step, self.stream_step, self.where = step, stream_step, where
+    def __init__(self, step: int | None, stream_step: int, where: list[tuple[int, str]]) -> None:
+        self.step, self.stream_step, self.where = step, stream_step, where  # step: of the run (None: a live step)
         places = ", ".join(f"row {row} ({stream})" for row, stream in where)
-        super().__init__(f"the model diverged: non-finite logits (NaN or inf) at step {step} of this run "
-                         f"(step {stream_step} of the stream) in {places}")
+        at = f"step {step} of this run (step {stream_step} of the stream)" if step is not None else \
+            f"step {stream_step} of the stream"
+        super().__init__(f"the model diverged: non-finite logits (NaN or inf) at {at} in {places}")
 
 
 @dataclass
@@ -70,6 +71,21 @@ class Frame:
     def generated(self) -> Tensor:
         """[B] bool: the row emitted a sampled frame."""
         return self.emitted & ~self.prompt
+
+
+@dataclass
+class _Forcing:
+    """The tokens forced at one step (prompt tokens due), per row: text [B], audio [B, dep_q], masks alike."""
+
+    text: Tensor
+    text_mask: Tensor
+    audio: Tensor
+    audio_mask: Tensor
+
+    @classmethod
+    def none(cls, batch_size: int, dep_q: int) -> "_Forcing":
+        return cls(torch.zeros(batch_size, dtype=torch.long), torch.zeros(batch_size, dtype=torch.bool),
+                   torch.zeros(batch_size, dep_q, dtype=torch.long), torch.zeros(batch_size, dep_q, dtype=torch.bool))
 
 
 class SamplingLMGen(StreamingHooks, LMGen):
@@ -222,14 +238,10 @@ class GenerationSession:
         self.lm_gen.settings = self.config
         reset_depformer_graph(self.lm_gen)  # sampling settings are Python constants inside a captured CUDA graph
         d_text, d_audio = self.delays[0], self.delays[1:1 + lm.dep_q]
-        state = self.lm_gen.streaming_state
         for g in range(total):
             run_row = [g >= s for s in start]
             user = self.silence[None].repeat(B, 1)
-            f_text = torch.zeros(B, dtype=torch.long)
-            m_text = torch.zeros(B, dtype=torch.bool)
-            f_audio = torch.zeros(B, lm.dep_q, dtype=torch.long)
-            m_audio = torch.zeros(B, lm.dep_q, dtype=torch.bool)
+            force = _Forcing.none(B, lm.dep_q)
             for i, p in enumerate(prompts):
                 if p is None or not run_row[i]:
                     continue
@@ -237,49 +249,75 @@ class GenerationSession:
                 if 0 <= rel - 1 < lengths[i]:
                     user[i] = p[1 + lm.dep_q:, rel - 1]
                 if self.config.prompt_text == "force" and 0 <= rel - d_text < lengths[i]:
-                    f_text[i], m_text[i] = p[0, rel - d_text], True
+                    force.text[i], force.text_mask[i] = p[0, rel - d_text], True
                 for k, d in enumerate(d_audio):
                     if 0 <= rel - d < lengths[i]:
-                        f_audio[i, k], m_audio[i, k] = p[1 + k, rel - d], True
-            state.force_text.copy_(f_text)
-            state.force_text_mask.copy_(m_text)
-            state.force_audio.copy_(f_audio)
-            state.force_audio_mask.copy_(m_audio)
-            if self.config.text_temperature > 0:  # greedy streams draw no noise
-                state.noise_text.exponential_(generator=self.generator)
-            if self.config.temperature > 0:
-                state.noise_audio.exponential_(generator=self.generator)
-            if run_row != self._exec:
-                self.lm_gen.set_exec_mask(torch.tensor(run_row, device=self.device))
-                self._exec = run_row
-            # every running row fully forced: skip the depformer (same tokens, less work)
-            replace = None
-            if all(m_audio[i].all() for i in range(B) if run_row[i]):
-                replace = f_audio[:, :, None].to(self.device)
-                state.finite[:, 1:] = True  # no audio logits this step
-            out = self.lm_gen.step(user[:, :, None].to(self.device), replace).cpu()[:, :, 0]
-            finite = state.finite.cpu()  # out's copy has synchronised already: this one waits for nothing
-            self.steps += 1
-            index = torch.full((B,), -1, dtype=torch.long)
-            emitted = torch.zeros(B, dtype=torch.bool)
-            is_prompt = torch.zeros(B, dtype=torch.bool)
-            for i in range(B):
-                if not run_row[i]:
-                    continue
-                frame = self.offsets[i] - self.max_delay
-                self.offsets[i] += 1
-                if frame >= 0:
-                    index[i], emitted[i] = frame, True
-                    is_prompt[i] = 0 <= frame - first[i] < lengths[i]
-            out[~emitted] = -1
-            bad = ~finite & torch.tensor(run_row)[:, None]  # a waiting row's logits are not sampled
-            if bad.any():
-                col = bad.int().argmax(dim=1).tolist()  # per row, its first stream with bad logits
-                raise GenerationDiverged(g + 1, self.steps, [
-                    (i, "text" if col[i] == 0 else f"audio codebook {col[i] - 1}")
-                    for i in range(B) if bad[i].any()])
-            yield Frame(self.steps, index, out[:, 0].clone(), out[:, 1:].clone(), emitted, is_prompt)
+                        force.audio[i, k], force.audio_mask[i, k] = p[1 + k, rel - d], True
+            yield self._advance(run_row, user, force, list(zip(first, lengths)), g + 1)
         self.runs += 1
+
+    def step(self, user: Tensor) -> Frame:
+        """One live step of every row: `user` [B, n_user] is the user stream's newest frame (codes of
+        the user's audio, as moshi's server passes each encoded frame to `LMGen.step`); nothing is
+        forced, everything sampled. Raises `GenerationDiverged` on non-finite logits."""
+        user = torch.as_tensor(user)
+        if user.shape != (self.batch_size, self.n_user):
+            raise ValueError(f"user codes: expected [{self.batch_size}, {self.n_user}] (batch, user codebooks), "
+                             f"got {list(user.shape)}")
+        user = user.long().cpu()
+        if user.min() < 0 or user.max() >= self.lm.card:
+            raise ValueError(f"user codes: expected values in [0, {self.lm.card}), got {user.min()}..{user.max()}")
+        self.lm_gen.settings = self.config
+        no_prompt = [(0, 0)] * self.batch_size
+        return self._advance([True] * self.batch_size, user, _Forcing.none(self.batch_size, self.lm.dep_q), no_prompt,
+                             None)
+
+    def _advance(self, run_row: list[bool], user: Tensor, force: "_Forcing", spans: list[tuple[int, int]],
+              run_step: int | None) -> Frame:
+        """One `LMGen.step` of the rows in `run_row`: user codes [B, n_user], the tokens to force, and
+        each row's prompt span (first frame, length) to label its emitted frame; `run_step` counts the
+        steps of the current run (for the divergence error; None: a live step)."""
+        B = self.batch_size
+        state = self.lm_gen.streaming_state
+        state.force_text.copy_(force.text)
+        state.force_text_mask.copy_(force.text_mask)
+        state.force_audio.copy_(force.audio)
+        state.force_audio_mask.copy_(force.audio_mask)
+        if self.config.text_temperature > 0:  # greedy streams draw no noise
+            state.noise_text.exponential_(generator=self.generator)
+        if self.config.temperature > 0:
+            state.noise_audio.exponential_(generator=self.generator)
+        if run_row != self._exec:
+            self.lm_gen.set_exec_mask(torch.tensor(run_row, device=self.device))
+            self._exec = run_row
+        # every running row fully forced: skip the depformer (same tokens, less work)
+        replace = None
+        if all(force.audio_mask[i].all() for i in range(B) if run_row[i]):
+            replace = force.audio[:, :, None].to(self.device)
+            state.finite[:, 1:] = True  # no audio logits this step
+        out = self.lm_gen.step(user[:, :, None].to(self.device), replace).cpu()[:, :, 0]
+        finite = state.finite.cpu()  # out's copy has synchronised already: this one waits for nothing
+        self.steps += 1
+        index = torch.full((B,), -1, dtype=torch.long)
+        emitted = torch.zeros(B, dtype=torch.bool)
+        is_prompt = torch.zeros(B, dtype=torch.bool)
+        for i in range(B):
+            if not run_row[i]:
+                continue
+            frame = self.offsets[i] - self.max_delay
+            self.offsets[i] += 1
+            if frame >= 0:
+                index[i], emitted[i] = frame, True
+                first, length = spans[i]
+                is_prompt[i] = 0 <= frame - first < length
+        out[~emitted] = -1
+        bad = ~finite & torch.tensor(run_row)[:, None]  # a waiting row's logits are not sampled
+        if bad.any():
+            col = bad.int().argmax(dim=1).tolist()  # per row, its first stream with bad logits
+            raise GenerationDiverged(run_step, self.steps, [
+                (i, "text" if col[i] == 0 else f"audio codebook {col[i] - 1}")
+                for i in range(B) if bad[i].any()])
+        return Frame(self.steps, index, out[:, 0].clone(), out[:, 1:].clone(), emitted, is_prompt)
 
     def _check_prompt(self, prompt: Tensor | None, i: int) -> Tensor | None:
         if prompt is None:

@@ -45,10 +45,11 @@ def write_state(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, An
 
 def read_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors, meta) of a file written by `write_state`; clear errors for anything else."""
-    path = require_file(path, "a generation state file (written by `ttt-speech generate --state-out`)")
+    path = require_file(path, "a generation state file (written by `ttt-speech generate --state-out` or `serve`)")
     tensors, header = read_tensors(path, "state file")
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a generation state file (written by `ttt-speech generate --state-out`)")
+        raise ValueError(f"{path}: not a generation state file (written by `ttt-speech generate --state-out` or "
+                         "`ttt-speech serve`)")
     if header.get("version") != VERSION:
         raise ValueError(f"{path}: state format version {header.get('version')!r}, this version reads {VERSION!r}")
     try:

@@ -290,6 +290,12 @@ def _key(prefix: str, module: str, field: str) -> str:
     return f"{prefix}{module}.{field}" if module else f"{prefix}{field}"
 
 
+def _host_copy(tensor: Tensor) -> Tensor:
+    """A CPU copy; a meta tensor (an architecture built without memory) as it is: its shape and dtype
+    size a state that is never allocated (docs/serve.md's Moshi-7B session size)."""
+    return tensor.detach() if tensor.is_meta else tensor.detach().to("cpu", copy=True).contiguous()
+
+
 def moshi_states_to_tensors(states: Mapping[str, Any], prefix: str) -> dict[str, Tensor]:
     """{module name: moshi State} (e.g. `module.get_streaming_state()`) → flat {prefix + module.field: tensor}.
 
@@ -303,14 +309,14 @@ def moshi_states_to_tensors(states: Mapping[str, Any], prefix: str) -> dict[str,
         for field, value in _fields(module, state):
             key = _key(prefix, module, field)
             if isinstance(value, Tensor):
-                out[key] = value.detach().to("cpu", copy=True).contiguous()
+                out[key] = _host_copy(value)
             elif isinstance(value, bool):
                 out[key] = torch.tensor(value)
             elif isinstance(value, int):
                 out[key] = torch.tensor(value, dtype=torch.int64)
             elif isinstance(value, RingKVCache):  # moshi 0.2.13: its data is `cache` and `end_offset`
-                out[f"{key}.cache"] = value.cache.detach().to("cpu", copy=True).contiguous()
-                out[f"{key}.end_offset"] = value.end_offset.detach().to("cpu", copy=True).contiguous()
+                out[f"{key}.cache"] = _host_copy(value.cache)
+                out[f"{key}.end_offset"] = _host_copy(value.end_offset)
             elif value is None or isinstance(value, _STRUCTURE) or callable(value):
                 continue
             else:

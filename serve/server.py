@@ -1,0 +1,430 @@
+"""The websocket server: moshi's `/api/chat` (serve/protocol.py) over a `LiveStream`, with sessions
+whose stream outlives the connection (serve/sessions.py).
+
+moshi's own server cannot be reused as a module (moshi 0.2.13 `server.py` runs its `main()` when
+imported) and resets every stream at each connection; what it does per frame is what `LiveStream`
+does (encode, `LMGen.step`, decode, moshi's first-frame rule), and its protocol is kept byte for
+byte. Differences, all on purpose:
+
+- the model runs in one worker thread (every step, load and save of a stream, in order), so the
+  event loop stays free to answer a second client, the session endpoints and signals while a
+  frame is computed;
+- one conversation at a time (as moshi's lock); a further client is told so (kind 5) and closed
+  with 1013 instead of waiting unseen; a client that connects while the last conversation is
+  being saved (its own session reconnecting, say) waits for the save;
+- a message it cannot use (unknown kind, text frame, garbage Opus, bad codes) is logged and
+  skipped; the conversation goes on;
+- SIGINT / SIGTERM close the live connection (1001), save its session, then stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from aiohttp import WSMsgType, web
+
+from ttt_speech.data import FRAME_RATE
+from ttt_speech.generation.config import GenerationConfig
+from ttt_speech.generation.live import LiveFrame, LiveStream
+from ttt_speech.generation.session import GenerationDiverged
+
+from . import protocol as P
+from .sessions import SessionStore, check_id
+
+FRAME_BUDGET = 1.0 / FRAME_RATE   # seconds one frame may take to keep up with real time (80 ms)
+REPORT_EVERY = 125                # frames between two progress lines of a conversation (10 s)
+SAVE_WAIT = 120.0                 # seconds a reconnecting client / the shutdown waits for a save
+HEARTBEAT = 20.0                  # seconds between the server's websocket pings (a dead client: ~2 of them)
+
+
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread every torch call of the server runs in, loading included. On CPU each thread
+    that calls torch gets its own OpenMP team: a model loaded in one thread and run in another ran
+    its frames ~1.5x slower (tiny model, 2 cores: 143 vs 95 ms per frame)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="ttt-speech-model")
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def ttt_digest(tensors: dict[str, torch.Tensor]) -> str | None:
+    """sha256 (16 hex digits) of the TTT state tensors (`ttt.*`) of a stream's state; None without."""
+    keys = sorted(k for k in tensors if k.startswith("ttt."))
+    if not keys:
+        return None
+    h = hashlib.sha256()
+    for key in keys:
+        h.update(key.encode())
+        h.update(tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def timing_summary(seconds: list[float]) -> dict:
+    """Frames handled and their handling time: p50 / p99 / max in ms, real-time factor (80 ms / mean)."""
+    if not seconds:
+        return {"frames": 0}
+    ordered = sorted(seconds)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    mean = statistics.fmean(seconds)
+    return {"frames": len(seconds), "p50_ms": round(1000 * statistics.median(seconds), 3),
+            "p99_ms": round(1000 * p99, 3), "max_ms": round(1000 * ordered[-1], 3),
+            "realtime_factor": round(FRAME_BUDGET / mean, 3) if mean > 0 else None}
+
+
+@dataclass
+class Connection:
+    """One live conversation: its socket, its stream, its Opus codec state and its timings."""
+
+    ws: web.WebSocketResponse
+    session: str | None
+    format: str
+    sample_rate: int
+    live: LiveStream | None = None
+    resumed: bool = False
+    closing: bool = False         # the client is gone; the stream is being saved
+    failed: bool = False          # the model diverged: the stream is not saved
+    skipped: int = 0              # messages logged and skipped
+    seconds: list[float] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    last_warning: float = 0.0
+
+    def __post_init__(self) -> None:
+        import sphn
+
+        self.reader = sphn.OpusStreamReader(self.sample_rate)
+        self.writer = sphn.OpusStreamWriter(self.sample_rate)
+
+    @property
+    def name(self) -> str:
+        return f"session {self.session}" if self.session else "anonymous stream"
+
+    def decode_opus(self, payload: bytes) -> np.ndarray:
+        """pcm of an audio message. sphn's reader stays broken after bytes it cannot parse, so on an
+        error a fresh reader takes the message again (it decodes pages without the stream's header);
+        a ValueError when that fails too."""
+        import sphn
+
+        try:
+            return self.reader.append_bytes(payload)
+        except ValueError:
+            self.reader = sphn.OpusStreamReader(self.sample_rate)
+            return self.reader.append_bytes(payload)
+
+
+class ChatServer:
+    """The model, its codec and tokenizer, the sessions folder, and the one live conversation."""
+
+    def __init__(self, lm, mimi, text_tokenizer, config: GenerationConfig, store: SessionStore,
+                 model_name: str, executor: ThreadPoolExecutor, verbose: bool = False) -> None:
+        self.lm, self.mimi, self.tokenizer = lm, mimi, text_tokenizer
+        self.config, self.store, self.model_name, self.verbose = config, store, model_name, verbose
+        self.n_user = lm.num_codebooks - 1 - lm.dep_q
+        self.padding = {lm.text_padding_token_id, lm.end_of_text_padding_id}
+        self.executor = executor  # the model's one thread (`model_thread`): it loaded the model, it runs it
+        self.live: Connection | None = None
+        self.stopping = False
+        self.silence: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ the model's thread
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def warmup(self, frames: int = 4) -> None:
+        """The codec's silence codes, then a few frames through a throwaway stream (as moshi's server)."""
+        def warm():
+            from ttt_speech.data.audio import silence_codes
+
+            self.silence = silence_codes(self.mimi)
+            with LiveStream(self.lm, self.mimi, self.config, self.silence) as live:
+                live.feed_pcm(torch.zeros(frames * self.mimi.frame_size))
+        await self._run(warm)
+
+    def _open(self, session: str | None) -> tuple[LiveStream, bool]:
+        live = LiveStream(self.lm, self.mimi, self.config, self.silence)
+        try:
+            saved = self.store.load(session) if session else None
+            if saved is not None:
+                live.load_state_dict(*saved, where=f"session {session} ({self.store.state_path(session)})")
+        except BaseException:
+            live.close()
+            raise
+        return live, saved is not None
+
+    def _close(self, conn: Connection) -> dict | None:
+        """Save the conversation's stream (a named, healthy one) and release it; its record or None."""
+        try:
+            if conn.session and not conn.failed:
+                tensors, meta = conn.live.state_dict()
+                meta["model_name"] = self.model_name
+                return self.store.save(conn.session, tensors, meta, timing_summary(conn.seconds))
+            return None
+        finally:
+            conn.live.close()
+
+    # ------------------------------------------------------------------ /api/chat
+    async def handle_chat(self, request: web.Request) -> web.WebSocketResponse:
+        # heartbeat: a client that vanished without closing (network drop, sleep) ends its conversation
+        # (saved) within HEARTBEAT s instead of holding the model until TCP gives up (hours)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT)
+        await ws.prepare(request)
+        try:
+            session = request.query.get("session") or None
+            if session is not None:
+                check_id(session)
+            fmt = request.query.get("format", "opus")
+            if fmt not in P.FORMATS:
+                raise ValueError(f"format: expected one of {', '.join(P.FORMATS)}, got {fmt!r}")
+        except ValueError as e:
+            return await self._refuse(ws, str(e), P.CLOSE_POLICY)
+        ending = self.live
+        if ending is not None and ending.closing:
+            try:  # the last conversation is over and being saved (this may be its session reconnecting): wait
+                await asyncio.wait_for(ending.done.wait(), SAVE_WAIT)
+            except asyncio.TimeoutError:
+                pass
+        if self.stopping:
+            return await self._refuse(ws, "the server is shutting down", P.CLOSE_GOING_AWAY)
+        if self.live is not None:
+            return await self._refuse(ws, f"busy: the model is in another conversation ({self.live.name}); "
+                                          "one conversation at a time, try again when it ends", P.CLOSE_TRY_LATER)
+        conn = Connection(ws, session, fmt, self.mimi.sample_rate)
+        self.live = conn
+        try:
+            await self._converse(conn)
+        finally:
+            self.live = None
+            conn.done.set()
+        return ws
+
+    async def _refuse(self, ws: web.WebSocketResponse, reason: str, code: int) -> web.WebSocketResponse:
+        log(f"refused a connection: {reason}")
+        await self._send(ws, P.text_message(P.ERROR, reason))
+        await ws.close(code=code, message=reason.encode()[:120])
+        return ws
+
+    async def _converse(self, conn: Connection) -> None:
+        try:
+            conn.live, conn.resumed = await self._run(self._open, conn.session)
+        except ValueError as e:  # a saved state this model cannot continue (other model, unreadable file)
+            await self._refuse(conn.ws, str(e), P.CLOSE_POLICY)
+            return
+        except Exception as e:  # anything else: one line in the log and to the client, the server goes on
+            await self._refuse(conn.ws, f"cannot open the stream ({type(e).__name__}: {e})", P.CLOSE_INTERNAL)
+            return
+        live = conn.live
+        start_frames = live.frames_in
+        try:  # from here on the stream is open: whatever happens, it is closed (and saved) below
+            digest = await self._run(lambda: ttt_digest(live.ttt_state()))
+            info = {"session": conn.session, "resumed": conn.resumed, "format": conn.format,
+                    "position": live.position, "frames": live.frames_in, "ttt": digest,
+                    "sample_rate": self.mimi.sample_rate, "frame_rate": FRAME_RATE, "model": self.model_name}
+            log(f"{conn.name}: connected ({conn.format}); " + (f"resumed at frame {live.frames_in}" if conn.resumed
+                                                             else "new stream"))
+            await self._send(conn.ws, P.message(P.HANDSHAKE))
+            await self._send(conn.ws, P.json_message(P.METADATA, info))
+            await self._receive(conn)
+        finally:
+            conn.closing = True
+            summary = timing_summary(conn.seconds)
+            record = None
+            try:
+                record = await self._run(self._close, conn)
+            except Exception as e:  # a failed save must not take the server down; say what was lost
+                log(f"{conn.name}: ERROR: could not save the stream ({type(e).__name__}: {e})")
+            timing = (f"frame handling p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
+                      f"{summary['realtime_factor']:.2f}x real time" if summary["frames"] else "no frames")
+            saved = (f"; saved {record['state_bytes'] / 2**20:.1f} MiB to {self.store.state_path(conn.session)}"
+                     if record else "")
+            log(f"{conn.name}: closed after {live.frames_in - start_frames} frames (stream at frame {live.frames_in}), "
+                f"{timing}{f', {conn.skipped} message(s) skipped' if conn.skipped else ''}{saved}")
+
+    async def _receive(self, conn: Connection) -> None:
+        live = conn.live
+        async for msg in conn.ws:
+            if msg.type == WSMsgType.ERROR:
+                log(f"{conn.name}: connection error ({conn.ws.exception()})")
+                break
+            if msg.type != WSMsgType.BINARY:
+                self._skip(conn, f"a {msg.type.name.lower()} message (the protocol is binary)")
+                continue
+            try:
+                kind, payload = P.split(msg.data)
+                if kind == P.PING:
+                    await self._send(conn.ws, P.message(P.PING))
+                    continue
+                if kind == P.AUDIO and conn.format == "opus":
+                    try:
+                        pcm = conn.decode_opus(payload)
+                    except ValueError as e:
+                        raise P.ProtocolError(f"audio: not Ogg/Opus ({e})") from None
+                    if pcm.size == 0:
+                        continue
+                    frames = await self._run(live.feed_pcm, torch.from_numpy(pcm))
+                elif kind == P.CODES and conn.format == "codes":
+                    codes = P.parse_codes(payload, self.n_user)
+                    if codes.size and (codes.min() < 0 or codes.max() >= self.lm.card):
+                        raise P.ProtocolError(f"codes: expected values in [0, {self.lm.card})")
+                    frames = await self._run(live.feed_codes, torch.from_numpy(codes))
+                else:
+                    raise P.ProtocolError(f"{P.kind_name(kind)} message (this connection speaks format={conn.format})")
+            except P.ProtocolError as e:
+                self._skip(conn, str(e))
+                continue
+            except Exception as e:  # the model failed mid-step (diverged, out of memory, ...): its state is suspect
+                conn.failed = True
+                what = str(e) if isinstance(e, GenerationDiverged) else f"{type(e).__name__}: {e}"
+                log(f"{conn.name}: ERROR: {what}; the stream is not saved")
+                await self._send(conn.ws, P.text_message(P.ERROR, f"the model failed: {what}"))
+                await conn.ws.close(code=P.CLOSE_INTERNAL, message=b"the model failed")
+                break
+            await self._reply(conn, frames)
+
+    def _skip(self, conn: Connection, what: str) -> None:
+        conn.skipped += 1
+        log(f"{conn.name}: skipped {what}")
+
+    async def _reply(self, conn: Connection, frames: list[LiveFrame]) -> None:
+        for out in frames:
+            if conn.format == "codes":
+                await self._send(conn.ws, P.codes_message(out.codes.numpy()) if out.emitted else P.message(P.CODES))
+            elif out.pcm is not None:
+                data = conn.writer.append_pcm(out.pcm.numpy())
+                if len(data):
+                    await self._send(conn.ws, P.message(P.AUDIO, data))
+            piece = self._piece(out.text) if out.emitted else None
+            if piece:
+                await self._send(conn.ws, P.text_message(P.TEXT, piece))
+            self._account(conn, out.seconds)
+
+    def _piece(self, token: int) -> str | None:
+        """The text piece of a token, as moshi's server sends it ('▁' → ' '); None for padding.
+        Without a tokenizer (the tiny model has none) the token id, as "[id]"."""
+        if token < 0 or token in self.padding:
+            return None
+        if self.tokenizer is None:
+            return f"[{token}]"
+        return self.tokenizer.id_to_piece(token).replace("▁", " ")
+
+    def _account(self, conn: Connection, seconds: float) -> None:
+        conn.seconds.append(seconds)
+        n = len(conn.seconds)
+        if self.verbose:
+            log(f"{conn.name}: frame {conn.live.frames_in} handled in {1000 * seconds:.1f} ms")
+        if n % REPORT_EVERY == 0:
+            window = timing_summary(conn.seconds[-REPORT_EVERY:])
+            log(f"{conn.name}: frame {conn.live.frames_in} | last {REPORT_EVERY / FRAME_RATE:g} s: handling p50 "
+                f"{window['p50_ms']:.1f} ms, p99 {window['p99_ms']:.1f} ms | {window['realtime_factor']:.2f}x real time")
+        recent = conn.seconds[-int(FRAME_RATE):]
+        mean = statistics.fmean(recent)
+        if len(recent) == int(FRAME_RATE) and mean > FRAME_BUDGET and time.monotonic() - conn.last_warning > 10:
+            conn.last_warning = time.monotonic()
+            log(f"{conn.name}: WARNING: cannot keep up with real time: frames take {1000 * mean:.0f} ms on average "
+                f"over the last second, real time needs < {1000 * FRAME_BUDGET:.0f} ms; the conversation lags "
+                f"(run it on a GPU, or a smaller model)")
+
+    @staticmethod
+    async def _send(ws: web.WebSocketResponse, data: bytes) -> None:
+        """Send unless the connection is closing (a client gone mid-reply is not an error)."""
+        if ws.closed:
+            return
+        try:
+            await ws.send_bytes(data)
+        except (ConnectionError, RuntimeError):
+            pass
+
+    # ------------------------------------------------------------------ /api/sessions
+    def _live_session(self) -> str | None:
+        return self.live.session if self.live is not None else None
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        return web.json_response({"sessions": self.store.list(), "live": self._live_session()})
+
+    async def show_session(self, request: web.Request) -> web.Response:
+        return self._session_call(request, lambda s: self.store.require(s))
+
+    async def reset_session(self, request: web.Request) -> web.Response:
+        return self._session_call(request, lambda s: self.store.reset(s), refuse_live=True)
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        def delete(s):
+            self.store.delete(s)
+            return {"deleted": s}
+        return self._session_call(request, delete, refuse_live=True)
+
+    def _session_call(self, request: web.Request, call, refuse_live: bool = False) -> web.Response:
+        session = request.match_info["session"]
+        try:
+            check_id(session)
+            if refuse_live and session == self._live_session():
+                return web.json_response({"error": f"session {session} is live; end its conversation first"},
+                                         status=409)
+            result = call(session)
+        except KeyError as e:
+            return web.json_response({"error": e.args[0]}, status=404)
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        if isinstance(result, dict) and "id" in result:
+            result = {**result, "live": session == self._live_session()}
+        return web.json_response(result)
+
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/chat", self.handle_chat)
+        app.router.add_get("/api/sessions", self.list_sessions)
+        app.router.add_get("/api/sessions/{session}", self.show_session)
+        app.router.add_delete("/api/sessions/{session}", self.delete_session)
+        app.router.add_post("/api/sessions/{session}/reset", self.reset_session)
+        return app
+
+    # ------------------------------------------------------------------ shutdown
+    async def shutdown(self) -> None:
+        """Refuse new connections, close the live one (1001) and wait until its session is saved."""
+        self.stopping = True
+        conn = self.live
+        if conn is None:
+            return
+        log(f"shutting down: closing {conn.name}" + (" and saving it" if conn.session else ""))
+        await conn.ws.close(code=P.CLOSE_GOING_AWAY, message=b"server shutting down")
+        try:
+            await asyncio.wait_for(conn.done.wait(), SAVE_WAIT)
+        except asyncio.TimeoutError:
+            log(f"{conn.name}: ERROR: not saved within {SAVE_WAIT:g} s")
+
+
+async def run_server(server: ChatServer, host: str, port: int) -> None:
+    """Serve until SIGINT / SIGTERM, then close the live conversation (saved) and stop."""
+    import signal
+
+    runner = web.AppRunner(server.application(), handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise ValueError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+        bound = runner.addresses[0][1] if runner.addresses else port
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        def on_signal() -> None:
+            if stop.is_set():  # the save runs in the model's thread, which a signal cannot interrupt
+                log("already stopping: waiting for the live session's save (kill -9 loses only its last connection)")
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        log(f"listening on ws://{host}:{bound}/api/chat (sessions in {server.store.root}; Ctrl-C to stop)")
+        await stop.wait()
+        await server.shutdown()
+    finally:
+        await runner.cleanup()
+        server.executor.shutdown(wait=True)
+    log("stopped")

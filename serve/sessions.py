@@ -1,0 +1,104 @@
+"""Where the server keeps conversations between connections: one folder, two files per session.
+
+    <dir>/<id>.json          the record: created / updated, connections, frames, resets, the last
+                             connection's timings, the model it belongs to
+    <dir>/<id>.safetensors   the live stream's state (`LiveStream.state_dict`: LMGen, KV caches,
+                             TTT state, Mimi, RNG), absent for a session that was reset
+
+Both are written atomically (a reader never sees half a file): the state first, then the record,
+so a record never names a state that is not on disk.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from ttt_speech.files import read_json, writable_dir, write_text_atomic
+from ttt_speech.generation.state import read_state, write_state
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ID_RULE = "1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def check_id(session: str) -> str:
+    if not isinstance(session, str) or not ID_PATTERN.fullmatch(session):
+        raise ValueError(f"session: expected {ID_RULE}, got {session!r}")
+    return session
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class SessionStore:
+    """The sessions under `root` (created and checked writable at once: a server that cannot save
+    fails when it starts, not when the first conversation ends)."""
+
+    def __init__(self, root: str | Path, what: str = "--sessions") -> None:
+        self.root = writable_dir(root, what)
+
+    def state_path(self, session: str) -> Path:
+        return self.root / f"{check_id(session)}.safetensors"
+
+    def record_path(self, session: str) -> Path:
+        return self.root / f"{check_id(session)}.json"
+
+    def record(self, session: str) -> dict | None:
+        """The session's record (with `state_bytes`: its state file's size, 0 when none); None if unknown."""
+        record = read_json(self.record_path(session), "a session record", missing_ok=True)
+        if record is not None:
+            state = self.state_path(session)
+            record["state_bytes"] = state.stat().st_size if state.is_file() else 0
+        return record
+
+    def require(self, session: str) -> dict:
+        record = self.record(session)
+        if record is None:
+            raise KeyError(f"no session {session!r} in {self.root}")
+        return record
+
+    def list(self) -> list[dict]:
+        records = []
+        for path in sorted(self.root.glob("*.json")):
+            if ID_PATTERN.fullmatch(path.stem):
+                try:
+                    records.append(self.record(path.stem))
+                except ValueError as e:  # one unreadable record must not hide the others
+                    records.append({"id": path.stem, "error": str(e)})
+        return [r for r in records if r is not None]
+
+    def load(self, session: str) -> tuple[dict, dict] | None:
+        """(tensors, meta) of the session's saved stream; None for a new or reset session."""
+        path = self.state_path(session)
+        return read_state(path) if path.is_file() else None
+
+    def save(self, session: str, tensors: dict, meta: dict, connection: dict) -> dict:
+        """Write the stream's state, then its record (updated with `connection`'s figures)."""
+        write_state(self.state_path(session), tensors, {**meta, "session": session})
+        record = self.record(session) or {"id": session, "created": _now(), "connections": 0, "resets": 0}
+        record.pop("state_bytes", None)
+        live = meta.get("live", {})
+        record.update(updated=_now(), connections=record["connections"] + 1, frames=live.get("frames_in", 0),
+                      model=meta.get("model"), model_name=meta.get("model_name"), last_connection=connection)
+        self._write_record(session, record)
+        return self.record(session)
+
+    def reset(self, session: str) -> dict:
+        """Forget the session's stream (its next connection starts fresh); the record stays, counted."""
+        record = self.require(session)
+        self.state_path(session).unlink(missing_ok=True)
+        record.pop("state_bytes", None)
+        record.update(updated=_now(), frames=0, resets=record.get("resets", 0) + 1)
+        self._write_record(session, record)
+        return self.record(session)
+
+    def delete(self, session: str) -> None:
+        self.require(session)
+        self.state_path(session).unlink(missing_ok=True)
+        self.record_path(session).unlink(missing_ok=True)
+
+    def _write_record(self, session: str, record: dict) -> None:
+        import json
+
+        write_text_atomic(self.record_path(session), json.dumps(record, indent=2) + "\n")

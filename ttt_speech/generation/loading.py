@@ -1,0 +1,41 @@
+"""The model a live stream runs: an export, or a base model with optional TTT weights patched on
+(shared by `ttt-speech generate` and `ttt-speech serve`; the errors name their options)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..models import ModelConfig
+
+
+def check_generation_model(export: str | Path | None, ttt: str | Path | None) -> None:
+    """What the model's metadata already refuses, before it is loaded: --ttt with --export, E2E layers."""
+    from ..checkpoint import read_saved_ttt
+    from ..export import export_ttt_config
+    from .session import check_generable
+
+    if export is not None and ttt is not None:
+        raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
+    check_generable(export_ttt_config(export) if export is not None else
+                    read_saved_ttt(ttt).config if ttt is not None else None)
+
+
+def load_generation_model(export: str | Path | None = None, model: str = "tiny", ttt: str | Path | None = None,
+                          device: str = "auto", dtype: str | None = None):
+    """(lm in eval mode, its ModelConfig): the export (`export`: folder or hub repo id) at `device`
+    (and `dtype`, default the export's own), else `model` (float32 by default) with the TTT weights
+    of the save_ttt folder `ttt` patched on."""
+    from ..checkpoint import load_ttt
+    from ..models import load_lm
+
+    if export is not None:
+        from ..export import export_model_config, load_exported_lm
+
+        config = export_model_config(export)
+        config = dataclasses.replace(config, device=device, **({"dtype": dtype} if dtype else {}))
+        return load_exported_lm(export, device=config.torch_device(), model=config)
+    config = ModelConfig(name=model, device=device, dtype=dtype or "float32")
+    lm = load_lm(config)
+    if ttt is not None:
+        load_ttt(lm, ttt)
+    return lm.eval(), config
