@@ -66,6 +66,7 @@ def comparison(report: dict, config, eval_paths: dict[str, Path], train_seconds:
                        "chunked_peak_bytes": c["chunked_peak_bytes"], "native_peak_bytes": c["native_peak_bytes"],
                        "memory_kind": c["memory_kind"], "native_streams": native["streams"],
                        "native_frames": native["speed"]["frames"]}
+    inner_loop = inner_loop_rows(report, per_position, late)
     train = config.train
     return {
         "title": "ttt-speech demo: TTT vs sliding-window attention on held-out long streams",
@@ -88,12 +89,41 @@ def comparison(report: dict, config, eval_paths: dict[str, Path], train_seconds:
         "group_labels": groups,
         "late": {"group": "cb1", **late, "ttt_better": "diff" in late and late["diff"] < 0},
         "modes": modes,
+        "inner_loop": inner_loop,
         "curves": {name: report["runs"][f"{name}/chunked"]["groups"]["cb1"]["curve"] for name in ("ttt", "baseline")},
         "eval_report": str(eval_paths["markdown"]),
         "plots": {k: str(v) for k, v in eval_paths.items() if str(v).endswith(".png")},
         "audio": audio,
         "timings": timings,
     }
+
+
+def inner_loop_rows(report: dict, per_position: dict, late: dict) -> list[dict]:
+    """The TTT model under each `eval.inner_loop` variant (chunked runs: every stream, every frame):
+    its inner loop, the codebook-1 NLL over the late range of the TTT vs baseline table, and the
+    difference to the model as trained."""
+    grid = report["comparisons"].get("inner_loop", {})
+    rows = []
+    for name, r in grid.items():
+        if r["mode"] != "chunked" or "skipped" in late:
+            continue
+        nll = metrics.range_nll(_series(per_position, name)["cb1"], late["start"], late["stop"]).get("nll")
+        rows.append({"run": name, "mini_batch_size": r["mini_batch_size"], "base_lr": r["base_lr"],
+                     "scale": r["scale"], "offsets": r["offsets"], "nll": nll, "distance": r["distance_final"],
+                     "frames_per_s": r["frames_per_s"], "start": late["start"], "stop": late["stop"]})
+    trained = next((r["nll"] for r in rows if r["run"] == "ttt/chunked"), None)
+    for r in rows:
+        r["vs_trained"] = r["nll"] - trained if r["nll"] is not None and trained is not None else None
+    return rows if len(rows) > 1 else []
+
+
+def inner_loop_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [[r["run"], str(r["mini_batch_size"]), f"{r['base_lr']:.4g}", r["scale"] or "-", _f(r["nll"], ".4f"),
+             _f(r["vs_trained"], "+.4f"), _f(r["distance"], ".3g"), _f(r["frames_per_s"], ".0f")]
+            for r in summary["inner_loop"]]
+    first = summary["inner_loop"][0]
+    return (["run", "b", "base_lr", "scale", f"cb1 NLL {first['start']:,}-{first['stop']:,}", "vs trained",
+             "|W - W0|", "frames/s"], rows)
 
 
 def audio_summary(audio: dict) -> dict:
@@ -222,6 +252,10 @@ def render_terminal(summary: dict) -> str:
         header, rows, note = mode_table(summary)
         lines += ["chunked vs native (LMGen.step, ground truth forced): same NLL, different speed"]
         lines += _text_table(header, rows) + [note, ""]
+    if summary.get("inner_loop"):
+        header, rows = inner_loop_table(summary)
+        lines += ["the trained TTT model under other inner loops (eval.inner_loop; chunked, every stream):"]
+        lines += _text_table(header, rows) + [""]
     audio = summary["audio"]
     if "skipped" in audio:
         lines.append(f"audio path: skipped ({audio['skipped']})")
@@ -267,6 +301,12 @@ def render_markdown(summary: dict) -> str:
     if summary["modes"]:
         header, rows, note = mode_table(summary)
         lines += ["## Chunked vs native (`LMGen.step`)", ""] + _md_table(header, rows) + ["", note + ".", ""]
+    if summary.get("inner_loop"):
+        header, rows = inner_loop_table(summary)
+        lines += ["## Other inner loops (`eval.inner_loop`)", "",
+                  "The trained TTT model run with another mini-batch size b / inner learning rate (chunked, every "
+                  "stream; negative \"vs trained\": better than the model as trained):", ""]
+        lines += _md_table(header, rows) + [""]
     lines += ["## Plots", ""] + [f"![{k}]({rel(v)})" for k, v in summary["plots"].items()] + [""]
     lines += ["Codebook-1 NLL vs position (T = TTT, b = baseline, * = both):", "", "```"]
     lines += ascii_plot(summary["curves"]) + ["```", ""]

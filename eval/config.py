@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from ttt_speech.config import TTTConfig
+from ttt_speech.inner_loop import InnerLoopOverride
 from ttt_speech.data import CODES_CACHE
 from ttt_speech.models import ModelConfig
 from ttt_speech.schema import check, doc
@@ -70,6 +71,25 @@ class LengthGenConfig:
 
 
 @dataclass
+class InnerLoopVariant(InnerLoopOverride):
+    """One variant of the inner loop of the model under evaluation (`eval.inner_loop.NAME`): the TTT
+    layers run another b / base_lr (`ttt_speech.inner_loop`), scored as run "ttt@NAME/<mode>"."""
+
+    chunk_size: int | None = doc(None, "frames per chunk in chunked mode; null: eval.chunk_size, else 4 x this "
+                                       "variant's mini-batch size")
+    align: bool = doc(False, "require chunk_size to be a multiple of this variant's mini-batch size (aligned "
+                             "chunks: no padding slots)")
+    modes: list[Literal["chunked", "native"]] = doc(factory=list, help="the modes this variant is scored in; "
+                                                                       "empty: eval.mode's")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "null or an integer >= 1",
+              self.chunk_size)
+        check(len(set(self.modes)) == len(self.modes), "modes", "distinct modes", self.modes)
+
+
+@dataclass
 class EvalSettings:
     """How to evaluate and what to report."""
 
@@ -92,6 +112,10 @@ class EvalSettings:
                                     "cumulative mean over [0, P) is reported too")
     gain_window: int = doc(1000, "context gain = mean NLL of a stream's first window minus its last window")
     length_gen: LengthGenConfig = doc(factory=LengthGenConfig, help="")
+    inner_loop: dict[str, InnerLoopVariant] = doc(
+        factory=dict, help="a grid of inner-loop variants of the TTT model, {name: {mini_batch_size, base_lr, scale, "
+                           "offsets, chunk_size, align, modes}}, each scored beside the trained one on the same "
+                           "streams, e.g. {online: {mini_batch_size: 1, scale: keep_per_token}} (docs/evaluation.md)")
 
     def __post_init__(self) -> None:
         check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", "null or an integer >= 1",
@@ -107,6 +131,9 @@ class EvalSettings:
         for i, p in enumerate(self.positions):
             check(p >= 1, f"positions[{i}]", "an integer >= 1", p)
         self.positions = sorted(set(self.positions))
+        for name in self.inner_loop:
+            check(bool(name) and "/" not in name and "@" not in name and name.strip() == name, f"inner_loop.{name}",
+                  "a name without '/' or '@'", name)
 
 
 @dataclass
@@ -137,8 +164,9 @@ class EvalConfig:
         self.output_dir = Path(self.output_dir)
         check_model_source(self.export, self.ttt)
         for name in self.compare:
-            check(bool(name) and name not in RESERVED_NAMES and "/" not in name and name.strip() == name,
-                  f"compare.{name}", f"a name other than {list(RESERVED_NAMES)}, without '/'", name)
+            check(bool(name) and name not in RESERVED_NAMES and "/" not in name and "@" not in name
+                  and name.strip() == name, f"compare.{name}",
+                  f"a name other than {list(RESERVED_NAMES)}, without '/' or '@'", name)
 
     def base_model(self) -> ModelConfig:
         """The ModelConfig used for the baseline and for Mimi (the export's when not overridden)."""

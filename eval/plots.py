@@ -238,3 +238,51 @@ def plot_fast_weights(traces: dict[str, dict], markers: dict, path: str | Path) 
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle("Distance of the TTT fast weights from their initial values", fontsize=11)
     return save_figure(fig, path)
+
+
+def plot_inner_loop(grid: dict[str, dict], runs: dict[str, dict], group_labels: dict[str, str], markers: dict,
+                    path: str | Path, labels: dict[str, str] | None = None) -> Path:
+    """The inner-loop grid in one figure: NLL against position per shown group (top row, one line per
+    run of `grid`, legend with each run's b and base_lr) and ‖W_t − W_0‖ (mean over layers, longest
+    traced stream) against position (bottom row)."""
+    plt = pyplot()
+    groups = list(group_labels)
+    labels = labels or {n: n for n in grid}
+    names = list(grid)
+    colours = run_colours(names)
+    longest = max((b["stop"] for n in names for g in groups for b in runs[n]["groups"][g]["curve"]), default=0)
+    log_x = longest >= LOG_X_FROM
+    key = "curve_log" if log_x else "curve"
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups) + 2.8, 6.6), squeeze=False, sharex=True,
+                             layout="constrained")
+    legend = {n: f"{labels[n]} (b={grid[n]['mini_batch_size']}, lr {grid[n]['base_lr']:.3g})" for n in names}
+    for col, group in enumerate(groups):
+        ax = axes[0, col]
+        for n in names:
+            curve = runs[n]["groups"][group].get(key) or runs[n]["groups"][group]["curve"]
+            if curve:
+                ax.plot(_x(curve, log_x), [b["nll"] for b in curve], lw=1.4, label=legend[n], **_style(n, colours))
+        _markers(ax, markers, log_x)
+        ax.set_title(group_labels[group], fontsize=10)
+        ax.grid(alpha=0.3, which="both" if log_x else "major")
+        _position_axis(ax, longest, log_x, frames=False)
+        if col == 0:
+            ax.set_ylabel("NLL (nats per token)")
+        ax = axes[1, col]
+        if col == 0:
+            for n in names:
+                traces = [t for t in runs[n]["fast_weights"] or [] if t["positions"]]
+                if not traces:
+                    continue
+                trace = max(traces, key=lambda t: t["positions"][-1])
+                mean = [sum(values) / len(values) for values in zip(*(lay["distance"] for lay in trace["layers"]))]
+                ax.plot([p + 1 if log_x else p for p in trace["positions"]], mean, lw=1.4, label=legend[n],
+                        **_style(n, colours))
+            ax.set_ylabel("‖W_t − W_0‖ (mean over layers)")
+            ax.grid(alpha=0.3, which="both" if log_x else "major")
+            _position_axis(ax, longest, log_x, time=False)
+        else:
+            ax.axis("off")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.suptitle("Inner-loop grid: the trained TTT model under other inner loops, same streams", fontsize=11)
+    return save_figure(fig, path)

@@ -256,6 +256,9 @@ def markdown(report: dict) -> str:
         patch = model.get("ttt")
         desc = ("no TTT layers" if patch is None else
                 f"TTT {patch['layer_type']} {patch['mode']}, layers {patch['layers']}, b={patch['mini_batch_size']}")
+        if (loop := model.get("inner_loop")) is not None:
+            desc += (f", run with b={loop['effective_mini_batch_size']}, base_lr {loop['effective_base_lr']:.4g} "
+                     f"(scale {loop['scale'] or 'none'}, offsets {loop['offsets']})")
         out.append(f"- **{name}**: {model['source']}; {desc}; {model['params']:,} parameters; "
                    f"attention context {model['attention_context'] or 'none'} frames")
     data = report["data"]
@@ -358,6 +361,8 @@ def markdown(report: dict) -> str:
                         + ([_bytes(c["chunked_peak_bytes"]), _bytes(c["native_peak_bytes"])] if measured else []))
         out += _table(["model", "streams / frames", "chunked NLL", "native NLL", "max abs ΔNLL", "mean abs ΔNLL",
                        "chunked / native speed"] + (["chunked memory", "native memory"] if measured else []), rows) + [""]
+    if comparisons.get("inner_loop"):
+        out += inner_loop_markdown(comparisons["inner_loop"], labels, groups, group_label, measured)
     if comparisons.get("vs_baseline"):
         out += ["## Model − baseline", "",
                 "NLL difference at each position, the same streams in both (negative: the model predicts better).", ""]
@@ -384,6 +389,35 @@ def markdown(report: dict) -> str:
         out.append(f"- book `{s['path']}`: {s['reason']}")
     out.append("")
     return "\n".join(out)
+
+
+def inner_loop_markdown(grid: dict[str, dict], labels: dict[str, str], groups: list[str],
+                        group_label: dict[str, str], measured: bool) -> list[str]:
+    """The inner-loop grid's two tables: how each run adapted, and its NLL (docs/evaluation.md)."""
+    out = ["## Inner-loop grid", "",
+           "The TTT model as trained and under each `eval.inner_loop` variant, on the same streams: b = tokens "
+           "per inner step (1 = online GD), base_lr as run (per layer when compensated: report.json), chunk = "
+           "frames per call (1 in native mode), slot efficiency = frames / TTT slots computed on the longest "
+           "stream, ‖W − W₀‖ = mean over layers at the last traced frame of the longest stream.", ""]
+    rows = [[labels.get(n, n), str(r["mini_batch_size"]), f"{r['base_lr']:.4g}", r["scale"] or "—",
+             r["offsets"] or "—", str(r["chunk_size"]), f"{r['slot_efficiency']:.1%}", _num(r["frames_per_s"], ".1f")]
+            + ([_bytes(r["peak_bytes"])] if measured else [])
+            + [_num(r["distance_final"], ".4g") + (f" @{r['distance_position']:,}" if r["distance_position"] else "")]
+            for n, r in grid.items()]
+    out += _table(["run", "b", "base_lr", "scale", "offsets", "chunk", "slot efficiency", "frames/s"]
+                  + (["peak memory"] if measured else []) + ["‖W − W₀‖"], rows) + [""]
+    first = next(iter(grid.values()))
+    header, rows = ["run"], []
+    for g in groups:
+        header += [f"{g} @{p['position']:,}" for p in first["groups"][g]["positions"]] + [f"{g} slope"]
+    for n, r in grid.items():
+        row = [labels.get(n, n)]
+        for g in groups:
+            row += [_num(p["nll"], ".4f") for p in r["groups"][g]["positions"]] + [_num(r["groups"][g]["slope"], "+.4f")]
+        rows.append(row)
+    out += ["Cumulative NLL (nats per token) at each position and the slope (nats per e-fold of position): "
+            + ", ".join(f"{g} = {group_label[g]}" for g in groups) + ".", ""]
+    return out + _table(header, rows) + [""]
 
 
 def write_markdown(path: Path, report: dict) -> Path:

@@ -5,10 +5,12 @@ mode(s), and writes report.json, report.md, per_position.safetensors and the PNG
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -26,7 +28,7 @@ from ttt_speech.tracking import start_wandb
 from . import metrics
 from .alignment import chunk_alignment
 from .books import BookLeftOut, Skipped, Stream, find_books, load_stream
-from .config import EvalConfig, EvalSettings
+from .config import EvalConfig, EvalSettings, InnerLoopVariant
 from .length_gen import length_generalisation, write_length_gen
 from .nll import MODES, StreamNLL
 from .report import (
@@ -45,17 +47,23 @@ from .report import (
 logger = logging.getLogger(__name__)
 # `eval librilight`'s figures; `eval length-gen` writes length_gen.* (eval/length_gen.py) into the same
 # output_dir without touching these
-PLOTS = {"nll_curves": "nll_curves.png", "ppl_vs_length": "ppl_vs_length.png", "fast_weights": "fast_weights.png"}
+PLOTS = {"nll_curves": "nll_curves.png", "ppl_vs_length": "ppl_vs_length.png", "fast_weights": "fast_weights.png",
+         "inner_loop": "inner_loop.png"}
+
+
+VARIANT = "@"  # "ttt@online": the "ttt" model under the inner-loop variant `eval.inner_loop.online`
 
 
 @dataclass
 class EvalModel:
-    """A model under evaluation: "ttt" (with TTT layers), "baseline" (the same model without), or a
-    name of `compare` (another export)."""
+    """A model under evaluation: "ttt" (with TTT layers), "baseline" (the same model without), a
+    name of `compare` (another export), or "ttt@NAME": the "ttt" model's own weights (the same
+    `lm`) under the inner-loop variant `eval.inner_loop.NAME`."""
 
     name: str
     lm: torch.nn.Module
     source: str
+    inner_loop: InnerLoopVariant | None = None
     ttt: TTTModel | None = field(init=False)  # the handle on its TTT layers (None for the baseline)
 
     def __post_init__(self) -> None:
@@ -63,14 +71,44 @@ class EvalModel:
 
     @property
     def ttt_config(self) -> TTTConfig | None:
-        return self.ttt.config if self.ttt else None
+        """The TTT config it is scored with (a variant's: the overridden one)."""
+        if self.ttt is None:
+            return None
+        return self.inner_loop.resolve(self.ttt.config, self.where) if self.inner_loop else self.ttt.config
+
+    @property
+    def where(self) -> str:
+        return f"eval.inner_loop.{self.name.split(VARIANT, 1)[1]}" if self.inner_loop else self.name
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[TTTModel | None]:
+        """The block it is scored in: a variant's TTT layers run its inner loop there (restored after)."""
+        if self.inner_loop is None:
+            yield self.ttt
+            return
+        with self.ttt.inner_loop(self.inner_loop, self.where) as handle:
+            yield handle
+
+    def modes(self, settings: EvalSettings) -> list[str]:
+        if self.inner_loop is not None and self.inner_loop.modes:
+            return list(self.inner_loop.modes)
+        return ["chunked", "native"] if settings.mode == "both" else [settings.mode]
 
     def describe(self) -> dict:
         from ttt_speech.moshi import attention_context
 
-        return {"source": self.source, "ttt": self.ttt.report.to_dict() if self.ttt else None,
-                "params": sum(p.numel() for p in self.lm.parameters()),
-                "attention_context": attention_context(self.lm)}
+        out = {"source": self.source, "ttt": self.ttt.report.to_dict() if self.ttt else None,
+               "params": sum(p.numel() for p in self.lm.parameters()),
+               "attention_context": attention_context(self.lm)}
+        if self.inner_loop is not None:
+            with self.scoring() as handle:
+                config = handle.config
+                out["inner_loop"] = {**schema.to_dict(self.inner_loop), "trained_mini_batch_size":
+                                     self.ttt.config.mini_batch_size, "trained_base_lr": self.ttt.config.base_lr,
+                                     "effective_mini_batch_size": config.mini_batch_size,
+                                     "effective_base_lr": config.base_lr,
+                                     "layer_base_lr": {str(k): v for k, v in handle.layer_base_lr.items()}}
+        return out
 
 
 @dataclass
@@ -114,6 +152,11 @@ def planned_models(config: EvalConfig) -> dict[str, TTTConfig | None]:
         planned["ttt"] = export_ttt_config(config.export)
     elif config.ttt is not None:
         planned["ttt"] = config.ttt
+    for name, variant in config.eval.inner_loop.items():
+        where = f"eval.inner_loop.{name}"
+        if planned.get("ttt") is None:
+            raise ValueError(f"{where}: inner-loop variants need the TTT model (set export, or ttt for fresh layers)")
+        planned[f"ttt{VARIANT}{name}"] = variant.resolve(planned["ttt"], where)
     for name, path in config.compare.items():
         planned[name] = export_ttt_config(path)
     if config.baseline_export is not None:
@@ -126,14 +169,30 @@ def planned_models(config: EvalConfig) -> dict[str, TTTConfig | None]:
     return planned
 
 
-def check_model_settings(settings: EvalSettings, ttt: TTTConfig | None, where: str = "eval.chunk_size") -> int:
-    """Refuse what a model patched with `ttt` (None: no TTT layers) cannot run (native mode for E2E
-    layers, a chunk they cannot take); returns the chunk it is scored with (`resolve_chunk_size`)."""
+def check_model_settings(settings: EvalSettings, ttt: TTTConfig | None, where: str = "eval.chunk_size",
+                         variant: InnerLoopVariant | None = None) -> int:
+    """Refuse what a model patched with `ttt` (None: no TTT layers; for an inner-loop `variant`, the
+    overridden config) cannot run (native mode for E2E layers, a chunk they cannot take, an
+    unaligned chunk where a variant asks for alignment); returns the chunk it is scored with
+    (`resolve_chunk_size`: the variant's chunk_size, else eval.chunk_size)."""
     if ttt is not None and ttt.is_e2e and settings.mode in ("native", "both"):
         raise ValueError(f"eval.mode: {settings.mode!r} includes native (LMGen.step), which e2e_mlp models "
                          "cannot run: their update differentiates the model's loss over a whole mini-batch; "
                          "use eval.mode=chunked")
-    return resolve_chunk_size(settings.chunk_size, ttt, where)
+    requested = settings.chunk_size
+    if variant is not None and variant.chunk_size is not None:
+        requested, where = variant.chunk_size, where.rsplit(".", 1)[0] + ".chunk_size"
+    chunk = resolve_chunk_size(requested, ttt, where)
+    if variant is not None and variant.align and chunk % ttt.mini_batch_size:
+        raise ValueError(f"{where}: align is set and {chunk} frames is not a multiple of the mini-batch size "
+                         f"{ttt.mini_batch_size}")
+    return chunk
+
+
+def model_chunk(settings: EvalSettings, model: EvalModel) -> int:
+    """The chunk `model` is scored with in chunked mode (checked as `check_settings` did)."""
+    where = f"{model.where}.chunk_size" if model.inner_loop else "eval.chunk_size"
+    return check_model_settings(settings, model.ttt_config, where, model.inner_loop)
 
 
 def check_settings(config: EvalConfig) -> None:
@@ -141,8 +200,13 @@ def check_settings(config: EvalConfig) -> None:
     the streams the others read (one codec), before any model or data is loaded."""
     from ttt_speech.export import export_model_config
 
-    for ttt in planned_models(config).values():
-        check_model_settings(config.eval, ttt)
+    for name, ttt in planned_models(config).items():
+        variant_name = name.split(VARIANT, 1)[1] if VARIANT in name else None
+        if variant_name is None:
+            check_model_settings(config.eval, ttt)
+        else:
+            check_model_settings(config.eval, ttt, f"eval.inner_loop.{variant_name}.chunk_size",
+                                 config.eval.inner_loop[variant_name])
     codec = config.base_model().codec_id()
     for name, path in config.compare.items():
         other = export_model_config(path).codec_id()
@@ -169,6 +233,9 @@ def build_models(config: EvalConfig, device: torch.device | None = None) -> list
             torch.manual_seed(base.seed)
             patch_moshi(lm, config.ttt)
         models.append(EvalModel("ttt", lm, f"{base.name} + fresh (untrained) TTT layers"))
+    if models:  # the inner-loop variants: the same weights, another inner loop while scored
+        models += [EvalModel(f"ttt{VARIANT}{name}", models[0].lm, f"{models[0].source}, inner loop '{name}'", variant)
+                   for name, variant in config.eval.inner_loop.items()]
     for name, path in config.compare.items():
         lm, other = load_exported_lm(path, device=device)
         models.append(EvalModel(name, lm, f"export {_source(path)} (base {other.name})"))
@@ -236,28 +303,33 @@ def load_data(config: EvalConfig, lm, model_config: ModelConfig, progress: bool 
 def evaluate(models: list[EvalModel], streams: list[Stream], config: EvalConfig,
              progress: bool = True) -> dict[str, list[StreamNLL]]:
     """Score every stream with every model in every configured mode → {"<model>/<mode>": [StreamNLL]}."""
-    modes = ["chunked", "native"] if config.eval.mode == "both" else [config.eval.mode]
     out = {}
     for model in models:
-        chunk = check_model_settings(config.eval, model.ttt_config)
-        for mode in modes:
-            results = []
-            scored = streams[:config.eval.native_max_streams] if mode == "native" else streams
-            # an untimed warm-up on a few frames: one-time costs (allocator, kernels, thread pools)
-            # would otherwise be charged to the first stream's time and peak memory
-            warm = {"chunk_size": chunk} if mode == "chunked" else {}
-            MODES[mode](model.lm, scored[0].codes[:, :2 * chunk if mode == "chunked" else 4],
-                        where=f"{model.name}: {scored[0].book.id} (warm-up)", **warm)
-            for stream in scored:
-                codes = stream.codes
-                if mode == "native" and config.eval.native_max_frames is not None:
-                    codes = codes[:, :config.eval.native_max_frames]
-                kwargs = {"chunk_size": chunk} if mode == "chunked" else {}
-                results.append(MODES[mode](model.lm, codes, where=f"{model.name}: {stream.book.id}",
-                                           progress=progress, trace_every=chunk, **kwargs))
-            out[f"{model.name}/{mode}"] = results
-            _warn_runaway(model, mode, scored, results)
+        chunk = model_chunk(config.eval, model)
+        for mode in model.modes(config.eval):
+            with model.scoring():
+                out[f"{model.name}/{mode}"] = _score(model, mode, chunk, streams, config, progress)
     return out
+
+
+def _score(model: EvalModel, mode: str, chunk: int, streams: list[Stream], config: EvalConfig,
+           progress: bool) -> list[StreamNLL]:
+    """Every stream scored by `model` in `mode` (inside `model.scoring()`)."""
+    scored = streams[:config.eval.native_max_streams] if mode == "native" else streams
+    kwargs = {"chunk_size": chunk} if mode == "chunked" else {}
+    # an untimed warm-up on a few frames: one-time costs (allocator, kernels, thread pools)
+    # would otherwise be charged to the first stream's time and peak memory
+    MODES[mode](model.lm, scored[0].codes[:, :2 * chunk if mode == "chunked" else 4],
+                where=f"{model.name}: {scored[0].book.id} (warm-up)", **kwargs)
+    results = []
+    for stream in scored:
+        codes = stream.codes
+        if mode == "native" and config.eval.native_max_frames is not None:
+            codes = codes[:, :config.eval.native_max_frames]
+        results.append(MODES[mode](model.lm, codes, where=f"{model.name}: {stream.book.id}",
+                                   progress=progress, trace_every=chunk, **kwargs))
+    _warn_runaway(model, mode, scored, results)
+    return results
 
 
 def _warn_runaway(model: EvalModel, mode: str, streams: list[Stream], results: list[StreamNLL]) -> None:
@@ -275,11 +347,43 @@ def alignment_report(models: list[EvalModel], streams: list[Stream], config: Eva
     for model in models:
         if model.ttt is None:
             continue
-        b = model.ttt.config.mini_batch_size
-        a = chunk_alignment(frames, check_model_settings(config.eval, model.ttt_config), b)
+        b = model.ttt_config.mini_batch_size
+        a = chunk_alignment(frames, model_chunk(config.eval, model), b)
         a["native_efficiency"] = chunk_alignment(frames, 1, b)["efficiency"]
         a["frames"] = frames
         out[model.name] = a
+    return out
+
+
+def inner_loop_grid(models: list[EvalModel], runs: dict[str, dict], frames: int, config: EvalConfig,
+                    shown: list[str]) -> dict[str, dict]:
+    """The inner-loop comparison (`eval.inner_loop`): per run of "ttt" and of its variants, the
+    inner loop it ran (b, base_lr, chunk, slot efficiency on the longest stream), its speed and
+    peak memory, its final ‖W − W_0‖ (mean over layers, on the longest traced stream) and, per shown
+    group, the cumulative NLL at each position and the slope."""
+    out = {}
+    for model in models:
+        if model.ttt is None or not (model.name == "ttt" or model.inner_loop is not None):
+            continue
+        ttt = model.ttt_config
+        variant = schema.to_dict(model.inner_loop) if model.inner_loop else {}
+        for mode in model.modes(config.eval):
+            run = runs[f"{model.name}/{mode}"]
+            chunk = model_chunk(config.eval, model) if mode == "chunked" else 1
+            traces = [t for t in run["fast_weights"] or [] if t["positions"]]
+            longest = max(traces, key=lambda t: t["positions"][-1]) if traces else None
+            out[f"{model.name}/{mode}"] = {
+                "model": model.name, "mode": mode, "mini_batch_size": ttt.mini_batch_size, "base_lr": ttt.base_lr,
+                "scale": variant.get("scale"), "offsets": variant.get("offsets") if model.inner_loop else None,
+                "chunk_size": chunk, "slot_efficiency": chunk_alignment(frames, chunk, ttt.mini_batch_size)["efficiency"],
+                "frames_per_s": run["speed"]["frames_per_s"], "peak_bytes": run["memory"]["peak_bytes"],
+                "distance_final": (sum(lay["distance"][-1] for lay in longest["layers"]) / len(longest["layers"])
+                                   if longest else None),
+                "distance_position": longest["positions"][-1] if longest else None,
+                "groups": {g: {"positions": [{"position": p["position"], "nll": p.get("cumulative", {}).get("nll")}
+                                             for p in run["groups"][g]["positions"]],
+                               "slope": run["groups"][g]["slope"].get("slope")} for g in shown},
+            }
     return out
 
 
@@ -313,6 +417,9 @@ def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, pr
                 comparisons.setdefault("vs_baseline", {}).setdefault(model.name, {})[mode] = baseline_difference(
                     runs[run], runs[base], results[run], results[base])
 
+    if config.eval.inner_loop:
+        comparisons["inner_loop"] = inner_loop_grid(models, runs, max(s.frames for s in data.streams), config, shown)
+
     data_summary = {**data.to_dict(), "uninformative": uninformative}
     markers = {"train_window": config.eval.train_window,
                "attention_context": next((m.describe()["attention_context"] for m in models), None)}
@@ -341,7 +448,7 @@ def plotted_runs(runs: dict[str, dict]) -> dict[str, dict]:
 def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[StreamNLL]], ids: list[str],
                   plots: bool = True) -> dict[str, Path]:
     """PNG plots, report.json, report.md and per_position.safetensors into config.output_dir."""
-    from .plots import plot_curves, plot_fast_weights, plot_length_gen
+    from .plots import plot_curves, plot_fast_weights, plot_inner_loop, plot_length_gen
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,6 +481,10 @@ def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[Stre
                 traces[n] = max(r["fast_weights"], key=lambda t: t["positions"][-1] if t["positions"] else 0)
         if traces:
             images["fast_weights"] = plot_fast_weights(traces, report["markers"], out / PLOTS["fast_weights"])
+        grid = report["comparisons"].get("inner_loop")
+        if grid and groups:
+            images["inner_loop"] = plot_inner_loop(grid, runs, labels, report["markers"], out / PLOTS["inner_loop"],
+                                                   names)
     report["plots"] = {k: p.name for k, p in images.items()}
     paths = {"json": write_json(out / "report.json", report), "markdown": write_markdown(out / "report.md", report),
              "per_position": save_per_position(out / "per_position.safetensors", results, ids), **images}
@@ -401,11 +512,13 @@ def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
     lg = settings.length_gen
     results = {}
     for model in models:
-        results[model.name] = length_generalisation(
-            model.lm, {s.book.id: s.codes for s in data.streams}, settings.train_window,
-            chunk_size=settings.chunk_size, num_lengths=lg.num_lengths, min_factor=lg.min_factor,
-            max_factor=lg.max_factor, max_frames=config.data.max_frames, window=settings.position_window,
-            progress=progress, model_name=model.name)
+        chunk = model.inner_loop.chunk_size if model.inner_loop and model.inner_loop.chunk_size else settings.chunk_size
+        with model.scoring():  # an inner-loop variant runs its own inner loop here too
+            results[model.name] = length_generalisation(
+                model.lm, {s.book.id: s.codes for s in data.streams}, settings.train_window,
+                chunk_size=chunk, num_lengths=lg.num_lengths, min_factor=lg.min_factor,
+                max_factor=lg.max_factor, max_frames=config.data.max_frames, window=settings.position_window,
+                progress=progress, model_name=model.name)
         results[model.name]["skipped_files"] = [s.to_dict() for s in data.skipped_files]
         results[model.name]["left_out_books"] = [s.to_dict() for s in data.left_out_books]
     tracker = start_wandb(config.wandb, schema.to_dict(config), Path(config.output_dir), "eval-length-gen")

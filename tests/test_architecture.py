@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-APPS = ("finetune", "eval", "demo", "generate")
-CORE = ("config", "layer", "e2e", "state", "stats", "report", "modules", "handle", "host")
+APPS = ("finetune", "eval", "demo", "generate", "serve")
+CORE = ("config", "layer", "e2e", "inner_loop", "state", "stats", "report", "modules", "handle", "host")
 # moshi's private names this project relies on (moshi 0.2.13), all behind the one adapter module
 MOSHI_PRIVATE = {"_streaming_state", "_init_streaming_state", "_cached_children", "_get_initial_token",
                  "_delay_sequence", "_undelay_sequence", "_step", "_sa_block", "_ff_block", "graphed_depth",

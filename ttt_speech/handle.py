@@ -7,6 +7,8 @@
         tensors = handle.stream_state()            # the live TTT state as named tensors ...
         handle.load_stream_state(tensors)          # ... and back (one path for every app)
     handle.fast_weight_stats(states)   # ‖W‖, ‖W − W₀‖ per layer (ttt_speech.stats)
+    with handle.inner_loop(InnerLoopOverride(mini_batch_size=1, scale="keep_per_token")) as online:
+        ...                            # the same layers run online GD (ttt_speech.inner_loop)
 
 The patch functions (`patch_moshi`, `patch_llama`, all through `ttt_speech.host.patch_host`)
 record the patch on the model; everything else asks this handle instead of the host.
@@ -14,13 +16,14 @@ record the patch on the model; everything else asks this handle instead of the h
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from . import inner_loop
 from .config import TTTConfig
 from .modules import GatedTTTBranch, TTTModule
 from .report import PatchReport
@@ -116,6 +119,26 @@ class TTTModel:
         """The TTT parameters (everything the patch added), keyed by their names in the model."""
         owned = {id(p) for site in self.sites for p in site.inserted.parameters()}
         return {n: p for n, p in self.model.named_parameters() if id(p) in owned}
+
+    @contextlib.contextmanager
+    def inner_loop(self, override: inner_loop.InnerLoopOverride, where: str = "inner_loop") -> Iterator["TTTModel"]:
+        """Inside the block the TTT layers run `override` (another b, inner learning rate: see
+        `ttt_speech.inner_loop`); yields the handle of the overridden model, whose `config` is the
+        nominal overridden one (`layer_base_lr`: each layer's own). Restored exactly on exit; start
+        streams inside the block (a state's layout follows b)."""
+        record = self.model.__dict__[_RECORD]
+        with inner_loop.apply([site.core for site in self.sites], override, self.config, where):
+            setattr(self.model, _RECORD, replace(record, config=override.resolve(self.config, where)))
+            try:
+                yield TTTModel(self.model, self.model.__dict__[_RECORD])
+            finally:
+                setattr(self.model, _RECORD, record)
+
+    @property
+    def layer_base_lr(self) -> dict[int, float]:
+        """Each patched layer's inner base_lr (host layer index): the config's, unless an
+        `inner_loop` override compensated it per layer."""
+        return {site.layer_index: site.core.config.base_lr for site in self.sites}
 
     # ---------------------------------------------------------------- live state
 
