@@ -242,6 +242,8 @@ def load_text_tokenizer(config: ModelConfig):
 def _checkpoint(config: ModelConfig):
     from moshi.models import loaders
 
+    # every local file is passed: from_hf_repo (moshi 0.2.13) fetches each one it is not given from the
+    # hub, the text tokenizer included, eagerly — offline (HF_HUB_OFFLINE=1) that is an error
     return loaders.CheckpointInfo.from_hf_repo(
         config.name, moshi_weights=config.moshi_weights, mimi_weights=config.mimi_weights,
-        config_path=config.config_path)
+        tokenizer=config.text_tokenizer, config_path=config.config_path)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""A moshi-format checkpoint on disk, random weights, laid out as Kyutai's hub repositories are:
+config.json (the LM kwargs and file names, as moshi's `CheckpointInfo` reads it), the LM's
+safetensors, Mimi's safetensors (the real codec's architecture, random weights with codebooks
+fitted so that its codes carry the audio, as the tiny model's) and a SentencePiece text tokenizer
+trained on a few lines. For running commands offline against a "real" checkpoint (docs/commands.md).
+
+    .venv/bin/python scripts/make_local_checkpoint.py runs/local_ckpt
+    .venv/bin/python scripts/make_local_checkpoint.py runs/local_ckpt --hub-cache runs/hf-cache --repo org/moshi-tiny
+
+With `--hub-cache DIR --repo ORG/NAME` the files are also laid out in DIR as huggingface_hub lays out
+its cache (blobs, snapshots/<commit>, refs/main), so that with HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1,
+`model.name=ORG/NAME` resolves without a network.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from ttt_speech.models import TINY_MOSHI_KWARGS, tiny_moshi_lm  # noqa: E402
+
+# the file names of Kyutai's moshiko repository (moshi 0.2.13 loaders' defaults, spelled out in config.json)
+MOSHI_NAME, MIMI_NAME, TOKENIZER_NAME = "model.safetensors", "tokenizer-e351c8d8-checkpoint125.safetensors", \
+    "tokenizer_spm_32k_3.model"
+TOKENIZER_TEXT = ["the quick brown fox jumps over the lazy dog",
+                  "a long conversation needs a memory beyond its attention window",
+                  "test time training layers learn while they listen to a book"]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the snapshot's name in a hub-layout cache
+
+
+def make_checkpoint(out: Path, seed: int = 0, text_card: int = 40, **tiny) -> Path:
+    """Write the checkpoint into `out` (created); its folder. `tiny`: overrides of the tiny LM's kwargs."""
+    import sentencepiece
+    from safetensors.torch import save_file
+
+    from ttt_speech.models import _random_mimi_state
+
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {**TINY_MOSHI_KWARGS, **tiny, "text_card": text_card}
+    lm = tiny_moshi_lm(seed=seed, text_card=text_card, **tiny)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(out / MOSHI_NAME))
+    save_file({k: v.contiguous() for k, v in _random_mimi_state(seed).items()}, str(out / MIMI_NAME))
+    text = out / "tokenizer.txt"
+    text.write_text("\n".join(TOKENIZER_TEXT * 20) + "\n")
+    # the text card counts the tokenizer's pieces (moshi's text_card is the tokenizer's size)
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "spm"), vocab_size=text_card,
+                                             model_type="unigram", minloglevel=2)
+    (out / "spm.model").rename(out / TOKENIZER_NAME)
+    for leftover in (text, out / "spm.vocab"):
+        leftover.unlink()
+    config = {**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}, "model_type": "moshi",
+              "moshi_name": MOSHI_NAME, "mimi_name": MIMI_NAME, "tokenizer_name": TOKENIZER_NAME}
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return out
+
+
+def cache_as_hub(folder: Path, cache: Path, repo_id: str, commit: str = COMMIT) -> Path:
+    """Lay `folder` out in `cache` as huggingface_hub does (blobs/<sha256>, snapshots/<commit>/ of
+    relative links to them, refs/main); the snapshot folder."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (storage / "blobs").mkdir(exist_ok=True)
+    for file in sorted(folder.iterdir()):
+        data = file.read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder to write the checkpoint into")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument("--hub-cache", type=Path, help="also lay it out in this hub-layout cache (HF_HUB_CACHE)")
+    parser.add_argument("--repo", default="local/moshi-tiny", help="its repo id in --hub-cache (default local/moshi-tiny)")
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"make_local_checkpoint: {args.out} is not empty", file=sys.stderr)
+        return 2
+    with torch.no_grad():
+        folder = make_checkpoint(args.out, args.seed)
+    print(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
+    if args.hub_cache is not None:
+        snapshot = cache_as_hub(folder, args.hub_cache, args.repo)
+        print(f"laid out as {args.repo} in {args.hub_cache} ({snapshot}); use HF_HUB_CACHE={args.hub_cache} "
+              f"HF_HUB_OFFLINE=1 and model.name={args.repo}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
