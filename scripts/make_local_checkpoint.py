@@ -62,9 +62,9 @@ def make_checkpoint(out: Path, seed: int = 0, text_card: int = 40, **tiny) -> Pa
     return out
 
 
-def cache_as_hub(folder: Path, cache: Path, repo_id: str, commit: str = COMMIT) -> Path:
+def cache_as_hub(folder: Path, cache: Path, repo_id: str, commit: str = COMMIT, ref: str = "main") -> Path:
     """Lay `folder` out in `cache` as huggingface_hub does (blobs/<sha256>, snapshots/<commit>/ of
-    relative links to them, refs/main); the snapshot folder."""
+    relative links to them, refs/<ref> holding the commit hash); the snapshot folder."""
     from huggingface_hub.file_download import repo_folder_name
 
     storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -79,7 +79,7 @@ def cache_as_hub(folder: Path, cache: Path, repo_id: str, commit: str = COMMIT) 
         link.unlink(missing_ok=True)
         link.symlink_to(os.path.relpath(blob, snapshot))
     (storage / "refs").mkdir(exist_ok=True)
-    (storage / "refs" / "main").write_text(commit)
+    (storage / "refs" / ref).write_text(commit)
     return snapshot
 
 

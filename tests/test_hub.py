@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -11,7 +12,6 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import CommitInfo, constants, scan_cache_dir
-from huggingface_hub.file_download import repo_folder_name
 
 from ttt_speech import TTTConfig, hub, patch_moshi
 from ttt_speech.checkpoint import ttt_state_dict
@@ -20,6 +20,9 @@ from ttt_speech.export import (export_model_config, export_ttt_config, load_expo
                                save_export)
 from ttt_speech.models import ModelConfig, load_lm
 from train_utils import TINY_MODEL, make_corpus, write_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from make_local_checkpoint import cache_as_hub  # noqa: E402
 
 TINY = ModelConfig(name="tiny", tiny=TINY_MODEL["tiny"], device="cpu")
 PROVENANCE = {"steps": 12, "train_loss": 3.5, "eval": {"eval_loss": 4.25},
@@ -51,19 +54,8 @@ def logits(lm) -> torch.Tensor:
 
 
 def cache_repo(cache: Path, repo_id: str, export: Path, commit: str, ref: str) -> None:
-    """Lay `export` out in `cache` as huggingface_hub does: blobs, snapshots/<commit> of relative
-    symlinks to them, refs/<ref> holding the commit hash."""
-    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    snapshot = storage / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (storage / "blobs").mkdir(exist_ok=True)
-    for file in sorted(export.iterdir()):
-        data = file.read_bytes()
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (storage / "refs").mkdir(exist_ok=True)
-    (storage / "refs" / ref).write_text(commit)
+    """Lay `export` out in `cache` as huggingface_hub does (scripts/make_local_checkpoint.py)."""
+    cache_as_hub(export, cache, repo_id, commit, ref)
 
 
 @pytest.fixture(autouse=True)
