@@ -177,11 +177,13 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_resume_is_exact(tmp_path, c
 
     monkeypatch.setattr(monitor_module.Monitor, "log", ctrl_c_at_step_2)
     capsys.readouterr()
+    # the handler in place before (Python's default, or SIG_IGN under nohup / a background job)
+    handler_before = signal.getsignal(signal.SIGINT)
     assert train_main([str(config), "--quiet"]) == 130
     one_error_line(capsys, "stopped by Ctrl-C after step 2", "--resume")
     run = tmp_path / "cut" / "run"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     monkeypatch.undo()
     assert train_main([str(config), "--resume", str(run), "--quiet"]) == 0
     a = load_file(str(tmp_path / "whole" / "run" / "checkpoints" / "step_000005" / "trainable.safetensors"))
