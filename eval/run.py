@@ -199,6 +199,7 @@ def check_settings(config: EvalConfig) -> None:
     """`check_model_settings` for every model the config plans, and that the `compare` exports read
     the streams the others read (one codec), before any model or data is loaded."""
     from ttt_speech.export import export_model_config
+    from ttt_speech.models import check_family
 
     for name, ttt in planned_models(config).items():
         variant_name = name.split(VARIANT, 1)[1] if VARIANT in name else None
@@ -207,6 +208,7 @@ def check_settings(config: EvalConfig) -> None:
         else:
             check_model_settings(config.eval, ttt, f"eval.inner_loop.{variant_name}.chunk_size",
                                  config.eval.inner_loop[variant_name])
+    check_family(config.base_model())
     codec = config.base_model().codec_id()
     for name, path in config.compare.items():
         other = export_model_config(path).codec_id()

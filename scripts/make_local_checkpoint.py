@@ -25,28 +25,63 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from ttt_speech.models import TINY_MOSHI_KWARGS, tiny_moshi_lm  # noqa: E402
+from ttt_speech.models import TINY_MOSHI_KWARGS  # noqa: E402
 
-# the file names of Kyutai's moshiko repository (moshi 0.2.13 loaders' defaults, spelled out in config.json)
-MOSHI_NAME, MIMI_NAME, TOKENIZER_NAME = "model.safetensors", "tokenizer-e351c8d8-checkpoint125.safetensors", \
-    "tokenizer_spm_32k_3.model"
+from moshi.models.loaders import MIMI_NAME, MOSHI_NAME  # noqa: E402 - Kyutai's file names, spelled out in config.json
+from moshi.models.loaders import TEXT_TOKENIZER_NAME as TOKENIZER_NAME  # noqa: E402
 TOKENIZER_TEXT = ["the quick brown fox jumps over the lazy dog",
                   "a long conversation needs a memory beyond its attention window",
                   "test time training layers learn while they listen to a book"]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the snapshot's name in a hub-layout cache
 
 
-def make_checkpoint(out: Path, seed: int = 0, text_card: int = 40, **tiny) -> Path:
-    """Write the checkpoint into `out` (created); its folder. `tiny`: overrides of the tiny LM's kwargs."""
+def _lut(values: list[str]) -> dict:
+    """A lookup-table conditioner of config.json (moshi's `get_conditioner`, type lut)."""
+    return {"type": "lut", "lut": {"n_bins": len(values), "dim": 16, "tokenizer": "noop", "possible_values": values}}
+
+
+# config.json entries of each family beyond the tiny Moshi's kwargs, shaped as Kyutai's repos' (shrunk)
+FAMILY_KWARGS = {
+    "moshi": {},
+    # Hibiki: Moshi's layout, a quality label summed into the input (moshi's run_inference passes "very_good")
+    "hibiki": {"conditioners": {"description": _lut(["very_bad", "bad", "neutral", "good", "very_good"])},
+               "fuser": {"sum": ["description"]}},
+    # STT: the audio streams are only read, the text stream alone is predicted (no depformer)
+    "stt": {"n_q": 8, "dep_q": 0, "delays": [0] * 9,
+            "stt_config": {"audio_silence_prefix_seconds": 1.0, "audio_delay_seconds": 0.5}},
+    # TTS: one audio stream written, a speaker embedding read by cross-attention, control labels summed
+    "tts": {"n_q": 8, "dep_q": 8, "delays": [0] + [1] * 8, "cross_attention": True,
+            "conditioners": {"speaker_wavs": {"type": "tensor", "tensor": {"dim": 32}},
+                             "control": _lut(["ok"]), "cfg": _lut(["1.0", "2.0"])},
+            "fuser": {"cross": ["speaker_wavs"], "sum": ["control", "cfg"]},
+            "tts_config": {"audio_delay": 1.28, "second_stream_ahead": 2}},
+}
+NOT_LM_KWARGS = ("stt_config", "tts_config")  # config.json entries moshi's loaders pop before building the LM
+
+
+def make_checkpoint(out: Path, seed: int = 0, text_card: int = 40, model_type: str = "moshi",
+                    dtype: str = "float32", **tiny) -> Path:
+    """Write the checkpoint into `out` (created); its folder.
+
+    Args:
+        model_type: a key of FAMILY_KWARGS (config.json's model_type).
+        dtype: of the LM weights written ("bfloat16" as Kyutai's *-bf16 repos).
+        tiny: overrides of the tiny LM's kwargs.
+    """
     import sentencepiece
+    from moshi.models import loaders
     from safetensors.torch import save_file
 
-    from ttt_speech.models import _random_mimi_state
+    from ttt_speech.models import DTYPES, _random_mimi_state
 
     out.mkdir(parents=True, exist_ok=True)
-    kwargs = {**TINY_MOSHI_KWARGS, **tiny, "text_card": text_card}
-    lm = tiny_moshi_lm(seed=seed, text_card=text_card, **tiny)
-    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(out / MOSHI_NAME))
+    kwargs = {**TINY_MOSHI_KWARGS, **FAMILY_KWARGS[model_type], **tiny, "text_card": text_card}
+    with torch.random.fork_rng(devices=[]):  # moshi's own builder: conditioners and fuser included
+        torch.manual_seed(seed)
+        lm = loaders.get_moshi_lm(None, lm_kwargs={k: v for k, v in kwargs.items() if k not in NOT_LM_KWARGS},
+                                  device="cpu", dtype=torch.float32)
+    state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in lm.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / MOSHI_NAME))
     save_file({k: v.contiguous() for k, v in _random_mimi_state(seed).items()}, str(out / MIMI_NAME))
     text = out / "tokenizer.txt"
     text.write_text("\n".join(TOKENIZER_TEXT * 20) + "\n")
@@ -56,7 +91,7 @@ def make_checkpoint(out: Path, seed: int = 0, text_card: int = 40, **tiny) -> Pa
     (out / "spm.model").rename(out / TOKENIZER_NAME)
     for leftover in (text, out / "spm.vocab"):
         leftover.unlink()
-    config = {**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}, "model_type": "moshi",
+    config = {**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}, "model_type": model_type,
               "moshi_name": MOSHI_NAME, "mimi_name": MIMI_NAME, "tokenizer_name": TOKENIZER_NAME}
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out
@@ -87,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument("--model-type", choices=sorted(FAMILY_KWARGS), default="moshi",
+                        help="config.json's model_type, with that family's conditioning and streams (default moshi)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="of the LM weights written (bfloat16: as Kyutai's *-bf16 repos; default float32)")
     parser.add_argument("--hub-cache", type=Path, help="also lay it out in this hub-layout cache (HF_HUB_CACHE)")
     parser.add_argument("--repo", default="local/moshi-tiny", help="its repo id in --hub-cache (default local/moshi-tiny)")
     args = parser.parse_args(argv)
@@ -94,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_local_checkpoint: {args.out} is not empty", file=sys.stderr)
         return 2
     with torch.no_grad():
-        folder = make_checkpoint(args.out, args.seed)
+        folder = make_checkpoint(args.out, args.seed, model_type=args.model_type, dtype=args.dtype)
     print(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
     if args.hub_cache is not None:
         snapshot = cache_as_hub(folder, args.hub_cache, args.repo)

@@ -47,30 +47,41 @@ def resolve_export(source: str | Path, files: Sequence[str] | None = None) -> Pa
     if parsed is None:
         return path
     repo_id, revision = parsed
-    from huggingface_hub import constants
-    from huggingface_hub.utils import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
-
     at = f"revision {revision!r}" if revision else "its main branch"
     try:
         return _snapshot(repo_id, revision, tuple(files) if files else None)
-    except RevisionNotFoundError:
-        raise ValueError(f"{source}: the hub repo {repo_id} has no {at} (expected a branch, tag or commit)") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"{source}: no such local folder, and no hub repo {repo_id} that you can read (check the "
-                         "path or repo id; a private repo needs `hf auth login` or HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
+    except Exception as e:  # noqa: BLE001 - the hub's failures are explained, anything else is re-raised
+        reason = hub_failure(e, f"hub repo {repo_id} ({at})")
+        if reason is None:
+            raise
+        raise ValueError(f"{source}: no such local folder, and {reason}") from None
+
+
+def hub_failure(error: BaseException, what: str) -> str | None:
+    """Why the hub could not give `what` (e.g. "repo org/name (its main branch)"), in words that say
+    what to do; None when `error` is not a hub or network failure."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(error, RevisionNotFoundError):
+        return f"the hub has no {what} (expected a branch, tag or commit)"
+    if isinstance(error, RepositoryNotFoundError):
+        return (f"the hub has no {what} that you can read (check the path or repo id; a private repo needs "
+                "`hf auth login` or HF_TOKEN)")
+    if isinstance(error, LocalEntryNotFoundError):  # before EntryNotFoundError, its parent class
         if constants.HF_HUB_OFFLINE:
-            raise ValueError(f"{source}: no such local folder, and hub repo {repo_id} ({at}) is not in the local cache "
-                             f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; check the path, or download the "
-                             "repo once online") from None
-        raise ValueError(f"{source}: no such local folder, and the hub cannot be reached while repo {repo_id} ({at}) is "
-                         f"not (completely) in the local cache ({constants.HF_HUB_CACHE}); check the path, or retry "
-                         "with network access") from None
-    except transport_errors() as e:
-        raise ValueError(f"{source}: no such local folder, and the hub cannot be reached ({_first_line(e)})") from None
-    except HfHubHTTPError as e:
-        raise ValueError(f"{source}: the hub refused repo {repo_id} ({_first_line(e)})") from None
+            return (f"{what} is not in the local cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; check "
+                    "the path, or download it once online")
+        return (f"the hub cannot be reached while {what} is not (completely) in the local cache "
+                f"({constants.HF_HUB_CACHE}); check the path, or retry with network access")
+    if isinstance(error, EntryNotFoundError):
+        return f"the hub has no such file in {what} ({_first_line(error)})"
+    if isinstance(error, transport_errors()):
+        return f"the hub cannot be reached ({_first_line(error)})"
+    if isinstance(error, HfHubHTTPError):
+        return f"the hub refused {what} ({_first_line(error)})"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from .families import check_commands_support
+from .kyutai_files import READS, checkpoint_files, is_checkpoint_folder, read_config
 from .schema import doc
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,8 +78,9 @@ LOCAL_FILES = ("moshi_weights", "mimi_weights", "config_path", "text_tokenizer")
 class ModelConfig:
     """Which Moshi LM (and Mimi codec) to build: shared by training, evaluation and generation."""
 
-    name: str = doc("tiny", "'tiny' (random-init Moshi-architecture model, no download) or a Hugging Face "
-                            "repo id such as kyutai/moshiko-pytorch-bf16")
+    name: str = doc("tiny", "'tiny' (random-init Moshi-architecture model, no download), a Hugging Face repo id "
+                            "such as kyutai/moshiko-pytorch-bf16, or a local checkpoint folder laid out as Kyutai's "
+                            "repos (config.json and the files it names, e.g. from `hf download REPO --local-dir DIR`)")
     moshi_weights: Path | None = doc(None, "local Moshi LM weights (.safetensors) used instead of the hub file")
     mimi_weights: Path | None = doc(None, "local Mimi codec weights used instead of the hub file")
     config_path: Path | None = doc(None, "local config.json of the checkpoint (hub repos ship one)")
@@ -90,7 +93,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ValueError("model.name: expected 'tiny' or a Hugging Face repo id, got ''")
+            raise ValueError("model.name: expected 'tiny', a Hugging Face repo id or a checkpoint folder, got ''")
+        if self.name != "tiny" and Path(self.name).expanduser().is_dir():  # a folder wins over a repo id
+            self.name = str(Path(self.name).expanduser().resolve())  # an export records it: valid from anywhere
+            for reads in READS:  # its config.json and the files it names, checked now
+                checkpoint_files(self.name, self.given_files(), reads)
+        elif self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1:  # a path, never a repo id
+            raise ValueError(f"model.name: {self.name} is not a folder (expected 'tiny', a Hugging Face repo id "
+                             "namespace/name or a checkpoint folder)")
         for key in LOCAL_FILES:
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
@@ -108,6 +118,16 @@ class ModelConfig:
     def is_tiny(self) -> bool:
         return self.name == "tiny"
 
+    @property
+    def is_folder(self) -> bool:
+        """Whether `name` is a local checkpoint folder (held resolved, so: an absolute path)."""
+        return is_checkpoint_folder(self.name)
+
+    def given_files(self) -> dict[str, Path | None]:
+        """The local files named explicitly, as moshi's `from_hf_repo` names them."""
+        return {"moshi_weights": self.moshi_weights, "mimi_weights": self.mimi_weights,
+                "tokenizer": self.text_tokenizer, "config_path": self.config_path}
+
     def torch_device(self) -> torch.device:
         """The device to run on; one that this machine does not have is a ValueError."""
         return resolve_device(self.device)
@@ -121,8 +141,10 @@ class ModelConfig:
             from .moshi.random_mimi import VERSION
 
             return f"mimi-random-v{VERSION}-seed{self.seed}"
-        if self.mimi_weights is not None:
-            return f"mimi-local-{Path(self.mimi_weights).resolve()}"
+        mimi = self.mimi_weights or (checkpoint_files(self.name, self.given_files(), "mimi_weights")["mimi_weights"]
+                                     if self.is_folder else None)
+        if mimi is not None:
+            return f"mimi-local-{Path(mimi).resolve()}"
         return f"mimi-{self.name}"
 
 
@@ -186,6 +208,17 @@ def check_tiny_kwargs(overrides: dict[str, Any]) -> None:
                          f"{MAX_TINY_PARAMS / 1e9:g}B for a tiny one)")
 
 
+def check_family(config: ModelConfig) -> None:
+    """Refuse, from the checkpoint's config.json alone (before data or weights are read), a model
+    family the commands do not run (`ttt_speech/families.py`)."""
+    if config.is_tiny:
+        return
+    config_path = checkpoint_files(config.name, config.given_files(), "config").get("config_path")
+    if config_path is not None:  # a legacy repo without one is Moshi-7B
+        raw = read_config(config_path)
+        check_commands_support(raw.get("model_type", "moshi"), raw, f"model.name {config.name}")
+
+
 def load_lm(config: ModelConfig, device: torch.device | None = None):
     """The Moshi `LMModel` described by `config` (eval mode; on `device` or config.device).
 
@@ -194,8 +227,9 @@ def load_lm(config: ModelConfig, device: torch.device | None = None):
     device = torch.device(device) if device is not None else config.torch_device()
     if config.is_tiny:
         return tiny_moshi_lm(seed=config.seed, device=device, dtype=config.torch_dtype(), **config.tiny)
-    return _checkpoint(config).get_moshi(device=device, dtype=config.torch_dtype(),
-                                         load_weight=device.type != "meta").eval()
+    info = _checkpoint(config, "moshi_weights")
+    check_commands_support(info.model_type, info.lm_config, f"model.name {config.name}")  # before 15 GB are read
+    return info.get_moshi(device=device, dtype=config.torch_dtype(), load_weight=device.type != "meta").eval()
 
 
 def load_mimi(config: ModelConfig, device: torch.device | None = None):
@@ -210,7 +244,7 @@ def load_mimi(config: ModelConfig, device: torch.device | None = None):
             mimi = loaders.get_mimi(None, device="cpu").eval()
         mimi.load_state_dict(state)
         return mimi.to(device)
-    return _checkpoint(config).get_mimi(device=device).eval()
+    return _checkpoint(config, "mimi_weights").get_mimi(device=device).eval()
 
 
 @functools.cache
@@ -236,14 +270,14 @@ def load_text_tokenizer(config: ModelConfig):
         return sentencepiece.SentencePieceProcessor(model_file=str(config.text_tokenizer))
     if config.is_tiny:
         return None
-    return _checkpoint(config).get_text_tokenizer()
+    return _checkpoint(config, "tokenizer").get_text_tokenizer()
 
 
-def _checkpoint(config: ModelConfig):
+def _checkpoint(config: ModelConfig, reads: str):
+    """moshi's `CheckpointInfo` of `config` for a load that `reads` "moshi_weights", "mimi_weights" or
+    "tokenizer": every file resolved first (`ttt_speech/kyutai_files.py`: a folder's or the hub's, one
+    line per failure), so that `from_hf_repo` fetches nothing itself."""
     from moshi.models import loaders
 
-    # every local file is passed: from_hf_repo (moshi 0.2.13) fetches each one it is not given from the
-    # hub, the text tokenizer included, eagerly — offline (HF_HUB_OFFLINE=1) that is an error
-    return loaders.CheckpointInfo.from_hf_repo(
-        config.name, moshi_weights=config.moshi_weights, mimi_weights=config.mimi_weights,
-        tokenizer=config.text_tokenizer, config_path=config.config_path)
+    files = checkpoint_files(config.name, config.given_files(), reads)
+    return loaders.CheckpointInfo.from_hf_repo(config.name, **files)

@@ -67,7 +67,10 @@ def model_card(directory: Path, repo_id: str | None = None, license: str | None 
 
     meta = read_export_meta(directory)
     name = meta["model"]["name"]
-    front = ModelCardData(library_name="ttt-speech", base_model=None if name == "tiny" else name, tags=TAGS,
+    from .kyutai_files import is_checkpoint_folder
+
+    on_hub = name != "tiny" and not is_checkpoint_folder(name)  # a local folder is no hub base model
+    front = ModelCardData(library_name="ttt-speech", base_model=name if on_hub else None, tags=TAGS,
                           license=license).to_yaml()
     shown = repo_id or "namespace/name"
     held = ("every weight" if meta.get("trainable") in TRAINS_EVERYTHING else
@@ -150,6 +153,7 @@ def _card(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .export import export_files, read_export_meta
     from .hub import check_repo_id, push_folder
+    from .kyutai_files import is_checkpoint_folder
     from .models import LOCAL_FILES
 
     repo_id = check_repo_id(args.repo_id, "REPO_ID")
@@ -158,7 +162,9 @@ def _push(args: argparse.Namespace) -> int:
         raise ValueError(f"{directory}: not a folder (expected an export folder written by `ttt-speech train`)")
     meta = read_export_meta(directory)
     steps = (meta.get("provenance") or {}).get("steps")
-    local = [k for k in LOCAL_FILES if (meta.get("model") or {}).get(k)]
+    base = meta.get("model") or {}
+    local = [k for k in LOCAL_FILES if base.get(k)] + (["name (a checkpoint folder)"]
+                                                       if is_checkpoint_folder(str(base.get("name", "tiny"))) else [])
     if local:  # the export loads only where those files exist: say so before it is shared
         print(f"ttt-speech export push: warning: model.json names local files ({', '.join(local)}); others who "
               "load the export from the hub need the same files at the same paths, or `model:` overrides",

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     encode.add_argument("out_manifest", type=Path, help="manifest of code files to write")
     encode.add_argument("--cache", type=Path, default=Path(CODES_CACHE),
                         help=f"codes cache folder (default {CODES_CACHE})")
-    encode.add_argument("--model", default="tiny", help="'tiny' (random Mimi) or the HF repo of the codec (default tiny)")
+    encode.add_argument("--model", default="tiny", help="'tiny' (random Mimi), the HF repo of the codec, or a local "
+                        "checkpoint folder in Kyutai's layout (default tiny)")
     encode.add_argument("--mimi-weights", type=Path, help="local Mimi weights instead of the hub file")
     encode.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     encode.add_argument("--skip-bad", action="store_true",

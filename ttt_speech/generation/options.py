@@ -21,8 +21,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="fine-tuned export directory (ttt-speech train) or hub repo id namespace/name[@revision]; "
                             "replaces --model")
     model.add_argument("--model", default="tiny", metavar="NAME",
-                       help="'tiny' (random-init, no download) or a Hugging Face repo such as "
-                            "kyutai/moshiko-pytorch-bf16 (default tiny)")
+                       help="'tiny' (random-init, no download), a Hugging Face repo such as "
+                            "kyutai/moshiko-pytorch-bf16, or a local checkpoint folder in Kyutai's layout "
+                            "(config.json and the files it names) (default tiny)")
     model.add_argument("--ttt", type=Path, metavar="DIR", help="TTT weights to patch onto --model (a save_ttt directory)")
     model.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default auto)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
