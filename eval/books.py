@@ -24,7 +24,7 @@ from torch import Tensor
 from ttt_speech.files import read_json
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.audio import AUDIO_SUFFIXES
-from ttt_speech.data.cache import CodesCache
+from ttt_speech.data.cache import CodecUnavailable, CodesCache
 from ttt_speech.data.codes import Recording
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.recording import load_recording
@@ -255,8 +255,8 @@ def load_stream(book: Book, lm, cache: CodesCache, max_frames: int,
             progress(path.name)
         try:
             recording = load_recording(path, cache, lm, tokenizer)
-        except TokenizerMissing:
-            raise  # the config lacks a tokenizer: not a bad file to skip
+        except (TokenizerMissing, CodecUnavailable):
+            raise  # the config lacks a tokenizer, or its codec cannot be loaded: not a bad file to skip
         except (ValueError, OSError) as e:
             reason = str(e).removeprefix(f"{path}: ")
             logger.warning("skipping %s: %s", path, reason)

@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `reference`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # for `make_local_checkpoint`
 
 from ttt_speech.config import TTTConfig  # noqa: E402
 from ttt_speech.layer import TTTLayer  # noqa: E402
@@ -59,3 +61,43 @@ def inserted_modules(model):
     from ttt_speech import TTTModel
 
     return [site.inserted for site in TTTModel.of(model).sites]
+
+
+# ---- a moshi-format checkpoint on disk, run offline (tests/test_local_checkpoint.py, test_offline_commands.py)
+
+@pytest.fixture(scope="session")
+def local_checkpoint(tmp_path_factory):
+    """(folder, hub cache, repo id) of one moshi-format checkpoint on disk, built once per session
+    (scripts/make_local_checkpoint.py: Kyutai's layout, random weights; 31 MB of LM, 385 MB of Mimi, a
+    40-piece tokenizer), also laid out in a hub-layout cache as `repo id`."""
+    from make_local_checkpoint import cache_as_hub, make_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoint")
+    folder = make_checkpoint(root / "ckpt", seed=3)
+    repo_id = "org/moshi-tiny"
+    cache_as_hub(folder, root / "hf-cache", repo_id)
+    return folder, root / "hf-cache", repo_id
+
+
+def go_offline(monkeypatch, cache: Path) -> None:
+    """No network: huggingface_hub offline, reading `cache` (its constants are read at import, so they
+    are patched too; the env vars reach child processes)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """`offline(cache)`: `go_offline` for this test."""
+    return lambda cache: go_offline(monkeypatch, cache)
+
+
+def local_files(folder: Path) -> dict:
+    """The ModelConfig fields naming every file of the checkpoint `folder` (from its config.json)."""
+    names = json.loads((folder / "config.json").read_text())
+    return {"moshi_weights": str(folder / names["moshi_name"]), "mimi_weights": str(folder / names["mimi_name"]),
+            "config_path": str(folder / "config.json"), "text_tokenizer": str(folder / names["tokenizer_name"])}

@@ -278,7 +278,7 @@ def test_push_warns_when_the_export_names_local_base_files(tmp_path, hub_calls, 
     export = make_export(tmp_path / "export", seed=1, model=base)
     assert main(["export", "push", str(export), "me/moshi-ttt"]) == 0
     err = capsys.readouterr().err
-    assert "warning: model.json names local files (mimi_weights)" in err and "create_commit" in hub_calls
+    assert "warning: model.json names local files (mimi_weights=" in err and "create_commit" in hub_calls
 
 
 def test_push_without_a_network_is_one_line(tmp_path, monkeypatch, capsys):

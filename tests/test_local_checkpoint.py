@@ -3,62 +3,30 @@ random weights) run offline: every file local with HF_HUB_OFFLINE=1, and `org/re
 hub-layout cache. moshi's `CheckpointInfo.from_hf_repo` fetched the text tokenizer from the hub
 unless it was passed: offline, that was an error even with every file local."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from conftest import local_files
+
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")
-REPO = "org/moshi-tiny"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(folder, hub cache) of one checkpoint: 31 MB of LM, 385 MB of Mimi, a 40-piece tokenizer."""
-    from make_local_checkpoint import cache_as_hub, make_checkpoint
-
-    root = tmp_path_factory.mktemp("checkpoint")
-    folder = make_checkpoint(root / "ckpt", seed=3)
-    cache_as_hub(folder, root / "hf-cache", REPO)
-    return folder, root / "hf-cache"
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network: huggingface_hub offline, reading `cache` (its constants are read at import)."""
-    from huggingface_hub import constants
-
-    def use(cache: Path) -> None:
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return use
-
-
-def local_files(folder: Path) -> dict:
-    names = json.loads((folder / "config.json").read_text())
-    return {"moshi_weights": str(folder / names["moshi_name"]), "mimi_weights": str(folder / names["mimi_name"]),
-            "config_path": str(folder / "config.json"), "text_tokenizer": str(folder / names["tokenizer_name"])}
-
-
-def test_the_checkpoint_has_kyutais_layout(checkpoint):
-    folder, _ = checkpoint
+def test_the_checkpoint_has_kyutais_layout(local_checkpoint):
+    folder, _, _ = local_checkpoint
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "moshi" and config["dep_q"] == 8 and config["n_q"] == 16
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["config.json", config["moshi_name"], config["mimi_name"], config["tokenizer_name"]])
 
 
-def test_every_file_local_loads_offline_and_the_hub_cache_resolves_org_repo(checkpoint, offline, tmp_path):
+def test_every_file_local_loads_offline_and_the_hub_cache_resolves_org_repo(local_checkpoint, offline, tmp_path):
     from safetensors.torch import load_file
 
     from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokenizer
 
-    folder, cache = checkpoint
+    folder, cache, repo = local_checkpoint
     offline(tmp_path / "empty-cache")  # nothing cached: only the local files can be read
     config = ModelConfig(name="kyutai/moshiko-pytorch-bf16", device="cpu", **local_files(folder))
     written = load_file(str(folder / json.loads((folder / "config.json").read_text())["moshi_name"]))
@@ -71,12 +39,12 @@ def test_every_file_local_loads_offline_and_the_hub_cache_resolves_org_repo(chec
     assert len(set(codes.flatten().tolist())) > 4  # the codebooks are fitted: codes carry the audio
 
     offline(cache)
-    hub = ModelConfig(name=REPO, device="cpu")
+    hub = ModelConfig(name=repo, device="cpu")
     assert all(torch.equal(v, written[k]) for k, v in load_lm(hub).state_dict().items())
     assert load_text_tokenizer(hub).vocab_size() == 40
 
 
-def test_eval_librilight_runs_offline_from_local_files(checkpoint, offline, tmp_path, capsys):
+def test_eval_librilight_runs_offline_from_local_files(local_checkpoint, offline, tmp_path, capsys):
     """The command users run on a cluster: every file local, HF_HUB_OFFLINE=1, both modes + baseline."""
     import yaml
 
@@ -84,7 +52,7 @@ def test_eval_librilight_runs_offline_from_local_files(checkpoint, offline, tmp_
 
     if not LIBRIVOX.is_file():
         pytest.skip("needs Debian's pocketsphinx-testdata")
-    folder, _ = checkpoint
+    folder, _, _ = local_checkpoint
     offline(tmp_path / "empty-cache")
     (tmp_path / "m.jsonl").write_text(json.dumps({"path": str(LIBRIVOX)}) + "\n")
     config = tmp_path / "eval.yaml"

@@ -107,6 +107,10 @@ class ModelConfig:
                 raise ValueError(f"model.{key}: {path} is a directory, expected a file" if Path(path).is_dir()
                                  else f"model.{key}: {path} is not a readable file")
         if self.name == "tiny":
+            ignored = [k for k in ("moshi_weights", "mimi_weights", "config_path") if getattr(self, k) is not None]
+            if ignored:  # (a text tokenizer is the one file a tiny model reads: word-timed transcripts)
+                raise ValueError(f"model.{ignored[0]}: the tiny model is random-init and reads no checkpoint file; "
+                                 "set model.name to the checkpoint's hub repo id or folder")
             unknown = sorted(set(self.tiny) - set(TINY_MOSHI_KWARGS))
             if unknown:
                 raise ValueError(f"model.tiny: unknown kwarg(s) {unknown}; allowed: {sorted(TINY_MOSHI_KWARGS)}")

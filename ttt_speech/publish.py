@@ -23,6 +23,16 @@ CARD = (
 )
 
 
+def local_base_files(model: dict[str, Any]) -> list[str]:
+    """What of model.json's base model exists only on this machine: "field=path" of each local file,
+    and the checkpoint folder when the base is one (the export loads only where they exist)."""
+    from .kyutai_files import is_checkpoint_folder
+    from .models import LOCAL_FILES
+
+    folder = [f"name={model['name']} (a checkpoint folder)"] if is_checkpoint_folder(str(model.get("name"))) else []
+    return folder + [f"{k}={model[k]}" for k in LOCAL_FILES if model.get(k)]
+
+
 def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of an export's model.json: base model, trainable set, LoRA, provenance."""
     model = meta["model"]
@@ -36,6 +46,9 @@ def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
             ("trainable", str(meta.get("trainable"))),
             ("LoRA", f"rank {lora['rank']}, scale {lora['scale']:g}" if lora else "none"),
             ("TTT layers", "yes (ttt_config.json)" if meta.get("ttt") else "none")]
+    local = local_base_files(model)
+    if local:
+        rows.insert(1, ("base files", "local: " + ", ".join(local)))
     provenance = meta.get("provenance")
     if provenance is None:
         return rows + [("provenance", "not recorded (written before ttt-speech recorded it)")]
@@ -153,8 +166,6 @@ def _card(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .export import export_files, read_export_meta
     from .hub import check_repo_id, push_folder
-    from .kyutai_files import is_checkpoint_folder
-    from .models import LOCAL_FILES
 
     repo_id = check_repo_id(args.repo_id, "REPO_ID")
     directory = args.export
@@ -162,9 +173,7 @@ def _push(args: argparse.Namespace) -> int:
         raise ValueError(f"{directory}: not a folder (expected an export folder written by `ttt-speech train`)")
     meta = read_export_meta(directory)
     steps = (meta.get("provenance") or {}).get("steps")
-    base = meta.get("model") or {}
-    local = [k for k in LOCAL_FILES if base.get(k)] + (["name (a checkpoint folder)"]
-                                                       if is_checkpoint_folder(str(base.get("name", "tiny"))) else [])
+    local = local_base_files(meta.get("model") or {})
     if local:  # the export loads only where those files exist: say so before it is shared
         print(f"ttt-speech export push: warning: model.json names local files ({', '.join(local)}); others who "
               "load the export from the hub need the same files at the same paths, or `model:` overrides",

@@ -22,6 +22,11 @@ def file_digest(path: str | Path) -> str:
 CACHE_VERSION = 2
 
 
+class CodecUnavailable(ValueError):
+    """The codec cannot be built (a checkpoint file missing, not cached offline, ...): the model's fault,
+    not the audio file's, so that a caller skipping bad files stops on it."""
+
+
 class CodesCache:
     """`root/<codec>.v<CACHE_VERSION>/<sha[:2]>/<sha>.safetensors`; keyed by content, so renamed or
     copied files hit the cache and an edited file does not. `mimi_factory` builds the codec only on
@@ -40,7 +45,10 @@ class CodesCache:
     @property
     def mimi(self):
         if self._mimi is None:
-            self._mimi = self._factory()
+            try:
+                self._mimi = self._factory()
+            except (ValueError, OSError) as e:  # OSError: the hub's (offline: LocalEntryNotFoundError)
+                raise CodecUnavailable(f"the codec {self.codec_id} cannot be loaded: {e}") from e
         return self._mimi
 
     def path_for(self, audio_path: str | Path) -> Path:

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from ..files import writable_dir, writable_file
-from .cache import CodesCache
+from .cache import CodecUnavailable, CodesCache
 from . import FRAME_RATE
 from .manifest import ManifestEntry, read_manifest, write_manifest
 
@@ -36,6 +36,8 @@ def encode_manifest(manifest: Path, out_manifest: Path, cache_dir: Path, model,
             continue
         try:
             recording = cache.get(entry.path)
+        except CodecUnavailable:
+            raise  # not a bad file: --skip-bad would skip every one
         except ValueError as e:
             if not skip_bad:
                 raise ValueError(f"{e} (--skip-bad leaves such files out)") from None
