@@ -21,7 +21,7 @@ from ttt_speech.data.cache import CodesCache
 from ttt_speech.export import export_ttt_config
 from ttt_speech.files import writable_dir
 from ttt_speech.handle import TTTModel
-from ttt_speech.models import ModelConfig, load_lm, load_mimi, load_text_tokenizer
+from ttt_speech.models import ModelConfig, check_family, load_lm, load_mimi, load_text_tokenizer
 from ttt_speech.stats import runaway_warning
 from ttt_speech.tracking import start_wandb
 
@@ -199,7 +199,6 @@ def check_settings(config: EvalConfig) -> None:
     """`check_model_settings` for every model the config plans, and that the `compare` exports read
     the streams the others read (one codec), before any model or data is loaded."""
     from ttt_speech.export import export_model_config
-    from ttt_speech.models import check_family
 
     for name, ttt in planned_models(config).items():
         variant_name = name.split(VARIANT, 1)[1] if VARIANT in name else None

@@ -27,7 +27,7 @@ from ttt_speech.data.manifest import ManifestEntry, read_manifest
 from ttt_speech.data.recording import load_recording
 from ttt_speech.export import save_export
 from ttt_speech.files import write_text_atomic
-from ttt_speech.models import load_mimi, load_text_tokenizer
+from ttt_speech.models import check_family, load_mimi, load_text_tokenizer
 from ttt_speech.moshi.carry import TTTCarry
 from ttt_speech.moshi.teacher_forcing import ChunkModel, delayed_streams
 from ttt_speech.sharding import is_sharded, ttt_units, unsharded
@@ -108,6 +108,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
                          read_manifest(config.data.eval_manifest, "data.eval_manifest")
                          if config.data.eval_manifest else [])
             resume_dir = _check_resume(config, resume) if resume is not None else None
+            check_family(config.model)  # before the output folder is claimed (--overwrite deletes a run)
             folder = _claim(config, env, resume_dir, overwrite)
             return _train(config, env, manifests, resume_dir, folder, progress)
     finally:

@@ -15,6 +15,7 @@ its cache (blobs, snapshots/<commit>, refs/main), so that with HF_HUB_CACHE=DIR 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -60,12 +61,13 @@ NOT_LM_KWARGS = ("stt_config", "tts_config")  # config.json entries moshi's load
 
 
 def make_checkpoint(out: Path, seed: int = 0, text_card: int = 40, model_type: str = "moshi",
-                    dtype: str = "float32", **tiny) -> Path:
+                    dtype: str = "float32", mimi_from: Path | None = None, **tiny) -> Path:
     """Write the checkpoint into `out` (created); its folder.
 
     Args:
         model_type: a key of FAMILY_KWARGS (config.json's model_type).
         dtype: of the LM weights written ("bfloat16" as Kyutai's *-bf16 repos).
+        mimi_from: a Mimi file to link instead of writing the seeded random one.
         tiny: overrides of the tiny LM's kwargs.
     """
     import sentencepiece
@@ -78,11 +80,15 @@ def make_checkpoint(out: Path, seed: int = 0, text_card: int = 40, model_type: s
     kwargs = {**TINY_MOSHI_KWARGS, **FAMILY_KWARGS[model_type], **tiny, "text_card": text_card}
     with torch.random.fork_rng(devices=[]):  # moshi's own builder: conditioners and fuser included
         torch.manual_seed(seed)
-        lm = loaders.get_moshi_lm(None, lm_kwargs={k: v for k, v in kwargs.items() if k not in NOT_LM_KWARGS},
-                                  device="cpu", dtype=torch.float32)
+        # a deep copy: moshi's get_conditioner writes output_dim and device into the kwargs it is given
+        lm_kwargs = copy.deepcopy({k: v for k, v in kwargs.items() if k not in NOT_LM_KWARGS})
+        lm = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="cpu", dtype=torch.float32)
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in lm.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / MOSHI_NAME))
-    save_file({k: v.contiguous() for k, v in _random_mimi_state(seed).items()}, str(out / MIMI_NAME))
+    if mimi_from is not None:  # another checkpoint's Mimi, hard-linked (tests build several: 385 MB each)
+        os.link(mimi_from, out / MIMI_NAME)
+    else:
+        save_file({k: v.contiguous() for k, v in _random_mimi_state(seed).items()}, str(out / MIMI_NAME))
     text = out / "tokenizer.txt"
     text.write_text("\n".join(TOKENIZER_TEXT * 20) + "\n")
     # the text card counts the tokenizer's pieces (moshi's text_card is the tokenizer's size)

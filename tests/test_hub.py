@@ -136,6 +136,37 @@ def test_hub_errors_are_one_line(offline_cache):
     assert main(["inspect", "user/other"]) == 2
 
 
+def test_each_hub_failure_is_explained_in_its_own_words(monkeypatch):
+    """hub.hub_failure, shared by export resolution and checkpoint files: one sentence per failure,
+    naming the repo, revision or file that is missing (errors built as huggingface_hub raises them)."""
+    import httpx
+    from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/org/x"))
+    cases = [
+        (RevisionNotFoundError("404 Client Error", response=response), {"revision": "v1"},
+         "the hub repo org/x has no revision 'v1' (expected a branch, tag or commit)"),
+        (RepositoryNotFoundError("404 Client Error", response=response), {"filename": "config.json"},
+         "no hub repo org/x that you can read (check the path or repo id; a private repo needs"),
+        (EntryNotFoundError("404 Client Error"), {"filename": "model.safetensors"},
+         "the hub repo org/x has no file model.safetensors"),
+        (HfHubHTTPError("500 Server Error", response=response), {"revision": "v1"},
+         "the hub refused hub repo org/x (revision 'v1') (500 Server Error)"),
+        (httpx.ConnectError("[Errno -3] Temporary failure in name resolution"), {},
+         "the hub cannot be reached ([Errno -3] Temporary failure in name resolution)"),
+    ]
+    for error, where, expected in cases:
+        assert hub.hub_failure(error, "org/x", **where).startswith(expected), (type(error).__name__, expected)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.hub_failure(LocalEntryNotFoundError("not cached"), "org/x", filename="config.json").startswith(
+        "config.json of hub repo org/x is not in the local cache (")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert hub.hub_failure(LocalEntryNotFoundError("not cached"), "org/x").startswith(
+        "the hub cannot be reached while hub repo org/x (its main branch) is not (completely) in the local cache")
+    assert hub.hub_failure(KeyError("x"), "org/x") is None  # not the hub's: re-raised by the callers
+
+
 def test_inspect_prints_trainable_ttt_and_provenance(offline_cache, capsys):
     _, a, _ = offline_cache
     assert main(["inspect", "user/repo"]) == 0

@@ -4,28 +4,25 @@ patches and streams each one with its own condition tensors and cross-attention;
 Moshi's family (a checkpoint folder as model.name, bf16 weights with float32 TTT state) and refuse
 the others in one line, before the weights are read (ttt_speech/families.py)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 FAMILIES = ("moshi", "hibiki", "stt", "tts")
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """model_type → checkpoint folder (random weights; Mimi written once, linked into the others)."""
+    """model_type (and "bf16": a moshi checkpoint of bfloat16 weights) → checkpoint folder; random
+    weights, one Mimi written and hard-linked into the others."""
     from make_local_checkpoint import MIMI_NAME, make_checkpoint
 
     root = tmp_path_factory.mktemp("families")
-    out = {}
-    for family in FAMILIES:
-        out[family] = make_checkpoint(root / family, seed=1, model_type=family)
-    out["bf16"] = make_checkpoint(root / "bf16", seed=1, dtype="bfloat16")
-    assert (out["bf16"] / MIMI_NAME).is_file()
+    out = {"moshi": make_checkpoint(root / "moshi", seed=1)}
+    for family in FAMILIES[1:]:
+        out[family] = make_checkpoint(root / family, seed=1, model_type=family, mimi_from=out["moshi"] / MIMI_NAME)
+    out["bf16"] = make_checkpoint(root / "bf16", seed=1, dtype="bfloat16", mimi_from=out["moshi"] / MIMI_NAME)
     return out
 
 
@@ -91,15 +88,14 @@ def test_every_family_patches_and_streams_with_its_conditions(folders, family):
                                             ("hibiki", "conditioned on ['description'] (sum: description)")])
 def test_the_commands_refuse_other_families_in_one_line_before_reading_weights(folders, family, reason, tmp_path,
                                                                                  capsys, monkeypatch):
-    from moshi.models import loaders
-
+    from ttt_speech import models
     from ttt_speech.cli import main
     from ttt_speech.models import ModelConfig, load_lm
 
     def no_weights(*args, **kwargs):
-        raise AssertionError("the weights were read")
+        raise AssertionError("the checkpoint's files were resolved")
 
-    monkeypatch.setattr(loaders.CheckpointInfo, "get_moshi", no_weights)
+    monkeypatch.setattr(models, "_checkpoint", no_weights)  # refused from config.json alone: nothing fetched
     with pytest.raises(ValueError, match=rf"^model.name {folders[family]}: this {family} model .*not supported"):
         load_lm(ModelConfig(name=str(folders[family]), device="cpu"))
     prompt = tmp_path / "prompt.safetensors"
@@ -125,12 +121,16 @@ def test_a_checkpoint_folder_is_a_model_name_and_generates(folders, tmp_path, ca
 
     written = load_file(str(folders["moshi"] / "model.safetensors"))
     assert all(torch.equal(v, written[k]) for k, v in load_lm(config).state_dict().items())
-    with pytest.raises(ValueError, match=r"^model.name: ./nope is not a folder"):
+    with pytest.raises(ValueError, match=r"^model.name: ./nope: no such checkpoint folder"):
         ModelConfig(name="./nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^model.name: .*/empty has no config.json"):
+        ModelConfig(name=str(tmp_path / "empty"))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text(json.dumps({"moshi_name": "lm.safetensors"}))
+    broken = ModelConfig(name=str(tmp_path / "broken"), device="cpu")  # each load checks the files it reads
     with pytest.raises(ValueError, match=r"has no lm.safetensors \(config.json's moshi_name\)"):
-        ModelConfig(name=str(tmp_path / "broken"))
+        load_lm(broken)
     prompt = tmp_path / "prompt.safetensors"
     from ttt_speech.data.codes import Recording, save_codes
 
@@ -138,7 +138,10 @@ def test_a_checkpoint_folder_is_a_model_name_and_generates(folders, tmp_path, ca
                                  source="synthetic:0:0"))
     assert main(["generate", "--model", str(folders["moshi"]), "--device", "cpu", "--out", str(tmp_path / "g"),
                  "--max-duration", "0.4", "--no-audio", "--quiet", str(prompt)]) == 0
-    assert sorted(p.suffix for p in (tmp_path / "g").iterdir())
+    (codes_file,) = (tmp_path / "g").glob("*.safetensors")  # the continuation's codes (--no-audio: no wav)
+    from ttt_speech.data.codes import load_codes
+
+    assert load_codes(codes_file).codes.shape[-1] >= 5
 
 
 def test_bf16_weights_load_as_written_with_float32_ttt_state(folders):

@@ -3,8 +3,8 @@ tests/conftest.py: scripts/make_local_checkpoint.py's random checkpoint in Kyuta
 
 HF_HUB_OFFLINE=1 with an empty hub cache, so that only the checkpoint's local files can be read (the
 model: section's moshi_weights, mimi_weights, config_path, text_tokenizer, or an export recording
-them); a command that only takes a repo id (generate / serve --model, data encode --model) gets
-org/moshi-tiny from a hub-layout cache of the same files. No connection off this machine is let
+them); `--model` of generate / serve / data encode names org/moshi-tiny in a hub-layout cache of
+the same files, or the checkpoint folder itself. No connection off this machine is let
 through either. Sizes are the other tests': a few frames, 4 steps, chunks of 16.
 """
 import json
@@ -192,21 +192,25 @@ def test_data_encode_offline_from_a_repo_id_in_the_cache_and_with_local_mimi_wei
     manifest = tmp_path / "audio.jsonl"
     manifest.write_text(json.dumps({"path": str(sweep(tmp_path / "a.wav", 1.0))}) + "\n")
     codes = {}
-    for name, extra in (("hub", []), ("local", ["--mimi-weights", local_files(folder)["mimi_weights"]])):
+    routes = {"hub": [repo], "local": [repo, "--mimi-weights", local_files(folder)["mimi_weights"]],
+              "folder": [str(folder)]}
+    for name, model in routes.items():
         out = tmp_path / f"{name}.jsonl"
-        assert main(["data", "encode", str(manifest), str(out), "--cache", str(tmp_path / name), "--model", repo,
-                     "--device", "cpu", "--quiet", *extra]) == 0
+        assert main(["data", "encode", str(manifest), str(out), "--cache", str(tmp_path / name), "--model", *model,
+                     "--device", "cpu", "--quiet"]) == 0
         entries = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(entries) == 1 and entries[0]["duration"] == pytest.approx(1.04)
         codes[name], codec = cached_codes(tmp_path / name)
         assert codes[name].codes.shape == (8, 13) and all(len(set(row.tolist())) > 4 for row in codes[name].codes)
-        assert codec.startswith("mimi-local-" if name == "local" else "mimi-org")
-    assert torch.equal(codes["hub"].codes, codes["local"].codes)  # the same weights, by either route
+        assert codec.startswith("mimi-org" if name == "hub" else "mimi-local-")
+    assert torch.equal(codes["hub"].codes, codes["local"].codes)  # the same weights, by every route
+    assert torch.equal(codes["hub"].codes, codes["folder"].codes)
 
 
 def test_a_codec_that_cannot_load_offline_is_one_error_not_bad_audio(local_checkpoint, offline, tmp_path, capsys):
-    """Mimi not local nor cached: the command stops on that, once; its audio files are not "bad files"
-    (data encode told to --skip-bad them and then skipped every one; eval skipped every book)."""
+    """A codec that cannot be loaded (a repo not cached at all; Mimi not local nor cached): the command
+    stops on that, once; its audio files are not "bad files" (data encode told to --skip-bad them and
+    then skipped every one; eval skipped every book)."""
     folder, cache, _ = local_checkpoint
     offline(cache)
     manifest = tmp_path / "audio.jsonl"

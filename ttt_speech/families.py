@@ -4,8 +4,8 @@ loaders read it) and which of them ttt-speech's commands run.
 The library patches and streams every family (tests/test_model_families.py: zero gate == the
 unpatched model, chunked == one pass, with each family's condition tensors and cross-attention).
 The commands (train, eval, generate, serve) score and sample Moshi's audio streams with the LM run
-without condition tensors; a checkpoint they would silently misuse is refused at load, before its
-weights are read, with the reason (README, "Model families").
+without condition tensors; a checkpoint they would silently misuse is refused from its config.json,
+before its weights are fetched or read, with the reason (README, "Model families").
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def check_commands_support(model_type: str, lm_kwargs: dict[str, Any] | None, wh
     conditioned = {method: fuser.get(method) for method in ("sum", "cross", "prepend") if fuser.get(method)}
     if kwargs.get("conditioners") or conditioned:
         how = "; ".join(f"{method}: {', '.join(names)}" for method, names in conditioned.items()) or "conditioners"
-        names = sorted(kwargs.get("conditioners") or [])
+        names = sorted(kwargs.get("conditioners") or {name for fused in conditioned.values() for name in fused})
         raise ValueError(f"{where}: this {model_type} model is conditioned on {names} ({how}); ttt-speech's "
                          "commands run the LM without condition tensors, so they would score and sample another "
                          "model than the one trained: not supported (the library patches and streams it, its "

@@ -47,40 +47,42 @@ def resolve_export(source: str | Path, files: Sequence[str] | None = None) -> Pa
     if parsed is None:
         return path
     repo_id, revision = parsed
-    at = f"revision {revision!r}" if revision else "its main branch"
     try:
         return _snapshot(repo_id, revision, tuple(files) if files else None)
     except Exception as e:  # noqa: BLE001 - the hub's failures are explained, anything else is re-raised
-        reason = hub_failure(e, f"hub repo {repo_id} ({at})")
+        reason = hub_failure(e, repo_id, revision)
         if reason is None:
             raise
         raise ValueError(f"{source}: no such local folder, and {reason}") from None
 
 
-def hub_failure(error: BaseException, what: str) -> str | None:
-    """Why the hub could not give `what` (e.g. "repo org/name (its main branch)"), in words that say
-    what to do; None when `error` is not a hub or network failure."""
+def hub_failure(error: BaseException, repo_id: str, revision: str | None = None,
+                filename: str | None = None) -> str | None:
+    """Why the hub could not give `filename` of `repo_id` (or the repo's snapshot at `revision`), in
+    words that say what to do; None when `error` is not a hub or network failure."""
     from huggingface_hub import constants
     from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError, RevisionNotFoundError)
 
+    at = f"revision {revision!r}" if revision else "its main branch"
+    thing = f"{filename} of hub repo {repo_id}" if filename else f"hub repo {repo_id} ({at})"
     if isinstance(error, RevisionNotFoundError):
-        return f"the hub has no {what} (expected a branch, tag or commit)"
+        return f"the hub repo {repo_id} has no {at} (expected a branch, tag or commit)"
     if isinstance(error, RepositoryNotFoundError):
-        return (f"the hub has no {what} that you can read (check the path or repo id; a private repo needs "
+        return (f"no hub repo {repo_id} that you can read (check the path or repo id; a private repo needs "
                 "`hf auth login` or HF_TOKEN)")
     if isinstance(error, LocalEntryNotFoundError):  # before EntryNotFoundError, its parent class
         if constants.HF_HUB_OFFLINE:
-            return (f"{what} is not in the local cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; check "
-                    "the path, or download it once online")
-        return (f"the hub cannot be reached while {what} is not (completely) in the local cache "
+            return (f"{thing} is not in the local cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; "
+                    "check the path, or download it once online")
+        return (f"the hub cannot be reached while {thing} is not (completely) in the local cache "
                 f"({constants.HF_HUB_CACHE}); check the path, or retry with network access")
     if isinstance(error, EntryNotFoundError):
-        return f"the hub has no such file in {what} ({_first_line(error)})"
+        return f"the hub repo {repo_id} has no file {filename}" if filename else f"{thing}: {_first_line(error)}"
     if isinstance(error, transport_errors()):
         return f"the hub cannot be reached ({_first_line(error)})"
     if isinstance(error, HfHubHTTPError):
-        return f"the hub refused {what} ({_first_line(error)})"
+        return f"the hub refused {thing} ({_first_line(error)})"
     return None
 
 

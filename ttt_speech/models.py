@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from .families import check_commands_support
-from .kyutai_files import READS, checkpoint_files, is_checkpoint_folder, read_config
+from .kyutai_files import check_folder, checkpoint_files, is_checkpoint_folder, read_config
 from .schema import doc
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +83,8 @@ class ModelConfig:
                             "repos (config.json and the files it names, e.g. from `hf download REPO --local-dir DIR`)")
     moshi_weights: Path | None = doc(None, "local Moshi LM weights (.safetensors) used instead of the hub file")
     mimi_weights: Path | None = doc(None, "local Mimi codec weights used instead of the hub file")
-    config_path: Path | None = doc(None, "local config.json of the checkpoint (hub repos ship one)")
+    config_path: Path | None = doc(None, "local config.json of the checkpoint (its LM kwargs, model_type and file names; "
+                                         "a legacy repo without one is Moshi-7B)")
     text_tokenizer: Path | None = doc(None, "local SentencePiece .model of the text stream (for word-timed "
                                             "transcripts); null: the checkpoint's (hub); the tiny model has none")
     tiny: dict = doc(factory=dict, help="overrides of the tiny model's kwargs (e.g. {dim: 64, card: 64, context: 32})")
@@ -94,18 +95,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model.name: expected 'tiny', a Hugging Face repo id or a checkpoint folder, got ''")
-        if self.name != "tiny" and Path(self.name).expanduser().is_dir():  # a folder wins over a repo id
-            self.name = str(Path(self.name).expanduser().resolve())  # an export records it: valid from anywhere
-            for reads in READS:  # its config.json and the files it names, checked now
-                checkpoint_files(self.name, self.given_files(), reads)
-        elif self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1:  # a path, never a repo id
-            raise ValueError(f"model.name: {self.name} is not a folder (expected 'tiny', a Hugging Face repo id "
-                             "namespace/name or a checkpoint folder)")
         for key in LOCAL_FILES:
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"model.{key}: {path} is a directory, expected a file" if Path(path).is_dir()
                                  else f"model.{key}: {path} is not a readable file")
+        if self.name != "tiny" and Path(self.name).expanduser().is_dir():  # a folder wins over a repo id
+            self.name = str(Path(self.name).expanduser().resolve())  # an export records it: valid from anywhere
+            check_folder(Path(self.name))
+        elif self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1:  # a path, never a repo id
+            raise ValueError(f"model.name: {self.name}: no such checkpoint folder (expected 'tiny', a Hugging Face "
+                             "repo id namespace/name or a checkpoint folder)")
         if self.name == "tiny":
             ignored = [k for k in ("moshi_weights", "mimi_weights", "config_path") if getattr(self, k) is not None]
             if ignored:  # (a text tokenizer is the one file a tiny model reads: word-timed transcripts)
@@ -231,9 +231,9 @@ def load_lm(config: ModelConfig, device: torch.device | None = None):
     device = torch.device(device) if device is not None else config.torch_device()
     if config.is_tiny:
         return tiny_moshi_lm(seed=config.seed, device=device, dtype=config.torch_dtype(), **config.tiny)
-    info = _checkpoint(config, "moshi_weights")
-    check_commands_support(info.model_type, info.lm_config, f"model.name {config.name}")  # before 15 GB are read
-    return info.get_moshi(device=device, dtype=config.torch_dtype(), load_weight=device.type != "meta").eval()
+    check_family(config)  # from config.json, before the weights are fetched or read
+    return _checkpoint(config, "moshi_weights").get_moshi(device=device, dtype=config.torch_dtype(),
+                                                          load_weight=device.type != "meta").eval()
 
 
 def load_mimi(config: ModelConfig, device: torch.device | None = None):
@@ -280,8 +280,10 @@ def load_text_tokenizer(config: ModelConfig):
 def _checkpoint(config: ModelConfig, reads: str):
     """moshi's `CheckpointInfo` of `config` for a load that `reads` "moshi_weights", "mimi_weights" or
     "tokenizer": every file resolved first (`ttt_speech/kyutai_files.py`: a folder's or the hub's, one
-    line per failure), so that `from_hf_repo` fetches nothing itself."""
+    line per failure), so that moshi fetches nothing itself."""
     from moshi.models import loaders
 
     files = checkpoint_files(config.name, config.given_files(), reads)
+    if "config_path" not in files:  # legacy (Moshi-7B): what from_hf_repo builds for one (moshi 0.2.13)
+        return loaders.CheckpointInfo(files["moshi_weights"], files["mimi_weights"], files["tokenizer"])
     return loaders.CheckpointInfo.from_hf_repo(config.name, **files)

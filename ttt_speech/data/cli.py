@@ -82,7 +82,7 @@ def _encode(args: argparse.Namespace) -> int:
     from .encode import encode_manifest
     from ..models import ModelConfig
 
-    if args.mimi_weights is not None and args.model == "tiny":
+    if args.mimi_weights is not None and args.model == "tiny":  # ModelConfig refuses it too, naming the config field
         raise ValueError("--mimi-weights: needs --model, the checkpoint's hub repo id or folder (its config.json "
                          "gives the number of codebooks); the tiny model's Mimi is random")
     model = ModelConfig(name=args.model, mimi_weights=args.mimi_weights, device=args.device)
