@@ -10,8 +10,6 @@ moshi's exec mask leaving the other rows' state untouched).
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
-
 import torch
 from torch import Tensor
 
@@ -19,12 +17,13 @@ from ..moshi import _import  # noqa: F401
 from moshi.utils.compile import no_cuda_graph
 
 from ..moshi.internals import load_moshi_states, moshi_states_to_tensors
+from .contexts import OwnsContexts
 from .session import Frame
 
 PREFIX = "mimi."
 
 
-class AudioDecoder:
+class AudioDecoder(OwnsContexts):
     """Frames → pcm per row. `push(frame)` queues what each row emitted; `pull()` returns the
     audio decoded since the last pull (float32 [S] per row, `mimi.sample_rate`), only for frames
     that are kept (generated ones; prompt frames too with `keep_prompt`)."""
@@ -41,17 +40,9 @@ class AudioDecoder:
         self.device = next(mimi.parameters()).device
         self._queue: list[list[tuple[Tensor, bool]]] = [[] for _ in range(batch_size)]
         self._out: list[list[Tensor]] = [[] for _ in range(batch_size)]
-        self._stack = ExitStack()
+        super().__init__()
         self._stack.enter_context(mimi.streaming(batch_size))
 
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> "AudioDecoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @property
     def pending(self) -> int:

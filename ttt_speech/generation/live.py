@@ -18,7 +18,6 @@ whole frame. Restored into a new `LiveStream` of the same model and codec, it co
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from ..moshi.internals import load_moshi_states, moshi_states_to_tensors, stream_position
 from .config import GenerationConfig
+from .contexts import OwnsContexts
 from .decode import PREFIX as MIMI_PREFIX
 from .session import Frame, GenerationSession
 from .state import model_fingerprint
@@ -62,7 +62,7 @@ def check_live_model(lm, mimi) -> None:
                          f"Mimi encodes and decodes {mimi.num_codebooks}: a live conversation needs both")
 
 
-class LiveStream:
+class LiveStream(OwnsContexts):
     """One conversation (batch 1): user audio or codes in, Moshi's audio, text and codes out.
 
         with LiveStream(lm, mimi, GenerationConfig(seed=1)) as live:
@@ -82,7 +82,7 @@ class LiveStream:
         self.device = next(mimi.parameters()).device
         # the user stream is always given here; the session still needs the codec's silence (its state holds it)
         silence = silence_codes(mimi) if silence is None else silence
-        self._stack = ExitStack()
+        super().__init__()
         self.session = self._stack.enter_context(GenerationSession(lm, 1, config, silence))
         self._stack.enter_context(mimi.streaming(1))
         self._pcm = torch.zeros(0)       # user audio not yet a whole frame
@@ -90,14 +90,6 @@ class LiveStream:
         self.frames_in = 0               # user frames taken (audio or codes)
         self.frames_out = 0              # frames Moshi emitted
 
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> "LiveStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @property
     def position(self) -> int:

@@ -17,7 +17,6 @@ same step. The sampling noise of a step is drawn for the whole batch from the se
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -32,6 +31,7 @@ from ..handle import TTTModel
 from ..moshi.internals import (StreamingHooks, lmgen_offsets, load_moshi_states, moshi_states_to_tensors,
                                reset_depformer_graph)
 from .config import GenerationConfig
+from .contexts import OwnsContexts
 from .sampling import sample_tokens
 from .state import model_fingerprint
 
@@ -143,7 +143,7 @@ class SamplingLMGen(StreamingHooks, LMGen):
         return torch.stack(tokens, dim=1)
 
 
-class GenerationSession:
+class GenerationSession(OwnsContexts):
     """A stream of `batch_size` rows through a (TTT-patched or plain) moshi `LMModel`.
 
         with GenerationSession(lm, 2, GenerationConfig(seed=1), silence=silence) as session:
@@ -188,18 +188,8 @@ class GenerationSession:
         self.steps = 0
         self.runs = 0
         self._exec: list[bool] | None = None
-        self._stack = ExitStack()
+        super().__init__()
         self._stack.enter_context(self.lm_gen.streaming(batch_size))
-
-    # ------------------------------------------------------------------ context
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> "GenerationSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ generation
     def plan(self, prompt_frames: Sequence[int], num_frames: int) -> list[int]:
@@ -272,8 +262,8 @@ class GenerationSession:
         return self._advance([True] * self.batch_size, user, _Forcing.none(self.batch_size, self.lm.dep_q), no_prompt,
                              None)
 
-    def _advance(self, run_row: list[bool], user: Tensor, force: "_Forcing", spans: list[tuple[int, int]],
-              run_step: int | None) -> Frame:
+    def _advance(self, run_row: list[bool], user: Tensor, force: _Forcing, spans: list[tuple[int, int]],
+                 run_step: int | None) -> Frame:
         """One `LMGen.step` of the rows in `run_row`: user codes [B, n_user], the tokens to force, and
         each row's prompt span (first frame, length) to label its emitted frame; `run_step` counts the
         steps of the current run (for the divergence error; None: a live step)."""
