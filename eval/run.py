@@ -179,9 +179,7 @@ def check_model_settings(settings: EvalSettings, ttt: TTTConfig | None, where: s
         raise ValueError(f"eval.mode: {settings.mode!r} includes native (LMGen.step), which e2e_mlp models "
                          "cannot run: their update differentiates the model's loss over a whole mini-batch; "
                          "use eval.mode=chunked")
-    requested = settings.chunk_size
-    if variant is not None and variant.chunk_size is not None:
-        requested, where = variant.chunk_size, where.rsplit(".", 1)[0] + ".chunk_size"
+    requested = variant.chunk_size if variant is not None and variant.chunk_size is not None else settings.chunk_size
     chunk = resolve_chunk_size(requested, ttt, where)
     if variant is not None and variant.align and chunk % ttt.mini_batch_size:
         raise ValueError(f"{where}: align is set and {chunk} frames is not a multiple of the mini-batch size "
@@ -201,12 +199,12 @@ def check_settings(config: EvalConfig) -> None:
     from ttt_speech.export import export_model_config
 
     for name, ttt in planned_models(config).items():
-        variant_name = name.split(VARIANT, 1)[1] if VARIANT in name else None
-        if variant_name is None:
-            check_model_settings(config.eval, ttt)
-        else:
+        if VARIANT in name:  # its errors name the variant's own chunk_size (which may replace eval.chunk_size)
+            variant_name = name.split(VARIANT, 1)[1]
             check_model_settings(config.eval, ttt, f"eval.inner_loop.{variant_name}.chunk_size",
                                  config.eval.inner_loop[variant_name])
+        else:
+            check_model_settings(config.eval, ttt)
     check_family(config.base_model())
     codec = config.base_model().codec_id()
     for name, path in config.compare.items():
