@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	# moshi without its stale pins (torch<2.10, huggingface-hub<1.0, safetensors<0.8): see README.
 	$(PIP) install -q --no-deps moshi==0.2.13
-	$(PIP) install -q -c constraints.txt -e '.[dev,omni]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,omni,kernels]'
 	touch $(STAMP)
 
 venv: $(STAMP)

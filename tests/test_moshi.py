@@ -146,13 +146,14 @@ def test_stream_state_save_and_restore_continues_identically():
 
 def test_save_and_load_ttt_weights_onto_a_fresh_base(tmp_path):
     lm = tiny_lm()
-    report = patch_moshi(lm, TTTConfig(layer_type="mlp", layers="last:0.5", mini_batch_size=4))
+    report = patch_moshi(lm, TTTConfig(layer_type="mlp", layers="last:0.5", mini_batch_size=4, kernel="torch"))
     activate_gates(lm, 0.3)
     save_ttt(lm, tmp_path / "export")
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["ttt.safetensors", "ttt_config.json"]
     fresh = tiny_lm()
     loaded = load_ttt(fresh, tmp_path / "export")
     assert loaded.layers == report.layers == [2, 3]
+    assert TTTModel.of(fresh).config.kernel == "auto"  # the loading machine's choice, not the export's
     codes = random_codes()
     with torch.no_grad():
         assert_close(fresh(codes), lm(codes), tol=0.0)

@@ -31,8 +31,9 @@ def save_ttt(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in handle.named_parameters().items()}
-    meta = {"format_version": FORMAT_VERSION, "host": handle.host,
-            "ttt": handle.config.to_dict(), "report": handle.report.to_dict()}
+    ttt = handle.config.to_dict()
+    del ttt["kernel"]  # where the inner loop runs is the loader's machine's choice (it loads as "auto")
+    meta = {"format_version": FORMAT_VERSION, "host": handle.host, "ttt": ttt, "report": handle.report.to_dict()}
     save_tensors_atomic(directory / WEIGHTS_FILE, tensors)
     write_text_atomic(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return directory

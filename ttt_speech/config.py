@@ -8,6 +8,7 @@ from typing import Any, Mapping, Union
 
 LAYER_TYPES = ("linear", "mlp", "e2e_mlp")
 MODES = ("replace", "hybrid")
+KERNELS = ("auto", "torch", "triton")  # TTTConfig.kernel (ttt_speech/kernels/__init__.py)
 # linear / mlp: ttt-lm-jax / ttt-video-dit defaults. e2e_mlp: SGD step on the model's mean next-frame
 # cross-entropy (measured on the synthetic corpus, docs/e2e.md).
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1, "e2e_mlp": 1.0}
@@ -47,6 +48,9 @@ class TTTConfig:
     mlp_expansion: hidden width multiple of the TTT-MLP inner model (of the model width for e2e_mlp).
     checkpoint_group_size: mini-batches per activation-checkpoint group in training (0 = off).
     init_from_attention: in "replace" mode, start Q/K/V/O from the replaced attention's weights.
+    kernel: which code runs the inner loop: "auto" (the fused Triton kernels on CUDA where they
+        cover the case, the PyTorch path elsewhere), "torch" or "triton" (the kernels, or a one-line
+        error; on a CPU only under TRITON_INTERPRET=1). Where each runs: `ttt_speech.kernels`.
 
     e2e_first_codebook_weight: e2e_mlp only: weight of the first (semantic) audio codebook in the
         inner loss's audio mean (the others weigh 1); 100 as in moshi-finetune's training loss.
@@ -68,11 +72,13 @@ class TTTConfig:
     checkpoint_group_size: int = 0
     init_from_attention: bool = False
     e2e_first_codebook_weight: float = 100.0
+    kernel: str = "auto"
     ln_eps: float = field(default=1e-6, repr=False)
 
     def __post_init__(self) -> None:
         _check_choice("layer_type", self.layer_type, LAYER_TYPES)
         _check_choice("mode", self.mode, MODES)
+        _check_choice("kernel", self.kernel, KERNELS)
         if self.layer_type == "e2e_mlp" and self.mode != "hybrid":
             raise ValueError("TTTConfig.mode: e2e_mlp adds an MLP beside the layer's own; expected 'hybrid', "
                              f"got {self.mode!r}")

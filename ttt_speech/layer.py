@@ -141,7 +141,62 @@ class TTTLayer(nn.Module):
             return x, state
         if in_place and not all(t.is_contiguous() for t in state.tensors()):
             raise ValueError("TTTLayer: in_place needs a state of contiguous tensors (clone the initial state)")
-        H, d, b = self.num_heads, self.head_dim, self.mini_batch_size
+        qkv = self.qkv_proj(x)  # [B, T, 3C]: [q | k | v], each [H, d] per token
+        lr = self.inner_lr(x)  # [B, H, T]
+        if active is not None:
+            lr = lr * active[:, None, None]
+        # The inner loop must stay in full precision even under autocast (fp32 fast weights).
+        no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
+            else nullcontext()
+        with no_autocast:
+            scan = self._scan_triton if self._use_triton(x, state) else self._scan_torch
+            out, weights, grads = scan(qkv.to(self.state_dtype), lr, state, active, in_place, trim)  # out [B, T, C]
+            out = F.layer_norm(out, (C,), self.post_norm.weight.to(out.dtype), self.post_norm.bias.to(out.dtype),
+                               self.post_norm.eps)
+        out = out.to(x.dtype)
+        if self.gate_proj is not None:
+            out = gelu_tanh(self.gate_proj(x)) * out
+        y = self.o_proj(out)
+        offset = (state.offset + T) % self.mini_batch_size
+        if active is not None:
+            offset = torch.where(active, offset, state.offset)
+        if in_place:  # the scan updated the weights and sums where they live
+            state.offset.copy_(offset)
+            return y, state
+        return y, TTTState(weights, grads, offset, state.names, packed=True)
+
+    def _use_triton(self, x: Tensor, state: TTTState) -> bool:
+        """Whether this call runs the fused kernels (`TTTConfig.kernel`, `ttt_speech.kernels`)."""
+        kernel = self.config.kernel
+        if kernel == "torch" or (kernel == "auto" and not x.is_cuda):
+            return False  # without importing the kernels' module
+        from . import kernels
+
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())
+                                                  or any(t.requires_grad for t in state.tensors()))
+        hidden = self.W1.shape[-1]
+        return kernels.use_triton(kernel, self.config.layer_type, self.head_dim, hidden, self.mini_batch_size,
+                                  self.state_dtype, x, needs_grad)
+
+    def _scan_triton(self, qkv: Tensor, lr: Tensor, state: TTTState, active: Tensor | None, in_place: bool,
+                     trim: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The inner loop in fused kernels (one launch per chunk): → (q + LN(z̄)·γ + β [B, T, C], weights, grads)."""
+        from .kernels.scan import ScanParams, ScanSettings, triton_scan
+
+        cdt, c = self.state_dtype, self.config
+        params = ScanParams(*(p.to(cdt).contiguous() for p in (self.tau_offset, self.ttt_norm_weight,
+                                                                 self.ttt_norm_bias)))
+        # Training saves [W; b] every G mini-batches for the backward to rebuild from (every one
+        # when checkpointing is off: that is all the backward keeps, far less than the PyTorch path).
+        every = (c.checkpoint_group_size or 1) if torch.is_grad_enabled() else 0
+        settings = ScanSettings(c.layer_type, self.num_heads, self.mini_batch_size, c.rope_theta, c.ln_eps, every)
+        return triton_scan(qkv, lr, params, state.weights, state.grads, state.offset, active, settings, in_place)
+
+    def _scan_torch(self, qkv: Tensor, lr: Tensor, state: TTTState, active: Tensor | None, in_place: bool,
+                    trim: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The inner loop in PyTorch ops (`ttt_speech.ops`): → (q + LN(z̄)·γ + β [B, T, C], weights, grads)."""
+        B, T, three_c = qkv.shape
+        C, H, d, b = three_c // 3, self.num_heads, self.head_dim, self.mini_batch_size
         cdt = self.state_dtype
         layout = slot_index(state.offset, T, b, trim)
         index, grid, w = layout.index, layout.length, layout.width  # w: slots per mini-batch on the grid
@@ -149,16 +204,15 @@ class TTTLayer(nn.Module):
         slots = slice(layout.first, layout.first + w)  # the mini-batch positions the grid's slots stand for
 
         def minibatches(t: Tensor, n: int) -> Tensor:  # [B, T, n·H·e] → [n, N, B·H, w, e]: mini-batch major
-            t = to_grid(t.to(cdt), index, grid).view(B, n_mb, w, n, H, -1)
+            t = to_grid(t, index, grid).view(B, n_mb, w, n, H, -1)
             return t.permute(3, 1, 0, 4, 2, 5).reshape(n, n_mb, R, w, t.shape[-1])
 
-        qk, v = minibatches(self.qkv_proj(x), 3).split((2, 1))
-        pos = torch.arange(b, device=x.device)[slots]  # RoPE positions: the slot inside the mini-batch
+        qk, v = minibatches(qkv, 3).split((2, 1))
+        pos = torch.arange(b, device=qkv.device)[slots]  # RoPE positions: the slot inside the mini-batch
         q, k = rope_interleaved(qk, pos, self.config.rope_theta).unbind(0)  # [N, B·H, w, d]
-        lr = self.inner_lr(x)  # [B, H, T]
         complete = layout.complete(b)  # [N, B]
         if active is not None:
-            lr, complete = lr * active[:, None, None], complete & active[None, :]
+            complete = complete & active[None, :]
         lr = minibatches(lr.transpose(1, 2), 1)[0, ..., 0]  # [B, T, H] → [N, B·H, w], 0 on padding
         complete = complete.repeat_interleave(H, dim=1)  # [N, B·H]
 
@@ -167,31 +221,15 @@ class TTTLayer(nn.Module):
 
         gamma, beta = per_row(self.ttt_norm_weight), per_row(self.ttt_norm_bias)
         tau = position_scale(self.tau_offset.to(cdt))[slots]
-        # The inner loop must stay in full precision even under autocast (fp32 fast weights).
-        no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
-            else nullcontext()
-        with no_autocast:
-            inputs = prepare(q, k, v[0], lr, complete, tau, gamma, beta)
-            rows = tuple(t.flatten(0, 1) for t in state.weights), tuple(t.flatten(0, 1) for t in state.grads)
-            z_bar, weights, grads = scan_minibatches(  # weights, grads: [B·H, i+1, o] per fast layer
-                INNER_MODELS[self.config.layer_type], *rows, inputs, tau,
-                InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size, in_place)
-            out = q + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, w, d]
-            out = from_grid(out.view(n_mb, B, H, w, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
-            out = F.layer_norm(out, (C,), self.post_norm.weight.to(cdt), self.post_norm.bias.to(cdt),
-                               self.post_norm.eps)
-        out = out.to(x.dtype)
-        if self.gate_proj is not None:
-            out = gelu_tanh(self.gate_proj(x)) * out
-        y = self.o_proj(out)
-        offset = (state.offset + T) % b
-        if active is not None:
-            offset = torch.where(active, offset, state.offset)
-        if in_place:  # the scan updated the weights and sums where they live
-            state.offset.copy_(offset)
-            return y, state
+        inputs = prepare(q, k, v[0], lr, complete, tau, gamma, beta)
+        rows = tuple(t.flatten(0, 1) for t in state.weights), tuple(t.flatten(0, 1) for t in state.grads)
+        z_bar, weights, grads = scan_minibatches(  # weights, grads: [B·H, i+1, o] per fast layer
+            INNER_MODELS[self.config.layer_type], *rows, inputs, tau,
+            InnerNorm(gamma * gamma, self.config.ln_eps), self.config.checkpoint_group_size, in_place)
+        out = q + layer_norm(z_bar, gamma, beta, self.config.ln_eps)  # [N, B·H, w, d]
+        out = from_grid(out.view(n_mb, B, H, w, d).permute(1, 0, 3, 2, 4).reshape(B, grid, C), index)
         unflat = lambda t: t.unflatten(0, (B, H))  # noqa: E731  [B·H, i+1, o] → [B, H, i+1, o]
-        return y, TTTState(tuple(map(unflat, weights)), tuple(map(unflat, grads)), offset, state.names, packed=True)
+        return out, tuple(map(unflat, weights)), tuple(map(unflat, grads))
 
     def extra_repr(self) -> str:
         c = self.config
