@@ -29,6 +29,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	# kernel launches per layer (what a GPU launches), PyTorch path vs Triton kernels vs moshi's layer
+	$(PY) scripts/bench_launches.py --out runs/bench/launches.json
 	$(PY) scripts/bench_ttt.py
 	# waits for the load average left by bench_ttt to settle, then Moshi-7B's width
 	$(PY) scripts/bench_width.py --out runs/bench/width.json --plot runs/bench/width.png

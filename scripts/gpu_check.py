@@ -8,16 +8,21 @@ Checks, each reported in the JSON and on stdout as pass / fail (a check with a p
 measured (figures only: latency and throughput), skipped, or smoke (see below):
 
   gpu_tests      the `gpu`-marked tests (pytest -m gpu)
+  kernel_parity  the Triton kernels against the PyTorch path on the GPU (tests/test_kernels.py:
+                 outputs, states, every gradient; float32 and bf16 inputs; heads of 16 to 128)
+  kernel_speed   ms per layer per 1500-frame window, forward + backward, at width 4096 (32 heads x
+                 128, bf16 weights, float32 state): TTT-Linear on the PyTorch path and on the
+                 kernels, TTT-MLP's forward on both, and moshi's transformer layer
   cuda_graphs    `LMGen.step` of TTT-patched tiny Moshis with moshi's CUDA graphs on vs off
                  (`moshi.utils.compile.no_cuda_graph`): the same tokens, text logits within 1e-4,
-                 over 120 steps (7 TTT mini-batch boundaries of b = 16); the eager steps use the
-                 trimmed one-slot layout, the captured ones the padded one, so both are compared
+                 over 120 steps (7 TTT mini-batch boundaries of b = 16), on the PyTorch path (the
+                 eager steps in the trimmed one-slot layout, the captured ones padded) and on the kernels
   bf16_agreement chunked (aligned chunks of `forward_text`) vs native (`LMGen.step`) per-frame NLL of
                  one stream, bfloat16 model, TTT state float32
   width_latency  `LMGen.step` at Moshi-7B's width (moshi's `_lm_kwargs`, 2 layers), bfloat16,
                  TTT-Linear hybrid vs unpatched
   training_width forward + backward of a 1500-frame window at that width (gradient checkpointing),
-                 frames/s TTT / unpatched
+                 frames/s TTT / unpatched, TTT on the PyTorch path and on the kernels
   moshi_7b       `LMGen.step` of the whole Moshi-7B architecture (random weights, bfloat16) patched
                  as configs/moshi_7b_ttt.yaml vs unpatched: ms/frame against the 80 ms budget of 12.5 Hz
   serve_7b       a `ttt-speech serve` conversation's frames with that model (`LiveStream`: Mimi encode
@@ -30,6 +35,7 @@ speed, but the code cannot rot: CI runs it this way). Exit status 1 if any check
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -71,6 +77,67 @@ def check_gpu_tests() -> dict:
     return {"status": "pass" if proc.returncode == 0 else "fail", "summary": tail[0], "returncode": proc.returncode}
 
 
+def check_kernel_parity() -> dict:
+    if not cuda():
+        return {"status": "skipped", "reason": "make test runs tests/test_kernels.py in Triton's interpreter"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+                          cwd=ROOT, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    return {"status": "pass" if proc.returncode == 0 else "fail", "summary": tail[0], "returncode": proc.returncode}
+
+
+def window_ms(module: torch.nn.Module, x: torch.Tensor, backward: bool, repeats: int) -> float:
+    """Median ms of module(x) over a window (and its backward), synchronised."""
+    seed = None
+    times = []
+    for i in range(repeats + 2):
+        sync()
+        t0 = time.perf_counter()
+        with torch.enable_grad() if backward else torch.no_grad():
+            y = module(x)
+            y = y[0] if isinstance(y, tuple) else y
+            if backward:
+                seed = torch.randn_like(y) if seed is None else seed
+                y.backward(seed)
+        sync()
+        if i >= 2:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def check_kernel_speed(device: str) -> dict:
+    """One layer, one 1500-frame window (configs/moshi_7b_ttt.yaml: b = 16, checkpoint group 4)."""
+    from moshi.models import loaders
+    from moshi.modules.transformer import StreamingTransformer
+
+    from ttt_speech.layer import TTTLayer
+
+    if cuda():
+        dim, heads, frames, dtype, kernels, status = 4096, 32, 1500, torch.bfloat16, ("torch", "triton"), "measured"
+    else:  # the code at a tiny size; the kernels run in tests/test_kernels.py
+        dim, heads, frames, dtype, kernels, status = 64, 2, 64, torch.float32, ("torch",), "smoke"
+    kw = loaders._lm_kwargs  # moshi 0.2.13's Moshi-7B kwargs
+    torch.manual_seed(0)
+    moshi_layer = StreamingTransformer(d_model=dim, num_heads=heads, num_layers=1,
+                                       dim_feedforward=int(kw["hidden_scale"] * dim), causal=True,
+                                       context=kw["context"], positional_embedding="rope", gating=kw["gating"],
+                                       norm=kw["norm"], device=device, dtype=dtype)
+    x = torch.randn(1, frames, dim, device=device, dtype=dtype, requires_grad=True)
+    out = {"width": dim, "heads": heads, "frames": frames, "dtype": str(dtype).removeprefix("torch."),
+           "moshi_layer_ms": window_ms(moshi_layer, x, True, 5)}
+    for layer_type in ("linear", "mlp"):
+        for kernel in kernels:
+            config = TTTConfig(layer_type=layer_type, checkpoint_group_size=4, kernel=kernel)
+            layer = TTTLayer(dim, config, num_heads=heads, device=device, dtype=dtype)
+            backward = layer_type == "linear"  # TTT-MLP: a forward kernel only
+            out[f"{layer_type}_{kernel}_{'fwd_bwd' if backward else 'fwd'}_ms"] = window_ms(layer, x, backward, 5)
+    if cuda():
+        out["linear_speedup"] = out["linear_torch_fwd_bwd_ms"] / out["linear_triton_fwd_bwd_ms"]
+        out["mlp_speedup"] = out["mlp_torch_fwd_ms"] / out["mlp_triton_fwd_ms"]
+        torch.cuda.empty_cache()
+    return {"status": status, **out}
+
+
 def generate(lm, user: torch.Tensor, steps: int, graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy `LMGen.step` over user codes [B, 8, steps] → (tokens [B, K, steps], text logits [B, 1, steps, V])."""
     from moshi.models.lm import LMGen
@@ -90,9 +157,10 @@ def generate(lm, user: torch.Tensor, steps: int, graphs: bool) -> tuple[torch.Te
 def check_cuda_graphs(device: str) -> dict:
     steps = GRAPH_STEPS if cuda() else 12
     results = {}
-    for layer_type, mode in (("linear", "hybrid"), ("mlp", "replace")):
+    for (layer_type, mode), kernel in itertools.product((("linear", "hybrid"), ("mlp", "replace")),
+                                                        ("torch", "triton") if cuda() else ("torch",)):
         lm = tiny_moshi_lm(card=64, text_card=100, device=device)
-        patch_moshi(lm, TTTConfig(layer_type=layer_type, mode=mode, mini_batch_size=16, gate_init=1.0))
+        patch_moshi(lm, TTTConfig(layer_type=layer_type, mode=mode, mini_batch_size=16, gate_init=1.0, kernel=kernel))
         user = torch.randint(0, 64, (2, lm.num_audio_codebooks - lm.dep_q, steps),
                              generator=torch.Generator().manual_seed(0)).to(device)
         eager_tokens, eager_logits = generate(lm, user, steps, graphs=False)
@@ -100,7 +168,7 @@ def check_cuda_graphs(device: str) -> dict:
         # the check must be able to fail: the tokens vary and the logits are not flat
         informative = eager_tokens.unique().numel() > 2 and float(eager_logits.std()) > 1e-3
         diff = (graph_logits - eager_logits).abs().max().item()
-        results[f"{layer_type}/{mode}"] = {"logit_max_diff": diff, "tokens_equal": bool(torch.equal(graph_tokens,
+        results[f"{layer_type}/{mode}/{kernel}"] = {"logit_max_diff": diff, "tokens_equal": bool(torch.equal(graph_tokens,
                                                                                                       eager_tokens)),
                                            "informative": informative}
     ok = all(r["tokens_equal"] and r["logit_max_diff"] <= LOGIT_TOL and r["informative"] for r in results.values())
@@ -180,11 +248,13 @@ def check_training_width(device: str) -> dict:
     from bench_width import bench_training, build
 
     base = build(2, torch.bfloat16, device)
-    ttt = copy.deepcopy(base)
-    patch_moshi(ttt, TTTConfig(checkpoint_group_size=4))
-    out = bench_training(base, ttt, frames=1500, steps=5)  # configs/moshi_7b_ttt.yaml's 120 s windows
-    del base, ttt
-    torch.cuda.empty_cache()
+    out = {}
+    for kernel in ("torch", "triton"):
+        ttt = copy.deepcopy(base)
+        patch_moshi(ttt, TTTConfig(checkpoint_group_size=4, kernel=kernel))
+        out[kernel] = bench_training(base, ttt, frames=1500, steps=5)  # configs/moshi_7b_ttt.yaml's 120 s windows
+        del ttt
+        torch.cuda.empty_cache()
     return {"status": "measured", "layers": 2, "dtype": "bfloat16", "goal": ">= 0.7", **out}
 
 
@@ -249,6 +319,8 @@ def check_serve_7b(device: str) -> dict:
 
 CHECKS: dict[str, Callable[[str], dict]] = {
     "gpu_tests": lambda device: check_gpu_tests(),
+    "kernel_parity": lambda device: check_kernel_parity(),
+    "kernel_speed": check_kernel_speed,
     "cuda_graphs": check_cuda_graphs,
     "bf16_agreement": check_bf16_agreement,
     "width_latency": check_width_latency,

@@ -140,6 +140,19 @@ def test_linear_gradients_match_the_torch_path(sizes, group, from_state):
     assert gradient_error(kernel_layer(b=4), sizes, group, from_state) <= TOL
 
 
+def test_moshi_7b_head_dim_and_block_sizes():
+    """Heads of 128 with b = 16 and a TTT-MLP hidden width of 512, as configs/moshi_7b_ttt.yaml runs
+    them: the tiles the kernels use there (32 rows of [W; b], 16 hidden columns) and checkpoint groups."""
+    x = torch.randn(1, 40, 128, device=DEVICE)
+    for layer_type in ("linear", "mlp"):
+        layer = kernel_layer(layer_type, b=16, dim=128, heads=1, mlp_expansion=4)
+        start = moved_state(layer, 1, [5])
+        with torch.no_grad():
+            (y0, s0), (y1, s1) = run_both(layer, lambda m: stream(m, x, [7, 33], start))
+        assert max_diff(y0, y1) <= TOL and state_diff(s0, s1) <= TOL, layer_type
+    assert gradient_error(kernel_layer(b=16, dim=128, heads=1), [5, 30], 2, True) <= TOL
+
+
 def test_bf16_inputs_keep_a_float32_state():
     """A bf16 model: the projections in bf16, the inner loop in float32 on both paths."""
     layer = kernel_layer(b=4).to(torch.bfloat16)

@@ -23,14 +23,17 @@ def test_gpu_check_runs_without_a_gpu_and_says_what_it_skipped(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checks = json.loads(out.read_text())["checks"]
-    assert set(checks) == {"gpu_tests", "cuda_graphs", "bf16_agreement", "width_latency", "training_width",
-                           "moshi_7b", "serve_7b"}
-    assert checks["gpu_tests"]["status"] == "skipped" and checks["training_width"]["status"] == "skipped"
-    assert all(checks[c]["status"] == "smoke" for c in ("cuda_graphs", "width_latency", "moshi_7b", "serve_7b"))
+    assert set(checks) == {"gpu_tests", "kernel_parity", "kernel_speed", "cuda_graphs", "bf16_agreement",
+                           "width_latency", "training_width", "moshi_7b", "serve_7b"}
+    assert all(checks[c]["status"] == "skipped" for c in ("gpu_tests", "kernel_parity", "training_width"))
+    assert all(checks[c]["status"] == "smoke" for c in ("kernel_speed", "cuda_graphs", "width_latency", "moshi_7b",
+                                                        "serve_7b"))
+    assert checks["kernel_speed"]["linear_torch_fwd_bwd_ms"] > 0 and checks["kernel_speed"]["moshi_layer_ms"] > 0
     assert all(r["informative"] and r["tokens_equal"] for r in checks["cuda_graphs"]["runs"].values())
     agreement = checks["bf16_agreement"]
     assert agreement["status"] == "pass" and agreement["informative"]
-    assert "skipped or smoke only: gpu_tests, cuda_graphs, width_latency, training_width, moshi_7b, serve_7b" in proc.stdout
+    assert ("skipped or smoke only: gpu_tests, kernel_parity, kernel_speed, cuda_graphs, width_latency, "
+            "training_width, moshi_7b, serve_7b") in proc.stdout
 
 
 def test_benchmarks_refuse_a_busy_machine(monkeypatch, capsys):

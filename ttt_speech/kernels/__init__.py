@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ MAX_MLP_HIDDEN = 512  # TTT-MLP: the hidden layer is streamed in tiles, its [BB,
 MAX_MINI_BATCH = 64  # [b, b] causal matrices per program
 
 
+@cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import custom_ops
+from . import custom_ops, interpreting
 
 SHARED_MEMORY_PER_BLOCK = {80: 164 * 1024, 90: 228 * 1024}  # bytes, opt-in maximum per block
 GPUS = {80: "A100 (sm_80)", 90: "H100 (sm_90)"}
@@ -86,13 +89,14 @@ class BuildResult:
 def compile_for(build: KernelBuild, capability: int) -> BuildResult:
     """Build `build` for CUDA compute capability `capability` (80, 90) → its cubin's figures."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import GPUTarget  # triton 3.9.0: the ahead-of-time API (3.3 and later)
     from triton.compiler import ASTSource
 
     start = time.perf_counter()
     source = ASTSource(fn=build.kernel, signature=build.signature(), constexprs=build.constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": build.num_warps, "num_stages": custom_ops.NUM_STAGES})
+                              options={"num_warps": build.num_warps, "num_stages": custom_ops.NUM_STAGES,
+                                       "enable_fp_fusion": custom_ops.FP_FUSION})
     registers, stack = resource_usage(compiled.asm["cubin"])
     return BuildResult(build.name, capability, compiled.metadata.shared, registers, stack,
                        time.perf_counter() - start)
@@ -102,7 +106,7 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers, stack bytes) per thread of a cubin, by the cuobjdump Triton ships with."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # triton 3.9.0's wheel layout
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -111,23 +115,37 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(usage["REG"]), int(usage["STACK"])
 
 
+def _compile_one(job: tuple[int, int, int, int, int]) -> BuildResult:
+    """A worker's build: (index into `builds(...)`, capability, head dim, mini-batch, expansion)."""
+    index, capability, *shape = job
+    return compile_for(builds(*shape)[index], capability)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--mini-batch-size", type=int, default=16)
     parser.add_argument("--mlp-expansion", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=1, help="builds in parallel (processes)")
     args = parser.parse_args(argv)
-    failed = 0
+    if interpreting():
+        print("error: TRITON_INTERPRET is set: the kernels are defined for the interpreter, unset it to build them",
+              file=sys.stderr)
+        return 2
+    shape = (args.head_dim, args.mini_batch_size, args.mlp_expansion)
+    jobs = [(i, capability, *shape) for i in range(len(builds(*shape))) for capability in GPUS]
     print(f"head dim {args.head_dim}, mini-batch {args.mini_batch_size}, TTT-MLP hidden "
           f"{args.mlp_expansion * args.head_dim}; per block: shared memory; per thread: registers, stack (spills)")
     print(f"{'kernel':42s} {'target':14s} {'shared KB':>9s} {'limit KB':>8s} {'regs':>4s} {'stack B':>7s} {'build s':>7s}")
-    for build in builds(args.head_dim, args.mini_batch_size, args.mlp_expansion):
-        for capability in GPUS:
-            r = compile_for(build, capability)
+    failed = 0
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
+        results = pool.map(_compile_one, jobs) if pool is not None else map(_compile_one, jobs)
+        for r in results:
             failed += not r.fits
-            print(f"{r.name:42s} {GPUS[capability]:14s} {r.shared_bytes / 1024:9.1f} "
-                  f"{SHARED_MEMORY_PER_BLOCK[capability] / 1024:8.0f} {r.registers:4d} {r.stack_bytes:7d} "
+            print(f"{r.name:42s} {GPUS[r.capability]:14s} {r.shared_bytes / 1024:9.1f} "
+                  f"{SHARED_MEMORY_PER_BLOCK[r.capability] / 1024:8.0f} {r.registers:4d} {r.stack_bytes:7d} "
                   f"{r.seconds:7.1f}" + ("" if r.fits else "  DOES NOT FIT"), flush=True)
+    print(f"{len(jobs) - failed} of {len(jobs)} builds fit their target")
     return 1 if failed else 0
 
 

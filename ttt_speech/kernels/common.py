@@ -18,6 +18,23 @@ def dot(a, b):
 
 
 @triton.jit
+def program_row(offset_ptr, active_ptr, gamma_ptr, beta_ptr, tau_offset_ptr, H, bsz, BB: tl.constexpr,
+                D: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+    """What one program (a batch row's head) reads first: (pid, row, head, the row's offset, whether
+    it is active, the inner LayerNorm's γ, β [D], τ [BB], τ_b, where τ's relu passes [BB])."""
+    pid = tl.program_id(0)
+    row, head = pid // H, pid % H
+    active = True
+    if HAS_ACTIVE:
+        active = tl.load(active_ptr + row) != 0
+    rd = tl.arange(0, D)
+    tau, tau_passes = tau_scale(tau_offset_ptr, bsz, BB)
+    tau_last = tl.sum(tl.where(tl.arange(0, BB) == bsz - 1, tau, 0.0), axis=0)
+    return (pid, row, head, tl.load(offset_ptr + row).to(tl.int32), active, tl.load(gamma_ptr + head * D + rd),
+            tl.load(beta_ptr + head * D + rd), tau, tau_last, tau_passes)
+
+
+@triton.jit
 def slots(m, offset, T, bsz, BB: tl.constexpr):
     """Mini-batch m of a row whose chunk starts at in-mini-batch offset `offset` (`ops.scan`'s grid):
     the token index t [BB] of each slot j and whether it is a real token of this chunk.

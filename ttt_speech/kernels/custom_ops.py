@@ -23,6 +23,7 @@ from . import linear, mlp
 # Triton's launcher for CPU tensors is its interpreter (TRITON_INTERPRET=1), which runs each
 # program's Python; on a GPU these pick the compiled kernel's warps (docs/ttt_layer.md, kernels).
 NUM_STAGES = 1  # no software pipelining: the loops carry the fast weights, not a stream of tiles
+FP_FUSION = True  # a·b + c as one rounding (FMA), Triton's default through 3.9, asked for explicitly
 
 
 def block_slots(mini_batch_size: int) -> int:
@@ -56,7 +57,8 @@ def _common(qkv: Tensor, lr: Tensor, offset: Tensor, num_heads: int, mini_batch_
     C = three_c // 3
     D = C // num_heads
     return dict(T=T, H=num_heads, C=C, bsz=mini_batch_size, log2_theta=math.log2(rope_theta), eps=eps, D=D,
-                BB=block_slots(mini_batch_size), num_warps=num_warps(D), num_stages=NUM_STAGES)
+                BB=block_slots(mini_batch_size), num_warps=num_warps(D), num_stages=NUM_STAGES,
+                enable_fp_fusion=FP_FUSION)
 
 
 def _linear_common(*args) -> dict:

@@ -15,7 +15,7 @@ have them, and a row whose updates are masked off keeps them):
 Everything of size [slots, D] lives in registers; the [D+1, D] matrices (the fast weights, the
 sums, their gradients) stay in memory (the state's buffers, L2-resident) and pass through the
 program in tiles of KT rows, read for the products and written back when they change. Held in
-registers instead, a stepped [128, 128] fp32 matrix made ptxas spill ~19 KB per thread on sm_80.
+registers instead, a stepped [128, 128] fp32 matrix made ptxas spill 9–11 KB per thread.
 
 Training saves [W; b] every `ckpt_every` mini-batches; the backward rebuilds each group's weights
 from its checkpoint (scratch memory of one group per program), then runs the group in reverse.
@@ -25,8 +25,8 @@ result does not depend on the order programs run in (no atomics: training resume
 import triton
 import triton.language as tl
 
-from .common import causal, dot, l2_grad, l2_grad_backward, normalize, normalize_backward, rope, \
-    rope_angles, rope_backward, slots, tau_scale
+from .common import causal, dot, l2_grad, l2_grad_backward, normalize, normalize_backward, program_row, rope, \
+    rope_angles, rope_backward, slots
 
 
 @triton.jit
@@ -52,6 +52,38 @@ def token_cols(ptr, stride_t, t, real, col, log2_theta, BB: tl.constexpr, W: tl.
 
 
 @triton.jit
+def minibatch_tokens(q_ptr, stride_t, lr_ptr, stride_lr_t, t, real, C, log2_theta, BB: tl.constexpr,
+                     D: tl.constexpr):
+    """q, k (RoPE applied), v [BB, D] and λ [BB] of one mini-batch's slots, zero where no token
+    (q_ptr: the head's channel 0 of q at token 0 in the projection [T, 3C])."""
+    v = tl.load(q_ptr + 2 * C + t[:, None] * stride_t + tl.arange(0, D)[None, :], mask=real[:, None], other=0.0)
+    return (token_cols(q_ptr, stride_t, t, real, 0, log2_theta, BB, D, D),
+            token_cols(q_ptr + C, stride_t, t, real, 0, log2_theta, BB, D, D), v,
+            tl.load(lr_ptr + t * stride_lr_t, mask=real, other=0.0))
+
+
+@triton.jit
+def through_weights(w_ptr, s_ptr, q_ptr, stride_t, t, real, C, log2_theta, with_prior, BB: tl.constexpr,
+                    KT: tl.constexpr, D: tl.constexpr):
+    """A mini-batch's keys and queries through [W; b] at w_ptr, tile by tile of W's rows → (Z = [k 1]·[W; b],
+    P = [q 1]·[W; b], and [q 1]·S0 with the sums S0 at s_ptr where with_prior, else zero) [BB, D] each."""
+    z = tl.zeros((BB, D), tl.float32)
+    p = tl.zeros((BB, D), tl.float32)
+    q_s0 = tl.zeros((BB, D), tl.float32)
+    for c in range(0, D // KT):
+        w = load_rows(w_ptr, c, KT, D)
+        q_c = token_cols(q_ptr, stride_t, t, real, c * KT, log2_theta, BB, KT, D)
+        z += dot(token_cols(q_ptr + C, stride_t, t, real, c * KT, log2_theta, BB, KT, D), w)
+        p += dot(q_c, w)
+        if with_prior:
+            q_s0 += dot(q_c, load_rows(s_ptr, c, KT, D))
+    b = tl.load(w_ptr + D * D + tl.arange(0, D))
+    if with_prior:
+        q_s0 += tl.load(s_ptr + D * D + tl.arange(0, D))[None, :]
+    return z + b[None, :], p + b[None, :], q_s0
+
+
+@triton.jit
 def linear_forward_kernel(
     qkv_ptr, stride_qkv_b, stride_qkv_t,  # [B, T, 3C] fp32: [q | k | v], each [H, D] per token
     lr_ptr, stride_lr_b, stride_lr_h, stride_lr_t,  # λ [B, H, T] (0 where a row is inactive)
@@ -65,16 +97,9 @@ def linear_forward_kernel(
     T, H, C, bsz, log2_theta, eps,
     D: tl.constexpr, BB: tl.constexpr, KT: tl.constexpr, HAS_ACTIVE: tl.constexpr, SAVE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row, head = pid // H, pid % H
-    offset = tl.load(offset_ptr + row).to(tl.int32)
-    active = True
-    if HAS_ACTIVE:
-        active = tl.load(active_ptr + row) != 0
+    pid, row, head, offset, active, gamma, beta, tau, tau_last, tau_passes = program_row(
+        offset_ptr, active_ptr, gamma_ptr, beta_ptr, tau_offset_ptr, H, bsz, BB, D, HAS_ACTIVE)
     rd = tl.arange(0, D)
-    gamma, beta = tl.load(gamma_ptr + head * D + rd), tl.load(beta_ptr + head * D + rd)
-    tau = tau_scale(tau_offset_ptr, bsz, BB)[0]
-    tau_last = tl.sum(tl.where(tl.arange(0, BB) == bsz - 1, tau, 0.0), axis=0)
     w_in_ptr += row * stride_w_b + head * stride_w_h
     s_in_ptr += row * stride_s_b + head * stride_s_h
     w_out_ptr += pid * (D + 1) * D
@@ -93,34 +118,19 @@ def linear_forward_kernel(
         ckpt = ckpt_ptr + (pid * n_ckpt + m // ckpt_every) * (D + 1) * D
         carried = (m == 0) | (not active)  # starts from the sums carried in (else from zero)
         t, real = slots(m, offset, T, bsz, BB)
-        q = token_cols(q_ptr, stride_qkv_t, t, real, 0, log2_theta, BB, D, D)
-        k = token_cols(q_ptr + C, stride_qkv_t, t, real, 0, log2_theta, BB, D, D)
-        v = tl.load(q_ptr + 2 * C + t[:, None] * stride_qkv_t + rd[None, :], mask=real[:, None], other=0.0)
-        lam = tl.load(lr_ptr + t * stride_lr_t, mask=real, other=0.0)
-        # 1. keys and queries through [W; b], tile by tile of W's rows (the first mini-batch's
-        #    queries through the carried sums too)
-        z = tl.zeros((BB, D), tl.float32)
-        p = tl.zeros((BB, D), tl.float32)
-        for c in range(0, D // KT):
-            w = load_rows(w_ptr, c, KT, D)
-            q_c = token_cols(q_ptr, stride_qkv_t, t, real, c * KT, log2_theta, BB, KT, D)
-            z += dot(token_cols(q_ptr + C, stride_qkv_t, t, real, c * KT, log2_theta, BB, KT, D), w)
-            p += dot(q_c, w)
-            if m == 0:
-                p -= tau[:, None] * dot(q_c, load_rows(s_in_ptr, c, KT, D))
-            if save:
-                store_rows(ckpt, c, w, KT, D)
-        b = tl.load(w_ptr + D * D + rd)
+        q, k, v, lam = minibatch_tokens(q_ptr, stride_qkv_t, lr_ptr, stride_lr_t, t, real, C, log2_theta, BB, D)
+        # 1. keys and queries through [W; b] (the first mini-batch's queries through the carried sums too)
+        z, p, q_s0 = through_weights(w_ptr, s_in_ptr, q_ptr, stride_qkv_t, t, real, C, log2_theta, m == 0, BB, KT, D)
         if save:
-            tl.store(ckpt + D * D + rd, b)
+            for c in range(0, D // KT):
+                store_rows(ckpt, c, load_rows(w_ptr, c, KT, D), KT, D)
+            tl.store(ckpt + D * D + rd, tl.load(w_ptr + D * D + rd))
+        b = tl.load(w_ptr + D * D + rd)
         s0_b = tl.zeros((D,), tl.float32)
         if carried:
             s0_b = tl.load(s_in_ptr + D * D + rd)
-        p += b[None, :]
-        if m == 0:
-            p -= tau[:, None] * s0_b[None, :]
-        grad = l2_grad(z + b[None, :], (beta[None, :] - v + k) * gamma[None, :], gamma, lam, eps, D)[0]
-        z_bar = p - dot(causal(q, k, tau, BB), grad)
+        grad = l2_grad(z, (beta[None, :] - v + k) * gamma[None, :], gamma, lam, eps, D)[0]
+        z_bar = p - tau[:, None] * q_s0 - dot(causal(q, k, tau, BB), grad)
         x_hat = normalize(z_bar, eps, D)[0]
         tl.store(out_ptr + t[:, None] * stride_out_t + rd[None, :], q + x_hat * gamma[None, :] + beta[None, :],
                  mask=real[:, None])
@@ -168,16 +178,9 @@ def linear_backward_kernel(
     T, H, C, bsz, log2_theta, eps,
     D: tl.constexpr, BB: tl.constexpr, KT: tl.constexpr, HAS_ACTIVE: tl.constexpr, HAS_DSTATE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row, head = pid // H, pid % H
-    offset = tl.load(offset_ptr + row).to(tl.int32)
-    active = True
-    if HAS_ACTIVE:
-        active = tl.load(active_ptr + row) != 0
+    pid, row, head, offset, active, gamma, beta, tau, tau_last, tau_passes = program_row(
+        offset_ptr, active_ptr, gamma_ptr, beta_ptr, tau_offset_ptr, H, bsz, BB, D, HAS_ACTIVE)
     rd, rj, rt = tl.arange(0, D), tl.arange(0, BB), tl.arange(0, KT)
-    gamma, beta = tl.load(gamma_ptr + head * D + rd), tl.load(beta_ptr + head * D + rd)
-    tau, tau_passes = tau_scale(tau_offset_ptr, bsz, BB)
-    tau_last = tl.sum(tl.where(rj == bsz - 1, tau, 0.0), axis=0)
     s_in_ptr += row * stride_s_b + head * stride_s_h
     q_ptr = qkv_ptr + row * stride_qkv_b + head * D
     dq_ptr = dqkv_ptr + row * T * 3 * C + head * D
@@ -251,32 +254,19 @@ def linear_backward_kernel(
             if m == first:
                 w_ptr = ckpt
             t, real = slots(m, offset, T, bsz, BB)
-            q = token_cols(q_ptr, stride_qkv_t, t, real, 0, log2_theta, BB, D, D)
-            k = token_cols(q_ptr + C, stride_qkv_t, t, real, 0, log2_theta, BB, D, D)
-            v = tl.load(q_ptr + 2 * C + t[:, None] * stride_qkv_t + rd[None, :], mask=real[:, None], other=0.0)
-            lam = tl.load(lr_ptr + t * stride_lr_t, mask=real, other=0.0)
+            q, k, v, lam = minibatch_tokens(q_ptr, stride_qkv_t, lr_ptr, stride_lr_t, t, real, C, log2_theta, BB, D)
             complete = (m * bsz + bsz - 1 - offset < T) & active
-            # the forward of this mini-batch again (A: the products with W and the carried sums S0)
-            z = tl.zeros((BB, D), tl.float32)
-            p = tl.zeros((BB, D), tl.float32)
-            q_s0 = tl.zeros((BB, D), tl.float32)  # [q 1]·S0 (first mini-batch only)
-            for c in range(0, D // KT):
-                w = load_rows(w_ptr, c, KT, D)
-                q_c = token_cols(q_ptr, stride_qkv_t, t, real, c * KT, log2_theta, BB, KT, D)
-                z += dot(token_cols(q_ptr + C, stride_qkv_t, t, real, c * KT, log2_theta, BB, KT, D), w)
-                p += dot(q_c, w)
-                if m == 0:
-                    q_s0 += dot(q_c, load_rows(s_in_ptr, c, KT, D))
-            b = tl.load(w_ptr + D * D + rd)
+            # the forward of this mini-batch again
+            z, p, q_s0 = through_weights(w_ptr, s_in_ptr, q_ptr, stride_qkv_t, t, real, C, log2_theta, m == 0,
+                                         BB, KT, D)
             s0_b = tl.zeros((D,), tl.float32)
             if m == 0:
                 s0_b = tl.load(s_in_ptr + D * D + rd)
-                q_s0 += s0_b[None, :]
             target = (beta[None, :] - v + k) * gamma[None, :]
-            grad, x_hat, rstd, g, h, mg = l2_grad(z + b[None, :], target, gamma, lam, eps, D)
+            grad, x_hat, rstd, g, h, mg = l2_grad(z, target, gamma, lam, eps, D)
             qk = dot(q, tl.trans(k)) + 1.0
             eta = tl.where(rj[:, None] >= rj[None, :], tau[:, None] * qk, 0.0)
-            z_bar = p + b[None, :] - tau[:, None] * q_s0 - dot(eta, grad)
+            z_bar = p - tau[:, None] * q_s0 - dot(eta, grad)
             x_hat2, rstd2 = normalize(z_bar, eps, D)
             # out = q + x̂2·γ + β
             dout = tl.load(dout_ptr + t[:, None] * stride_dout_t + rd[None, :], mask=real[:, None], other=0.0)

@@ -16,8 +16,8 @@ The buffers are stepped in place: the caller passes copies unless it streams (`i
 import triton
 import triton.language as tl
 
-from .common import causal, dot, l2_grad, normalize, slots, tau_scale
-from .linear import token_cols
+from .common import causal, dot, l2_grad, normalize, program_row, slots
+from .linear import minibatch_tokens
 
 @triton.jit
 def _tanh_gelu_arg_sigmoid(x):
@@ -40,6 +40,18 @@ def gelu_tanh_grad(x):
 
 
 @triton.jit
+def hidden_tile(w1_ptr, w2_ptr, cols, k, grad2, D: tl.constexpr, M: tl.constexpr):
+    """Hidden columns `cols` [MT]: W1's [D, MT] and b1's [MT], W2's rows [MT, D], the keys' Z1 [BB, MT]
+    and the first layer's gradient G1 = (G2·W2ᵀ) ⊙ gelu'(Z1) [BB, MT]."""
+    rd = tl.arange(0, D)
+    w1 = tl.load(w1_ptr + rd[:, None] * M + cols[None, :])
+    b1 = tl.load(w1_ptr + D * M + cols)
+    w2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :])
+    z1 = dot(k, w1) + b1[None, :]
+    return w1, b1, w2, z1, dot(grad2, tl.trans(w2)) * gelu_tanh_grad(z1)
+
+
+@triton.jit
 def mlp_forward_kernel(
     qkv_ptr, stride_qkv_b, stride_qkv_t,  # [B, T, 3C] fp32
     lr_ptr, stride_lr_b, stride_lr_h, stride_lr_t,  # λ [B, H, T]
@@ -50,16 +62,9 @@ def mlp_forward_kernel(
     T, H, C, bsz, log2_theta, eps,
     D: tl.constexpr, M: tl.constexpr, MT: tl.constexpr, BB: tl.constexpr, HAS_ACTIVE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row, head = pid // H, pid % H
-    offset = tl.load(offset_ptr + row).to(tl.int32)
-    active = True
-    if HAS_ACTIVE:
-        active = tl.load(active_ptr + row) != 0
+    pid, row, head, offset, active, gamma, beta, tau, tau_last, tau_passes = program_row(
+        offset_ptr, active_ptr, gamma_ptr, beta_ptr, tau_offset_ptr, H, bsz, BB, D, HAS_ACTIVE)
     rd, rm = tl.arange(0, D), tl.arange(0, MT)
-    gamma, beta = tl.load(gamma_ptr + head * D + rd), tl.load(beta_ptr + head * D + rd)
-    tau = tau_scale(tau_offset_ptr, bsz, BB)[0]
-    tau_last = tl.sum(tl.where(tl.arange(0, BB) == bsz - 1, tau, 0.0), axis=0)
     w1_ptr += pid * (D + 1) * M
     s1_ptr += pid * (D + 1) * M
     w2_ptr += pid * (M + 1) * D
@@ -70,10 +75,7 @@ def mlp_forward_kernel(
     n_mb = (offset + T + bsz - 1) // bsz
     for m in range(0, n_mb):
         t, real = slots(m, offset, T, bsz, BB)
-        q = token_cols(qkv_ptr, stride_qkv_t, t, real, 0, log2_theta, BB, D, D)
-        k = token_cols(qkv_ptr + C, stride_qkv_t, t, real, 0, log2_theta, BB, D, D)
-        v = tl.load(qkv_ptr + 2 * C + t[:, None] * stride_qkv_t + rd[None, :], mask=real[:, None], other=0.0)
-        lam = tl.load(lr_ptr + t * stride_lr_t, mask=real, other=0.0)
+        q, k, v, lam = minibatch_tokens(qkv_ptr, stride_qkv_t, lr_ptr, stride_lr_t, t, real, C, log2_theta, BB, D)
         b2 = tl.load(w2_ptr + M * D + rd)
         # 1. the keys through both layers, the second layer's gradient G2
         z2 = tl.zeros((BB, D), tl.float32) + b2[None, :]
@@ -95,11 +97,7 @@ def mlp_forward_kernel(
         x2_dots = tl.zeros((BB, BB), tl.float32)  # X̄2·X2ᵀ, summed over tiles
         for tile in range(0, M // MT):
             cols = tile * MT + rm
-            w1 = tl.load(w1_ptr + rd[:, None] * M + cols[None, :])
-            b1 = tl.load(w1_ptr + D * M + cols)
-            w2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :])
-            z1 = dot(k, w1) + b1[None, :]
-            grad1 = dot(grad2, tl.trans(w2)) * gelu_tanh_grad(z1)  # [BB, MT]
+            w1, b1, w2, z1, grad1 = hidden_tile(w1_ptr, w2_ptr, cols, k, grad2, D, M)
             z1_bar = dot(q, w1) + b1[None, :] - dot(eta1, grad1)
             if with_prior:
                 z1_bar -= tau[:, None] * (dot(q, tl.load(s1_ptr + rd[:, None] * M + cols[None, :]))
@@ -114,11 +112,7 @@ def mlp_forward_kernel(
         tl.debug_barrier()  # every thread has read W and S before any writes them
         for tile in range(0, M // MT):
             cols = tile * MT + rm
-            w1 = tl.load(w1_ptr + rd[:, None] * M + cols[None, :])
-            b1 = tl.load(w1_ptr + D * M + cols)
-            w2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :])
-            z1 = dot(k, w1) + b1[None, :]
-            grad1 = dot(grad2, tl.trans(w2)) * gelu_tanh_grad(z1)
+            w1, b1, w2, z1, grad1 = hidden_tile(w1_ptr, w2_ptr, cols, k, grad2, D, M)
             s1 = dot(tl.trans(k), grad1)
             s1_b = tl.sum(grad1, axis=0)
             s2 = dot(tl.trans(gelu_tanh(z1)), grad2)

@@ -1,0 +1,38 @@
+"""Every Triton kernel builds ahead of time for the GPUs users run (A100 sm_80, H100 sm_90), with no
+GPU present, at the block sizes the code picks for Moshi-7B (head dim 128, b = 16, TTT-MLP
+hidden 512), within the target's shared memory per block (`ttt_speech.kernels.build`).
+
+Run in a child process: under TRITON_INTERPRET=1 (set by tests/test_kernels.py) the kernels are
+defined for the interpreter and cannot be compiled. ~30 s on 2 cores from a cold Triton cache.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_every_kernel_builds_for_sm80_and_sm90_within_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "ttt_speech.kernels.build", "--jobs", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    rows = [line for line in out.splitlines() if "(sm_" in line]
+    assert len(rows) == 16 and sum("sm_80" in r for r in rows) == 8, out
+    assert "DOES NOT FIT" not in out and "16 of 16 builds fit their target" in out
+    for name in ("linear_forward", "linear_backward", "mlp_forward"):
+        assert any(r.startswith(name) for r in rows), name
+
+
+def test_a_build_that_does_not_fit_fails(monkeypatch):
+    """The check can fail: a target with less shared memory than a kernel needs."""
+    from ttt_speech.kernels import build
+
+    result = build.BuildResult("k", 80, shared_bytes=build.SHARED_MEMORY_PER_BLOCK[80] + 1, registers=1,
+                               stack_bytes=0, seconds=0.0)
+    assert not result.fits
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert build.main([]) == 2  # refuses to build interpreter-defined kernels, in one line
