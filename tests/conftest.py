@@ -1,9 +1,16 @@
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernels.py). It must be on
+# before triton is first imported (triton defines its own language library then), so it is set here,
+# for the whole session; tests/test_kernel_builds.py unsets it for the child process that compiles.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # for `reference`
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # for `make_local_checkpoint`

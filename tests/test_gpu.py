@@ -1,4 +1,5 @@
-"""GPU checks (skipped without CUDA): streaming on CUDA, and LMGen with CUDA graphs."""
+"""GPU checks (skipped without CUDA): streaming on CUDA, and LMGen with CUDA graphs, on the PyTorch
+path and on the Triton kernels (`kernel: auto` takes them on CUDA)."""
 import pytest
 import torch
 from moshi.models.lm import LMGen
@@ -10,9 +11,10 @@ from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
-def test_streaming_contract_on_cuda(layer_type):
-    layer = make_layer(layer_type, b=16, dim=64, heads=4, dtype=torch.float32).cuda()
+def test_streaming_contract_on_cuda(layer_type, kernel):
+    layer = make_layer(layer_type, b=16, dim=64, heads=4, dtype=torch.float32, kernel=kernel).cuda()
     x = torch.randn(2, 100, 64, device="cuda")
     with torch.no_grad():
         full, _ = layer(x)
@@ -30,11 +32,12 @@ def test_bf16_on_cuda_keeps_float32_state():
     assert all(t.dtype == torch.float32 for t in state.weights + state.grads)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["hybrid", "replace"])
-def test_lmgen_with_cuda_graphs_matches_eager(mode):
+def test_lmgen_with_cuda_graphs_matches_eager(mode, kernel):
     """If the TTT state were rebound instead of updated in place, graph replays would freeze it."""
     lm = tiny_moshi_lm(card=64, text_card=100, device="cuda")
-    patch_moshi(lm, TTTConfig(mini_batch_size=4, mode=mode, gate_init=1.0))
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, mode=mode, gate_init=1.0, kernel=kernel))
     g = torch.Generator().manual_seed(0)
     user = torch.randint(0, 64, (2, 8, 30), generator=g).cuda()
 

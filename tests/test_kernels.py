@@ -6,14 +6,11 @@ the padded width): outputs and states within 2e-5, gradients within 2e-5 of thei
 A perturbed kernel (a wrong ε or RoPE base, one gradient's sign) fails the same checks.
 """
 import dataclasses
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # without a GPU, in its interpreter (TRITON_INTERPRET, set by conftest.py)
 
 from conftest import make_layer, max_diff  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
@@ -103,15 +100,17 @@ def test_inactive_rows_keep_their_state_exactly(layer_type, in_place):
     assert torch.equal(s1.offset, torch.tensor([1, 3, 3], device=DEVICE))
 
 
-def gradients(layer, x, state, sizes, weights):
-    """Every gradient of a loss on the outputs and the final state (so ∂/∂ the state after the
-    chunk reaches the kernels too), through a stream of chunks starting from `state`."""
+def gradients(layer, x, state, sizes, weights, active=None, state_in_loss=True):
+    """Every gradient of a loss on the outputs (and on the final state, so that ∂/∂ the state after
+    the chunk reaches the kernels too), through a stream of chunks starting from `state`."""
     layer.zero_grad()
     x = x.clone().requires_grad_(True)
     if state is not None:
         state = state.map(lambda t: t.clone().requires_grad_(t.is_floating_point()))
-    y, final = stream(layer, x, sizes, state)
-    loss = (y * weights).sum() + sum((t * t).sum() for t in final.weights + final.grads) * 0.1
+    y, final = stream(layer, x, sizes, state, active)
+    loss = (y * weights).sum()
+    if state_in_loss:
+        loss = loss + sum((t * t).sum() for t in final.weights + final.grads) * 0.1
     loss.backward()
     grads = {name: p.grad for name, p in layer.named_parameters()}
     grads["x"] = x.grad
@@ -120,13 +119,13 @@ def gradients(layer, x, state, sizes, weights):
     return grads
 
 
-def gradient_error(layer, sizes, group, from_state):
+def gradient_error(layer, sizes, group, from_state, active=None, state_in_loss=True):
     """The largest difference of any gradient between the paths, relative to its largest entry."""
     layer.config = dataclasses.replace(layer.config, checkpoint_group_size=group)
     x = torch.randn(2, sum(sizes), layer.dim, device=DEVICE)
     weights = torch.randn(2, sum(sizes), layer.dim, device=DEVICE)
     state = moved_state(layer, 2, [3, 1]) if from_state else None
-    g0, g1 = run_both(layer, lambda m: gradients(m, x, state, sizes, weights))
+    g0, g1 = run_both(layer, lambda m: gradients(m, x, state, sizes, weights, active, state_in_loss))
     used = [n for n, g in g0.items() if g is not None]  # W1, b1 are not, from a given state
     assert [n for n, g in g1.items() if g is not None] == used
     assert all(g0[n].abs().max() > 0 for n in used)  # every input moves the loss
@@ -138,6 +137,41 @@ def test_linear_gradients_match_the_torch_path(sizes, group, from_state):
     """Gradients of every parameter, of the input and of the incoming state (its weights and its
     pending sums), with checkpoint groups of 1 and 3 mini-batches, rows at different offsets."""
     assert gradient_error(kernel_layer(b=4), sizes, group, from_state) <= TOL
+
+
+def test_linear_gradients_with_an_exec_mask_and_without_the_state_in_the_loss():
+    """moshi's exec mask in training (a row that does not execute, over several mini-batches, from a
+    moved state), and a loss on the outputs only (no ∂/∂ the final state: the kernel runs without it)."""
+    active = torch.tensor([True, False], device=DEVICE)
+    assert gradient_error(kernel_layer(b=4), [2, 13], 2, True, active) <= TOL
+    assert gradient_error(kernel_layer(b=4), [2, 13], 0, True, active, state_in_loss=False) <= TOL
+
+
+def test_operators_pass_torch_library_checks():
+    """Schemas, fake tensors (torch.compile) and the autograd registration (`torch.library.opcheck`)."""
+    B, T, H, D, b = 2, 6, 2, 16, 4
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    state = (0.1 * rand(B, H, D + 1, D)).requires_grad_(True), (0.01 * rand(B, H, D + 1, D)).requires_grad_(True)
+    args = (rand(B, T, 3 * H * D).requires_grad_(True), (0.1 * rand(B, H, T).sigmoid()).requires_grad_(True),
+            (0.1 * rand(b)).requires_grad_(True), (1 + 0.1 * rand(H, D)).requires_grad_(True),
+            (0.1 * rand(H, D)).requires_grad_(True), *state, torch.tensor([0, 3], device=DEVICE), None, H, b,
+            10000.0, 1e-6, 1)
+    torch.library.opcheck(custom_ops.linear_scan, args, test_utils=("test_schema", "test_autograd_registration",
+                                                                    "test_faketensor"))
+    inference = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1])
+    inference = (*inference[:5], inference[5].clone(), inference[6].clone(), *inference[7:])
+    torch.library.opcheck(custom_ops.linear_scan_, inference, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_in_place_under_autograd_is_refused_on_both_paths(kernel):
+    layer = with_kernel(kernel_layer(b=4), kernel)
+    with pytest.raises(ValueError, match="in_place needs autograd off"):
+        layer(torch.randn(1, 3, 32, device=DEVICE), layer.initial_state(1).clone(), in_place=True)
 
 
 def test_moshi_7b_head_dim_and_block_sizes():

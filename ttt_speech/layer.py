@@ -141,6 +141,8 @@ class TTTLayer(nn.Module):
             return x, state
         if in_place and not all(t.is_contiguous() for t in state.tensors()):
             raise ValueError("TTTLayer: in_place needs a state of contiguous tensors (clone the initial state)")
+        if in_place and torch.is_grad_enabled():
+            raise ValueError("TTTLayer: in_place needs autograd off (torch.no_grad / inference_mode)")
         qkv = self.qkv_proj(x)  # [B, T, 3C]: [q | k | v], each [H, d] per token
         lr = self.inner_lr(x)  # [B, H, T]
         if active is not None:
@@ -149,8 +151,11 @@ class TTTLayer(nn.Module):
         no_autocast = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
             else nullcontext()
         with no_autocast:
-            scan = self._scan_triton if self._use_triton(x, state) else self._scan_torch
-            out, weights, grads = scan(qkv.to(self.state_dtype), lr, state, active, in_place, trim)  # out [B, T, C]
+            qkv = qkv.to(self.state_dtype)
+            if self._use_triton(x, state):
+                out, weights, grads = self._scan_triton(qkv, lr, state, active, in_place)  # out [B, T, C]
+            else:
+                out, weights, grads = self._scan_torch(qkv, lr, state, active, in_place, trim)
             out = F.layer_norm(out, (C,), self.post_norm.weight.to(out.dtype), self.post_norm.bias.to(out.dtype),
                                self.post_norm.eps)
         out = out.to(x.dtype)
@@ -167,29 +172,25 @@ class TTTLayer(nn.Module):
 
     def _use_triton(self, x: Tensor, state: TTTState) -> bool:
         """Whether this call runs the fused kernels (`TTTConfig.kernel`, `ttt_speech.kernels`)."""
-        kernel = self.config.kernel
-        if kernel == "torch" or (kernel == "auto" and not x.is_cuda):
-            return False  # without importing the kernels' module
         from . import kernels
 
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())
-                                                  or any(t.requires_grad for t in state.tensors()))
-        hidden = self.W1.shape[-1]
-        return kernels.use_triton(kernel, self.config.layer_type, self.head_dim, hidden, self.mini_batch_size,
-                                  self.state_dtype, x, needs_grad)
+        def needs_grad() -> bool:
+            return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())
+                                                or any(t.requires_grad for t in state.tensors()))
 
-    def _scan_triton(self, qkv: Tensor, lr: Tensor, state: TTTState, active: Tensor | None, in_place: bool,
-                     trim: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        return kernels.use_triton(self.config.kernel, self.config.layer_type, self.head_dim, self.W1.shape[-1],
+                                  self.mini_batch_size, self.state_dtype, x, needs_grad)
+
+    def _scan_triton(self, qkv: Tensor, lr: Tensor, state: TTTState, active: Tensor | None,
+                     in_place: bool) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The inner loop in fused kernels (one launch per chunk): → (q + LN(z̄)·γ + β [B, T, C], weights, grads)."""
         from .kernels.scan import ScanParams, ScanSettings, triton_scan
 
         cdt, c = self.state_dtype, self.config
         params = ScanParams(*(p.to(cdt).contiguous() for p in (self.tau_offset, self.ttt_norm_weight,
                                                                  self.ttt_norm_bias)))
-        # Training saves [W; b] every G mini-batches for the backward to rebuild from (every one
-        # when checkpointing is off: that is all the backward keeps, far less than the PyTorch path).
-        every = (c.checkpoint_group_size or 1) if torch.is_grad_enabled() else 0
-        settings = ScanSettings(c.layer_type, self.num_heads, self.mini_batch_size, c.rope_theta, c.ln_eps, every)
+        settings = ScanSettings(c.layer_type, self.num_heads, self.mini_batch_size, c.rope_theta, c.ln_eps,
+                                c.checkpoint_group_size)
         return triton_scan(qkv, lr, params, state.weights, state.grads, state.offset, active, settings, in_place)
 
     def _scan_torch(self, qkv: Tensor, lr: Tensor, state: TTTState, active: Tensor | None, in_place: bool,

@@ -2,7 +2,7 @@
 
 `triton.compile` lowers a kernel to PTX and runs ptxas for a target compute capability on any
 machine; the build's metadata gives the shared memory one block needs, which must fit the target
-(per block: A100, sm_80, 164 KB; H100, sm_90, 228 KB). tests/test_kernel_builds.py builds each kernel
+(the opt-in maximum per block: A100, sm_80, 163 KB; H100, sm_90, 227 KB). tests/test_kernel_builds.py builds each kernel
 at the block sizes `custom_ops` picks for the shapes users run; `python -m ttt_speech.kernels.build`
 prints the table.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from . import custom_ops, interpreting
 
-SHARED_MEMORY_PER_BLOCK = {80: 164 * 1024, 90: 228 * 1024}  # bytes, opt-in maximum per block
+SHARED_MEMORY_PER_BLOCK = {80: 166_912, 90: 232_448}  # bytes: the opt-in maximum per block (163 KB, 227 KB)
 GPUS = {80: "A100 (sm_80)", 90: "H100 (sm_90)"}
 _FLOATS = ("log2_theta", "eps")
 _POINTER_TYPES = {"offset_ptr": "*i64", "active_ptr": "*i1"}
@@ -41,7 +41,7 @@ class KernelBuild:
         """Argument types by the kernels' naming: `*_ptr` fp32 pointers (offsets int64, masks bool),
         `log2_theta` / `eps` fp32, every other runtime argument an int32 (sizes, strides)."""
         sig = {}
-        for name in self.kernel.arg_names:
+        for name in self.kernel.arg_names:  # triton 3.9.0: a JITFunction's parameter names
             if name in self.constexprs:
                 sig[name] = "constexpr"
             elif name.endswith("_ptr"):
@@ -64,11 +64,13 @@ def builds(head_dim: int = 128, mini_batch_size: int = 16, mlp_expansion: int = 
             out.append(KernelBuild(f"linear_forward(save={save}, active={has_active})", linear.linear_forward_kernel,
                                    dict(D=D, BB=BB, KT=KT, HAS_ACTIVE=has_active, SAVE=save), warps))
     for has_dstate in (False, True):
-        out.append(KernelBuild(f"linear_backward(dstate={has_dstate})", linear.linear_backward_kernel,
-                               dict(D=D, BB=BB, KT=KT, HAS_ACTIVE=False, HAS_DSTATE=has_dstate), warps))
+        for has_active in (False, True):
+            out.append(KernelBuild(f"linear_backward(dstate={has_dstate}, active={has_active})",
+                                   linear.linear_backward_kernel,
+                                   dict(D=D, BB=BB, KT=KT, HAS_ACTIVE=has_active, HAS_DSTATE=has_dstate), warps))
     for has_active in (False, True):
         out.append(KernelBuild(f"mlp_forward(active={has_active})", mlp.mlp_forward_kernel,
-                               dict(D=D, M=M, MT=custom_ops.hidden_tile(D, M), BB=BB, HAS_ACTIVE=has_active), warps))
+                               dict(D=D, M=M, MT=custom_ops.hidden_columns(D, M), BB=BB, HAS_ACTIVE=has_active), warps))
     return out
 
 
@@ -98,6 +100,7 @@ def compile_for(build: KernelBuild, capability: int) -> BuildResult:
                               options={"num_warps": build.num_warps, "num_stages": custom_ops.NUM_STAGES,
                                        "enable_fp_fusion": custom_ops.FP_FUSION})
     registers, stack = resource_usage(compiled.asm["cubin"])
+    # triton 3.9.0: a CompiledKernel's asm by stage ("ptx", "cubin", …) and its metadata's shared bytes
     return BuildResult(build.name, capability, compiled.metadata.shared, registers, stack,
                        time.perf_counter() - start)
 
@@ -136,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(i, capability, *shape) for i in range(len(builds(*shape))) for capability in GPUS]
     print(f"head dim {args.head_dim}, mini-batch {args.mini_batch_size}, TTT-MLP hidden "
           f"{args.mlp_expansion * args.head_dim}; per block: shared memory; per thread: registers, stack (spills)")
-    print(f"{'kernel':42s} {'target':14s} {'shared KB':>9s} {'limit KB':>8s} {'regs':>4s} {'stack B':>7s} {'build s':>7s}")
+    print(f"{'kernel':44s} {'target':14s} {'shared KB':>9s} {'limit KB':>8s} {'regs':>4s} {'stack B':>7s} {'build s':>7s}")
     failed = 0
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
         results = pool.map(_compile_one, jobs) if pool is not None else map(_compile_one, jobs)
         for r in results:
             failed += not r.fits
-            print(f"{r.name:42s} {GPUS[r.capability]:14s} {r.shared_bytes / 1024:9.1f} "
+            print(f"{r.name:44s} {GPUS[r.capability]:14s} {r.shared_bytes / 1024:9.1f} "
                   f"{SHARED_MEMORY_PER_BLOCK[r.capability] / 1024:8.0f} {r.registers:4d} {r.stack_bytes:7d} "
                   f"{r.seconds:7.1f}" + ("" if r.fits else "  DOES NOT FIT"), flush=True)
     print(f"{len(jobs) - failed} of {len(jobs)} builds fit their target")

@@ -22,7 +22,7 @@ def program_row(offset_ptr, active_ptr, gamma_ptr, beta_ptr, tau_offset_ptr, H, 
                 D: tl.constexpr, HAS_ACTIVE: tl.constexpr):
     """What one program (a batch row's head) reads first: (pid, row, head, the row's offset, whether
     it is active, the inner LayerNorm's γ, β [D], τ [BB], τ_b, where τ's relu passes [BB])."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # offsets of B·H programs' state reach past 2^31 at Moshi-7B's width
     row, head = pid // H, pid % H
     active = True
     if HAS_ACTIVE:

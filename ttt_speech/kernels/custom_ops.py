@@ -51,8 +51,8 @@ def _checkpoints(length: int, mini_batch_size: int, ckpt_every: int) -> int:
     return -(-mini_batches_bound(length, mini_batch_size) // ckpt_every) if ckpt_every else 0
 
 
-def _common(qkv: Tensor, lr: Tensor, offset: Tensor, num_heads: int, mini_batch_size: int, rope_theta: float,
-            eps: float) -> dict:
+def _common(qkv: Tensor, num_heads: int, mini_batch_size: int, rope_theta: float, eps: float) -> dict:
+    """The size and setting arguments every kernel takes, and its launch options."""
     B, T, three_c = qkv.shape
     C = three_c // 3
     D = C // num_heads
@@ -62,6 +62,7 @@ def _common(qkv: Tensor, lr: Tensor, offset: Tensor, num_heads: int, mini_batch_
 
 
 def _linear_common(*args) -> dict:
+    """`_common`'s, and the rows per tile of [W; b]."""
     common = _common(*args)
     return dict(common, KT=row_tile(common["D"]))
 
@@ -78,7 +79,7 @@ def _launch_linear_forward(qkv, lr, tau_offset, gamma, beta, w, s, offset, activ
         ckpt if save else w_out, max(ckpt_every, 1), ckpt.shape[1] if save else 1,
         offset, active if active is not None else offset,
         HAS_ACTIVE=active is not None, SAVE=save,
-        **_linear_common(qkv, lr, offset, num_heads, mini_batch_size, rope_theta, eps))
+        **_linear_common(qkv, num_heads, mini_batch_size, rope_theta, eps))
     return out
 
 
@@ -152,7 +153,7 @@ def linear_scan_backward(dout: Tensor, dw_out: Optional[Tensor], ds_out: Optiona
         ckpt, ckpt_every, ckpt.shape[1], scratch, acc, offset, active if active is not None else offset,
         dqkv, dlr, dw, ds, dtau, dgamma, dbeta,
         HAS_ACTIVE=active is not None, HAS_DSTATE=has_dstate,
-        **_linear_common(qkv, lr, offset, num_heads, mini_batch_size, rope_theta, eps))
+        **_linear_common(qkv, num_heads, mini_batch_size, rope_theta, eps))
     return dqkv, dlr, dw.view(B, num_heads, D + 1, D), ds.view(B, num_heads, D + 1, D), dtau, dgamma, dbeta
 
 
@@ -170,7 +171,13 @@ def _(dout, dw_out, ds_out, qkv, lr, tau_offset, gamma, beta, s, ckpt, offset, a
 def _setup_linear(ctx, inputs, output) -> None:
     qkv, lr, tau_offset, gamma, beta, w, s, offset, active, num_heads, mini_batch_size, rope_theta, eps, \
         ckpt_every = inputs
+    if ckpt_every < 1:
+        raise ValueError("ttt_speech::linear_scan: ckpt_every must be >= 1 when autograd records it "
+                         "(the backward rebuilds the weights from those checkpoints)")
     ctx.mark_non_differentiable(output[3])
+    # Gradients that never arrive stay None: no zero tensors the size of the checkpoints, and a
+    # final state outside the loss runs the kernel without ∂/∂state.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(qkv, lr, tau_offset, gamma, beta, s, output[3], offset, active)
     ctx.args = (num_heads, mini_batch_size, rope_theta, eps, ckpt_every)
     ctx.w_shape = w.shape
@@ -179,6 +186,9 @@ def _setup_linear(ctx, inputs, output) -> None:
 def _linear_backward(ctx, dout, dw_out, ds_out, _dckpt):
     qkv, lr, tau_offset, gamma, beta, s, ckpt, offset, active = ctx.saved_tensors
     num_heads, mini_batch_size = ctx.args[:2]
+    # the kernel reads a token's channels in a run (autograd may hand over an expanded gradient)
+    dout = torch.zeros(*qkv.shape[:2], qkv.shape[-1] // 3, dtype=qkv.dtype, device=qkv.device) if dout is None \
+        else dout if dout.stride(-1) == 1 else dout.contiguous()
     if dw_out is None and ds_out is None:
         dstate = (None, None)
     else:  # the state after the chunk reached the loss (a window carried with its graph)
@@ -196,7 +206,7 @@ def _linear_backward(ctx, dout, dw_out, ds_out, _dckpt):
 torch.library.register_autograd("ttt_speech::linear_scan", _linear_backward, setup_context=_setup_linear)
 
 
-def hidden_tile(head_dim: int, hidden: int) -> int:
+def hidden_columns(head_dim: int, hidden: int) -> int:
     """TTT-MLP: hidden columns per tile, ~2k values per tile of W1 or W2 (16 at D = 128: with 32,
     ptxas spilled 3 KB per thread on sm_80)."""
     return min(hidden, max(16, 2048 // head_dim))
@@ -210,13 +220,13 @@ def mlp_scan_(qkv: Tensor, lr: Tensor, tau_offset: Tensor, gamma: Tensor, beta: 
     (all contiguous) where they live → out [B, T, C]. Inputs as `linear_scan`'s; no autograd."""
     B, T, three_c = qkv.shape
     out = qkv.new_empty(B, T, three_c // 3)
-    common = _common(qkv, lr, offset, num_heads, mini_batch_size, rope_theta, eps)
+    common = _common(qkv, num_heads, mini_batch_size, rope_theta, eps)
     hidden = w1.shape[-1]
     mlp.mlp_forward_kernel[(B * num_heads,)](
         qkv, qkv.stride(0), qkv.stride(1), lr, lr.stride(0), lr.stride(1), lr.stride(2),
         out, out.stride(0), out.stride(1), tau_offset, gamma, beta, w1, w2, s1, s2,
         offset, active if active is not None else offset, HAS_ACTIVE=active is not None,
-        M=hidden, MT=hidden_tile(common["D"], hidden), **common)
+        M=hidden, MT=hidden_columns(common["D"], hidden), **common)
     return out
 
 

@@ -21,6 +21,7 @@ NO_LAUNCH = frozenset({
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
     "aten::_unsafe_view", "aten::resolve_conj", "aten::resolve_neg", "aten::detach", "aten::alias",
     "aten::lift_fresh", "aten::set_", "aten::_has_compatible_shallow_copy_type", "aten::_local_scalar_dense",
+    "aten::promote_types", "aten::result_type",
 })
 
 

@@ -203,6 +203,7 @@ def linear_backward_kernel(
         store_rows(dw_ptr, c, dw, KT, D)
     if HAS_DSTATE:
         db = tl.load(dw_out_ptr + D * D + rd)
+    tl.debug_barrier()  # the first mini-batch reversed reads dw_ptr, maybe in other threads
     dtau = tl.zeros((BB,), tl.float32)
     dgamma = tl.zeros((D,), tl.float32)
     dbeta = tl.zeros((D,), tl.float32)

@@ -19,6 +19,7 @@ import triton.language as tl
 from .common import causal, dot, l2_grad, normalize, program_row, slots
 from .linear import minibatch_tokens
 
+
 @triton.jit
 def _tanh_gelu_arg_sigmoid(x):
     """σ(2u) with u = √(2/π)·(x + 0.044715·x³), the constants of `ops.activations`: tanh(u) = 2σ(2u) − 1
@@ -40,13 +41,18 @@ def gelu_tanh_grad(x):
 
 
 @triton.jit
-def hidden_tile(w1_ptr, w2_ptr, cols, k, grad2, D: tl.constexpr, M: tl.constexpr):
-    """Hidden columns `cols` [MT]: W1's [D, MT] and b1's [MT], W2's rows [MT, D], the keys' Z1 [BB, MT]
-    and the first layer's gradient G1 = (G2·W2ᵀ) ⊙ gelu'(Z1) [BB, MT]."""
+def load_hidden(w1_ptr, w2_ptr, cols, D: tl.constexpr, M: tl.constexpr):
+    """Hidden columns `cols` [MT] of the fast weights: W1's [D, MT], b1's [MT], W2's rows [MT, D]."""
     rd = tl.arange(0, D)
-    w1 = tl.load(w1_ptr + rd[:, None] * M + cols[None, :])
-    b1 = tl.load(w1_ptr + D * M + cols)
-    w2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :])
+    return (tl.load(w1_ptr + rd[:, None] * M + cols[None, :]), tl.load(w1_ptr + D * M + cols),
+            tl.load(w2_ptr + cols[:, None] * D + rd[None, :]))
+
+
+@triton.jit
+def hidden_tile(w1_ptr, w2_ptr, cols, k, grad2, D: tl.constexpr, M: tl.constexpr):
+    """`load_hidden`'s, with the keys' Z1 [BB, MT] and the first layer's gradient
+    G1 = (G2·W2ᵀ) ⊙ gelu'(Z1) [BB, MT]."""
+    w1, b1, w2 = load_hidden(w1_ptr, w2_ptr, cols, D, M)
     z1 = dot(k, w1) + b1[None, :]
     return w1, b1, w2, z1, dot(grad2, tl.trans(w2)) * gelu_tanh_grad(z1)
 
@@ -80,10 +86,7 @@ def mlp_forward_kernel(
         # 1. the keys through both layers, the second layer's gradient G2
         z2 = tl.zeros((BB, D), tl.float32) + b2[None, :]
         for tile in range(0, M // MT):
-            cols = tile * MT + rm
-            w1 = tl.load(w1_ptr + rd[:, None] * M + cols[None, :])
-            b1 = tl.load(w1_ptr + D * M + cols)
-            w2 = tl.load(w2_ptr + cols[:, None] * D + rd[None, :])
+            w1, b1, w2 = load_hidden(w1_ptr, w2_ptr, tile * MT + rm, D, M)
             z2 += dot(gelu_tanh(dot(k, w1) + b1[None, :]), w2)
         grad2 = l2_grad(z2, (beta[None, :] - v + k) * gamma[None, :], gamma, lam, eps, D)[0]
         # 2. per tile: G1 = (G2·W2ᵀ) ⊙ gelu'(Z1), the queries' first layer through its dual form and
@@ -146,6 +149,7 @@ def mlp_forward_kernel(
         tl.store(out_ptr + t[:, None] * stride_out_t + rd[None, :], q + x_hat * gamma[None, :] + beta[None, :],
                  mask=real[:, None])
         s2_b += tl.sum(grad2, axis=0)
+        tl.debug_barrier()  # every thread has read b2 and the bias sums before any writes them
         if complete:
             tl.store(w2_ptr + M * D + rd, b2 - tau_last * s2_b)
         if last:

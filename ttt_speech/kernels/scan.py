@@ -24,7 +24,7 @@ class ScanSettings(NamedTuple):
     mini_batch_size: int
     rope_theta: float
     eps: float
-    checkpoint_every: int  # training: [W; b] saved every this many mini-batches (0: nothing saved)
+    checkpoint_group_size: int  # TTTConfig's: training saves [W; b] every this many mini-batches (0: every one)
 
 
 def _packed(t: Tensor) -> Tensor:
@@ -42,13 +42,18 @@ def triton_scan(qkv: Tensor, lr: Tensor, params: ScanParams, weights: tuple[Tens
     tensors and return them (inference)."""
     s = settings
     args = (s.num_heads, s.mini_batch_size, s.rope_theta, s.eps)
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()  # the kernels read a token's channels in a run
     if s.layer_type == "linear":
         (w,), (g,) = weights, grads
         if in_place:
             out = custom_ops.linear_scan_(qkv, lr, *params, w, g, offset, active, *args)
             return out, (w,), (g,)
-        out, w, g, _ = custom_ops.linear_scan(qkv, lr, *params, _packed(w), _packed(g), offset, active, *args,
-                                              s.checkpoint_every)
+        # With autograd recording, save [W; b] every G mini-batches for the backward to rebuild
+        # from (every one when checkpointing is off: all the backward keeps, far less than the
+        # PyTorch path's graph); nothing otherwise.
+        records = torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, lr, *params, *weights, *grads))
+        every = (s.checkpoint_group_size or 1) if records else 0
+        out, w, g, _ = custom_ops.linear_scan(qkv, lr, *params, _packed(w), _packed(g), offset, active, *args, every)
         return out, (w,), (g,)
     if in_place:
         out = custom_ops.mlp_scan_(qkv, lr, *params, *weights, *grads, offset, active, *args)
