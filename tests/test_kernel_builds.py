@@ -14,14 +14,21 @@ import pytest
 pytest.importorskip("triton")
 
 
-def build(*code_lines: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def triton_cache(tmp_path_factory):
+    """A Triton cache of this module's own (not ~/.triton): the second test reuses the first's builds."""
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+def build(cache, *code_lines: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache)
     return subprocess.run([sys.executable, "-c", "\n".join(code_lines)], env=env, capture_output=True, text=True,
                           timeout=600)
 
 
-def test_every_kernel_builds_for_sm80_and_sm90_within_shared_memory():
-    proc = build("from ttt_speech.kernels.build import main", "raise SystemExit(main(['--jobs', '2']))")
+def test_every_kernel_builds_for_sm80_and_sm90_within_shared_memory(triton_cache):
+    proc = build(triton_cache, "from ttt_speech.kernels.build import main", "raise SystemExit(main(['--jobs', '2']))")
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr[-3000:]
     rows = [line for line in out.splitlines() if "(sm_" in line]
@@ -31,10 +38,10 @@ def test_every_kernel_builds_for_sm80_and_sm90_within_shared_memory():
         assert any(r.startswith(name) for r in rows), name
 
 
-def test_a_build_that_does_not_fit_fails(monkeypatch):
-    """The check can fail: the same builds (from Triton's cache) against a 1 KB shared-memory limit."""
-    proc = build("from ttt_speech.kernels import build", "build.SHARED_MEMORY_PER_BLOCK.update({80: 1024, 90: 1024})",
-                 "raise SystemExit(build.main([]))")
+def test_a_build_that_does_not_fit_fails(monkeypatch, triton_cache):
+    """The check can fail: the same builds (from the cache) against a 1 KB shared-memory limit."""
+    proc = build(triton_cache, "from ttt_speech.kernels import build",
+                 "build.SHARED_MEMORY_PER_BLOCK.update({80: 1024, 90: 1024})", "raise SystemExit(build.main([]))")
     assert proc.returncode == 1 and proc.stdout.count("DOES NOT FIT") == 20, proc.stdout + proc.stderr[-3000:]
     from ttt_speech.kernels import build as in_process
 
