@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from bench_ttt import table, write_results  # noqa: E402
+from bench_ttt import table, time_interleaved, write_results  # noqa: E402
+from bench_width import moshi_layer  # noqa: E402
 
 from ttt_speech.config import TTTConfig  # noqa: E402
 from ttt_speech.kernels import triton_installed  # noqa: E402
@@ -51,19 +51,6 @@ def ttt_layer(layer_type: str, b: int, kernel: str, dim: int, heads: int) -> TTT
     torch.manual_seed(0)
     config = TTTConfig(layer_type=layer_type, mini_batch_size=b, checkpoint_group_size=GROUP, kernel=kernel)
     return TTTLayer(dim, config, num_heads=heads)
-
-
-def moshi_layer(dim: int, heads: int):
-    """A one-layer moshi `StreamingTransformer` with Moshi-7B's options (gated FFN, RMS norm, RoPE, context)."""
-    from moshi.models import loaders
-    from moshi.modules.transformer import StreamingTransformer
-
-    kw = loaders._lm_kwargs  # moshi 0.2.13's Moshi-7B kwargs
-    torch.manual_seed(0)
-    return StreamingTransformer(d_model=dim, num_heads=heads, num_layers=1, dim_feedforward=int(kw["hidden_scale"] * dim),
-                                causal=kw["causal"], context=kw["context"], positional_embedding=kw["positional_embedding"],
-                                max_period=kw["max_period"], gating=kw["gating"], norm=kw["norm"],
-                                layer_scale=kw["layer_scale"])
 
 
 def count(fn) -> LaunchCounter:
@@ -100,21 +87,20 @@ def step_count(module, dim: int, is_ttt: bool) -> int:
     return c.launches
 
 
-def host_time_ms(layer_type: str, b: int, repeats: int) -> float:
-    """Median ms of one window's forward + backward on the PyTorch path at width 32 (1 thread)."""
+def host_times_ms(configs: list[tuple[str, int]], budget_s: float) -> dict[tuple[str, int], float]:
+    """Median ms of one window's forward + backward on the PyTorch path at width 32 (1 thread), per
+    (layer type, b), the configurations timed interleaved."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    x = torch.randn(1, WINDOW, 32, requires_grad=True)
+    seed = torch.randn(1, WINDOW, 32)
+
+    def step(layer):
+        return lambda: layer(x)[0].backward(seed)
+
     try:
-        layer = ttt_layer(layer_type, b, "torch", dim=32, heads=2)
-        x = torch.randn(1, WINDOW, 32, requires_grad=True)
-        seed = torch.randn(1, WINDOW, 32)
-        layer(x)[0].backward(seed)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            layer(x)[0].backward(seed)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        fns = {config: step(ttt_layer(config[0], config[1], "torch", dim=32, heads=2)) for config in configs}
+        return {config: ms for config, (ms, _) in time_interleaved(fns, budget_s, max_calls=20).items()}
     finally:
         torch.set_num_threads(threads)
 
@@ -161,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  at ~{GPU_US_PER_LAUNCH} µs of launch and Python per op on a GPU (an estimate), 1,000 launches "
           f"cost ~{GPU_US_PER_LAUNCH} ms whatever the width")
 
-    print("\n== the PyTorch path's host-side time: one window forward + backward at width 32, 1 thread ==", flush=True)
+    print("\n== the PyTorch path's host-side time: one window forward + backward at width 32, 1 thread, "
+          "the rows timed interleaved ==", flush=True)
     timing = []
+    times = host_times_ms([(layer_type, b) for layer_type in ("linear", "mlp") for b in sizes],
+                          budget_s=3.0 if args.quick else 10.0)
     for layer_type, name in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP")):
         for b in sizes:
-            ms = host_time_ms(layer_type, b, 3 if args.quick else 5)
+            ms = times[(layer_type, b)]
             launches = next(r["forward + backward"] for r in results["rows"]
                             if r["layer"] == name and r["path"] == "torch" and r["b"] == b)
             results.setdefault("host_ms", []).append({"layer": name, "b": b, "ms": ms, "launches": launches})

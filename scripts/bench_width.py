@@ -63,6 +63,20 @@ def build(num_layers: int, dtype: torch.dtype, device: str = "cpu"):
     return LMModel(device=device, dtype=dtype, **kwargs).eval()
 
 
+def moshi_layer(dim: int, heads: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """One moshi transformer layer (a one-layer `StreamingTransformer`) with Moshi-7B's options (gated
+    FFN of its hidden scale, RMS norm, RoPE, causal context) at width `dim`, random weights."""
+    from moshi.models import loaders
+    from moshi.modules.transformer import StreamingTransformer
+
+    kw = loaders._lm_kwargs  # moshi 0.2.13's Moshi-7B kwargs
+    torch.manual_seed(0)
+    return StreamingTransformer(d_model=dim, num_heads=heads, num_layers=1, dim_feedforward=int(kw["hidden_scale"] * dim),
+                                causal=kw["causal"], context=kw["context"], positional_embedding=kw["positional_embedding"],
+                                max_period=kw["max_period"], gating=kw["gating"], norm=kw["norm"],
+                                layer_scale=kw["layer_scale"], device=device, dtype=dtype)
+
+
 def transformer_params(lm) -> int:
     return sum(p.numel() for p in lm.transformer.parameters())
 

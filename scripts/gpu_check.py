@@ -107,21 +107,16 @@ def window_ms(module: torch.nn.Module, x: torch.Tensor, backward: bool, repeats:
 
 def check_kernel_speed(device: str) -> dict:
     """One layer, one 1500-frame window (configs/moshi_7b_ttt.yaml: b = 16, checkpoint group 4)."""
-    from moshi.models import loaders
-    from moshi.modules.transformer import StreamingTransformer
-
     from ttt_speech.layer import TTTLayer
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_width import moshi_layer as moshi_transformer_layer
 
     if cuda():
         dim, heads, frames, dtype, kernels, status = 4096, 32, 1500, torch.bfloat16, ("torch", "triton"), "measured"
     else:  # the code at a tiny size; the kernels run in tests/test_kernels.py
         dim, heads, frames, dtype, kernels, status = 64, 2, 64, torch.float32, ("torch",), "smoke"
-    kw = loaders._lm_kwargs  # moshi 0.2.13's Moshi-7B kwargs
-    torch.manual_seed(0)
-    moshi_layer = StreamingTransformer(d_model=dim, num_heads=heads, num_layers=1,
-                                       dim_feedforward=int(kw["hidden_scale"] * dim), causal=True,
-                                       context=kw["context"], positional_embedding="rope", gating=kw["gating"],
-                                       norm=kw["norm"], device=device, dtype=dtype)
+    moshi_layer = moshi_transformer_layer(dim, heads, device, dtype)
     x = torch.randn(1, frames, dim, device=device, dtype=dtype, requires_grad=True)
     out = {"width": dim, "heads": heads, "frames": frames, "dtype": str(dtype).removeprefix("torch."),
            "moshi_layer_ms": window_ms(moshi_layer, x, True, 5)}

@@ -31,7 +31,7 @@ from torch import Tensor
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs 16; [slots, D] values are held in registers
 MAX_MLP_HIDDEN = 512  # TTT-MLP: the hidden layer is streamed in tiles, its [slots, hidden] rows are not
-MAX_MINI_BATCH = 64  # [b, b] causal matrices per program
+MAX_KERNEL_MINI_BATCH = 64  # [b, b] causal matrices per program (TTTConfig allows up to 1024)
 MIN_CAPABILITY = (8, 0)  # sm_80: the oldest target the kernels are built for (the linear backward needs
                          # ~68 KB of shared memory a block; sm_75 allows 64)
 
@@ -62,8 +62,8 @@ def unsupported(layer_type: str, head_dim: int, hidden: int, mini_batch_size: in
         return f"head dim {head_dim}: the kernels take a power of two from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
     if layer_type == "mlp" and not (_power_of_two(hidden) and hidden <= MAX_MLP_HIDDEN):
         return f"TTT-MLP hidden width {hidden}: the kernel takes a power of two up to {MAX_MLP_HIDDEN}"
-    if mini_batch_size > MAX_MINI_BATCH:
-        return f"mini_batch_size {mini_batch_size}: the kernels take at most {MAX_MINI_BATCH}"
+    if mini_batch_size > MAX_KERNEL_MINI_BATCH:
+        return f"mini_batch_size {mini_batch_size}: the kernels take at most {MAX_KERNEL_MINI_BATCH}"
     if layer_type == "mlp" and needs_grad:
         return "TTT-MLP has a forward kernel only (inference); training it runs the PyTorch path (kernel: auto)"
     if not triton_installed():

@@ -66,7 +66,8 @@ def minibatch_tokens(q_ptr, stride_t, lr_ptr, stride_lr_t, t, real, C, log2_thet
 def through_weights(w_ptr, s_ptr, q_ptr, stride_t, t, real, C, log2_theta, with_prior, BB: tl.constexpr,
                     KT: tl.constexpr, D: tl.constexpr):
     """A mini-batch's keys and queries through [W; b] at w_ptr, tile by tile of W's rows → (Z = [k 1]·[W; b],
-    P = [q 1]·[W; b], and [q 1]·S0 with the sums S0 at s_ptr where with_prior, else zero) [BB, D] each."""
+    P = [q 1]·[W; b], and [q 1]·S0 with the sums S0 at s_ptr where with_prior, else zero) [BB, D] each,
+    and the bias row b [D] read on the way."""
     z = tl.zeros((BB, D), tl.float32)
     p = tl.zeros((BB, D), tl.float32)
     q_s0 = tl.zeros((BB, D), tl.float32)
@@ -80,7 +81,7 @@ def through_weights(w_ptr, s_ptr, q_ptr, stride_t, t, real, C, log2_theta, with_
     b = tl.load(w_ptr + D * D + tl.arange(0, D))
     if with_prior:
         q_s0 += tl.load(s_ptr + D * D + tl.arange(0, D))[None, :]
-    return z + b[None, :], p + b[None, :], q_s0
+    return z + b[None, :], p + b[None, :], q_s0, b
 
 
 @triton.jit
@@ -120,12 +121,12 @@ def linear_forward_kernel(
         t, real = slots(m, offset, T, bsz, BB)
         q, k, v, lam = minibatch_tokens(q_ptr, stride_qkv_t, lr_ptr, stride_lr_t, t, real, C, log2_theta, BB, D)
         # 1. keys and queries through [W; b] (the first mini-batch's queries through the carried sums too)
-        z, p, q_s0 = through_weights(w_ptr, s_in_ptr, q_ptr, stride_qkv_t, t, real, C, log2_theta, m == 0, BB, KT, D)
+        z, p, q_s0, b = through_weights(w_ptr, s_in_ptr, q_ptr, stride_qkv_t, t, real, C, log2_theta, m == 0,
+                                        BB, KT, D)
         if save:
             for c in range(0, D // KT):
                 store_rows(ckpt, c, load_rows(w_ptr, c, KT, D), KT, D)
-            tl.store(ckpt + D * D + rd, tl.load(w_ptr + D * D + rd))
-        b = tl.load(w_ptr + D * D + rd)
+            tl.store(ckpt + D * D + rd, b)
         s0_b = tl.zeros((D,), tl.float32)
         if carried:
             s0_b = tl.load(s_in_ptr + D * D + rd)
@@ -258,8 +259,8 @@ def linear_backward_kernel(
             q, k, v, lam = minibatch_tokens(q_ptr, stride_qkv_t, lr_ptr, stride_lr_t, t, real, C, log2_theta, BB, D)
             complete = (m * bsz + bsz - 1 - offset < T) & active
             # the forward of this mini-batch again
-            z, p, q_s0 = through_weights(w_ptr, s_in_ptr, q_ptr, stride_qkv_t, t, real, C, log2_theta, m == 0,
-                                         BB, KT, D)
+            z, p, q_s0, _b = through_weights(w_ptr, s_in_ptr, q_ptr, stride_qkv_t, t, real, C, log2_theta,
+                                             m == 0, BB, KT, D)
             s0_b = tl.zeros((D,), tl.float32)
             if m == 0:
                 s0_b = tl.load(s_in_ptr + D * D + rd)

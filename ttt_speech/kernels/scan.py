@@ -61,4 +61,3 @@ def triton_scan(qkv: Tensor, lr: Tensor, params: ScanParams, weights: tuple[Tens
     w1, w2, g1, g2 = (t.clone(memory_format=torch.contiguous_format) for t in (*weights, *grads))  # stepped in place
     out = custom_ops.mlp_scan_(qkv, lr, *params, w1, w2, g1, g2, offset, active, *args)
     return out, (w1, w2), (g1, g2)
-
