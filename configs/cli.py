@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
+
+from ttt_speech.files import writable_file, write_text_atomic
 
 from . import find_packaged, packaged_configs, packaged_names
 
@@ -38,12 +39,11 @@ def _copy(args: argparse.Namespace) -> int:
     if packaged is None:
         raise ValueError(f"NAME: no packaged config {args.name!r} (packaged: {packaged_names()})")
     dest = args.dest / packaged.name if args.dest.is_dir() else args.dest
+    if not dest.parent.is_dir():  # (checked first: writable_file would create it)
+        raise ValueError(f"DEST: the folder {dest.parent} does not exist")
+    writable_file(dest, "DEST")  # a folder in the way, a read-only folder: one line, nothing written
     if dest.exists() and not args.force:
         raise ValueError(f"DEST: {dest} exists; pass --force to replace it")
-    if not dest.parent.is_dir():
-        raise ValueError(f"DEST: the folder {dest.parent} does not exist")
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(packaged.path, tmp)
-    tmp.replace(dest)
+    write_text_atomic(dest, packaged.path.read_text())
     print(f"copied {packaged.name} to {dest}")
     return 0

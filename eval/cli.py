@@ -24,6 +24,8 @@ MEMORY = (
     "the first pass ended with (post), and as the second half of one stream [S; S] (in context). "
     "Writes memory.json, memory.md and memory.png into output_dir. See docs/evaluation.md."
 )
+OVERWRITE = ("write into an output_dir that is a training run's folder, or that holds this command's earlier "
+             "results (they are replaced); refused otherwise")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +36,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. data.max_frames=8000 eval.chunk_size=128 output_dir=runs/x")
     parser.add_argument("--baseline", action="store_true",
                         help="also evaluate the same model without TTT layers (eval.baseline=true)")
+    _output_options(parser)
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    """The options every eval command shares beyond its config."""
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     parser.add_argument("--wandb-offline", action="store_true", help=WANDB_OFFLINE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -60,8 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     memory.add_argument("config", type=Path, help="memory-test config: a YAML file, or a shipped config by name (eval_memory)")
     memory.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                         help="config overrides, e.g. segment_frames=128 data.max_books=4 output_dir=runs/x")
-    memory.add_argument("--wandb-offline", action="store_true", help=WANDB_OFFLINE_HELP)
-    memory.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_options(memory)
     memory.set_defaults(func=_memory, parser=memory)
 
 
@@ -82,7 +89,7 @@ def _librilight(args: argparse.Namespace) -> int:
     from .run import run_librilight, summary_lines
 
     config = _load(args, lambda: [f"eval.mode={args.mode}"] if args.mode else [])
-    report, paths = run_librilight(config, progress=not args.quiet)
+    report, paths = run_librilight(config, progress=not args.quiet, overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -92,7 +99,7 @@ def _length_gen(args: argparse.Namespace) -> int:
     from .length_gen import summary_lines
     from .run import run_length_gen
 
-    results, paths = run_length_gen(_load(args), progress=not args.quiet)
+    results, paths = run_length_gen(_load(args), progress=not args.quiet, overwrite=args.overwrite)
     print("\n".join(summary_lines(results)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -106,7 +113,7 @@ def _memory(args: argparse.Namespace) -> int:
 
     config = load_config(resolve_config(args.config),
                          overrides_and_options(args.parser, args) + wandb_offline(args.wandb_offline))
-    report, paths = run_memory(config, progress=not args.quiet)
+    report, paths = run_memory(config, progress=not args.quiet, overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

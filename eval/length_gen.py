@@ -23,6 +23,8 @@ from . import metrics
 from .nll import chunked_nll
 from .report import frame_span
 
+OUTPUTS = {"json": "length_gen.json", "markdown": "length_gen.md", "png": "length_gen.png"}  # `write_length_gen`'s
+
 
 def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], train_window: int, *,
                           chunk_size: int | None = None, num_lengths: int = 20, min_factor: float = 0.5,
@@ -141,8 +143,7 @@ def write_length_gen(results: dict[str, dict], output_dir: str | Path, wandb_run
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))
-    paths = {"json": output_dir / "length_gen.json", "markdown": output_dir / "length_gen.md",
-             "png": output_dir / "length_gen.png"}
+    paths = {kind: output_dir / name for kind, name in OUTPUTS.items()}
     write_text_atomic(paths["json"], json.dumps(results, indent=1, allow_nan=False) + "\n")
     write_text_atomic(paths["markdown"], markdown(results))
     labels = shown_groups(first)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ttt_speech import schema
-from ttt_speech.files import writable_dir, write_text_atomic
+from ttt_speech.files import fresh_output_dir, write_text_atomic
 from ttt_speech.config import TTTConfig, resolve_chunk_size
 from ttt_speech.export import export_ttt_config
 from ttt_speech.data import FRAME_RATE
@@ -44,6 +44,7 @@ from .report import report_header, write_json
 
 PASSES = ("pre", "post", "post_in_context")
 PASS_LABELS = {"pre": "pre", "post": "post", "post_in_context": "in context"}
+OUTPUTS = {"png": "memory.png", "json": "memory.json", "markdown": "memory.md"}  # `write_memory`'s
 
 
 # ---------------------------------------------------------------- config
@@ -221,15 +222,17 @@ def remembered(result: dict, group: str = "cb1") -> str:
 # ---------------------------------------------------------------- the command
 
 
-def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True) -> tuple[dict, dict[str, Path]]:
+def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True,
+               overwrite: bool = False) -> tuple[dict, dict[str, Path]]:
     """Build each model in turn (one in memory at a time), probe every stream, write the outputs.
-    Returns (report, {kind: path written})."""
+    Returns (report, {kind: path written}). `overwrite`: write into a training run's folder, or over
+    an earlier memory test's outputs (refused otherwise: `fresh_output_dir`)."""
     from ttt_speech.progress import progress_bar
 
     from .run import build_models
 
     chunks = planned_chunk_sizes(config)
-    writable_dir(config.output_dir, "output_dir")  # before the models are built and scored, not at the end
+    fresh_output_dir(config.output_dir, list(OUTPUTS.values()), overwrite)  # before the models are built and scored
     base = config.base_model()
     device = base.torch_device()
     streams: list[Stream] | None = None
@@ -379,10 +382,10 @@ def write_memory(report: dict, output_dir: str | Path, plots: bool = True) -> di
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     if plots:
-        paths["png"] = plot_memory(report, out / "memory.png")
+        paths["png"] = plot_memory(report, out / OUTPUTS["png"])
     report["plots"] = {"memory": paths["png"].name} if plots else {}
-    paths["json"] = write_json(out / "memory.json", report)
-    paths["markdown"] = out / "memory.md"
+    paths["json"] = write_json(out / OUTPUTS["json"], report)
+    paths["markdown"] = out / OUTPUTS["markdown"]
     write_text_atomic(paths["markdown"], markdown(report))
     return paths
 

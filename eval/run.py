@@ -19,7 +19,7 @@ from ttt_speech.config import TTTConfig, resolve_chunk_size
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.cache import CodesCache
 from ttt_speech.export import export_ttt_config
-from ttt_speech.files import writable_dir
+from ttt_speech.files import fresh_output_dir
 from ttt_speech.handle import TTTModel
 from ttt_speech.models import ModelConfig, check_family, load_lm, load_mimi, load_text_tokenizer
 from ttt_speech.stats import runaway_warning
@@ -29,6 +29,7 @@ from . import metrics
 from .alignment import chunk_alignment
 from .books import BookLeftOut, Skipped, Stream, find_books, load_stream
 from .config import EvalConfig, EvalSettings, InnerLoopVariant
+from .length_gen import OUTPUTS as LENGTH_GEN_OUTPUTS
 from .length_gen import length_generalisation, write_length_gen
 from .nll import MODES, StreamNLL
 from .report import (
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 # output_dir without touching these
 PLOTS = {"nll_curves": "nll_curves.png", "ppl_vs_length": "ppl_vs_length.png", "fast_weights": "fast_weights.png",
          "inner_loop": "inner_loop.png"}
+REPORT = {"json": "report.json", "markdown": "report.md", "per_position": "per_position.safetensors"}
+OUTPUTS = (*REPORT.values(), *PLOTS.values())  # everything `eval librilight` may write
 
 
 VARIANT = "@"  # "ttt@online": the "ttt" model under the inner-loop variant `eval.inner_loop.online`
@@ -387,10 +390,11 @@ def inner_loop_grid(models: list[EvalModel], runs: dict[str, dict], frames: int,
 
 
 def run_librilight(config: EvalConfig, models: list[EvalModel] | None = None, progress: bool = True,
-                   plots: bool = True) -> tuple[dict, dict[str, Path]]:
-    """The whole evaluation; returns (report, {kind: path written})."""
+                   plots: bool = True, overwrite: bool = False) -> tuple[dict, dict[str, Path]]:
+    """The whole evaluation; returns (report, {kind: path written}). `overwrite`: write into a
+    training run's folder, or over an earlier report (refused otherwise: `fresh_output_dir`)."""
     check_settings(config)
-    writable_dir(config.output_dir, "output_dir")  # before hours of scoring, not when writing the report
+    fresh_output_dir(config.output_dir, OUTPUTS, overwrite)  # before hours of scoring, not when writing the report
     model_config = config.base_model()
     device = model_config.torch_device()
     models = models or build_models(config, device)
@@ -485,8 +489,9 @@ def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[Stre
             images["inner_loop"] = plot_inner_loop(grid, runs, labels, report["markers"], out / PLOTS["inner_loop"],
                                                    names)
     report["plots"] = {k: p.name for k, p in images.items()}
-    paths = {"json": write_json(out / "report.json", report), "markdown": write_markdown(out / "report.md", report),
-             "per_position": save_per_position(out / "per_position.safetensors", results, ids), **images}
+    paths = {"json": write_json(out / REPORT["json"], report),
+             "markdown": write_markdown(out / REPORT["markdown"], report),
+             "per_position": save_per_position(out / REPORT["per_position"], results, ids), **images}
     tracker = start_wandb(config.wandb, report["config"], out, "eval-librilight")
     if tracker is not None:
         from .tracking import log_results
@@ -497,14 +502,15 @@ def write_outputs(config: EvalConfig, report: dict, results: dict[str, list[Stre
     return paths
 
 
-def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None,
-                   progress: bool = True) -> tuple[dict[str, dict], dict[str, Path]]:
-    """`ttt-speech eval length-gen`: `length_generalisation` for each model on the configured streams."""
+def run_length_gen(config: EvalConfig, models: list[EvalModel] | None = None, progress: bool = True,
+                   overwrite: bool = False) -> tuple[dict[str, dict], dict[str, Path]]:
+    """`ttt-speech eval length-gen`: `length_generalisation` for each model on the configured streams.
+    `overwrite`: as `run_librilight`'s, for length_gen.* (a report of `eval librilight` may share the folder)."""
     settings = config.eval
     if settings.train_window is None:
         raise ValueError("eval.train_window: length generalisation needs the training window (frames)")
     check_settings(replace(config, eval=replace(settings, mode="chunked")))  # length-gen runs chunked only
-    writable_dir(config.output_dir, "output_dir")  # before the scoring, not when writing the results
+    fresh_output_dir(config.output_dir, list(LENGTH_GEN_OUTPUTS.values()), overwrite)  # before the scoring
     model_config = config.base_model()
     models = models or build_models(config, model_config.torch_device())
     data = load_data(config, models[0].lm, model_config, progress)

@@ -22,6 +22,7 @@ import socket
 import time
 from pathlib import Path
 
+from ttt_speech.files import RUN_LOCK as LOCK  # its presence marks a run's folder for `eval` too
 from ttt_speech.files import writable_dir
 from ttt_speech.tracking import WANDB_DIR
 
@@ -31,7 +32,6 @@ from .plots import LOSS_PLOT
 
 logger = logging.getLogger("finetune")
 
-LOCK = ".lock"
 # What a run writes into its folder (train.log, which the demo writes beside it, is not a run's).
 RUN_OUTPUTS = ("checkpoints", "export", METRICS, TTT_STATS, MEMORY, LOSS_PLOT, "length_gen", WANDB_DIR)
 

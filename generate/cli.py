@@ -39,11 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_outputs(args: argparse.Namespace, prompts: list[Path], outputs: list[Path]) -> None:
-    """Every file of this run can be written and overwrites no input (creates --out): checked before
-    the model is loaded, so that a bad path fails at once rather than after the generation."""
+    """Every file of this run can be written and overwrites no input: checked before the model is
+    loaded, so that a bad path fails at once rather than after the generation. Nothing is created
+    here: a run that fails later (a prompt that cannot be decoded, a diverged model) leaves no folder."""
     from ttt_speech.files import writable_dir, writable_file
 
-    writable_dir(args.out, "--out")
+    writable_dir(args.out, "--out", create=False)
     inputs = {p.resolve() for p in prompts} | ({args.state_in.resolve()} if args.state_in is not None else set())
     for path in outputs:
         if path.is_dir():
@@ -51,7 +52,7 @@ def _check_outputs(args: argparse.Namespace, prompts: list[Path], outputs: list[
         if path.resolve() in inputs:
             raise ValueError(f"--out: writing {path} would overwrite an input; choose another folder")
     if args.state_out is not None:
-        writable_file(args.state_out, "--state-out")
+        writable_file(args.state_out, "--state-out", create=False)
         # the state file may replace --state-in (a rolling state), but neither a prompt nor an output
         if args.state_out.resolve() in {p.resolve() for p in [*prompts, *outputs]}:
             raise ValueError(f"--state-out: {args.state_out} would overwrite a prompt or an output of this run; "
@@ -95,7 +96,7 @@ class _Progress:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ttt_speech.files import require_file
+    from ttt_speech.files import require_file, writable_dir
     from ttt_speech.generation.loading import check_generation_model, load_generation_model
     from ttt_speech.generation.prompts import PROMPT
 
@@ -192,6 +193,7 @@ def _generate(args: argparse.Namespace) -> int:
             if decoder is not None:
                 decoder.close()
 
+    writable_dir(args.out, "--out")  # created now that the run has succeeded
     written = []
     for i, name in enumerate(names):
         codes = torch.stack(audio[i], dim=1) if audio[i] else torch.zeros(lm.dep_q, 0, dtype=torch.long)

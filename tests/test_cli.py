@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from ttt_speech import TTTConfig, patch_moshi, save_ttt, tiny_moshi_lm
 from ttt_speech.cli import main
 
@@ -49,3 +51,19 @@ def test_inspect(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     assert "patched layers            1 (1 of 4)" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "nope")]) == 2
+
+
+def test_an_os_error_is_one_line_naming_the_file_and_a_bug_is_not_hidden(monkeypatch, capsys):
+    """Any OSError (not only FileNotFoundError) is what the system refused: one line, exit 2; other
+    exceptions are programming errors and keep their traceback."""
+    from ttt_speech_apps.configs import cli as config_cli
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "runs/ro/.x.yaml.tmp")
+
+    monkeypatch.setattr(config_cli, "_list", refused)
+    assert main(["config", "list"]) == 2
+    assert capsys.readouterr().err == "ttt-speech config: error: runs/ro/.x.yaml.tmp: Permission denied\n"
+    monkeypatch.setattr(config_cli, "_list", lambda args: [][0])
+    with pytest.raises(IndexError):
+        main(["config", "list"])

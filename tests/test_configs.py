@@ -6,9 +6,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from train_utils import make_corpus
 
 from ttt_speech.cli import main
+from ttt_speech.schema import apply_overrides, load_yaml
 from ttt_speech_apps.configs import FOLDER, packaged_configs, resolve_config
 from ttt_speech_apps.finetune.config import load_train_config
 
@@ -47,6 +49,49 @@ def test_copy_a_config_and_train_from_it(tmp_path, capsys):
     assert main(["config", "cp", "tiny", str(copied), "--force"]) == 0  # ... unless asked
     assert main(["config", "cp", "nope", str(tmp_path)]) == 2
     assert "no packaged config 'nope' (packaged: demo, eval_librilight" in capsys.readouterr().err
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into: a chmod 555 one, or (root ignores modes) /sys."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            (candidate / ".probe").touch()
+        except OSError:
+            return candidate
+        (candidate / ".probe").unlink()
+    pytest.skip("no folder here refuses this process's writes")
+
+
+def test_copy_into_a_read_only_folder_or_onto_a_folder_is_one_line(tmp_path, capsys):
+    """The system's refusals are one line (exit 2), not an OSError traceback; nothing is left behind."""
+    read_only = read_only_folder(tmp_path)
+    assert main(["config", "cp", "tiny", str(read_only / "x.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ttt-speech config: error: DEST (its folder): cannot write into {read_only} (")
+    assert err.count("\n") == 1
+    in_the_way = tmp_path / "d" / "tiny.yaml"  # `config cp tiny d/` where d/tiny.yaml is a folder
+    in_the_way.mkdir(parents=True)
+    for force in ([], ["--force"]):
+        assert main(["config", "cp", "tiny", str(in_the_way.parent), *force]) == 2
+        assert f"DEST: {in_the_way} is a folder, expected a file name" in capsys.readouterr().err
+    assert [p.name for p in in_the_way.parent.iterdir()] == ["tiny.yaml"] and in_the_way.is_dir()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.seed=null", "config.model.seed: expected an integer, got None"),  # inside an optional section
+    ("model={seed: null}", "config.model.seed: expected an integer, got None"),  # the section set whole
+    ("eval.chunk_size=0", "config.eval: chunk_size: expected null or an integer >= 1, got 0"),  # a section's check
+])
+def test_a_bad_command_line_value_is_blamed_on_its_override_naming_the_field(override, expected, tmp_path, capsys):
+    assert main(["eval", "length-gen", "eval_tiny", override]) == 2
+    assert capsys.readouterr().err == f"ttt-speech eval: error: command-line override {override}: {expected}\n"
+    own = tmp_path / "eval.yaml"  # the same value written in the file is the file's
+    own.write_text(yaml.safe_dump(apply_overrides(load_yaml(FOLDER / "eval_tiny.yaml"), [override])))
+    assert main(["eval", "length-gen", str(own)]) == 2
+    assert capsys.readouterr().err.startswith(f"ttt-speech eval: error: {own}: ")
 
 
 def test_names_resolve_and_paths_win(tmp_path, monkeypatch):

@@ -177,7 +177,7 @@ def test_bad_audio_is_skipped_and_a_mixed_book_left_out(tree, tmp_path, capfd):
     assert data["left_out_books"] == [{"path": "small/1/mixed", "reason": "files mix mono and stereo (2 mono, 1 stereo)"}]
 
     # nothing left but the mixed book: the one-line "no stream left" error
-    assert main(["eval", "librilight", str(config), "--quiet", "data.max_books=1"]) == 2
+    assert main(["eval", "librilight", str(config), "--quiet", "data.max_books=1", "--overwrite"]) == 2
     err = capfd.readouterr().err.strip()
     assert "data: no stream left to evaluate (" in err and "small/1/mixed: files mix mono and stereo" in err
     assert "\n" not in err and "Traceback" not in err

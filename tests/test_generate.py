@@ -190,6 +190,19 @@ def test_cli_checks_every_output_before_loading_the_model(tmp_path, code_prompt,
     assert message.format(**fill) in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_prompt_that_cannot_be_read_leaves_no_output_folder(tmp_path, capsys):
+    """The outputs are checked first but created only once the run has succeeded: a prompt that fails
+    to decode (after the model loaded) leaves neither --out nor the --state-out folder behind."""
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    out, state = tmp_path / "new" / "out", tmp_path / "states" / "s.safetensors"
+    assert main(["generate", str(bad), "--out", str(out), "--state-out", str(state), "--device", "cpu",
+                 "--max-duration", "0.16"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: cannot decode audio" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav"]
+
+
 # ----------------------------------------------------------------------------- sessions
 
 def run(lm, prompts, n, config=SAMPLING, batch=None):
@@ -427,7 +440,7 @@ def test_cli_exits_1_and_writes_nothing_when_the_model_diverges(tmp_path, export
     err = capsys.readouterr().err.strip()
     assert err.startswith("ttt-speech generate: error: the model diverged") and len(err.splitlines()) == 1, err
     assert "at step 1 of this run" in err and "row 0 (text); row 0 is b" in err and "Traceback" not in err
-    assert list((tmp_path / "out").iterdir()) == [] and not state.exists()
+    assert not (tmp_path / "out").exists() and not state.exists()
     assert main(["generate", *common, "--export", str(export_dir), "--out", str(tmp_path / "ok"),
                  "--state-out", str(state)]) == 0
     assert {p.name for p in (tmp_path / "ok").iterdir()} == {"b.safetensors", "b.wav"} and state.is_file()

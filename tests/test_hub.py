@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -218,6 +219,45 @@ def test_training_records_provenance(tmp_path):
     assert provenance["data"]["train_manifest"] == str(corpus["train"])
     assert provenance["data"]["eval_manifest"] == str(corpus["eval"])
     assert provenance["eval"]["eval_loss"] > 0 and provenance["train_loss"] > 0
+
+
+@pytest.mark.parametrize("trainable, removed", [("full", "model.safetensors"), ("ttt", "ttt.safetensors"),
+                                                  ("ttt", "ttt_config.json")])
+def test_an_export_missing_a_file_its_model_json_declares_is_refused_by_every_reader(
+        trainable, removed, tmp_path, hub_calls, capsys):
+    """inspect, export card, export push and loading all read an export through read_export_meta,
+    which checks its files against model.json: one line naming the missing file, exit 2, no upload."""
+    export = save_export(trained_lm(seed=1), TINY, tmp_path / "export", trainable)
+    (export / removed).unlink()
+    message = f"{export / removed}: missing, and model.json declares it (an incomplete export"
+    for command in (["inspect", str(export)], ["export", "card", str(export)],
+                    ["export", "push", str(export), "me/moshi-ttt"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (command, err)
+    assert not hub_calls
+    with pytest.raises(ValueError, match="missing, and model.json declares it"):
+        load_exported_lm(export)
+
+
+def test_push_uploads_the_files_model_json_declares_not_strays(tmp_path, hub_calls):
+    export = make_export(tmp_path / "export", seed=1)
+    (export / "lora.safetensors").write_bytes(b"left over")  # not declared: this export has no LoRA
+    assert main(["export", "push", str(export), "me/moshi-ttt"]) == 0
+    assert set(uploaded(hub_calls)) == {"model.json", "ttt_config.json", "ttt.safetensors", "README.md"}
+
+
+@pytest.mark.parametrize("source", ["org/name@", "@rev", "org/name@v1@v2"])
+def test_a_malformed_hub_id_is_said_so_not_taken_for_a_missing_folder(source, offline_cache, capsys):
+    expected = f"{source}: no such local folder, and a malformed hub id (expected namespace/name[@revision])"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        read_export_meta(source)
+    for command in (["inspect", source], ["export", "card", source]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == f"ttt-speech {command[0]}: error: {expected}\n"
+    with pytest.raises(ValueError, match=rf"^model.name: '{re.escape(source)}' is a malformed hub id \(expected "
+                                         "namespace/name: a base model is read from its repo's main branch"):
+        ModelConfig(name=source)  # (no revision at all there)
 
 
 @pytest.fixture

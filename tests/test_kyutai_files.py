@@ -11,6 +11,11 @@ import pytest
 import torch
 
 from make_local_checkpoint import MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME, cache_as_hub
+from safetensors.torch import save_file
+
+from ttt_speech.cli import main
+
+MOSHI_7B_NORMS = {"out_norm.alpha": (1, 1, 4096), "depformer.layers.0.norm1.alpha": (1, 1, 1024)}  # Moshi-7B's shapes
 
 
 def linked(source: Path, out: Path, config: dict | None, skip: tuple[str, ...] = ()) -> Path:
@@ -82,8 +87,10 @@ def test_a_legacy_checkpoint_without_config_json_is_moshi_7b(local_checkpoint, t
         cache_as_hub(folder, tmp_path / "hf-cache", "org/legacy")
         offline(tmp_path / "hf-cache")
         name = "org/legacy"
-    else:
+    else:  # its LM file is checked against Moshi-7B's shapes: a few of its tensors stand in for the 15 GB
         offline(tmp_path / "empty-cache")
+        (folder / MOSHI_NAME).unlink()
+        save_file({key: torch.zeros(shape) for key, shape in MOSHI_7B_NORMS.items()}, str(folder / MOSHI_NAME))
         name = str(folder)
     config = ModelConfig(name=name, device="cpu")
     with warnings.catch_warnings(record=True) as caught:
@@ -92,3 +99,18 @@ def test_a_legacy_checkpoint_without_config_json_is_moshi_7b(local_checkpoint, t
         assert load_mimi(config).num_codebooks == 8 and load_text_tokenizer(config).vocab_size() == 40
     assert lm.dim == 4096 and lm.n_q == 16 and lm.dep_q == 8
     assert any("no config.json: a legacy checkpoint, taken for Moshi-7B" in str(w.message) for w in caught)
+
+
+def test_a_folder_whose_config_json_is_missing_is_one_line_before_any_model_is_built(local_checkpoint, tmp_path,
+                                                                                    capsys):
+    """Without config.json a folder is taken for Moshi-7B; the tiny checkpoint's LM is not one, which
+    is said when the config is read (not in load_state_dict, after a dim-4096 model was built)."""
+    source, _, _ = local_checkpoint
+    folder = linked(source, tmp_path / "no-config", None)
+    out = tmp_path / "out"
+    assert main(["eval", "length-gen", "eval_tiny", f"model.name={folder}", "model.tiny={}", "model.device=cpu",
+                 f"output_dir={out}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.name: {folder}: config.json missing; without one a folder is taken for Moshi-7B, but its " \
+           f"{MOSHI_NAME} is another model (its emb.0.weight is [2049, 128], Moshi-7B's [2049, 4096])" in err
+    assert err.count("\n") == 1 and not out.exists()

@@ -110,7 +110,7 @@ def test_eval_memory_logs_too(tmp_path, corpus, monkeypatch, sent):
         "segment_frames": 16, "output_dir": str(tmp_path / "out")}))
     assert main(["eval", "memory", str(config), "--quiet"]) == 0  # wandb.mode: disabled by default
     assert not (tmp_path / "out" / "wandb").exists()
-    assert main(["eval", "memory", str(config), "--quiet", "--wandb-offline"]) == 0
+    assert main(["eval", "memory", str(config), "--quiet", "--wandb-offline", "--overwrite"]) == 0  # the same folder
     (run,) = offline_runs(tmp_path / "out")
     assert list(cwd.iterdir()) == []
     assert {p.name for p in (run / "files").iterdir()} >= {"memory.json", "memory.md", "media"}

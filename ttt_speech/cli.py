@@ -69,12 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ttt-speech {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input, or what the system refused (a read-only folder, a full disk)
+        print(f"ttt-speech {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT (train saves first)
         print(f"ttt-speech {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def error_line(error: ValueError | OSError) -> str:
+    """The one line a user sees: an OSError raised by the system names its file(s) and the reason
+    ("x.yaml: Permission denied"), not Python's "[Errno 13] ..."; the project's own errors are their message."""
+    if isinstance(error, OSError) and error.strerror:
+        files = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        return f"{files}: {error.strerror}" if files else error.strerror
+    return str(error)
 
 
 def streaming_error(lm, codes, chunks: tuple[int, ...]) -> float:

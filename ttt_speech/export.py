@@ -46,9 +46,12 @@ def export_dir(source: str | Path) -> Path:
     return resolve_export(source, EXPORT_FILES)
 
 
-def export_files(directory: Path) -> list[str]:
-    """The export files present in `directory` (what `export push` uploads)."""
-    return [name for name in EXPORT_FILES if (directory / name).is_file()]
+def export_files(meta: dict[str, Any]) -> list[str]:
+    """The files an export holds, as its model.json (`meta`) declares them: what every reader checks
+    (`read_export_meta`) and what `export push` uploads."""
+    return [MODEL_FILE, *((CONFIG_FILE, WEIGHTS_FILE) if meta.get("ttt") else ()),
+            *((LORA_FILE,) if meta.get("lora") else ()),
+            *((FULL_FILE,) if meta.get("trainable") in TRAINS_EVERYTHING else ())]
 
 
 def code_provenance() -> dict[str, str | None]:
@@ -107,11 +110,18 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
 
 
 def read_export_meta(source: str | Path) -> dict[str, Any]:
-    """model.json of an export folder or hub repo id (no weights are read); `provenance` may be absent."""
-    path = export_dir(source) / MODEL_FILE
+    """model.json of an export folder or hub repo id (no weights are read); `provenance` may be absent.
+    Every reader of an export starts here, so an export missing a file its model.json declares (a
+    deleted model.safetensors) is refused here, by every command, before anything is loaded or uploaded."""
+    directory = export_dir(source)
+    path = directory / MODEL_FILE
     meta = read_json(path, "an export directory written by `ttt-speech train`")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: not a ttt-speech export (format {meta.get('format')!r}, version {meta.get('version')!r})")
+    missing = next((name for name in export_files(meta) if not (directory / name).is_file()), None)
+    if missing is not None:
+        raise ValueError(f"{directory / missing}: missing, and {MODEL_FILE} declares it (an incomplete export: copy "
+                         "the whole folder again, or export it again)")
     return meta
 
 

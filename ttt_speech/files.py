@@ -1,12 +1,17 @@
 """Files written atomically (a temporary name, then a rename: a reader never sees half a file) and
-read back with one-line errors naming the file: safetensors, text, JSON."""
+read back with one-line errors naming the file: safetensors, text, JSON; the folders and files a
+command will write, checked before its work (writable, and nobody else's results)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+RUN_LOCK = ".lock"  # flocked by a training run for its life and left in its output_dir: marks a run's folder
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: the command tree is built without it
     from torch import Tensor
@@ -81,16 +86,22 @@ def require_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def writable_dir(path: str | Path, what: str) -> Path:
+def writable_dir(path: str | Path, what: str, create: bool = True) -> Path:
     """Create folder `path` (and its parents) and prove it writable with a probe file, so that a long
-    job fails before its work rather than when it writes its results. One-line ValueError naming
-    `what` (e.g. "output_dir") when the path is a file, or cannot be created or written."""
+    job fails before its work rather than when it writes its results. `create=False` checks only:
+    the probe goes into the nearest folder that exists (`path` or one above it) and nothing is left,
+    for a command that may still fail before it writes (it creates the folder then). One-line
+    ValueError naming `what` (e.g. "output_dir") when the path is a file, or cannot be created or written."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what}: {path} is a file, expected a folder")
+    existing = path if create else next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe.")
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not existing.is_dir():  # a file where a folder above `path` would have to be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-probe.")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -98,11 +109,29 @@ def writable_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def writable_file(path: str | Path, what: str) -> Path:
-    """Check that file `path` can be written (its folder is created and probed, `writable_dir`); a
-    folder at `path` is a one-line ValueError naming `what`."""
+def fresh_output_dir(path: str | Path, outputs: Sequence[str], overwrite: bool, what: str = "output_dir") -> Path:
+    """`writable_dir(path, what)` for a command that writes the files `outputs` into it, refusing
+    (unless `overwrite`) a folder that is a training run's (it holds RUN_LOCK) or that already holds
+    one of `outputs` (an earlier run's results, which this one would replace). Several commands
+    whose outputs differ may share a folder (`eval librilight` and `eval length-gen`)."""
+    path = Path(path)
+    if path.is_dir() and not overwrite:
+        if (path / RUN_LOCK).exists():
+            held = ", ".join(sorted(p.name for p in path.iterdir() if p.name != RUN_LOCK)[:4]) or "nothing yet"
+            raise ValueError(f"{what}: {path} is a training run's folder (holding {held}); choose another {what}, "
+                             "or pass --overwrite to write into it anyway")
+        previous = [name for name in outputs if (path / name).exists()]
+        if previous:
+            raise ValueError(f"{what}: {path} already holds {', '.join(previous)} (an earlier run's results); "
+                             f"choose another {what}, or pass --overwrite to replace them")
+    return writable_dir(path, what)
+
+
+def writable_file(path: str | Path, what: str, create: bool = True) -> Path:
+    """Check that file `path` can be written (its folder is created, unless not `create`, and probed:
+    `writable_dir`); a folder at `path` is a one-line ValueError naming `what`."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what}: {path} is a folder, expected a file name")
-    writable_dir(path.parent, f"{what} (its folder)")
+    writable_dir(path.parent, f"{what} (its folder)", create)
     return path

@@ -14,10 +14,31 @@ from pathlib import Path
 
 LIBRARY = "ttt-speech"  # the hub's library_name: user agent and model-card front matter
 HUB_SOURCE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
+HUB_ID = "namespace/name[@revision]"  # how the errors name the form of HUB_SOURCE
 
 
 def parse_hub_source(source: str) -> tuple[str, str | None] | None:
-    """(repo id, revision or None) of a `namespace/name[@revision]` string; None when it is not one."""
+    """(repo id, revision or None) of a `namespace/name[@revision]` string; None when it is not one
+    (a local path). A string with an '@' names a revision, so it is meant as a hub id: a malformed
+    one (`org/name@`, `@rev`) is a ValueError saying so, not a missing local folder."""
+    match = _match(source)
+    if match is None:
+        if "@" in source:
+            raise ValueError(f"{source}: no such local folder, and a malformed hub id (expected {HUB_ID})")
+        return None
+    return match["repo"], match["revision"]
+
+
+def check_repo_id(repo_id: str, field: str) -> str:
+    """`repo_id` if it names a hub repo (`namespace/name`, no revision); otherwise a one-line ValueError."""
+    match = _match(repo_id)
+    if match is None or match["revision"] is not None:
+        raise ValueError(f"{field}: expected a hub repo id namespace/name (e.g. me/moshi-ttt), got {repo_id!r}")
+    return repo_id
+
+
+def _match(source: str) -> re.Match | None:
+    """`HUB_SOURCE`'s match of `source` when its repo id is one the hub accepts, else None."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     match = HUB_SOURCE.fullmatch(source)
@@ -27,15 +48,7 @@ def parse_hub_source(source: str) -> tuple[str, str | None] | None:
         validate_repo_id(match["repo"])
     except HFValidationError:
         return None
-    return match["repo"], match["revision"]
-
-
-def check_repo_id(repo_id: str, field: str) -> str:
-    """`repo_id` if it names a hub repo (`namespace/name`, no revision); otherwise a one-line ValueError."""
-    parsed = parse_hub_source(repo_id)
-    if parsed is None or parsed[1] is not None:
-        raise ValueError(f"{field}: expected a hub repo id namespace/name (e.g. me/moshi-ttt), got {repo_id!r}")
-    return repo_id
+    return match
 
 
 def resolve_export(source: str | Path, files: Sequence[str] | None = None) -> Path:

@@ -13,6 +13,7 @@ when it really has none: online the hub says so, offline / in a folder its defau
 """
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ READS = {"moshi_weights": ("moshi_name", "lora_name"), "mimi_weights": ("mimi_na
          "config": ()}
 ALWAYS = ("mimi_config_name",)
 LEGACY_FILES = ("MOSHI_NAME", "MIMI_NAME")  # a checkpoint without config.json holds these (moshi's defaults)
+LAYOUT = "a checkpoint folder is laid out as Kyutai's hub repos: config.json and the files it names"
 
 
 def is_checkpoint_folder(name: str) -> bool:
@@ -44,8 +46,43 @@ def check_folder(folder: Path) -> None:
     if config.is_file():
         read_config(config)
     elif not _legacy_folder(folder):
-        raise ValueError(f"model.name: {folder} has no config.json (a checkpoint folder is laid out as Kyutai's hub "
-                         "repos: config.json and the files it names)")
+        raise ValueError(f"model.name: {folder} has no config.json ({LAYOUT})")
+    else:
+        _check_legacy_lm(folder)
+
+
+def _check_legacy_lm(folder: Path) -> None:
+    """A folder without config.json is built as Moshi-7B (moshi's default architecture): LM weights of
+    another shape would fail only in `load_state_dict`, once the 7B model is built. Their shapes are
+    read from the safetensors header (no weight is loaded) and compared with Moshi-7B's."""
+    from moshi.models import loaders
+    from safetensors import SafetensorError, safe_open
+
+    weights = folder / loaders.MOSHI_NAME
+    if not weights.is_file():  # Mimi alone (encoding audio needs no LM)
+        return
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"model.name: {weights} is not a readable safetensors file ({e})") from None
+    expected = _moshi_7b_shapes()
+    common = [key for key in expected if key in shapes]
+    wrong = next((key for key in common if shapes[key] != expected[key]), None)
+    if common and wrong is None:
+        return
+    found = (f"its {wrong} is {list(shapes[wrong])}, Moshi-7B's {list(expected[wrong])}" if wrong is not None
+             else "it holds none of Moshi-7B's tensors")
+    raise ValueError(f"model.name: {folder}: config.json missing; without one a folder is taken for Moshi-7B, but "
+                     f"its {loaders.MOSHI_NAME} is another model ({found}); {LAYOUT}")
+
+
+@functools.cache
+def _moshi_7b_shapes() -> dict[str, tuple[int, ...]]:
+    """Moshi-7B's parameter shapes (built on the meta device: ~2 s, once per process)."""
+    from .moshi.internals import moshi_7b_lm
+
+    return {key: tuple(value.shape) for key, value in moshi_7b_lm().state_dict().items()}
 
 
 def checkpoint_files(name: str, given: dict[str, Path | None], reads: str) -> dict[str, Path]:
@@ -103,9 +140,7 @@ def _fetch(name: str, folder: Path | None, filename: str, source: str = "", opti
             return path
         if optional and _legacy_folder(folder):
             return None
-        raise ValueError(f"model.name: {folder} has no {filename}" + (f" ({source})" if source else
-                         " (a checkpoint folder is laid out as Kyutai's hub repos: config.json and the files it "
-                         "names)"))
+        raise ValueError(f"model.name: {folder} has no {filename} ({source or LAYOUT})")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 

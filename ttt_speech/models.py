@@ -106,6 +106,9 @@ class ModelConfig:
         elif self.name.startswith(("/", ".", "~")) or self.name.count("/") > 1:  # a path, never a repo id
             raise ValueError(f"model.name: {self.name}: no such checkpoint folder (expected 'tiny', a Hugging Face "
                              "repo id namespace/name or a checkpoint folder)")
+        elif "@" in self.name:  # moshi's loaders read a repo's main branch: no revision, and never a folder
+            raise ValueError(f"model.name: {self.name!r} is a malformed hub id (expected namespace/name: a base model "
+                             "is read from its repo's main branch, no @revision)")
         if self.name == "tiny":
             ignored = [k for k in ("moshi_weights", "mimi_weights", "config_path") if getattr(self, k) is not None]
             if ignored:  # (a text tokenizer is the one file a tiny model reads: word-timed transcripts)

@@ -103,7 +103,7 @@ def model_card(directory: Path, repo_id: str | None = None, license: str | None 
              "## Model", "", "| | |", "|---|---|",
              *(f"| {label} | {value} |" for label, value in rows if label in ("base model", "trainable", "LoRA")), "",
              "| file | bytes |", "|---|---|",
-             *(f"| `{f}` | {(directory / f).stat().st_size:,} |" for f in export_files(directory)), ""]
+             *(f"| `{f}` | {(directory / f).stat().st_size:,} |" for f in export_files(meta)), ""]
     if meta.get("ttt"):
         saved = read_saved_ttt(directory)
         lines += ["## TTT layers", "", "```", str(saved.report), "```", "", "| TTTConfig field | value |", "|---|---|",
@@ -180,7 +180,7 @@ def _push(args: argparse.Namespace) -> int:
               file=sys.stderr)
     own = directory / README
     readme = own.read_text() if own.is_file() else model_card(directory, repo_id, args.license)
-    files = export_files(directory)
+    files = export_files(meta)
     message = args.message or f"Upload ttt-speech export{f' ({steps} steps)' if steps is not None else ''}"
     url = push_folder(directory, files, readme, repo_id, args.revision, args.private, message)
     card = "the folder's own" if own.is_file() else "generated"

@@ -87,7 +87,23 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] = (), where
     try:
         return from_dict(cls, data, where)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        override = _override_of(str(e), list(overrides), where)
+        raise ValueError(f"{f'command-line override {override}' if override else path}: {e}") from None
+
+
+def _override_of(error: str, overrides: list[str], where: str) -> str | None:
+    """The override that set the field an error names, so that a value given on the command line is
+    not blamed on the file; None when the file set it. A field is named as a whole
+    (`config.model.seed: ...`) or, by a section's own checks, after the section
+    (`config.eval: chunk_size: ...`, `config.model: model.name: ...`)."""
+    section, _, rest = error.partition(": ")
+    named = rest.partition(": ")[0]
+    for item in reversed(overrides):  # the last override of a key is the one applied
+        key = f"{where}.{item.partition('=')[0]}"
+        inner = key.removeprefix(f"{section}.") if key.startswith(f"{section}.") else None
+        if section == key or section.startswith(f"{key}.") or inner in (named, named.rpartition(".")[2]):
+            return item
+    return None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -150,13 +166,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
+        options = [option for option in typing.get_args(tp) if option is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
             return None
+        if len(options) == 1:  # `X | None`: X's own error, which names the field inside a section
+            return _coerce(options[0], value, where)
         errors = []
         for option in options:
-            if option is type(None):
-                continue
             try:
                 return _coerce(option, value, where)
             except ValueError as e:
