@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.generation.options import add_model_options, add_sampling_options, generation_config
 
+from .access import TOKEN_ENV
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -22,7 +24,9 @@ SERVE = (
     "both ways, text pieces), so moshi's clients and `ttt-speech client` can talk to it. A client "
     "that names a session (?session=ID) keeps its conversation: on disconnect the live stream (TTT "
     "state, attention caches, LMGen, Mimi, RNG) is saved under --sessions, and the next connection "
-    "with that id goes on from there. One conversation at a time. See docs/serve.md."
+    "with that id goes on from there. One conversation at a time. Every route asks a token when one is "
+    f"given (--token, {TOKEN_ENV}) and always beyond loopback (generated and printed when none is given), "
+    "and refuses other sites' browser pages. See docs/serve.md."
 )
 CLIENT = (
     "Stream INPUT to a running `ttt-speech serve` (or moshi's server) in real time, or as fast as it "
@@ -37,6 +41,8 @@ def _add_address(p: argparse.ArgumentParser, scheme: str) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"server host (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
     p.add_argument("--url", metavar="URL", help=f"server address instead of --host/--port, e.g. {scheme}://gpu-box:8998")
+    p.add_argument("--token", metavar="TOKEN", help=f"the server's token (default: the environment variable "
+                                                    f"{TOKEN_ENV}, which keeps it out of `ps`; none: send none)")
 
 
 def _port(value: int) -> int:
@@ -66,8 +72,17 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_sampling_options(p, live=True)
     s = p.add_argument_group("server")
-    s.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0: every interface)")
+    s.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0: every "
+                                                        "interface, over plain HTTP: put a TLS reverse proxy in front)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    s.add_argument("--token", action="append", metavar="TOKEN",
+                   help=f"a token every request must present (repeat: one per user); default: the environment "
+                        f"variable {TOKEN_ENV} (out of `ps`); none: generated and printed when --host is beyond "
+                        "loopback, not asked on loopback")
+    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin allowed besides the server's own, e.g. https://app.example (repeat)")
+    s.add_argument("--bind-sessions", action="store_true",
+                   help="a session is only for the token that created it (needs --token or the variable)")
     s.add_argument("--sessions", type=Path, default=DEFAULT_SESSIONS, metavar="DIR",
                    help=f"folder of the saved sessions (default {DEFAULT_SESSIONS}; created, checked writable at start)")
     s.add_argument("--verbose", action="store_true", help="log every frame's handling time (default: every 10 s)")
@@ -79,8 +94,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = generation_config(args)
     _port(args.port)
+    from .access import server_access
     from .sessions import SessionStore
 
+    access, generated = server_access(args.host, args.token, args.allow_origin, args.bind_sessions)
     store = SessionStore(args.sessions)
     check_generation_model(args.export, args.ttt)
 
@@ -92,15 +109,21 @@ def _serve(args: argparse.Namespace) -> int:
     from ttt_speech.generation.loading import load_generation_model
     from ttt_speech.models import load_mimi, load_text_tokenizer
 
-    from .server import ChatServer, log, model_thread, run_server
+    from .server import ChatServer, check_listen, log, model_thread, run_server
+
+    check_listen(args.host, args.port)  # a port in use: before the model loads
 
     executor = model_thread()
+    source = f"--export {args.export}" if args.export is not None else f"--model {args.model}"
 
     def load():
         torch.set_grad_enabled(False)  # the model's thread never needs autograd
         lm, model_config = load_generation_model(args.export, args.model, args.ttt, args.device, args.dtype)
         mimi = load_mimi(model_config, device=lm.device)
-        check_live_model(lm, mimi)  # before the port opens, not at the first connection
+        try:  # before the port opens and anything runs the model
+            check_live_model(lm, mimi)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         return lm, model_config, mimi, load_text_tokenizer(model_config)
 
     log("loading the model")
@@ -110,12 +133,12 @@ def _serve(args: argparse.Namespace) -> int:
         executor.shutdown(wait=False)
         raise
     name = str(args.export) if args.export is not None else model_config.name
-    server = ChatServer(lm, mimi, tokenizer, config, store, name, executor, verbose=args.verbose)
+    server = ChatServer(lm, mimi, tokenizer, config, store, name, executor, access, verbose=args.verbose)
     log(f"warming up ({name} on {lm.device}{', TTT layers' if _has_ttt(lm) else ', no TTT layers'})")
 
     async def main() -> None:
         await server.warmup()
-        await run_server(server, args.host, args.port)
+        await run_server(server, args.host, args.port, generated)
     asyncio.run(main())
     return 0
 
@@ -156,11 +179,10 @@ def user_codes(codes: "Tensor", source: Path) -> "Tensor":
 def _client(args: argparse.Namespace) -> int:
     import asyncio
 
-    import aiohttp
-
     from ttt_speech.data.audio import AUDIO_SUFFIXES
     from ttt_speech.files import require_file, writable_file
 
+    from .access import client_token
     from .client import ServerRefused, chat_url, converse
     from .sessions import check_id
 
@@ -177,6 +199,7 @@ def _client(args: argparse.Namespace) -> int:
         raise ValueError(f"--out: {args.out} is the INPUT")
     if args.session is not None:
         check_id(args.session)
+    token = client_token(args.token)
     url = chat_url(_base(args, "ws"), args.session, "codes" if codes_mode else "opus")
 
     sample_rate = 24000  # Mimi's, the protocol's
@@ -202,32 +225,24 @@ def _client(args: argparse.Namespace) -> int:
               f"({meta.get('model')})", file=sys.stderr)
 
     try:
-        talk = asyncio.run(converse(url, pcm=pcm, codes=codes, sample_rate=sample_rate,
-                                    realtime=not args.fast, on_text=on_text, on_metadata=on_metadata))
+        talk = asyncio.run(converse(url, pcm=pcm, codes=codes, sample_rate=sample_rate, realtime=not args.fast,
+                                    on_text=on_text, on_metadata=on_metadata, token=token))
     except ServerRefused as e:
         raise ValueError(str(e)) from None
-    except (aiohttp.ClientError, ConnectionError) as e:  # the server went away mid-conversation
-        raise ValueError(f"the connection to {url} broke ({type(e).__name__}: {e}); nothing was written") from None
     if not args.quiet and talk.text:
         sys.stdout.write("\n")
-    if talk.error:
-        print(f"ttt-speech client: the server ended the conversation: {talk.error}", file=sys.stderr)
     _write_reply(args.out, talk, codes_mode, sample_rate, str(source))
     seconds = talk.frames_sent / FRAME_RATE
     got = (f"{sum(c is not None for c in talk.codes)} frames of codes" if codes_mode
            else f"{talk.audio.shape[0] / sample_rate:.2f} s of audio")
+    unconfirmed = ("" if talk.confirmed or talk.failure
+                   else " (the server did not confirm the end: it may not answer pings)")
     print(f"sent {seconds:.2f} s ({talk.frames_sent} frames), received {got} and {len(talk.text)} text piece(s)"
-          f"{_ending(talk)}; "
-          f"wrote {args.out}", file=sys.stderr)
-    return 1 if talk.error else 0
-
-
-def _ending(talk) -> str:
-    if talk.confirmed:
-        return ""
-    if talk.closed:
-        return f" (the server closed the connection: {talk.closed})"
-    return " (the server did not confirm the end: it may not answer pings)"
+          f"{unconfirmed}; wrote {args.out}", file=sys.stderr)
+    if talk.failure:  # what was written is what came back before: say so, and fail
+        print(f"ttt-speech client: error: {talk.failure}; {args.out} holds what came back before", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _write_reply(path: Path, talk, codes_mode: bool, sample_rate: int, source: str) -> None:
@@ -305,11 +320,15 @@ def _sessions_http(args: argparse.Namespace):
     import urllib.error
     import urllib.request
 
+    from .access import client_token
+
     base = _base(args, "http")
+    token = client_token(args.token)
     path = "/api/sessions" + ("" if args.action == "list" else f"/{args.session}") + (
         "/reset" if args.action == "reset" else "")
     method = {"list": "GET", "show": "GET", "reset": "POST", "delete": "DELETE"}[args.action]
-    request = urllib.request.Request(base + path, method=method)
+    request = urllib.request.Request(base + path, method=method,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())

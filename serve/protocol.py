@@ -1,4 +1,4 @@
-"""moshi's websocket protocol (`/api/chat`), as moshi's server and clients speak it, plus one extension.
+"""moshi's websocket protocol (`/api/chat`), as moshi's server and clients speak it, plus two extensions.
 
 Every message is binary: one kind byte, then a payload (moshi 0.2.13 `server.py` / `client.py` and
 its web client).
@@ -16,6 +16,11 @@ The extension, only on connections opened with `format=codes`: kind 0x80 carries
 little-endian int32, client → server one or more user frames ([T, n_user] row-major), server →
 client exactly one reply per user frame: [1 + dep_q] (text token, then Moshi's audio codes) of the
 frame that step emitted, or an empty payload for a step that emitted none (the first max_delay).
+
+Kind 0x81 (end), on any connection to a server whose metadata says `"answers_end": true`: client →
+server (empty) "I am done: save my session"; the server saves it, then answers 0x81 (JSON: `saved`,
+`frames`) or, when the save failed, an error (kind 5), and closes the connection (1000; 1011 when
+not saved). Without it the server saves after the client is gone, and only its log can tell.
 """
 from __future__ import annotations
 
@@ -24,15 +29,15 @@ import json
 import numpy as np
 
 HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING = range(7)
-CODES = 0x80
+CODES, END = 0x80, 0x81  # this project's extensions, out of moshi's range
 KINDS = {HANDSHAKE: "handshake", AUDIO: "audio", TEXT: "text", CONTROL: "control", METADATA: "metadata",
-         ERROR: "error", PING: "ping", CODES: "codes"}
+         ERROR: "error", PING: "ping", CODES: "codes", END: "end"}
 FORMATS = ("opus", "codes")  # the `format` query parameter of /api/chat
 
 # websocket close codes (RFC 6455 §7.4.1)
 CLOSE_GOING_AWAY = 1001     # the server shuts down
-CLOSE_POLICY = 1008         # a request the server refuses (bad session id, different model)
-CLOSE_INTERNAL = 1011       # the model failed (e.g. diverged)
+CLOSE_POLICY = 1008         # a request the server refuses (bad session id, different model, another token's session)
+CLOSE_INTERNAL = 1011       # the model failed (e.g. diverged), or the session asked to end could not be saved
 CLOSE_TRY_LATER = 1013      # another conversation is live
 
 

@@ -9,9 +9,12 @@ byte. Differences, all on purpose:
 - the model runs in one worker thread (every step, load and save of a stream, in order), so the
   event loop stays free to answer a second client, the session endpoints and signals while a
   frame is computed;
-- one conversation at a time (as moshi's lock); a further client is told so (kind 5) and closed
-  with 1013 instead of waiting unseen; a client that connects while the last conversation is
-  being saved (its own session reconnecting, say) waits for the save;
+- one conversation at a time (as moshi's lock); a further client is told so (kind 5, naming no
+  session) and closed with 1013 instead of waiting unseen; a client that connects while the last
+  conversation is being saved (its own session reconnecting, say) waits for the save;
+- every route is guarded (serve/access.py: token, Origin, Host; sessions bound to tokens);
+- a client that ends with kind 0x81 (end) gets its session saved before the connection closes,
+  and is told whether the save worked;
 - a message it cannot use (unknown kind, text frame, garbage Opus, bad codes) is logged and
   skipped; the conversation goes on;
 - SIGINT / SIGTERM close the live connection (1001), save its session, then stop.
@@ -36,6 +39,7 @@ from ttt_speech.generation.live import LiveFrame, LiveStream
 from ttt_speech.generation.session import GenerationDiverged
 
 from . import protocol as P
+from .access import CHAT_PATH, TOKEN_ENV, Access, Refused, is_loopback
 from .sessions import SessionStore, check_id
 
 FRAME_BUDGET = 1.0 / FRAME_RATE   # seconds one frame may take to keep up with real time (80 ms)
@@ -87,8 +91,10 @@ class Connection:
     session: str | None
     format: str
     sample_rate: int
+    owner: str | None = None      # the token's owner a new session is bound to (None: not bound)
     live: LiveStream | None = None
     resumed: bool = False
+    ending: bool = False          # the client asked to end (kind 0x81): it waits for the save's outcome
     closing: bool = False         # the client is gone; the stream is being saved
     failed: bool = False          # the model diverged: the stream is not saved
     skipped: int = 0              # messages logged and skipped
@@ -123,9 +129,10 @@ class ChatServer:
     """The model, its codec and tokenizer, the sessions folder, and the one live conversation."""
 
     def __init__(self, lm, mimi, text_tokenizer, config: GenerationConfig, store: SessionStore,
-                 model_name: str, executor: ThreadPoolExecutor, verbose: bool = False) -> None:
+                 model_name: str, executor: ThreadPoolExecutor, access: Access, verbose: bool = False) -> None:
         self.lm, self.mimi, self.tokenizer = lm, mimi, text_tokenizer
         self.config, self.store, self.model_name, self.verbose = config, store, model_name, verbose
+        self.access = access
         self.n_user = lm.num_codebooks - 1 - lm.dep_q
         self.padding = {lm.text_padding_token_id, lm.end_of_text_padding_id}
         self.executor = executor  # the model's one thread (`model_thread`): it loaded the model, it runs it
@@ -164,7 +171,7 @@ class ChatServer:
             if conn.session and not conn.failed:
                 tensors, meta = conn.live.state_dict()
                 meta["model_name"] = self.model_name
-                return self.store.save(conn.session, tensors, meta, timing_summary(conn.seconds))
+                return self.store.save(conn.session, tensors, meta, timing_summary(conn.seconds), conn.owner)
             return None
         finally:
             conn.live.close()
@@ -192,10 +199,19 @@ class ChatServer:
                 pass
         if self.stopping:
             return await self._refuse(ws, "the server is shutting down", P.CLOSE_GOING_AWAY)
-        if self.live is not None:
-            return await self._refuse(ws, f"busy: the model is in another conversation ({self.live.name}); "
-                                          "one conversation at a time, try again when it ends", P.CLOSE_TRY_LATER)
-        conn = Connection(ws, session, fmt, self.mimi.sample_rate)
+        if self.live is not None:  # (which conversation is another client's business: not named)
+            return await self._refuse(ws, "busy: the model is in another conversation; one conversation at a "
+                                          "time, try again when it ends", P.CLOSE_TRY_LATER)
+        owner = self.access.owner(request.get("token"))
+        # checked after any save above (a session being created is bound by then) and with no await
+        # before it goes live (nothing can create the session in between)
+        try:  # a record the save could not update fails now, not after the conversation
+            record = self.store.record(session) if session else None
+        except ValueError as e:
+            return await self._refuse(ws, str(e), P.CLOSE_POLICY)
+        if not self.access.may_use(record, owner):
+            return await self._refuse(ws, f"session {session}: bound to another token", P.CLOSE_POLICY)
+        conn = Connection(ws, session, fmt, self.mimi.sample_rate, owner)
         self.live = conn
         try:
             await self._converse(conn)
@@ -225,7 +241,8 @@ class ChatServer:
             digest = await self._run(lambda: ttt_digest(live.ttt_state()))
             info = {"session": conn.session, "resumed": conn.resumed, "format": conn.format,
                     "position": live.position, "frames": live.frames_in, "ttt": digest,
-                    "sample_rate": self.mimi.sample_rate, "frame_rate": FRAME_RATE, "model": self.model_name}
+                    "sample_rate": self.mimi.sample_rate, "frame_rate": FRAME_RATE, "model": self.model_name,
+                    "answers_end": True}
             log(f"{conn.name}: connected ({conn.format}); " + (f"resumed at frame {live.frames_in}" if conn.resumed
                                                              else "new stream"))
             await self._send(conn.ws, P.message(P.HANDSHAKE))
@@ -234,11 +251,15 @@ class ChatServer:
         finally:
             conn.closing = True
             summary = timing_summary(conn.seconds)
-            record = None
+            record, failure = None, None
             try:
                 record = await self._run(self._close, conn)
             except Exception as e:  # a failed save must not take the server down; say what was lost
-                log(f"{conn.name}: ERROR: could not save the stream ({type(e).__name__}: {e})")
+                failure = (f"could not save session {conn.session} ({type(e).__name__}: {e}); its last save, "
+                           "if any, is unchanged")
+                log(f"{conn.name}: ERROR: {failure}")
+            if conn.ending:
+                await self._answer_end(conn, record, failure)
             timing = (f"frame handling p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms, "
                       f"{summary['realtime_factor']:.2f}x real time" if summary["frames"] else "no frames")
             saved = (f"; saved {record['state_bytes'] / 2**20:.1f} MiB to {self.store.state_path(conn.session)}"
@@ -260,6 +281,9 @@ class ChatServer:
                 if kind == P.PING:
                     await self._send(conn.ws, P.message(P.PING))
                     continue
+                if kind == P.END:  # saved (by `_converse`) while the client waits for the outcome
+                    conn.ending = True
+                    break
                 if kind == P.AUDIO and conn.format == "opus":
                     try:
                         pcm = conn.decode_opus(payload)
@@ -286,6 +310,15 @@ class ChatServer:
                 await conn.ws.close(code=P.CLOSE_INTERNAL, message=b"the model failed")
                 break
             await self._reply(conn, frames)
+
+    async def _answer_end(self, conn: Connection, record: dict | None, failure: str | None) -> None:
+        """Tell a client that asked to end whether its session was saved, then close (1000; 1011 when not)."""
+        if failure is not None:
+            await self._send(conn.ws, P.text_message(P.ERROR, failure))
+            await conn.ws.close(code=P.CLOSE_INTERNAL, message=b"session not saved")
+            return
+        await self._send(conn.ws, P.json_message(P.END, {"saved": record is not None, "frames": conn.live.frames_in}))
+        await conn.ws.close()
 
     def _skip(self, conn: Connection, what: str) -> None:
         conn.skipped += 1
@@ -345,7 +378,11 @@ class ChatServer:
         return self.live.session if self.live is not None else None
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        return web.json_response({"sessions": self.store.list(), "live": self._live_session()})
+        """The sessions the client may use (all, unless bound to other tokens) and which of them is live."""
+        owner = self.access.owner(request.get("token"))
+        live = self._live_session() if self.live is not None and self.live.owner == owner else None
+        return web.json_response({"sessions": [r for r in self.store.list() if self.access.may_use(r, owner)],
+                                  "live": live})
 
     async def show_session(self, request: web.Request) -> web.Response:
         return self._session_call(request, lambda s: self.store.require(s))
@@ -363,6 +400,8 @@ class ChatServer:
         session = request.match_info["session"]
         try:
             check_id(session)
+            if not self.access.may_use(self.store.require(session), self.access.owner(request.get("token"))):
+                raise KeyError(f"no session {session!r} in {self.store.root}")  # another token's: as if none
             if refuse_live and session == self._live_session():
                 return web.json_response({"error": f"session {session} is live; end its conversation first"},
                                          status=409)
@@ -376,13 +415,26 @@ class ChatServer:
         return web.json_response(result)
 
     def application(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/api/chat", self.handle_chat)
+        app = web.Application(middlewares=[self._guard])
+        app.router.add_get(CHAT_PATH, self.handle_chat)
         app.router.add_get("/api/sessions", self.list_sessions)
         app.router.add_get("/api/sessions/{session}", self.show_session)
         app.router.add_delete("/api/sessions/{session}", self.delete_session)
         app.router.add_post("/api/sessions/{session}/reset", self.reset_session)
         return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every route: the access rules (serve/access.py) before the handler; the admitted token is
+        kept as request["token"]. A refused websocket is refused before the upgrade (HTTP 401 / 403)."""
+        try:
+            request["token"] = self.access.admit(request.headers, request.host,
+                                                 request.query.get("token") if request.path == CHAT_PATH else None)
+        except Refused as e:
+            log(f"refused {request.method} {request.path} from {request.remote}: {e.status} {e.reason}")
+            return web.json_response({"error": e.reason}, status=e.status,
+                                     headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+        return await handler(request)
 
     # ------------------------------------------------------------------ shutdown
     async def shutdown(self) -> None:
@@ -399,8 +451,44 @@ class ChatServer:
             log(f"{conn.name}: ERROR: not saved within {SAVE_WAIT:g} s")
 
 
-async def run_server(server: ChatServer, host: str, port: int) -> None:
-    """Serve until SIGINT / SIGTERM, then close the live conversation (saved) and stop."""
+def _cannot_listen(host: str, port: int, e: OSError) -> ValueError:
+    return ValueError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Listen on `host`:`port` and let go at once, as the server will (asyncio's defaults, which
+    aiohttp's site keeps): a port in use fails before the model loads, not after. Port 0 (any free
+    port) cannot be in use."""
+    async def probe() -> None:
+        try:
+            listener = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+        except OSError as e:
+            raise _cannot_listen(host, port, e) from None
+        listener.close()
+        await listener.wait_closed()
+    if port:
+        asyncio.run(probe())
+
+
+def _log_access(access: Access, generated: str | None, host: str, port: int) -> None:
+    """Say what protects the server (and the token it generated: printed once, here)."""
+    if generated is not None:
+        log(f"token (generated; clients: --token TOKEN or {TOKEN_ENV}=TOKEN): {generated}")
+        log(f"browser websocket: ws://{host}:{port}{CHAT_PATH}?token={generated}")
+    elif access.tokens:
+        log(f"a token is required ({len(access.tokens)} accepted)"
+            + ("; sessions are bound to the token that created them" if access.bind_sessions else ""))
+    else:
+        log(f"no token: every process on this machine may use the server (browser pages of other sites are "
+            f"refused by the Origin and Host checks); --token or {TOKEN_ENV} to require one")
+    if not is_loopback(host):
+        log("WARNING: listening beyond this machine over plain HTTP: the token, the audio and the text cross "
+            "the network unencrypted; put a TLS reverse proxy in front (docs/serve.md)")
+
+
+async def run_server(server: ChatServer, host: str, port: int, generated: str | None = None) -> None:
+    """Serve until SIGINT / SIGTERM, then close the live conversation (saved) and stop.
+    `generated`: the token generated for this start, to print."""
     import signal
 
     runner = web.AppRunner(server.application(), handle_signals=False)
@@ -410,8 +498,9 @@ async def run_server(server: ChatServer, host: str, port: int) -> None:
         try:
             await site.start()
         except OSError as e:
-            raise ValueError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+            raise _cannot_listen(host, port, e) from None
         bound = runner.addresses[0][1] if runner.addresses else port
+        _log_access(server.access, generated, host, bound)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         def on_signal() -> None:

@@ -1,18 +1,26 @@
 """Where the server keeps conversations between connections: one folder, two files per session.
 
     <dir>/<id>.json          the record: created / updated, connections, frames, resets, the last
-                             connection's timings, the model it belongs to
+                             connection's timings, the model it belongs to, the owner (the sha256
+                             of the token that created it, when the server binds sessions)
     <dir>/<id>.safetensors   the live stream's state (`LiveStream.state_dict`: LMGen, KV caches,
                              TTT state, Mimi, RNG), absent for a session that was reset
 
-Both are written atomically (a reader never sees half a file): the state first, then the record,
-so a record never names a state that is not on disk.
+The two change together or not at all (`_commit`): both are written under temporary names in a
+staging folder, then renamed over the old pair; a failure on the way puts the old state back. Only
+a crash between the two renames (two metadata operations) could leave the new state with the
+old record.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from ttt_speech.files import read_json, writable_dir, write_text_atomic
 from ttt_speech.generation.state import read_state, write_state
@@ -73,24 +81,25 @@ class SessionStore:
         path = self.state_path(session)
         return read_state(path) if path.is_file() else None
 
-    def save(self, session: str, tensors: dict, meta: dict, connection: dict) -> dict:
-        """Write the stream's state, then its record (updated with `connection`'s figures)."""
-        write_state(self.state_path(session), tensors, {**meta, "session": session})
-        record = self.record(session) or {"id": session, "created": _now(), "connections": 0, "resets": 0}
+    def save(self, session: str, tensors: dict, meta: dict, connection: dict, owner: str | None = None) -> dict:
+        """Write the stream's state and its record (updated with `connection`'s figures), both or
+        neither; a new session's record keeps `owner` (serve/access.py `token_owner`) when given.
+        An unreadable old record fails the save before anything is written."""
+        record = self.record(session) or {"id": session, "created": _now(), "connections": 0, "resets": 0,
+                                          **({"owner": owner} if owner else {})}
         record.pop("state_bytes", None)
         live = meta.get("live", {})
         record.update(updated=_now(), connections=record["connections"] + 1, frames=live.get("frames_in", 0),
                       model=meta.get("model"), model_name=meta.get("model_name"), last_connection=connection)
-        self._write_record(session, record)
+        self._commit(session, record, lambda path: write_state(path, tensors, {**meta, "session": session}))
         return self.record(session)
 
     def reset(self, session: str) -> dict:
         """Forget the session's stream (its next connection starts fresh); the record stays, counted."""
         record = self.require(session)
-        self.state_path(session).unlink(missing_ok=True)
         record.pop("state_bytes", None)
         record.update(updated=_now(), frames=0, resets=record.get("resets", 0) + 1)
-        self._write_record(session, record)
+        self._commit(session, record, None)
         return self.record(session)
 
     def delete(self, session: str) -> None:
@@ -98,7 +107,31 @@ class SessionStore:
         self.state_path(session).unlink(missing_ok=True)
         self.record_path(session).unlink(missing_ok=True)
 
-    def _write_record(self, session: str, record: dict) -> None:
-        import json
-
-        write_text_atomic(self.record_path(session), json.dumps(record, indent=2) + "\n")
+    def _commit(self, session: str, record: dict, write_state_to: Callable[[Path], object] | None) -> None:
+        """Replace the session's pair: `record`, and the state `write_state_to(path)` writes (None: no
+        state). Both are written in a staging folder first; the old state keeps a second name there
+        until the record is in place, and gets its own back when anything fails."""
+        state, record_path = self.state_path(session), self.record_path(session)
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{session}.saving."))  # not an id: never listed
+        try:
+            new_state, new_record, previous = staging / state.name, staging / record_path.name, staging / "previous"
+            if write_state_to is not None:
+                write_state_to(new_state)
+            write_text_atomic(new_record, json.dumps(record, indent=2) + "\n")
+            had_state = state.exists()
+            if had_state:
+                os.link(state, previous)  # a hard link: the session is never without its state
+            try:
+                if write_state_to is not None:
+                    os.replace(new_state, state)
+                else:
+                    state.unlink(missing_ok=True)
+                os.replace(new_record, record_path)
+            except BaseException:
+                if had_state:
+                    os.replace(previous, state)
+                else:
+                    state.unlink(missing_ok=True)
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

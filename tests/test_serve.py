@@ -270,6 +270,7 @@ def test_a_second_client_is_told_the_server_is_busy(server, speech, tmp_path, ca
             async with http.ws_connect(chat_url(server.url, "second")) as other:
                 msg = await other.receive()
                 assert msg.data[0] == P.ERROR and b"busy" in msg.data, msg
+                assert b"first" not in msg.data  # which conversation is live is not the caller's business
                 await other.receive()
                 assert other.close_code == P.CLOSE_TRY_LATER
             # the first conversation was not disturbed
@@ -382,3 +383,226 @@ def test_the_client_sends_the_user_side_of_a_code_file():
     assert torch.equal(user_codes(stereo[:8], Path("m")), stereo[:8])
     with pytest.raises(ValueError, match="m: expected 8 \\(mono\\) or 16 \\(stereo\\) codebooks, got 5"):
         user_codes(stereo[:5], Path("m"))
+
+
+# ----------------------------------------------------------------------------- access without a token (loopback)
+
+def http(url, path, method="GET", headers=None):
+    """(status, JSON body) of an HTTP request to the server at `url` (ws://host:port)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url.replace("ws://", "http://") + path, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def ws_status(url, headers=None):
+    """The HTTP status of a websocket handshake (101: upgraded, closed again at once)."""
+    import aiohttp
+
+    async def attempt():
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(url, headers=headers) as ws:
+                    await ws.receive()  # the handshake: the server opened a stream
+                    return 101
+            except aiohttp.WSServerHandshakeError as e:
+                return e.status
+    return asyncio.run(asyncio.wait_for(attempt(), 60))
+
+
+def test_a_tokenless_server_refuses_other_sites(server):
+    """The issue's reproduction: a page of another site, open in the user's browser, resets a
+    session with a body-less POST (no CORS preflight) or resumes it over a websocket. Refused
+    (403) by Origin; a rebound name (DNS rebinding: same origin to the browser) by Host."""
+    talk(server.url, "erin", codes=np.zeros((2, 8), dtype=np.int64))
+    state = server.sessions / "erin.safetensors"
+    assert state.is_file()
+    port = server.url.rsplit(":", 1)[1]
+    evil = {"Origin": "http://evil.example"}
+    for method, path in [("POST", "/api/sessions/erin/reset"), ("DELETE", "/api/sessions/erin"),
+                         ("GET", "/api/sessions/erin"), ("GET", "/api/sessions")]:
+        status, body = http(server.url, path, method, evil)
+        assert status == 403 and "Origin http://evil.example" in body["error"], (path, status, body)
+        status, body = http(server.url, path, method, {"Host": f"evil.example:{port}"})
+        assert status == 403 and "has no token" in body["error"], (path, status, body)
+    assert ws_status(chat_url(server.url, "erin"), evil) == 403
+    assert ws_status(chat_url(server.url, "erin"), {"Origin": "null"}) == 403  # a sandboxed page, a file
+    assert state.is_file() and json.loads((server.sessions / "erin.json").read_text())["resets"] == 0
+    # the server's own origin, and clients that are no browser (no Origin), are served
+    assert http(server.url, "/api/sessions/erin", headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
+    assert http(server.url, "/api/sessions/erin", headers={"Host": f"localhost:{port}"})[0] == 200
+    before = len(server.lines)
+    assert ws_status(chat_url(server.url, None), {"Origin": f"http://127.0.0.1:{port}"}) == 101
+    server.wait_closed(None, since=before)
+
+
+# ----------------------------------------------------------------------------- faults found by trying
+
+def test_a_failed_save_keeps_the_last_one_and_tells_the_client(server):
+    """A record corrupted during a conversation: the save fails as a whole (the state file it saved
+    last is not overwritten, no temporary file stays), the client that asked to end is told (kind 5,
+    1011), and the next connection is refused at once, naming the file."""
+    import aiohttp
+
+    codes = np.zeros((3, 8), dtype=np.int64)
+    first = talk(server.url, "pair", codes=codes)
+    assert first.ended == {"saved": True, "frames": 3} and first.failure is None
+    state, record = server.sessions / "pair.safetensors", server.sessions / "pair.json"
+    saved = state.read_bytes()
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session, session.ws_connect(chat_url(server.url, "pair", "codes")) as ws:
+            assert (await ws.receive()).data == P.message(P.HANDSHAKE)
+            assert (await ws.receive()).data[0] == P.METADATA
+            record.write_text("{corrupt")  # after the connection checked it: only the save finds it
+            await ws.send_bytes(P.codes_message(codes))
+            await ws.send_bytes(P.message(P.END))
+            return [msg.data async for msg in ws], ws.close_code
+    try:
+        got, code = asyncio.run(asyncio.wait_for(scenario(), 60))
+        errors = [data[1:].decode() for data in got if data[0] == P.ERROR]
+        assert code == P.CLOSE_INTERNAL and len(errors) == 1, (code, got)
+        assert "could not save session pair" in errors[0] and "pair.json: not valid JSON" in errors[0], errors
+        assert not any(data[0] == P.END for data in got)
+        assert state.read_bytes() == saved and record.read_text() == "{corrupt"  # the last pair, untouched
+        assert not [p.name for p in server.sessions.iterdir() if p.name.startswith(".")]
+        with pytest.raises(ValueError, match="pair.json: not valid JSON"):
+            talk(server.url, "pair", codes=codes)
+    finally:
+        record.unlink()
+        state.unlink()
+
+
+def test_the_client_fails_when_its_session_is_not_saved(server, tmp_path, capsys):
+    """`ttt-speech client` waits for its session's save and exits 1, saying why, when it failed
+    (here the record's path is a folder)."""
+    from ttt_speech.data.codes import Recording, save_codes
+
+    save_codes(tmp_path / "in.safetensors", Recording(torch.zeros(8, 3, dtype=torch.long)))
+    (server.sessions / "nosave.json").mkdir()
+    try:
+        code = main(["client", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors"),
+                     "--session", "nosave", "--url", server.url, "--fast", "--quiet"])
+    finally:
+        (server.sessions / "nosave.json").rmdir()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    assert err[-1].startswith("ttt-speech client: error: the server ended the conversation: could not save "
+                              "session nosave (IsADirectoryError"), err
+    assert not (server.sessions / "nosave.safetensors").exists()  # neither file: the new state is gone too
+
+
+def test_session_store_saves_both_files_or_neither(tmp_path, monkeypatch):
+    """Both files change or neither: an unreadable record fails before anything is written; a
+    record that cannot be put in place puts the last state back."""
+    import os
+
+    from ttt_speech_apps.serve import sessions
+    from ttt_speech_apps.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path)
+    meta = {"live": {"frames_in": 1}}
+    store.save("s", {"x": torch.zeros(2)}, meta, {})
+    state, record = store.state_path("s"), store.record_path("s")
+    saved, recorded = state.read_bytes(), record.read_text()
+
+    record.write_text("[1, 2")
+    with pytest.raises(ValueError, match="s.json: not valid JSON"):
+        store.save("s", {"x": torch.ones(2)}, meta, {})
+    assert state.read_bytes() == saved and record.read_text() == "[1, 2"
+    record.write_text(recorded)
+
+    replace = os.replace
+
+    def failing(src, dst):  # (os.replace itself: the module's `os` is the os module)
+        if Path(dst).parent == tmp_path and Path(dst).suffix == ".json":  # a record put in place
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+    monkeypatch.setattr(sessions.os, "replace", failing)
+    for change in (lambda: store.save("s", {"x": torch.ones(2)}, meta, {}), lambda: store.reset("s")):
+        with pytest.raises(OSError, match="No space"):
+            change()
+        assert state.read_bytes() == saved and record.read_text() == recorded
+    with pytest.raises(OSError, match="No space"):  # a new session: no state left behind
+        store.save("t", {"x": torch.ones(2)}, meta, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors"]
+
+
+@pytest.mark.parametrize("how, said", [
+    ("shuts down", "the server closed the connection (1001: server shutting down)"),
+    ("dies", "the connection broke"),
+])
+def test_the_client_fails_when_the_server_goes_mid_stream(tmp_path, capsys, how, said):
+    """A server that closes (1001) or vanishes after the first frame: the client writes what came
+    back, and exits 1 saying so in one line."""
+    from aiohttp import web
+
+    from ttt_speech.data.audio import write_wav
+
+    async def chat(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(P.message(P.HANDSHAKE))
+        await ws.receive()  # the first frame, then the server goes
+        if how == "dies":
+            request.transport.abort()
+        else:
+            await ws.close(code=P.CLOSE_GOING_AWAY, message=b"server shutting down")
+        return ws
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_get("/api/chat", chat)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        try:
+            return await asyncio.to_thread(main, ["client", str(wav), "--out", str(tmp_path / "r.wav"), "--port",
+                                                  str(port), "--fast", "--quiet"])
+        finally:
+            await runner.cleanup()
+    wav = tmp_path / "in.wav"
+    write_wav(wav, torch.zeros(24000), 24000)
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"ttt-speech client: error: {said} before the server confirmed it handled the whole input; "
+                       f"{tmp_path / 'r.wav'} holds what came back before"), err
+    assert (tmp_path / "r.wav").is_file()
+
+
+def test_serving_an_export_of_other_codes_is_one_line(tmp_path, capsys):
+    """A `train tiny` export (64-code codebooks, synthetic codes) cannot talk through Mimi (2048):
+    said once the model is loaded, before anything runs it (not as silence codes out of range)."""
+    from ttt_speech.export import save_export
+
+    tiny = {**TINY, "card": 64}
+    lm = load_lm(ModelConfig(name="tiny", device="cpu", tiny=tiny))
+    patch_moshi(lm, TTTConfig(mini_batch_size=4))
+    export = save_export(lm, ModelConfig(name="tiny", device="cpu", tiny=tiny), tmp_path / "export", trainable="ttt")
+    assert main(["serve", "--export", str(export), "--device", "cpu", "--port", "0",
+                 "--sessions", str(tmp_path / "sessions")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"ttt-speech serve: error: --export {export}: the model's 64-code audio codebooks do not match Mimi's "
+        "2048: it was trained on other codes than Mimi's and cannot talk through Mimi"), err
+    assert "warming up" not in err
+
+
+def test_a_port_in_use_is_found_before_the_model_loads(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "tiny", "--device", "cpu", "--port", str(port),
+                     "--sessions", str(tmp_path / "sessions")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ttt-speech serve: error: --host/--port: cannot listen on "
+                                               f"127.0.0.1:{port} (")  # and "loading the model" never came

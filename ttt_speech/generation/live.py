@@ -56,10 +56,14 @@ class LiveFrame:
 
 
 def check_live_model(lm, mimi) -> None:
-    """A live conversation needs an LM that streams Mimi's codebooks both ways (Moshi's 8 + the user's 8)."""
+    """A live conversation needs an LM that streams Mimi's codebooks both ways (Moshi's 8 + the user's 8),
+    with Mimi's codes (a model trained on other codes, e.g. `ttt-speech train tiny`'s, cannot use Mimi)."""
     if lm.dep_q < mimi.num_codebooks or lm.num_codebooks - 1 - lm.dep_q != mimi.num_codebooks:
         raise ValueError(f"the LM streams {lm.dep_q} + {lm.num_codebooks - 1 - lm.dep_q} audio codebooks; "
                          f"Mimi encodes and decodes {mimi.num_codebooks}: a live conversation needs both")
+    if lm.card != mimi.cardinality:
+        raise ValueError(f"the model's {lm.card}-code audio codebooks do not match Mimi's {mimi.cardinality}: "
+                         "it was trained on other codes than Mimi's and cannot talk through Mimi")
 
 
 class LiveStream(OwnsContexts):
