@@ -1,4 +1,5 @@
 """Helpers of the fine-tuning tests: a tiny synthetic corpus and a tiny training config."""
+import copy
 from pathlib import Path
 
 import yaml
@@ -18,7 +19,7 @@ def make_corpus(root: Path, recordings: int = 6, frames: int = 40, eval_recordin
 
 def write_config(root: Path, corpus: dict, **overrides) -> Path:
     config = {
-        "model": TINY_MODEL,
+        "model": copy.deepcopy(TINY_MODEL),  # the overrides below write into it
         "ttt": {"layer_type": "linear", "mode": "hybrid", "mini_batch_size": 4, "gate_init": 0.5},
         "data": {"train_manifest": str(corpus["train"]), "window_frames": 12, "batch_size": 2},
         "trainable": "full",
@@ -38,3 +39,10 @@ def write_config(root: Path, corpus: dict, **overrides) -> Path:
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def read_trainable(checkpoint: Path) -> dict:
+    """The trainable weights of a training checkpoint folder, whole tensors by name (either format)."""
+    from ttt_speech_apps.finetune.checkpointing import read_trainable as read
+
+    return read(checkpoint)
