@@ -228,8 +228,10 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
             carry_before = carry_state()
             batch = batcher.next()
             inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
+            restarts = True  # whether a row of any rank reads W₀ in this step (a fresh state is a copy of it)
             if carry is not None:
                 carry.next_window(batch.new_recording.to(env.device))
+                restarts = bool(env.all_reduce(torch.tensor(float(carry.resets_pending), device=env.device)).item())
             log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
             if probe is not None:
                 probe.armed = log_now
@@ -243,6 +245,9 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
             if math.isfinite(values["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if not restarts:  # W₀ was not read: its zero gradient must not let AdamW move it by momentum
+                    for p in carry.initial_weights():
+                        p.grad = None
                 clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not math.isfinite(values["loss"]) or grad_norm is None or not math.isfinite(grad_norm):

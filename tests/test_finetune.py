@@ -1,11 +1,14 @@
 """Fine-tuning: config validation, persistent-state batching, carried TTT state, exact resume."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from train_utils import make_corpus, write_config
+from train_utils import make_corpus, read_trainable, write_config
 from ttt_speech import TTTConfig, TTTModel, patch_moshi, schema, tiny_moshi_lm
 from ttt_speech.data.manifest import ManifestEntry
 from ttt_speech.export import load_exported_lm
@@ -203,6 +206,44 @@ def test_a_window_without_restarts_still_uses_the_initial_fast_weights_with_zero
     W1, qkv = site.core.W1, site.core.qkv_proj.weight
     assert W1.grad is not None and float(W1.grad.abs().max()) == 0.0
     assert float(qkv.grad.abs().max()) > 0  # the check could fail: other TTT weights do learn
+
+
+def test_a_step_that_restarts_no_row_leaves_the_initial_fast_weights_bit_identical(tmp_path, corpus):
+    """Recordings of 40 frames in windows of 12: steps 1 and 5 restart every row, 2-4 read only carried
+    states. W₀ (W1, b1) stays bit-identical through steps 2-4 while every other TTT weight moves, and
+    moves again at step 5 (AdamW would otherwise move it by momentum in steps that never read it)."""
+    config = write_config(tmp_path, corpus, steps=5, checkpoint_every=1, keep_checkpoints=10, trainable="ttt")
+    assert train_main([str(config), "--quiet"]) == 0
+    saved = [read_trainable(tmp_path / "run" / "checkpoints" / f"step_{s:06d}") for s in range(1, 6)]
+    initial = [n for n in saved[0] if n.rsplit(".", 1)[-1] in ("W1", "b1")]
+    others = [n for n in saved[0] if n not in initial]
+    assert initial and others
+
+    def moved(names, a, b):
+        return [n for n in names if not torch.equal(saved[a][n], saved[b][n])]
+
+    for step in (1, 2, 3):  # checkpoints after steps 2, 3, 4 against the one before
+        assert moved(initial, step - 1, step) == [], step
+        assert moved(others, step - 1, step) == others, step
+    assert moved(initial, 3, 4) == initial  # the check can fail: step 5 restarts the rows and moves W₀
+
+
+def test_a_bf16_run_leaves_nothing_behind_for_the_next_run_in_the_process(tmp_path, corpus):
+    """A bf16 run (bf16 model, bf16 autocast), then an E2E run in the same process: the E2E run's
+    losses are those of a fresh process. (The difference once seen, and the 3.4e-4 of a resume onto
+    another world size, came from the tests' config writer, which wrote each override into one
+    shared model section: every later config of the session got a bf16 model.)"""
+    e2e = {"ttt": {"layer_type": "e2e_mlp", "mini_batch_size": 4, "gate_init": 0.5}, "trainable": "e2e-meta",
+           "steps": 2}
+    fresh = write_config(tmp_path / "fresh", corpus, **e2e)
+    subprocess.run([sys.executable, "-m", "ttt_speech_apps.finetune", str(fresh), "--quiet"], check=True,
+                   capture_output=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    bf16 = write_config(tmp_path / "bf16", corpus, steps=2, precision="bf16", **{"model.dtype": "bfloat16"})
+    assert train_main([str(bf16), "--quiet"]) == 0
+    after = write_config(tmp_path / "after", corpus, **e2e)
+    assert "bfloat16" not in after.read_text()
+    assert train_main([str(after), "--quiet"]) == 0
+    assert losses(tmp_path / "after" / "run") == losses(tmp_path / "fresh" / "run")
 
 
 # ---- training runs --------------------------------------------------------------------------

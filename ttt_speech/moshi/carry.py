@@ -50,8 +50,9 @@ class TTTCarry:
 
         The reset mask is applied in every window, all false when no row restarts: the initial fast
         weights then take part in every step with a zero gradient (not none), so that every
-        data-parallel rank reduces the same parameters (FSDP requires it) and AdamW treats them
-        alike under every strategy. The values are those of no reset exactly."""
+        data-parallel rank reduces the same parameters (FSDP requires it). A training step that
+        restarts no row on any rank drops that gradient (`initial_weights`), so that AdamW does not
+        move them by momentum. The values are those of no reset exactly."""
         device = self.modules[0].streaming_state.ttt.offset.device
         requested = torch.zeros(self.batch_size, dtype=torch.bool, device=device)
         if reset is not None:
@@ -66,6 +67,10 @@ class TTTCarry:
                 state.window_start = _detached(state.ttt)
             state.window_reset = rows
             state.ttt = state.window_start
+
+    def initial_weights(self) -> list[nn.Parameter]:
+        """W₀: the parameters a restarting row's fast weights are copied from (every site's)."""
+        return [getattr(site.core, name) for site in self.handle.sites for name in site.core.fast_names]
 
     @property
     def resets_pending(self) -> bool:
