@@ -1,11 +1,16 @@
 """Training checkpoints: everything `--resume` needs to continue exactly where a run stopped.
 
-`<output_dir>/checkpoints/step_000120/`:
-  trainable.safetensors  trainable parameters (by name)
+`<output_dir>/checkpoints/step_000120/`, in one of two formats (`checkpoint_format`):
+  trainable.safetensors  consolidated: trainable parameters (by name, whole tensors; AdamW's state,
+                         by name, in train_state.pt), gathered to rank 0 and written by it
+  sharded/               sharded: trainable parameters and AdamW's state written by every rank in
+                         parallel (`sharded_state`, torch.distributed.checkpoint)
   carry.safetensors      carried TTT stream state of every global row (rows stacked in order)
-  train_state.pt         step, optimizer (by parameter name, whole tensors), scheduler, data position of every row, RNG states per rank
+  train_state.pt         step, format, optimizer (consolidated state or hyperparameters), scheduler,
+                         data position of every row, RNG states per rank
   config.yaml            the resolved config
-Written into a temporary folder and renamed: a crash never leaves half a checkpoint.
+Written into a temporary folder and renamed: a crash never leaves half a checkpoint. Either format
+resumes onto any number of ranks and either strategy.
 """
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ import random
 import re
 import shutil
 import tempfile
+import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +35,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 
 from ttt_speech.files import save_tensors_atomic, write_text_atomic
 from ttt_speech.sharding import full_tensor
+
+from .sharded_state import SHARDED_DIR, missing_files, read_weights, save_sharded, sharded_shapes, state_to_save
+from .stop import torchrun_grace
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 logger = logging.getLogger("finetune")
@@ -48,18 +61,115 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, trainable: dict[str, Tensor], carry: dict[str, Tensor] | None,
-                    train_state: dict[str, Any], config_yaml: str, keep: int) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    stage = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+class Checkpointer:
+    """Writes the checkpoints of a run in its format, one at a time (collective: every rank calls
+    `save` after the same step). Sharded: every rank writes its shards; `asynchronous`: the shards
+    are copied to CPU memory and written while training goes on, and the checkpoint appears (its
+    folder renamed into place) once every rank has written, at the latest at the next `save` or
+    `wait`. Consolidated: the tensors are gathered to rank 0, which writes them."""
+
+    def __init__(self, root: Path, env: "Dist", lm: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 config_yaml: str, keep: int, sharded: bool, asynchronous: bool) -> None:
+        self.root, self.env, self.lm, self.optimizer, self.scheduler = root, env, lm, optimizer, scheduler
+        self.config_yaml, self.keep, self.sharded, self.asynchronous = config_yaml, keep, sharded, asynchronous
+        self.group = None  # torch.distributed.checkpoint's collectives (None: one process)
+        if env.enabled:
+            import torch.distributed as dist
+
+            # apart from training's: a CPU backend, as async saves need; also reads sharded checkpoints
+            self.group = dist.new_group(backend="gloo")
+            if sharded:
+                _check_shared(root.parent, env)
+        self._pending: tuple[Future, Path | None, Path | None, float] | None = None
+        self._warned_grace = False
+
+    def save(self, step: int, data_state: Any, carry_state: dict[str, Tensor] | None,
+             blocking: bool = False) -> Path | None:
+        """Checkpoint `step` (rank 0: the folder it is, or will be once written; None elsewhere).
+        blocking: written when this returns, whatever `asynchronous` says (stops, divergence)."""
+        self.wait()
+        env = self.env
+        started = time.perf_counter()
+        states = env.gather_objects({"data": data_state, "rng": rng_state(),
+                                     "carry": None if carry_state is None else {k: v.cpu() for k, v in carry_state.items()}})
+        stage = None
+        if env.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(dir=self.root, prefix=f".step_{step:06d}."))
+        if self.sharded:
+            stage = Path(env.broadcast_object(None if stage is None else str(stage)))
+            future = save_sharded(stage / SHARDED_DIR, state_to_save(self.lm, self.optimizer), self.group,
+                                  self.asynchronous and not blocking)
+            trainable = None
+            optimizer_state = {"param_groups": self.optimizer.state_dict()["param_groups"]}
+        else:
+            future = None
+            trainable = full_trainable_state(self.lm, keep=env.is_main)
+            optimizer_state = full_optimizer_state(self.lm, self.optimizer)
+        final = self.root / f"step_{step:06d}" if env.is_main else None
+        if env.is_main:
+            rows = {int(g): pos for s in states for g, pos in s["data"].items()}
+            carry = None
+            if carry_state is not None:
+                carry = {k: torch.cat([s["carry"][k] for s in states]) for k in states[0]["carry"]}
+            train_state = {"step": step, "format": SHARDED_DIR if self.sharded else CONSOLIDATED,
+                           "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "data": rows,
+                           "rng": [s["rng"] for s in states], "world": env.world}
+            _write_files(stage, trainable, carry, train_state, self.config_yaml)
+        self._pending = (future, stage if env.is_main else None, final, started)
+        if future is None:
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Finish the checkpoint in flight, if any: its files written, its folder in place (rank 0)."""
+        if self._pending is None:
+            return
+        future, stage, final, started = self._pending
+        self._pending = None
+        try:
+            if future is not None:
+                future.result()
+        except BaseException:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if stage is not None:
+            _publish(stage, final)
+            for old in list_checkpoints(self.root)[:-self.keep]:
+                shutil.rmtree(old)
+            self._report(final, time.perf_counter() - started, future is not None)
+
+    def _report(self, final: Path, seconds: float, asynchronous: bool) -> None:
+        """Log the time a checkpoint took; warn (once) when a stop's checkpoint could outlast
+        torchrun's grace after a SIGTERM (a stop writes synchronously: the time of a sync save)."""
+        logger.info("checkpoint %s written in %.1f s (%s%s)", final.name, seconds,
+                    "sharded" if self.sharded else "consolidated", ", in the background" if asynchronous else "")
+        grace = torchrun_grace()
+        if grace is not None and not asynchronous and seconds > grace / 2 and not self._warned_grace:
+            self._warned_grace = True
+            logger.warning("a checkpoint takes %.0f s and torchrun kills the ranks %.0f s after a SIGTERM: a stop "
+                           "could be cut (the previous checkpoint would resume). Give it more time: --shutdown-timeout "
+                           "(ttt-speech train --nproc-per-node, or torchrun's), and the scheduler's grace (e.g. "
+                           "SLURM's KillWait); docs/training.md §4", seconds, grace)
+
+
+CONSOLIDATED = "consolidated"
+
+
+def _write_files(stage: Path, trainable: dict[str, Tensor] | None, carry: dict[str, Tensor] | None,
+                 train_state: dict[str, Any], config_yaml: str) -> None:
+    if trainable is not None:
         save_tensors_atomic(stage / "trainable.safetensors", {k: v.detach().cpu().contiguous() for k, v in trainable.items()})
-        if carry is not None:
-            save_tensors_atomic(stage / "carry.safetensors", {k: v.cpu().contiguous() for k, v in carry.items()})
-        torch.save(train_state, stage / "train_state.pt")
-        write_text_atomic(stage / "config.yaml", config_yaml)
+    if carry is not None:
+        save_tensors_atomic(stage / "carry.safetensors", {k: v.cpu().contiguous() for k, v in carry.items()})
+    torch.save(train_state, stage / "train_state.pt")
+    write_text_atomic(stage / "config.yaml", config_yaml)
+
+
+def _publish(stage: Path, final: Path) -> None:
+    """Rename the written `stage` folder to `final` (replacing an older one of the same step)."""
+    try:
         os.chmod(stage, 0o755)
         if final.exists():
             shutil.rmtree(final)
@@ -67,9 +177,23 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, Tensor], carry: 
     finally:
         if stage.exists():
             shutil.rmtree(stage)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
-    return final
+
+
+def _check_shared(folder: Path, env: "Dist") -> None:
+    """Every rank sees a file rank 0 writes into `folder`: sharded checkpoints are written by every
+    rank into one folder, so on several nodes it must be on a shared filesystem."""
+    probe = folder / f".shared-probe-{os.getpid()}" if env.is_main else None
+    if probe is not None:
+        probe.write_text("")
+    probe = Path(env.broadcast_object(None if probe is None else str(probe)))
+    blind = [rank for rank, seen in enumerate(env.gather_objects(probe.is_file())) if not seen]
+    env.barrier()
+    if env.is_main:
+        probe.unlink()
+    if blind:
+        raise ValueError(f"output_dir: {folder} is not visible from rank {blind[0]} (another node): sharded "
+                         "checkpoints are written by every rank into one folder, which needs a filesystem shared "
+                         "by all nodes; or set checkpoint_format: consolidated (rank 0 writes)")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -105,10 +229,38 @@ def resolve_resume(path: Path) -> Path:
 
 def verify_checkpoint(path: Path) -> None:
     """Parse every file of a checkpoint (train_state.pt memory-mapped, carry.safetensors whole, the
-    header of trainable.safetensors, config.yaml); a damaged one → `DamagedCheckpoint` naming it."""
-    load_checkpoint(path, tensors=False)
-    _readable(path / "trainable.safetensors", safetensors_shapes)
+    header of trainable.safetensors or the index of sharded/ and its files' presence, config.yaml);
+    a damaged one → `DamagedCheckpoint` naming it."""
+    _, _, state = load_checkpoint(path, tensors=False)
+    trainable_shapes(path, state)
     read_checkpoint_config(path)
+
+
+def is_sharded(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's train_state describes the sharded format (older ones: consolidated)."""
+    return state.get("format", CONSOLIDATED) == SHARDED_DIR
+
+
+def trainable_shapes(path: Path, state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{name: whole shape} of a checkpoint's trainable parameters (headers and index only)."""
+    if not is_sharded(state):
+        return _readable(path / "trainable.safetensors", safetensors_shapes)
+    folder = path / SHARDED_DIR
+    shapes = _readable(folder / ".metadata", lambda f: sharded_shapes(f.parent))
+    lost = missing_files(folder)
+    if lost:
+        raise DamagedCheckpoint(f"--resume: {folder / lost[0]} is missing (a rank's shards; {len(lost)} file(s) "
+                                "named by the index are not there)")
+    return shapes
+
+
+def read_trainable(path: Path) -> dict[str, Tensor]:
+    """The trainable parameters of a checkpoint, whole tensors on the CPU by name (either format;
+    this process alone: for tools and tests, not for resuming)."""
+    _, _, state = load_checkpoint(path, tensors=False)
+    if not is_sharded(state):
+        return _readable(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    return read_weights(path / SHARDED_DIR)
 
 
 def read_checkpoint_config(path: Path) -> dict[str, Any]:
@@ -145,15 +297,19 @@ def load_checkpoint(path: Path, tensors: bool = True
                     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
     """(trainable tensors, carried TTT state or None, train_state) of a checkpoint folder.
 
-    train_state is memory-mapped: its optimizer tensors are read only where used. tensors=False: the
-    trainable tensors are not read ({}; ranks > 0 of a sharded run receive their shards from rank 0).
+    train_state is memory-mapped: its optimizer tensors are read only where used. tensors=False or a
+    sharded checkpoint: the trainable tensors are not read here ({}; ranks > 0 of a sharded run
+    receive them from rank 0, a sharded checkpoint is read by `sharded_state.load_sharded`).
     A missing or damaged file → ValueError naming it."""
     carry_file = path / "carry.safetensors"
     carry = _readable(carry_file, lambda f: load_file(str(f))) if carry_file.is_file() else None
     state = _readable(path / "train_state.pt", lambda f: torch.load(f, weights_only=False, mmap=True))
     if not isinstance(state, dict) or "step" not in state:
         raise DamagedCheckpoint(f"--resume: {path / 'train_state.pt'} is not a ttt-speech training state")
-    trainable = _readable(path / "trainable.safetensors", lambda f: load_file(str(f))) if tensors else {}
+    if tensors and not is_sharded(state):
+        trainable = _readable(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    else:
+        trainable = {}
     return trainable, carry, state
 
 

@@ -1,6 +1,7 @@
 """`ttt-speech train`: the command line of the training app (the loop is `train.py`).
 
-Under torchrun: `torchrun --nproc-per-node N --no-python ttt-speech train CONFIG.yaml`, or
+Several ranks on this node: `ttt-speech train CONFIG.yaml --nproc-per-node N` (`launch.py`). Under
+torchrun: `torchrun --nproc-per-node N --no-python ttt-speech train CONFIG.yaml`, or
 `torchrun --nproc-per-node N -m ttt_speech_apps.finetune CONFIG.yaml` (`__main__.py`, the same `main`).
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 from ttt_speech.tracking import WANDB_OFFLINE_HELP
+
+from .launch import DEFAULT_SHUTDOWN_TIMEOUT
 
 DESCRIPTION = (
     "Fine-tune a Moshi-architecture model with TTT layers on audio or code manifests, "
@@ -33,6 +36,14 @@ def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                              "without it, a folder holding another run is refused")
     parser.add_argument("--wandb-offline", action="store_true", help=WANDB_OFFLINE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--nproc-per-node", type=int, metavar="N",
+                        help="run N ranks on this node (torchrun's launcher in this process, with this command's "
+                             "exit codes: 130 after a stop, the failing rank's code otherwise); several nodes: "
+                             "torchrun itself (docs/training.md)")
+    parser.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="S",
+                        help="with --nproc-per-node: seconds torchrun gives the ranks to write their checkpoint after "
+                             f"a SIGTERM or Ctrl-C before it kills them (default {DEFAULT_SHUTDOWN_TIMEOUT}; "
+                             "torchrun's own is 30)")
     parser.set_defaults(func=_run, parser=parser)
     return parser
 
@@ -56,7 +67,9 @@ def _run(args: argparse.Namespace) -> int:
     from .train import TrainingDiverged, train
 
     overrides = overrides_and_options(args.parser, args) + wandb_offline(args.wandb_offline)
-    config = load_train_config(resolve_config(args.config), overrides)
+    config = load_train_config(resolve_config(args.config), overrides)  # checked before any rank starts
+    if args.nproc_per_node is not None:
+        return _launch(args)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     if not main_rank:  # the run's own warnings (resume, runaway growth, ...) are the same on every rank: rank 0 says them
@@ -77,6 +90,23 @@ def _run(args: argparse.Namespace) -> int:
     print(f"outputs in {config.output_dir}: export/, checkpoints/, metrics.jsonl, loss.png"
           + (", ttt_stats.csv" if config.ttt is not None else ""))
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """--nproc-per-node: the same command on N ranks (`launch.py`)."""
+    from .launch import launch
+
+    if "RANK" in os.environ:
+        raise ValueError("--nproc-per-node: this process is already a rank of torchrun; drop the option")
+    if args.nproc_per_node < 1 or args.shutdown_timeout < 0:
+        raise ValueError(f"--nproc-per-node: expected N >= 1 and --shutdown-timeout >= 0, got "
+                         f"{args.nproc_per_node} and {args.shutdown_timeout}")
+    forwarded = [str(args.config), *args.overrides]
+    for flag, value in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                        ("--wandb-offline", args.wandb_offline), ("--quiet", args.quiet)):
+        if value:
+            forwarded += [flag] if value is True else [flag, str(value)]
+    return launch(args.nproc_per_node, args.shutdown_timeout, forwarded)
 
 
 def main(argv: list[str] | None = None) -> int:

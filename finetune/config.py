@@ -99,6 +99,14 @@ class TrainConfig:
     eval_frames: int = doc(1024, "frames per held-out recording used by the periodic evaluation")
     checkpoint_every: int = doc(0, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = doc(2, "checkpoints kept on disk (oldest deleted first)")
+    checkpoint_format: Literal["auto", "sharded", "consolidated"] = doc(
+        "auto", "sharded: every rank writes its shards of the trainable weights and AdamW's state in parallel "
+                "(torch.distributed.checkpoint; output_dir on a filesystem every node sees); consolidated: gathered "
+                "to rank 0, which writes whole tensors; auto: sharded under fsdp on several ranks. Either resumes "
+                "onto any number of ranks and either strategy")
+    async_checkpoint: bool = doc(False, "sharded checkpoints: copy the shards to CPU memory and write them while "
+                                        "training goes on (periodic checkpoints; the last one and stops are written "
+                                        "before the command returns)")
     output_dir: Path = doc("runs/train", "folder of checkpoints, the export, logs and the TTT-stats CSV")
     seed: int = doc(0, "seed of data order and initialisation of new layers")
     wandb: WandbConfig = doc(factory=WandbConfig, help="")
@@ -131,9 +139,15 @@ class TrainConfig:
             if self.gradient_checkpointing:
                 raise ValueError("gradient_checkpointing: not available with e2e_mlp layers")
             if self.distributed == "fsdp":
-                raise ValueError("distributed: 'fsdp' does not take e2e_mlp layers (their test-time update reads the "
-                                 "initial fast weights outside the layer's forward, where FSDP holds only shards); "
-                                 "use ddp")
+                # Tried (torch 2.13): the E2E update differentiates the model's loss *inside* the outer
+                # forward (torch.autograd.grad); that inner backward fires FSDP's backward hooks, which
+                # reshard the units, the root included, in the middle of the forward that reads them
+                # (DTensor mixed with Tensor); the update also reads W₀ outside any unit's forward, and
+                # fully_shard refuses the scalar lr_logit. Working around it would keep every unit
+                # gathered for the whole step: DDP's memory for weights, FSDP's complexity.
+                raise ValueError("distributed: 'fsdp' does not take e2e_mlp layers (their test-time update runs a "
+                                 "backward inside the forward, where FSDP's hooks reshard the parameters the "
+                                 "forward still reads; docs/training.md §5); use ddp")
 
     @property
     def uses_lora(self) -> bool:
@@ -156,7 +170,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 # one checkpointed (batch rows, learning rate, data, model, TTT layers): refused. `model.device` and
 # `distributed` move the run (e.g. onto more GPUs): allowed, but not bit for bit.
 RESUME_FREE = ("steps", "log_every", "eval_every", "eval_frames", "checkpoint_every", "keep_checkpoints",
-               "output_dir", "wandb", "length_gen", "data.eval_manifest", "data.codes_cache")
+               "checkpoint_format", "async_checkpoint", "output_dir", "wandb", "length_gen", "data.eval_manifest", "data.codes_cache")
 RESUME_MOVES = ("model.device", "distributed")
 
 

@@ -1,12 +1,14 @@
 """Stopping a training run cleanly: Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption notice, or
 torchrun passing one on) asks the loop to finish its step, save a checkpoint and exit 130; a second
 Ctrl-C stops at once. Under torchrun the request is all-reduced each step, so every rank stops at the
-same step and takes part in the (collective) checkpoint. (torchrun's agent kills its workers 30 s
-after passing a signal on: a checkpoint that takes longer is cut, and the previous one resumes.)"""
+same step and takes part in the (collective) checkpoint. (torchrun's agent kills its workers
+`torchrun_grace` seconds after passing a signal on: a checkpoint that takes longer is cut, and the
+previous one resumes; the checkpointer warns when its checkpoints come close.)"""
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Iterator
@@ -69,3 +71,15 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+TORCHRUN_DEFAULT_GRACE = 30.0  # seconds: torch.distributed.run's shutdown timeout unless told otherwise
+
+
+def torchrun_grace() -> float | None:
+    """Seconds torchrun's agent gives the ranks after forwarding a signal before it kills them, as
+    the environment says (`TORCH_ELASTIC_SHUTDOWN_TIMEOUT`: set by `--nproc-per-node`; torchrun's
+    `--shutdown-timeout` flag is not visible here); None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_DEFAULT_GRACE))

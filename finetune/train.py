@@ -33,9 +33,8 @@ from ttt_speech.moshi.teacher_forcing import ChunkModel, delayed_streams
 from ttt_speech.sharding import is_sharded, ttt_units, unsharded
 from ttt_speech.stats import runaway, runaway_warning
 
-from .checkpointing import (full_optimizer_state, full_trainable_state, load_checkpoint, load_full_state,
-                            read_checkpoint_config, resolve_resume, rng_state, safetensors_shapes, save_checkpoint,
-                            set_rng_state, split_rows)
+from .checkpointing import (Checkpointer, is_sharded as is_sharded_checkpoint, load_checkpoint, load_full_state,
+                            read_checkpoint_config, resolve_resume, set_rng_state, split_rows, trainable_shapes)
 from .config import TrainConfig, resume_changes
 from .data import WindowBatcher
 from .distributed import Dist, build_device, chunk_model, close_distributed, consolidated, init_distributed, wrap
@@ -45,6 +44,7 @@ from .model import build_model, master_to_model_dtype
 from .monitor import MEMORY, InnerLrProbe, Monitor, truncate_step_logs
 from .plots import LOSS_PLOT, plot_loss, read_history
 from .run_folder import RunFolder, claim
+from .sharded_state import SHARDED_DIR, load_sharded
 from .stop import StopRequest, TrainingInterrupted, sigterm_interrupts
 
 logger = logging.getLogger("finetune")
@@ -178,9 +178,11 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
     with gathered_ttt():  # the initial states are copies of the initial fast weights
         carry = TTTCarry(lm, per_rank) if config.ttt is not None else None
     probe = InnerLrProbe(lm) if config.ttt is not None else None
+    checkpointer = Checkpointer(out_dir / "checkpoints", env, lm, optimizer, scheduler, config_yaml,
+                                config.keep_checkpoints, _writes_sharded(config, env), config.async_checkpoint)
     step = 0
     if resume_dir is not None:
-        step = _restore(resume_dir, model, lm, optimizer, scheduler, batcher, carry, env)
+        step = _restore(resume_dir, model, lm, optimizer, scheduler, batcher, carry, env, checkpointer.group)
         logger.info("resumed from %s at step %d", resume_dir, step)
     else:
         torch.manual_seed(config.seed + env.rank)
@@ -199,23 +201,8 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
         with gathered_ttt() if pending else contextlib.nullcontext():
             return carry.state_dict()
 
-    def checkpoint(at_step: int, data_state: Any, carry_state: dict | None) -> Path | None:
-        """Consolidated (the same files whatever the strategy and number of ranks): every rank
-        takes part in gathering sharded tensors, rank 0 writes."""
-        states = env.gather_objects({"data": data_state, "rng": rng_state(),
-                                     "carry": None if carry_state is None else {k: v.cpu() for k, v in carry_state.items()}})
-        trainable = full_trainable_state(lm, keep=env.is_main)
-        optimizer_state = full_optimizer_state(lm, optimizer)
-        if not env.is_main:
-            return None
-        rows = {int(g): pos for s in states for g, pos in s["data"].items()}
-        stacked = None
-        if carry_state is not None:
-            stacked = {k: torch.cat([s["carry"][k] for s in states]) for k in states[0]["carry"]}
-        train_state = {"step": at_step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                       "data": rows, "rng": [s["rng"] for s in states], "world": env.world}
-        return save_checkpoint(out_dir / "checkpoints", at_step, trainable, stacked, train_state, config_yaml,
-                               config.keep_checkpoints)
+    def checkpoint(at_step: int, data_state: Any, carry_state: dict | None, blocking: bool = False) -> Path | None:
+        return checkpointer.save(at_step, data_state, carry_state, blocking)
 
     tokens_per_step = config.data.batch_size * config.data.window_frames * lm.num_codebooks
     bar = progress_bar(total=config.steps, initial=step, desc="train", unit="step", enabled=progress and env.is_main)
@@ -252,7 +239,7 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not math.isfinite(values["loss"]) or grad_norm is None or not math.isfinite(grad_norm):
                 what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
-                saved = checkpoint(step, data_before, carry_before)
+                saved = checkpoint(step, data_before, carry_before, blocking=True)
                 bar.close()
                 raise TrainingDiverged(
                     f"non-finite {what} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}"
@@ -291,10 +278,11 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
                 saved = checkpoint(step, batcher.state_dict(), carry_state())
             if step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
                 if not periodic:  # not twice: rewriting step N would first delete the one just written
-                    saved = checkpoint(step, batcher.state_dict(), carry_state())
+                    saved = checkpoint(step, batcher.state_dict(), carry_state(), blocking=True)
+                checkpointer.wait()
                 raise _stopped(stop, step, saved, out_dir, bar, monitor, "")
         bar.close()
-        saved = checkpoint(step, batcher.state_dict(), carry_state())
+        saved = checkpoint(step, batcher.state_dict(), carry_state(), blocking=True)
         if stop.requested(env):  # during the last step: its checkpoint is written, the rest is left
             raise _stopped(stop, step, saved, out_dir, bar, monitor, " (the last one; the final evaluation and "
                            "export were not done: --resume does them)")
@@ -325,6 +313,13 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
     monitor.finish()
     env.barrier()
     return {"step": step, **metrics}
+
+
+def _writes_sharded(config: TrainConfig, env: Dist) -> bool:
+    """checkpoint_format auto: sharded where the model is (FSDP on several ranks), consolidated elsewhere."""
+    if config.checkpoint_format == "auto":
+        return config.distributed == "fsdp" and env.enabled
+    return config.checkpoint_format == "sharded"
 
 
 def _stopped(stop: StopRequest, step: int, saved: Path | None, out_dir: Path, bar, monitor: Monitor,
@@ -380,12 +375,12 @@ def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
 
 
 def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             batcher: WindowBatcher, carry: TTTCarry | None, env: Dist) -> int:
+             batcher: WindowBatcher, carry: TTTCarry | None, env: Dist, group) -> int:
     # sharded: rank 0 reads the tensors and sends each rank its shards (not N copies in host memory)
     from_rank0 = is_sharded(model)
     trainable, carried, state = load_checkpoint(path, tensors=env.is_main or not from_rank0)
     own = {n: tuple(p.shape) for n, p in lm.named_parameters() if p.requires_grad}  # whole shapes (FSDP too)
-    saved = safetensors_shapes(path / "trainable.safetensors")
+    saved = trainable_shapes(path, state)
     if set(own) != set(saved):
         raise ValueError(f"--resume: {path} holds other trainable parameters than this config selects "
                          f"(e.g. {sorted(set(own) ^ set(saved))[:3]})")
@@ -393,7 +388,10 @@ def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim
     if wrong:
         raise ValueError(f"--resume: {path} is a checkpoint of another architecture ({wrong[0]}: "
                          f"{saved[wrong[0]]} in the checkpoint, {own[wrong[0]]} in this model)")
-    load_full_state(lm, optimizer, trainable, state["optimizer"], from_rank0, env.is_main)
+    if is_sharded_checkpoint(state):  # every rank reads its part of the shards, whatever the world size
+        load_sharded(path / SHARDED_DIR, lm, optimizer, state["optimizer"]["param_groups"], group)
+    else:
+        load_full_state(lm, optimizer, trainable, state["optimizer"], from_rank0, env.is_main)
     scheduler.load_state_dict(state["scheduler"])
     batcher.load_state_dict(state["data"])
     if state.get("world") == env.world:

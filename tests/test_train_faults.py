@@ -131,6 +131,28 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, co
     one_error_line(capsys, "trainable.safetensors is damaged")
 
 
+def test_a_sharded_checkpoint_resumes_exactly_and_a_lost_shard_file_is_damage(tmp_path, corpus, capsys, caplog):
+    """checkpoint_format: sharded in one process (the format FSDP writes): 4 steps == 2 + resume + 2;
+    a shard file the index names gone (a copy that lost a rank's file) is a damaged checkpoint."""
+    whole = write_config(tmp_path / "whole", corpus, steps=4)
+    assert train_main([str(whole), "--quiet"]) == 0
+    config = write_config(tmp_path, corpus, steps=2, checkpoint_every=1, checkpoint_format="sharded")
+    run = tmp_path / "run"
+    assert train_main([str(config), "--quiet"]) == 0
+    assert (run / "checkpoints" / "step_000002" / "sharded" / ".metadata").is_file()
+    assert not (run / "checkpoints" / "step_000002" / "trainable.safetensors").exists()
+    shards = list((run / "checkpoints" / "step_000002" / "sharded").glob("*.distcp"))
+    assert shards
+    shards[0].unlink()
+    capsys.readouterr()
+    assert train_main([str(config), "steps=4", "--resume", str(shards[0].parent.parent), "--quiet"]) == 2
+    one_error_line(capsys, f"{shards[0].name} is missing")
+    with caplog.at_level(logging.WARNING, logger="finetune"):  # the run folder: back to step 1's checkpoint
+        assert train_main([str(config), "steps=4", "--resume", str(run), "--overwrite", "--quiet"]) == 0
+    assert "skipping a damaged checkpoint" in caplog.text
+    assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(tmp_path / "whole" / "run")]
+
+
 def test_resuming_an_older_checkpoint_into_its_own_folder_is_refused(tmp_path, corpus, capsys):
     config = write_config(tmp_path, corpus, steps=4, checkpoint_every=2)
     run = tmp_path / "run"
