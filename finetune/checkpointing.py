@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from ttt_speech.files import save_tensors_atomic, write_text_atomic
 from ttt_speech.sharding import full_tensor
 
-from .sharded_state import SHARDED_DIR, missing_files, read_weights, save_sharded, sharded_shapes, state_to_save
+from .sharded_state import SHARDED_DIR, read_weights, save_sharded, shard_problem, sharded_shapes, state_to_save
 from .stop import torchrun_grace
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+SHARDED, CONSOLIDATED = "sharded", "consolidated"  # the formats a checkpoint's train_state names
+
+
 class Checkpointer:
     """Writes the checkpoints of a run in its format, one at a time (collective: every rank calls
     `save` after the same step). Sharded: every rank writes its shards; `asynchronous`: the shards
@@ -80,7 +83,7 @@ class Checkpointer:
             self.group = dist.new_group(backend="gloo")
             if sharded:
                 _check_shared(root.parent, env)
-        self._pending: tuple[Future, Path | None, Path | None, float] | None = None
+        self._pending: _Pending | None = None
         self._warned_grace = False
 
     def save(self, step: int, data_state: Any, carry_state: dict[str, Tensor] | None,
@@ -92,61 +95,95 @@ class Checkpointer:
         started = time.perf_counter()
         states = env.gather_objects({"data": data_state, "rng": rng_state(),
                                      "carry": None if carry_state is None else {k: v.cpu() for k, v in carry_state.items()}})
-        stage = None
-        if env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(dir=self.root, prefix=f".step_{step:06d}."))
-        if self.sharded:
-            stage = Path(env.broadcast_object(None if stage is None else str(stage)))
-            future = save_sharded(stage / SHARDED_DIR, state_to_save(self.lm, self.optimizer), self.group,
-                                  self.asynchronous and not blocking)
-            trainable = None
-            optimizer_state = {"param_groups": self.optimizer.state_dict()["param_groups"]}
-        else:
-            future = None
-            trainable = full_trainable_state(self.lm, keep=env.is_main)
-            optimizer_state = full_optimizer_state(self.lm, self.optimizer)
+        stage = self._stage(step)
+        try:
+            if self.sharded:
+                future = save_sharded(stage / SHARDED_DIR, state_to_save(self.lm, self.optimizer), self.group,
+                                      self.asynchronous and not blocking)
+                trainable = None
+                optimizer_state = {"param_groups": self.optimizer.state_dict()["param_groups"]}
+            else:
+                future = None
+                trainable = full_trainable_state(self.lm, keep=env.is_main)
+                optimizer_state = full_optimizer_state(self.lm, self.optimizer)
+            if env.is_main:
+                rows = {int(g): pos for s in states for g, pos in s["data"].items()}
+                carry = None
+                if carry_state is not None:
+                    carry = {k: torch.cat([s["carry"][k] for s in states]) for k in states[0]["carry"]}
+                train_state = {"step": step, "format": SHARDED if self.sharded else CONSOLIDATED,
+                               "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "data": rows,
+                               "rng": [s["rng"] for s in states], "world": env.world}
+                _write_files(stage, trainable, carry, train_state, self.config_yaml)
+        except BaseException:
+            if env.is_main:  # never a checkpoint-sized leftover (e.g. a full disk)
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
         final = self.root / f"step_{step:06d}" if env.is_main else None
-        if env.is_main:
-            rows = {int(g): pos for s in states for g, pos in s["data"].items()}
-            carry = None
-            if carry_state is not None:
-                carry = {k: torch.cat([s["carry"][k] for s in states]) for k in states[0]["carry"]}
-            train_state = {"step": step, "format": SHARDED_DIR if self.sharded else CONSOLIDATED,
-                           "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "data": rows,
-                           "rng": [s["rng"] for s in states], "world": env.world}
-            _write_files(stage, trainable, carry, train_state, self.config_yaml)
-        self._pending = (future, stage if env.is_main else None, final, started)
+        self._pending = _Pending(future, stage if env.is_main else None, final, started)
         if future is None:
             self.wait()
         return final
 
+    def _stage(self, step: int) -> Path:
+        """A fresh temporary folder for checkpoint `step`, made by rank 0 (the same path on every rank;
+        a failure to make it is raised on every rank alike, so that none waits in a collective)."""
+        stage = error = None
+        if self.env.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                stage = str(tempfile.mkdtemp(dir=self.root, prefix=f".step_{step:06d}."))
+            except OSError as e:
+                error = f"checkpoint: cannot create a folder in {self.root} ({e.strerror or e})"
+        stage, error = self.env.broadcast_object((stage, error))
+        if error is not None:
+            raise ValueError(error)
+        return Path(stage)
+
     def wait(self) -> None:
         """Finish the checkpoint in flight, if any: its files written, its folder in place (rank 0)."""
-        if self._pending is None:
+        pending, self._pending = self._pending, None
+        if pending is None:
             return
-        future, stage, final, started = self._pending
-        self._pending = None
         try:
-            if future is not None:
-                future.result()
+            if pending.future is not None:
+                pending.future.result()
         except BaseException:
-            if stage is not None:
-                shutil.rmtree(stage, ignore_errors=True)
+            if pending.stage is not None:
+                shutil.rmtree(pending.stage, ignore_errors=True)
             raise
-        if stage is not None:
-            _publish(stage, final)
-            for old in list_checkpoints(self.root)[:-self.keep]:
-                shutil.rmtree(old)
-            self._report(final, time.perf_counter() - started, future is not None)
+        if pending.stage is not None:
+            self._publish(pending)
 
-    def _report(self, final: Path, seconds: float, asynchronous: bool) -> None:
-        """Log the time a checkpoint took; warn (once) when a stop's checkpoint could outlast
-        torchrun's grace after a SIGTERM (a stop writes synchronously: the time of a sync save)."""
-        logger.info("checkpoint %s written in %.1f s (%s%s)", final.name, seconds,
-                    "sharded" if self.sharded else "consolidated", ", in the background" if asynchronous else "")
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.close()
+
+    def close(self) -> None:
+        """On the way out of a failed run: publish the checkpoint in flight if every rank has written
+        it, without waiting (other ranks may be gone); otherwise leave its folder to the next start."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.stage is not None and pending.future is not None \
+                and pending.future.done() and pending.future.exception() is None:
+            self._publish(pending)
+
+    def _publish(self, pending: "_Pending") -> None:
+        _publish(pending.stage, pending.final)
+        for old in list_checkpoints(self.root)[:-self.keep]:
+            shutil.rmtree(old)
+        self._report(pending)
+
+    def _report(self, pending: "_Pending") -> None:
+        """Log the time a checkpoint took to write; warn (once) when that is more than half the grace
+        torchrun gives a stop's checkpoint after a SIGTERM (a stop writes the same bytes)."""
+        seconds = pending.seconds()
+        logger.info("checkpoint %s written in %.1f s (%s%s)", pending.final.name, seconds,
+                    SHARDED if self.sharded else CONSOLIDATED, ", in the background" if pending.future else "")
         grace = torchrun_grace()
-        if grace is not None and not asynchronous and seconds > grace / 2 and not self._warned_grace:
+        if grace is not None and seconds > grace / 2 and not self._warned_grace:
             self._warned_grace = True
             logger.warning("a checkpoint takes %.0f s and torchrun kills the ranks %.0f s after a SIGTERM: a stop "
                            "could be cut (the previous checkpoint would resume). Give it more time: --shutdown-timeout "
@@ -154,11 +191,23 @@ class Checkpointer:
                            "SLURM's KillWait); docs/training.md §4", seconds, grace)
 
 
-CONSOLIDATED = "consolidated"
+class _Pending:
+    """A checkpoint being written: its future (async sharded saves; None once written), rank 0's
+    staging folder and final path (None elsewhere), and when it started and finished."""
+
+    def __init__(self, future: Future | None, stage: Path | None, final: Path | None, started: float) -> None:
+        self.future, self.stage, self.final, self.started = future, stage, final, started
+        self.finished: float | None = None
+        if future is not None:  # the write time, not the training steps until someone waits for it
+            future.add_done_callback(lambda _: setattr(self, "finished", time.perf_counter()))
+
+    def seconds(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
 
 
 def _write_files(stage: Path, trainable: dict[str, Tensor] | None, carry: dict[str, Tensor] | None,
                  train_state: dict[str, Any], config_yaml: str) -> None:
+    """Rank 0's files of a checkpoint (trainable.safetensors: consolidated only) into `stage`."""
     if trainable is not None:
         save_tensors_atomic(stage / "trainable.safetensors", {k: v.detach().cpu().contiguous() for k, v in trainable.items()})
     if carry is not None:
@@ -182,10 +231,17 @@ def _publish(stage: Path, final: Path) -> None:
 def _check_shared(folder: Path, env: "Dist") -> None:
     """Every rank sees a file rank 0 writes into `folder`: sharded checkpoints are written by every
     rank into one folder, so on several nodes it must be on a shared filesystem."""
-    probe = folder / f".shared-probe-{os.getpid()}" if env.is_main else None
-    if probe is not None:
-        probe.write_text("")
-    probe = Path(env.broadcast_object(None if probe is None else str(probe)))
+    probe = error = None
+    if env.is_main:
+        probe = str(folder / f".shared-probe-{os.getpid()}")
+        try:
+            Path(probe).write_text("")
+        except OSError as e:  # said on every rank: none may be left waiting in the broadcast
+            error = f"output_dir: cannot write into {folder} ({e.strerror or e})"
+    probe, error = env.broadcast_object((probe, error))
+    if error is not None:
+        raise ValueError(error)
+    probe = Path(probe)
     blind = [rank for rank, seen in enumerate(env.gather_objects(probe.is_file())) if not seen]
     env.barrier()
     if env.is_main:
@@ -236,21 +292,20 @@ def verify_checkpoint(path: Path) -> None:
     read_checkpoint_config(path)
 
 
-def is_sharded(state: dict[str, Any]) -> bool:
+def is_sharded_format(state: dict[str, Any]) -> bool:
     """Whether a checkpoint's train_state describes the sharded format (older ones: consolidated)."""
-    return state.get("format", CONSOLIDATED) == SHARDED_DIR
+    return state.get("format", CONSOLIDATED) == SHARDED
 
 
 def trainable_shapes(path: Path, state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """{name: whole shape} of a checkpoint's trainable parameters (headers and index only)."""
-    if not is_sharded(state):
+    if not is_sharded_format(state):
         return _readable(path / "trainable.safetensors", safetensors_shapes)
     folder = path / SHARDED_DIR
     shapes = _readable(folder / ".metadata", lambda f: sharded_shapes(f.parent))
-    lost = missing_files(folder)
-    if lost:
-        raise DamagedCheckpoint(f"--resume: {folder / lost[0]} is missing (a rank's shards; {len(lost)} file(s) "
-                                "named by the index are not there)")
+    problem = shard_problem(folder)
+    if problem is not None:
+        raise DamagedCheckpoint(f"--resume: {problem}")
     return shapes
 
 
@@ -258,7 +313,7 @@ def read_trainable(path: Path) -> dict[str, Tensor]:
     """The trainable parameters of a checkpoint, whole tensors on the CPU by name (either format;
     this process alone: for tools and tests, not for resuming)."""
     _, _, state = load_checkpoint(path, tensors=False)
-    if not is_sharded(state):
+    if not is_sharded_format(state):
         return _readable(path / "trainable.safetensors", lambda f: load_file(str(f)))
     return read_weights(path / SHARDED_DIR)
 
@@ -298,15 +353,16 @@ def load_checkpoint(path: Path, tensors: bool = True
     """(trainable tensors, carried TTT state or None, train_state) of a checkpoint folder.
 
     train_state is memory-mapped: its optimizer tensors are read only where used. tensors=False or a
-    sharded checkpoint: the trainable tensors are not read here ({}; ranks > 0 of a sharded run
-    receive them from rank 0, a sharded checkpoint is read by `sharded_state.load_sharded`).
+    checkpoint in the sharded format: the trainable tensors are not read here ({}; under FSDP ranks
+    > 0 receive a consolidated checkpoint's from rank 0; the sharded format is read by every rank,
+    `sharded_state.load_sharded`).
     A missing or damaged file → ValueError naming it."""
     carry_file = path / "carry.safetensors"
     carry = _readable(carry_file, lambda f: load_file(str(f))) if carry_file.is_file() else None
     state = _readable(path / "train_state.pt", lambda f: torch.load(f, weights_only=False, mmap=True))
     if not isinstance(state, dict) or "step" not in state:
         raise DamagedCheckpoint(f"--resume: {path / 'train_state.pt'} is not a ttt-speech training state")
-    if tensors and not is_sharded(state):
+    if tensors and not is_sharded_format(state):
         trainable = _readable(path / "trainable.safetensors", lambda f: load_file(str(f)))
     else:
         trainable = {}

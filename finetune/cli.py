@@ -40,7 +40,7 @@ def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="run N ranks on this node (torchrun's launcher in this process, with this command's "
                              "exit codes: 130 after a stop, the failing rank's code otherwise); several nodes: "
                              "torchrun itself (docs/training.md)")
-    parser.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="S",
+    parser.add_argument("--shutdown-timeout", type=int, metavar="S",
                         help="with --nproc-per-node: seconds torchrun gives the ranks to write their checkpoint after "
                              f"a SIGTERM or Ctrl-C before it kills them (default {DEFAULT_SHUTDOWN_TIMEOUT}; "
                              "torchrun's own is 30)")
@@ -69,7 +69,10 @@ def _run(args: argparse.Namespace) -> int:
     overrides = overrides_and_options(args.parser, args) + wandb_offline(args.wandb_offline)
     config = load_train_config(resolve_config(args.config), overrides)  # checked before any rank starts
     if args.nproc_per_node is not None:
-        return _launch(args)
+        return _launch(args, config.output_dir / "checkpoints")
+    if args.shutdown_timeout is not None:
+        raise ValueError("--shutdown-timeout: only with --nproc-per-node (under torchrun itself: its own "
+                         "--shutdown-timeout, docs/training.md §4)")
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     if not main_rank:  # the run's own warnings (resume, runaway growth, ...) are the same on every rank: rank 0 says them
@@ -92,21 +95,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace) -> int:
+def _launch(args: argparse.Namespace, checkpoints: Path) -> int:
     """--nproc-per-node: the same command on N ranks (`launch.py`)."""
     from .launch import launch
 
     if "RANK" in os.environ:
         raise ValueError("--nproc-per-node: this process is already a rank of torchrun; drop the option")
-    if args.nproc_per_node < 1 or args.shutdown_timeout < 0:
+    timeout = DEFAULT_SHUTDOWN_TIMEOUT if args.shutdown_timeout is None else args.shutdown_timeout
+    if args.nproc_per_node < 1 or timeout < 0:
         raise ValueError(f"--nproc-per-node: expected N >= 1 and --shutdown-timeout >= 0, got "
-                         f"{args.nproc_per_node} and {args.shutdown_timeout}")
+                         f"{args.nproc_per_node} and {timeout}")
     forwarded = [str(args.config), *args.overrides]
     for flag, value in (("--resume", args.resume), ("--overwrite", args.overwrite),
                         ("--wandb-offline", args.wandb_offline), ("--quiet", args.quiet)):
         if value:
             forwarded += [flag] if value is True else [flag, str(value)]
-    return launch(args.nproc_per_node, args.shutdown_timeout, forwarded)
+    return launch(args.nproc_per_node, timeout, forwarded, checkpoints)
 
 
 def main(argv: list[str] | None = None) -> int:

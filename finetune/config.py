@@ -120,6 +120,9 @@ class TrainConfig:
             check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         for name in ("eval_every", "checkpoint_every"):
             check(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+        if self.async_checkpoint and self.checkpoint_format == "consolidated":
+            raise ValueError("async_checkpoint: writes sharded checkpoints in the background; checkpoint_format "
+                             "consolidated gathers them to rank 0 (use sharded, or auto under fsdp)")
         if self.length_gen is not None and self.data.eval_manifest is None:
             raise ValueError("length_gen: evaluates on data.eval_manifest, which is not set")
         if self.ttt is None and self.trainable in ("ttt", "ttt+lora"):

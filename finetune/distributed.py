@@ -36,6 +36,10 @@ class Dist:
             dist.all_reduce(tensor)
         return tensor
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (collective: every rank calls it)."""
+        return bool(self.all_reduce(torch.tensor(float(flag), device=self.device)).item())
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order (on every rank)."""
         if not self.enabled:

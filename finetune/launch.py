@@ -18,12 +18,14 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 DEFAULT_SHUTDOWN_TIMEOUT = 120  # seconds; torchrun's own default is 30
 
 
-def launch(nproc: int, shutdown_timeout: int, worker_args: list[str]) -> int:
-    """Run `python -m ttt_speech_apps.finetune *worker_args` on `nproc` local ranks; the exit code."""
+def launch(nproc: int, shutdown_timeout: int, worker_args: list[str], checkpoints: Path) -> int:
+    """Run `python -m ttt_speech_apps.finetune *worker_args` on `nproc` local ranks; the exit code.
+    checkpoints: the run's checkpoint folder (a stop's checkpoint cut by the timeout is said)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
@@ -35,13 +37,20 @@ def launch(nproc: int, shutdown_timeout: int, worker_args: list[str]) -> int:
     try:
         torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "ttt_speech_apps.finetune", *worker_args])
     except SignalException as e:  # the ranks stopped on it (rank 0 said where its checkpoint is)
+        cut = sorted(checkpoints.glob(".step_*")) if checkpoints.is_dir() else []
+        if cut:  # the stop's checkpoint was still being written when torchrun killed the ranks
+            print(f"ttt-speech train: error: torchrun killed the ranks {shutdown_timeout} s after the signal, while "
+                  f"they wrote {cut[-1].name}: the previous checkpoint resumes; give a stop more time "
+                  "(--shutdown-timeout)", file=sys.stderr)
+            return 128 + signal.SIGKILL
         return 130 if e.sigval in (signal.SIGTERM, signal.SIGINT) else 128 + int(e.sigval)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # a rank's own exit code (it printed its line) over one killed by a signal at exit
+        failures = sorted(e.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp))
+        rank, failure = failures[0]
         if failure.exitcode < 0:  # killed by a signal: no line of its own was printed
             name = signal.Signals(-failure.exitcode).name
-            print(f"ttt-speech train: error: rank {rank} was killed by {name} (out of memory? torchrun's "
-                  f"shutdown timeout, {shutdown_timeout} s, after a stop?)", file=sys.stderr)
+            print(f"ttt-speech train: error: rank {rank} was killed by {name} (out of memory?)", file=sys.stderr)
             return 128 - failure.exitcode
         return failure.exitcode
     return 0

@@ -56,11 +56,16 @@ def save_sharded(folder: Path, state: dict[str, Tensor], group, asynchronous: bo
     completes when every rank's files and the index are written."""
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     writer = dcp.FileSystemWriter(str(folder))
-    with _quiet_alone(group):
-        if asynchronous:
-            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None)
-        dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+    try:
+        with _quiet_alone(group):
+            if asynchronous:
+                return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+            dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+    except CheckpointException as e:  # a BaseException: it would escape the commands' one-line errors
+        raise ValueError(f"checkpoint: cannot write {folder} ({_one_line(e)})") from None
     return None
 
 
@@ -77,11 +82,27 @@ def sharded_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return {k[len(WEIGHTS):]: tuple(v.size) for k, v in entries.items() if k.startswith(WEIGHTS)}
 
 
-def missing_files(folder: Path) -> list[str]:
-    """The shard files the index names that are not in `folder` (a copy that lost a rank's file)."""
-    storage = read_metadata(folder).storage_data or {}
-    names = {getattr(info, "relative_path", None) for info in storage.values()} - {None}
-    return sorted(n for n in names if not (folder / n).is_file())
+def shard_problem(folder: Path) -> str | None:
+    """What is wrong with the shard files the index names (missing: a copy that lost a rank's file;
+    shorter than the index says: truncated, e.g. by a full disk), or None."""
+    ends: dict[str, int] = {}
+    for info in (read_metadata(folder).storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = folder / name
+        if not file.is_file():
+            return f"{file} is missing (a rank's shards; {len(ends)} file(s) in the index)"
+        if file.stat().st_size < end:
+            return f"{file} is truncated ({file.stat().st_size} bytes, the index reads up to {end})"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """The first failure of a DCP `CheckpointException` (one per rank), as one line."""
+    failures = getattr(e, "failures", None) or {}
+    first = next(iter(failures.values()), e)
+    text = str(first).strip()
+    return getattr(first, "strerror", None) or (text.splitlines()[0] if text else type(first).__name__)
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -90,6 +111,7 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     shards under FSDP, whole tensors otherwise), in place; `param_groups`: the hyperparameters
     saved beside it (collective over `group`; None: this process alone)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     entries = read_metadata(folder).state_dict_metadata
     params = trainable_parameters(model)
@@ -99,11 +121,17 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
             continue
         name, state_key = key[len(OPTIMIZER):].rsplit(".", 1)
         p = params[name]
-        like_param = tuple(meta.size) == tuple(p.shape)  # exp_avg / exp_avg_sq: sharded as the parameter
+        # AdamW's moments are shaped and sharded as their parameter; its `step` is a CPU scalar
+        # (torch 2.13, neither fused nor capturable), also for a scalar parameter
+        like_param = state_key != "step" and tuple(meta.size) == tuple(p.shape)
         target[key] = (torch.empty_like(p.detach(), dtype=meta.properties.dtype) if like_param
                        else torch.empty(tuple(meta.size), dtype=meta.properties.dtype))
-    with _quiet_alone(group):
-        dcp.load(target, storage_reader=dcp.FileSystemReader(str(folder)), process_group=group, no_dist=group is None)
+    try:
+        with _quiet_alone(group):
+            dcp.load(target, storage_reader=dcp.FileSystemReader(str(folder)), process_group=group,
+                     no_dist=group is None)
+    except CheckpointException as e:  # a BaseException: it would escape the commands' one-line errors
+        raise ValueError(f"--resume: cannot read {folder} ({_one_line(e)})") from None
     optimizer.state.clear()
     for key, value in target.items():
         if key.startswith(OPTIMIZER):

@@ -33,7 +33,7 @@ from ttt_speech.moshi.teacher_forcing import ChunkModel, delayed_streams
 from ttt_speech.sharding import is_sharded, ttt_units, unsharded
 from ttt_speech.stats import runaway, runaway_warning
 
-from .checkpointing import (Checkpointer, is_sharded as is_sharded_checkpoint, load_checkpoint, load_full_state,
+from .checkpointing import (Checkpointer, is_sharded_format, load_checkpoint, load_full_state,
                             read_checkpoint_config, resolve_resume, set_rng_state, split_rows, trainable_shapes)
 from .config import TrainConfig, resume_changes
 from .data import WindowBatcher
@@ -197,19 +197,17 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
             return None
         pending = carry.resets_pending
         if sharded:  # gathering is collective: every rank must take the same branch
-            pending = bool(env.all_reduce(torch.tensor(float(pending), device=env.device)).item())
+            pending = env.any(pending)
         with gathered_ttt() if pending else contextlib.nullcontext():
             return carry.state_dict()
-
-    def checkpoint(at_step: int, data_state: Any, carry_state: dict | None, blocking: bool = False) -> Path | None:
-        return checkpointer.save(at_step, data_state, carry_state, blocking)
 
     tokens_per_step = config.data.batch_size * config.data.window_frames * lm.num_codebooks
     bar = progress_bar(total=config.steps, initial=step, desc="train", unit="step", enabled=progress and env.is_main)
     metrics: dict[str, Any] = {}
     window_start_time, window_steps = time.perf_counter(), 0
     memory_reported = False
-    with StopRequest() as stop:  # Ctrl-C / SIGTERM: the step in flight finishes, then a checkpoint
+    # Ctrl-C / SIGTERM: the step in flight finishes, then a checkpoint; a failure publishes one written in the background
+    with StopRequest() as stop, checkpointer:
         while step < config.steps:
             data_before = batcher.state_dict()
             carry_before = carry_state()
@@ -218,7 +216,7 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
             restarts = True  # whether a row of any rank reads W₀ in this step (a fresh state is a copy of it)
             if carry is not None:
                 carry.next_window(batch.new_recording.to(env.device))
-                restarts = bool(env.all_reduce(torch.tensor(float(carry.resets_pending), device=env.device)).item())
+                restarts = env.any(carry.resets_pending)
             log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
             if probe is not None:
                 probe.armed = log_now
@@ -239,7 +237,7 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not math.isfinite(values["loss"]) or grad_norm is None or not math.isfinite(grad_norm):
                 what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
-                saved = checkpoint(step, data_before, carry_before, blocking=True)
+                saved = checkpointer.save(step, data_before, carry_before, blocking=True)
                 bar.close()
                 raise TrainingDiverged(
                     f"non-finite {what} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}"
@@ -275,14 +273,14 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
             saved = None  # a path on rank 0 only: decisions below use `periodic`, the same on every rank
             periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0 and step < config.steps
             if periodic:
-                saved = checkpoint(step, batcher.state_dict(), carry_state())
+                saved = checkpointer.save(step, batcher.state_dict(), carry_state())
             if step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
                 if not periodic:  # not twice: rewriting step N would first delete the one just written
-                    saved = checkpoint(step, batcher.state_dict(), carry_state(), blocking=True)
+                    saved = checkpointer.save(step, batcher.state_dict(), carry_state(), blocking=True)
                 checkpointer.wait()
                 raise _stopped(stop, step, saved, out_dir, bar, monitor, "")
         bar.close()
-        saved = checkpoint(step, batcher.state_dict(), carry_state(), blocking=True)
+        saved = checkpointer.save(step, batcher.state_dict(), carry_state(), blocking=True)
         if stop.requested(env):  # during the last step: its checkpoint is written, the rest is left
             raise _stopped(stop, step, saved, out_dir, bar, monitor, " (the last one; the final evaluation and "
                            "export were not done: --resume does them)")
@@ -317,9 +315,12 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
 
 def _writes_sharded(config: TrainConfig, env: Dist) -> bool:
     """checkpoint_format auto: sharded where the model is (FSDP on several ranks), consolidated elsewhere."""
-    if config.checkpoint_format == "auto":
-        return config.distributed == "fsdp" and env.enabled
-    return config.checkpoint_format == "sharded"
+    sharded = (config.distributed == "fsdp" and env.enabled if config.checkpoint_format == "auto"
+               else config.checkpoint_format == "sharded")
+    if config.async_checkpoint and not sharded and env.is_main:
+        logger.warning("async_checkpoint: this run's checkpoints are consolidated (checkpoint_format: auto is sharded "
+                       "only under fsdp on several ranks): they are written before training goes on")
+    return sharded
 
 
 def _stopped(stop: StopRequest, step: int, saved: Path | None, out_dir: Path, bar, monitor: Monitor,
@@ -388,7 +389,7 @@ def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim
     if wrong:
         raise ValueError(f"--resume: {path} is a checkpoint of another architecture ({wrong[0]}: "
                          f"{saved[wrong[0]]} in the checkpoint, {own[wrong[0]]} in this model)")
-    if is_sharded_checkpoint(state):  # every rank reads its part of the shards, whatever the world size
+    if is_sharded_format(state):  # every rank reads its part of the shards, whatever the world size
         load_sharded(path / SHARDED_DIR, lm, optimizer, state["optimizer"]["param_groups"], group)
     else:
         load_full_state(lm, optimizer, trainable, state["optimizer"], from_rank0, env.is_main)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -143,14 +145,33 @@ def test_a_sharded_checkpoint_resumes_exactly_and_a_lost_shard_file_is_damage(tm
     assert not (run / "checkpoints" / "step_000002" / "trainable.safetensors").exists()
     shards = list((run / "checkpoints" / "step_000002" / "sharded").glob("*.distcp"))
     assert shards
-    shards[0].unlink()
     capsys.readouterr()
-    assert train_main([str(config), "steps=4", "--resume", str(shards[0].parent.parent), "--quiet"]) == 2
-    one_error_line(capsys, f"{shards[0].name} is missing")
+    for damage, words in ((lambda f: f.write_bytes(f.read_bytes()[:-8]), "is truncated"), (Path.unlink, "is missing")):
+        damage(shards[0])
+        assert train_main([str(config), "steps=4", "--resume", str(shards[0].parent.parent), "--quiet"]) == 2
+        one_error_line(capsys, f"{shards[0].name} {words}")
     with caplog.at_level(logging.WARNING, logger="finetune"):  # the run folder: back to step 1's checkpoint
         assert train_main([str(config), "steps=4", "--resume", str(run), "--overwrite", "--quiet"]) == 0
     assert "skipping a damaged checkpoint" in caplog.text
     assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(tmp_path / "whole" / "run")]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_folder(tmp_path, corpus, capsys, monkeypatch):
+    """torch.distributed.checkpoint reports a full disk as a CheckpointException (a BaseException)."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def full_disk(*args, **kwargs):
+        raise CheckpointException("save", {0: OSError(errno.ENOSPC, "No space left on device")})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    config = write_config(tmp_path, corpus, steps=2, checkpoint_every=1, checkpoint_format="sharded")
+    capsys.readouterr()
+    assert train_main([str(config), "--quiet"]) == 2
+    one_error_line(capsys, "cannot write", "No space left on device")
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 def test_resuming_an_older_checkpoint_into_its_own_folder_is_refused(tmp_path, corpus, capsys):
