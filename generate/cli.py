@@ -97,7 +97,7 @@ class _Progress:
 
 def _generate(args: argparse.Namespace) -> int:
     from ttt_speech.files import require_file, writable_dir
-    from ttt_speech.generation.loading import check_generation_model, load_generation_model
+    from ttt_speech.generation.loading import check_codec, check_generation_model, load_generation_model
     from ttt_speech.generation.prompts import PROMPT
 
     config = generation_config(args)
@@ -146,6 +146,8 @@ def _generate(args: argparse.Namespace) -> int:
         (r.silence for r in recordings if r is not None and r.silence is not None), None)
     need_mimi = not args.no_audio or silence is None or any(r is None for r in recordings)
     mimi = load_mimi(model_config, device=device) if need_mimi else None
+    if mimi is not None:
+        check_codec(lm, mimi, " (code-file prompts with --no-audio need no Mimi)")
     codec = model_config.codec_id()
     for i, path in enumerate(prompts):
         if recordings[i] is None:

@@ -4,6 +4,7 @@ Small LM (dim 64, 2 layers) for the session tests; the random Mimi (card 2048) o
 is decoded. Everything float32 on CPU, so "equal" means bit for bit.
 """
 import numpy as np
+import soundfile as sf
 import pytest
 import sphn
 import torch
@@ -201,6 +202,22 @@ def test_a_prompt_that_cannot_be_read_leaves_no_output_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bad}: cannot decode audio" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.wav"]
+
+
+def test_an_export_of_other_codes_is_one_line_before_audio_is_read(tmp_path, capsys):
+    """An export of a model trained on 64 codes (as `ttt-speech train tiny`'s) with an audio prompt:
+    the codebooks' mismatch with Mimi is named, not a code "out of range" of the encoded prompt."""
+    from ttt_speech.export import save_export
+
+    config = ModelConfig(name="tiny", device="cpu", tiny=SMALL)
+    export = save_export(load_lm(config), config, tmp_path / "small", trainable="full")
+    prompt = tmp_path / "p.wav"
+    sf.write(prompt, np.zeros(4800, dtype=np.float32), 24000)
+    assert main(["generate", str(prompt), "--export", str(export), "--out", str(tmp_path / "out"),
+                 "--max-duration", "0.16", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the model's {CARD}-code audio codebooks do not match Mimi's 2048" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- sessions

@@ -27,6 +27,7 @@ from ..moshi.internals import load_moshi_states, moshi_states_to_tensors, stream
 from .config import GenerationConfig
 from .contexts import OwnsContexts
 from .decode import PREFIX as MIMI_PREFIX
+from .loading import check_codec
 from .session import Frame, GenerationSession
 from .state import model_fingerprint
 
@@ -61,9 +62,7 @@ def check_live_model(lm, mimi) -> None:
     if lm.dep_q < mimi.num_codebooks or lm.num_codebooks - 1 - lm.dep_q != mimi.num_codebooks:
         raise ValueError(f"the LM streams {lm.dep_q} + {lm.num_codebooks - 1 - lm.dep_q} audio codebooks; "
                          f"Mimi encodes and decodes {mimi.num_codebooks}: a live conversation needs both")
-    if lm.card != mimi.cardinality:
-        raise ValueError(f"the model's {lm.card}-code audio codebooks do not match Mimi's {mimi.cardinality}: "
-                         "it was trained on other codes than Mimi's and cannot talk through Mimi")
+    check_codec(lm, mimi)
 
 
 class LiveStream(OwnsContexts):

@@ -39,3 +39,11 @@ def load_generation_model(export: str | Path | None = None, model: str = "tiny",
     if ttt is not None:
         load_ttt(lm, ttt)
     return lm.eval(), config
+
+
+def check_codec(lm, mimi, hint: str = "") -> None:
+    """An LM that reads or writes audio through Mimi must use Mimi's codes (a model trained on other
+    codes, e.g. `ttt-speech train tiny`'s 64, cannot): a one-line ValueError otherwise, `hint` appended."""
+    if lm.card != mimi.cardinality:
+        raise ValueError(f"the model's {lm.card}-code audio codebooks do not match Mimi's {mimi.cardinality}: "
+                         f"it was trained on other codes than Mimi's and cannot talk through Mimi{hint}")
