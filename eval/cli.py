@@ -24,8 +24,9 @@ MEMORY = (
     "the first pass ended with (post), and as the second half of one stream [S; S] (in context). "
     "Writes memory.json, memory.md and memory.png into output_dir. See docs/evaluation.md."
 )
-OVERWRITE = ("write into an output_dir that is a training run's folder, or that holds this command's earlier "
-             "results (they are replaced); refused otherwise")
+OVERWRITE = ("write into an output_dir that holds this command's earlier results or is a training run's folder "
+             "(refused otherwise); files this run writes replace theirs, others are left: an earlier run's "
+             "outputs this one does not write (e.g. a plot) stay beside the new report")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,9 @@ a Host check where no token is asked, sessions bound to the token that created t
   sent to) nor one of `--allow-origin` is refused; clients that are not browsers send none.
 - Host: a tokenless server answers only requests addressed to a loopback name, or a page of
   another site could rebind its own name to 127.0.0.1 (DNS rebinding) and be "same origin".
+- Proxy headers: a reverse proxy sends its own Host (nginx's default is 127.0.0.1:PORT), so the
+  Host check cannot tell that a request came through one; a tokenless server refuses any request
+  that carries what proxies add (`PROXY_HEADERS`). Behind a proxy, a token is the protection.
 
 Only the standard library: the command tree imports this module to build its options.
 """
@@ -32,6 +35,8 @@ TOKEN_RULE = ("at least 16 characters of letters, digits, '.', '_', '~' or '-' "
               "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
 TOKEN_HINT = f"give it with --token or the environment variable {TOKEN_ENV}"
 CHAT_PATH = "/api/chat"
+# what reverse proxies add (RFC 7239's and the de-facto ones nginx, Caddy, Traefik, Apache send)
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
 
 
 class Refused(Exception):
@@ -90,6 +95,11 @@ class Access:
         if origin is not None and origin.lower() not in self.origins and _netloc(origin) != host.lower():
             raise Refused(403, f"Origin {origin}: not this server's own and not allowed (--allow-origin)")
         if not self.tokens:
+            present = {name.lower() for name in headers}
+            forwarded = next((name for name in PROXY_HEADERS if name.lower() in present), None)
+            if forwarded is not None:
+                raise Refused(403, f"{forwarded}: this server has no token and answers no request that came "
+                                   f"through a proxy; behind a proxy, give it a token (--token or {TOKEN_ENV})")
             if not is_loopback(_netloc(f"//{host}", hostname=True)):
                 raise Refused(403, f"Host {host}: this server has no token and answers only requests "
                                    "addressed to localhost, 127.0.0.1 or [::1]")
@@ -112,6 +122,13 @@ class Access:
         Without binding (`owner` None) every admitted client may; an unbound session is for all."""
         bound = record.get("owner") if record else None
         return owner is None or bound is None or hmac.compare_digest(str(bound).encode(), owner.encode())
+
+
+def session_refusal(session: str) -> str:
+    """What a client is told of a session it may not use (another token's; on a server that binds
+    sessions, one whose record is unreadable, so whose it is is unknown), on every route: what a
+    session that does not exist gets over HTTP. Neither its owner nor that it is bound is said."""
+    return f"no session {session!r} for this client"
 
 
 def _netloc(url: str, hostname: bool = False) -> str:

@@ -14,6 +14,8 @@ from ttt_speech.generation.options import add_model_options, add_sampling_option
 from .access import TOKEN_ENV
 
 if TYPE_CHECKING:
+    from urllib.request import OpenerDirector
+
     from torch import Tensor
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8998  # moshi's server: localhost:8998
@@ -112,6 +114,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import ChatServer, check_listen, log, model_thread, run_server
 
     check_listen(args.host, args.port)  # a port in use: before the model loads
+    # after the port check: a second server started by mistake on a running one's port and folder
+    # fails there, before it could remove a save in progress
+    for path in store.remove_staging():
+        log(f"removed {path}: a save's staging folder, left by a server stopped mid-save (its last save stays)")
 
     executor = model_thread()
     source = f"--export {args.export}" if args.export is not None else f"--model {args.model}"
@@ -316,6 +322,17 @@ def _sessions_local(args: argparse.Namespace):
         raise ValueError(e.args[0]) from None
 
 
+def _no_redirects() -> "OpenerDirector":
+    """A urllib opener that follows no redirect: urllib's would send the Authorization header (the
+    token) along to wherever one points, another host included."""
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs) -> None:  # None: the 3xx is raised as an HTTPError
+            return None
+    return urllib.request.build_opener(NoRedirect)
+
+
 def _sessions_http(args: argparse.Namespace):
     import urllib.error
     import urllib.request
@@ -330,9 +347,13 @@ def _sessions_http(args: argparse.Namespace):
     request = urllib.request.Request(base + path, method=method,
                                      headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with _no_redirects().open(request, timeout=30) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            raise ValueError(f"{args.action}: {base + path} answered {e.code} (a redirect to "
+                             f"{e.headers.get('Location')!r}); expected the server's own answer: give --url the "
+                             "server's address (a redirect is not followed: it would take the token along)") from None
         try:
             reason = json.loads(e.read()).get("error", e.reason)
         except ValueError:

@@ -26,7 +26,8 @@ from .access import TOKEN_HINT
 
 SERVER_WAIT = 180.0  # seconds to wait for the handshake or the end's answer (the server may be saving a session)
 HANDSHAKE_REFUSALS = {401: f"401: the server asks a token and none or a wrong one was given ({TOKEN_HINT})",
-                      403: "403: the server refuses this client's Origin or Host (docs/serve.md, Access)"}
+                      403: "403: the server refuses this client's Origin, Host or proxy headers "
+                           "(docs/serve.md, Access)"}
 
 
 class ServerRefused(ValueError):

@@ -12,7 +12,8 @@ byte. Differences, all on purpose:
 - one conversation at a time (as moshi's lock); a further client is told so (kind 5, naming no
   session) and closed with 1013 instead of waiting unseen; a client that connects while the last
   conversation is being saved (its own session reconnecting, say) waits for the save;
-- every route is guarded (serve/access.py: token, Origin, Host; sessions bound to tokens);
+- every route is guarded (serve/access.py: token, Origin, Host, proxy headers; sessions bound to
+  tokens);
 - a client that ends with kind 0x81 (end) gets its session saved before the connection closes,
   and is told whether the save worked;
 - a message it cannot use (unknown kind, text frame, garbage Opus, bad codes) is logged and
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
+import socket
 import statistics
 import sys
 import time
@@ -39,7 +42,7 @@ from ttt_speech.generation.live import LiveFrame, LiveStream
 from ttt_speech.generation.session import GenerationDiverged
 
 from . import protocol as P
-from .access import CHAT_PATH, TOKEN_ENV, Access, Refused, is_loopback
+from .access import CHAT_PATH, TOKEN_ENV, Access, Refused, is_loopback, session_refusal
 from .sessions import SessionStore, check_id
 
 FRAME_BUDGET = 1.0 / FRAME_RATE   # seconds one frame may take to keep up with real time (80 ms)
@@ -206,11 +209,10 @@ class ChatServer:
         # checked after any save above (a session being created is bound by then) and with no await
         # before it goes live (nothing can create the session in between)
         try:  # a record the save could not update fails now, not after the conversation
-            record = self.store.record(session) if session else None
-        except ValueError as e:
-            return await self._refuse(ws, str(e), P.CLOSE_POLICY)
-        if not self.access.may_use(record, owner):
-            return await self._refuse(ws, f"session {session}: bound to another token", P.CLOSE_POLICY)
+            if session:
+                self._usable_record(session, owner)
+        except (KeyError, ValueError) as e:
+            return await self._refuse(ws, e.args[0], P.CLOSE_POLICY)
         conn = Connection(ws, session, fmt, self.mimi.sample_rate, owner)
         self.live = conn
         try:
@@ -373,16 +375,37 @@ class ChatServer:
         except (ConnectionError, RuntimeError):
             pass
 
+    def _usable_record(self, session: str, owner: str | None) -> dict | None:
+        """The record of `session` for a client whose owner is `owner` (None: a new session). A
+        session the client may not use is a KeyError with the one refusal every route gives
+        (`session_refusal`; the reason is logged): another token's, or, on a server that binds
+        sessions, one whose record is unreadable (whose it is cannot be told). An unreadable record
+        on a server that does not bind is a ValueError naming the file."""
+        try:
+            record = self.store.record(session)
+        except ValueError as e:
+            if not self.access.bind_sessions:
+                raise
+            log(f"refused session {session}: {e}")
+            raise KeyError(session_refusal(session)) from None
+        if not self.access.may_use(record, owner):
+            log(f"refused session {session}: bound to another token")
+            raise KeyError(session_refusal(session))
+        return record
+
     # ------------------------------------------------------------------ /api/sessions
     def _live_session(self) -> str | None:
         return self.live.session if self.live is not None else None
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        """The sessions the client may use (all, unless bound to other tokens) and which of them is live."""
+        """The sessions the client may use (all, unless bound to other tokens) and which of them is
+        live. Unreadable records are listed (with their error) only where sessions are not bound:
+        there every client may use every session; with binding, whose they are is unknown."""
         owner = self.access.owner(request.get("token"))
         live = self._live_session() if self.live is not None and self.live.owner == owner else None
-        return web.json_response({"sessions": [r for r in self.store.list() if self.access.may_use(r, owner)],
-                                  "live": live})
+        listed = [r for r in self.store.list() if self.access.may_use(r, owner)
+                  and not ("error" in r and self.access.bind_sessions)]
+        return web.json_response({"sessions": listed, "live": live})
 
     async def show_session(self, request: web.Request) -> web.Response:
         return self._session_call(request, lambda s: self.store.require(s))
@@ -400,14 +423,14 @@ class ChatServer:
         session = request.match_info["session"]
         try:
             check_id(session)
-            if not self.access.may_use(self.store.require(session), self.access.owner(request.get("token"))):
-                raise KeyError(f"no session {session!r} in {self.store.root}")  # another token's: as if none
+            if self._usable_record(session, self.access.owner(request.get("token"))) is None:
+                raise KeyError(session)
             if refuse_live and session == self._live_session():
                 return web.json_response({"error": f"session {session} is live; end its conversation first"},
                                          status=409)
             result = call(session)
-        except KeyError as e:
-            return web.json_response({"error": e.args[0]}, status=404)
+        except KeyError:  # (not the store's message: the server's folder is not the client's business)
+            return web.json_response({"error": session_refusal(session)}, status=404)
         except ValueError as e:
             return web.json_response({"error": str(e)}, status=400)
         if isinstance(result, dict) and "id" in result:
@@ -470,11 +493,37 @@ def check_listen(host: str, port: int) -> None:
         asyncio.run(probe())
 
 
+def _netloc(host: str, port: int) -> str:
+    """`host:port` of a URL: an IPv6 literal in brackets."""
+    name = host.strip("[]")
+    try:
+        return f"[{name}]:{port}" if ipaddress.ip_address(name).version == 6 else f"{name}:{port}"
+    except ValueError:  # a name
+        return f"{name}:{port}"
+
+
+def client_url(host: str, port: int) -> tuple[str, str]:
+    """The ws:// URL of /api/chat a client can use for a server listening on `host`:`port`, and a
+    note on it ("" when it is `host` itself). The wildcard addresses (0.0.0.0, ::, "") are no
+    address to connect to: the machine's name stands in, else the placeholder HOST."""
+    if host.strip("[]") not in ("0.0.0.0", "::", ""):
+        return f"ws://{_netloc(host, port)}{CHAT_PATH}", ""
+    try:
+        name = socket.gethostname()
+    except OSError:
+        name = ""
+    if name:
+        return (f"ws://{_netloc(name, port)}{CHAT_PATH}",
+                " (this machine's name; listening on every interface, any of its addresses works too)")
+    return f"ws://HOST:{port}{CHAT_PATH}", " (HOST: this machine's name or address, as the client reaches it)"
+
+
 def _log_access(access: Access, generated: str | None, host: str, port: int) -> None:
     """Say what protects the server (and the token it generated: printed once, here)."""
     if generated is not None:
+        url, note = client_url(host, port)
         log(f"token (generated; clients: --token TOKEN or {TOKEN_ENV}=TOKEN): {generated}")
-        log(f"browser websocket: ws://{host}:{port}{CHAT_PATH}?token={generated}")
+        log(f"browser websocket: {url}?token={generated}{note}")
     elif access.tokens:
         log(f"a token is required ({len(access.tokens)} accepted)"
             + ("; sessions are bound to the token that created them" if access.bind_sessions else ""))
@@ -510,7 +559,7 @@ async def run_server(server: ChatServer, host: str, port: int, generated: str | 
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        log(f"listening on ws://{host}:{bound}/api/chat (sessions in {server.store.root}; Ctrl-C to stop)")
+        log(f"listening on ws://{_netloc(host, bound)}{CHAT_PATH} (sessions in {server.store.root}; Ctrl-C to stop)")
         await stop.wait()
         await server.shutdown()
     finally:

@@ -9,7 +9,8 @@
 The two change together or not at all (`_commit`): both are written under temporary names in a
 staging folder, then renamed over the old pair; a failure on the way puts the old state back. Only
 a crash between the two renames (two metadata operations) could leave the new state with the
-old record.
+old record. A server killed mid-save leaves its staging folder; the next one removes it at start
+(`remove_staging`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ttt_speech.generation.state import read_state, write_state
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ID_RULE = "1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+STAGING = ".{session}.saving."  # a save's staging folder: this prefix, then mkdtemp's random part
 
 
 def check_id(session: str) -> str:
@@ -65,6 +67,17 @@ class SessionStore:
         if record is None:
             raise KeyError(f"no session {session!r} in {self.root}")
         return record
+
+    def remove_staging(self) -> list[Path]:
+        """Remove the staging folders saves left (a server killed mid-save); the folders removed.
+        Only for a server that starts: a running one's save in progress would lose its files."""
+        removed = []
+        for path in sorted(self.root.glob(STAGING.format(session="*") + "*")):
+            session = path.name[1:].rsplit(".saving.", 1)[0]
+            if path.is_dir() and not path.is_symlink() and ID_PATTERN.fullmatch(session):
+                shutil.rmtree(path)
+                removed.append(path)
+        return removed
 
     def list(self) -> list[dict]:
         records = []
@@ -112,15 +125,19 @@ class SessionStore:
         state). Both are written in a staging folder first; the old state keeps a second name there
         until the record is in place, and gets its own back when anything fails."""
         state, record_path = self.state_path(session), self.record_path(session)
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{session}.saving."))  # not an id: never listed
+        # not an id: never listed
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING.format(session=session)))
         try:
             new_state, new_record, previous = staging / state.name, staging / record_path.name, staging / "previous"
             if write_state_to is not None:
                 write_state_to(new_state)
             write_text_atomic(new_record, json.dumps(record, indent=2) + "\n")
             had_state = state.exists()
-            if had_state:
-                os.link(state, previous)  # a hard link: the session is never without its state
+            if had_state:  # a second name: the session is never without its state
+                try:
+                    os.link(state, previous)
+                except OSError:  # a file system without hard links (EPERM, EXDEV, ENOTSUP...): a copy
+                    shutil.copy2(state, previous)
             try:
                 if write_state_to is not None:
                     os.replace(new_state, state)

@@ -430,6 +430,9 @@ def test_a_tokenless_server_refuses_other_sites(server):
         assert status == 403 and "Origin http://evil.example" in body["error"], (path, status, body)
         status, body = http(server.url, path, method, {"Host": f"evil.example:{port}"})
         assert status == 403 and "has no token" in body["error"], (path, status, body)
+        # behind a proxy (nginx sends Host: 127.0.0.1:PORT by default): refused by its headers
+        status, body = http(server.url, path, method, {"X-Forwarded-For": "203.0.113.9"})
+        assert status == 403 and "X-Forwarded-For" in body["error"], (path, status, body)
     assert ws_status(chat_url(server.url, "erin"), evil) == 403
     assert ws_status(chat_url(server.url, "erin"), {"Origin": "null"}) == 403  # a sandboxed page, a file
     assert state.is_file() and json.loads((server.sessions / "erin.json").read_text())["resets"] == 0
@@ -533,6 +536,53 @@ def test_session_store_saves_both_files_or_neither(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors"]
 
 
+def test_session_store_saves_without_hard_links(tmp_path, monkeypatch):
+    """On a file system without hard links (os.link: EPERM, EXDEV, ENOTSUP...) the old state's
+    second name is a copy: saving an existing session works, and a failure still puts it back."""
+    import errno
+    import os
+
+    from ttt_speech_apps.serve import sessions
+    from ttt_speech_apps.serve.sessions import SessionStore
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(sessions.os, "link", no_link)
+    store = SessionStore(tmp_path)
+    meta = {"live": {"frames_in": 1}}
+    store.save("s", {"x": torch.zeros(2)}, meta, {})
+    assert store.save("s", {"x": torch.ones(2)}, meta, {})["connections"] == 2  # an existing session
+    state, record = store.state_path("s"), store.record_path("s")
+    saved, recorded = state.read_bytes(), record.read_text()
+    replace = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == record:
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+    monkeypatch.setattr(sessions.os, "replace", failing)
+    with pytest.raises(OSError, match="No space"):
+        store.save("s", {"x": torch.full((2,), 2.0)}, meta, {})
+    assert state.read_bytes() == saved and record.read_text() == recorded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors"]
+
+
+def test_session_store_removes_what_a_killed_save_left(tmp_path):
+    """A server killed mid-save leaves its staging folder (`.ID.saving.*`): removed when a server
+    opens the folder (`ttt-speech serve` logs each); sessions and other files are left alone."""
+    from ttt_speech_apps.serve.sessions import SessionStore
+
+    store = SessionStore(tmp_path)
+    store.save("s", {"x": torch.zeros(2)}, {"live": {"frames_in": 1}}, {})
+    left = tmp_path / ".s.saving.k3x9_a"
+    left.mkdir()
+    (left / "s.safetensors").write_bytes(b"half")
+    (tmp_path / ".notes.saving").write_text("not a folder")  # not a staging folder
+    assert store.remove_staging() == [left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.saving", "s.json", "s.safetensors"]
+    assert store.remove_staging() == []
+
+
 @pytest.mark.parametrize("how, said", [
     ("shuts down", "the server closed the connection (1001: server shutting down)"),
     ("dies", "the connection broke"),
@@ -585,9 +635,12 @@ def test_serving_an_export_of_other_codes_is_one_line(tmp_path, capsys):
     lm = load_lm(ModelConfig(name="tiny", device="cpu", tiny=tiny))
     patch_moshi(lm, TTTConfig(mini_batch_size=4))
     export = save_export(lm, ModelConfig(name="tiny", device="cpu", tiny=tiny), tmp_path / "export", trainable="ttt")
+    left = tmp_path / "sessions" / ".s.saving.k3x9_a"  # (also: a killed save's leftover is removed at start)
+    left.mkdir(parents=True)
     assert main(["serve", "--export", str(export), "--device", "cpu", "--port", "0",
                  "--sessions", str(tmp_path / "sessions")]) == 2
     err = capsys.readouterr().err
+    assert not left.exists() and f"removed {left}: " in err, err
     assert err.strip().splitlines()[-1] == (
         f"ttt-speech serve: error: --export {export}: the model's 64-code audio codebooks do not match Mimi's "
         "2048: it was trained on other codes than Mimi's and cannot talk through Mimi"), err

@@ -92,12 +92,23 @@ def test_sessions_are_bound_to_the_token_that_created_them(guarded, capsys, monk
         assert status == 200
         return sorted(r["id"] for r in body["sessions"])
     assert listed(ALICE) == ["mine"] and listed(BOB) == ["theirs"]
-    for method, path in [("GET", "/api/sessions/mine"), ("POST", "/api/sessions/mine/reset"),
-                         ("DELETE", "/api/sessions/mine")]:
-        status, body = http(guarded.url, path, method, bearer(BOB))
-        assert status == 404 and "no session 'mine'" in body["error"], (path, status, body)
-    with pytest.raises(ServerRefused, match="session mine: bound to another token"):
-        talk(guarded.url, "mine", codes=codes(), token=BOB)
+    # one refusal, the same on every route, whether the session is another token's, unreadable or
+    # (over HTTP) not there at all: neither its owner nor that it is bound is said
+    (guarded.sessions / "broken.json").write_text("{not json")
+    try:
+        assert listed(ALICE) == ["mine"]  # an unreadable record is nobody's to list on a bound server
+        for session, token in [("mine", BOB), ("broken", ALICE), ("nothing", ALICE)]:
+            refusal = f"no session {session!r} for this client"
+            for method, path in [("GET", f"/api/sessions/{session}"), ("POST", f"/api/sessions/{session}/reset"),
+                                 ("DELETE", f"/api/sessions/{session}")]:
+                assert http(guarded.url, path, method, bearer(token)) == (404, {"error": refusal}), (session, path)
+            if session != "nothing":  # (a websocket creates a session that is not there)
+                with pytest.raises(ServerRefused) as e:
+                    talk(guarded.url, session, codes=codes(), token=token)
+                assert str(e.value) == f"the server refused the connection: {refusal}"
+    finally:
+        (guarded.sessions / "broken.json").unlink()
+    assert "session mine: bound to another token" in guarded.log()  # the operator is told why
     again = talk(guarded.url, "mine", codes=codes(), token=ALICE)
     assert again.metadata["resumed"] is True and again.metadata["frames"] == 3
 
@@ -194,3 +205,84 @@ def test_a_malformed_origin_or_host_is_refused_not_an_error():
             access.admit(headers, host, None)
         assert e.value.status == 403
     assert access.admit({}, "[::1]:8998", None) is None
+
+
+@pytest.mark.parametrize("header", ["Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "x-real-ip"])
+def test_a_tokenless_server_refuses_what_a_proxy_forwards(header):
+    """nginx forwards `Host: $proxy_host` (127.0.0.1:PORT) by default: the Host check alone would
+    let anyone the proxy serves use a tokenless server. Its proxy headers are refused instead."""
+    with pytest.raises(Refused) as e:
+        Access().admit({header: "203.0.113.9"}, "127.0.0.1:8998", None)
+    reason = e.value.reason
+    assert e.value.status == 403 and header.lower() in reason.lower() and "give it a token" in reason, reason
+    assert "\n" not in reason
+    # with a token a proxy in front is the documented setup
+    assert Access((ALICE,)).admit({**bearer(ALICE), header: "203.0.113.9"}, "127.0.0.1:8998", None) == ALICE
+
+
+def test_the_sessions_command_does_not_follow_redirects(capsys):
+    """A redirect would carry the token to wherever it points (urllib re-sends Authorization to any
+    host): it is a one-line error naming the URL and the status, and the target gets nothing."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Target(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            body = json.dumps({"sessions": [], "live": None}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Redirect(Target):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_port}/api/sessions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    target, redirect = ThreadingHTTPServer(("127.0.0.1", 0), Target), ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (target, redirect):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{redirect.server_port}"
+        assert main(["sessions", "list", "--url", url, "--token", ALICE]) == 2
+    finally:
+        for server in (target, redirect):
+            server.shutdown()
+            server.server_close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{url}/api/sessions answered 302" in err[0], err
+    assert ALICE not in err[0] and seen == []
+
+
+@pytest.mark.parametrize("host, hostname, url", [
+    ("127.0.0.1", "vm", "ws://127.0.0.1:8998/api/chat"),
+    ("192.168.1.7", "vm", "ws://192.168.1.7:8998/api/chat"),
+    ("gpu-box", "vm", "ws://gpu-box:8998/api/chat"),
+    ("fe80::1", "vm", "ws://[fe80::1]:8998/api/chat"),
+    ("0.0.0.0", "gpu-box", "ws://gpu-box:8998/api/chat"),
+    ("::", "gpu-box", "ws://gpu-box:8998/api/chat"),
+    ("", "gpu-box", "ws://gpu-box:8998/api/chat"),
+    ("0.0.0.0", "", "ws://HOST:8998/api/chat"),
+    ("::", OSError("no name"), "ws://HOST:8998/api/chat"),
+])
+def test_the_printed_url_is_one_a_client_can_use(host, hostname, url, monkeypatch):
+    """0.0.0.0 and :: are no address to connect to: the machine's name instead (else a placeholder,
+    said so); an IPv6 literal in brackets."""
+    from ttt_speech_apps.serve import server
+
+    def gethostname():
+        if isinstance(hostname, Exception):
+            raise hostname
+        return hostname
+    monkeypatch.setattr(server.socket, "gethostname", gethostname)
+    got, note = server.client_url(host, 8998)
+    assert got == url
+    assert ("HOST" in note) == ("HOST" in url) and (note == "") == (host not in ("0.0.0.0", "::", ""))
