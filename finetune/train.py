@@ -146,171 +146,237 @@ def _check_resume(config: TrainConfig, resume: Path) -> Path:
 
 def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry], list[ManifestEntry]],
            resume_dir: Path | None, folder: RunFolder | None, progress: bool) -> dict[str, Any]:
-    from ttt_speech.progress import progress_bar
-
-    out_dir = config.output_dir
-    entries, eval_entries = manifests
-    config_yaml = yaml.safe_dump(schema.to_dict(config), sort_keys=False)
-
-    lm = build_model(config, build_device(env, config.distributed))
-    model = ChunkModel(lm, meta=config.meta)
-    full_state = model.state_dict() if config.distributed == "fsdp" and env.is_main else None
-    model = wrap(model, env, config.distributed, full_state)
-    del full_state  # rank 0's unsharded weights: only its shards stay
-    sharded = is_sharded(model)
-    gathered_ttt = functools.partial(unsharded, ttt_units(lm))  # TTT parameters read outside forward
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)  # MEMORY: not rank 0's whole copy before sharding
-    params = [p for p in lm.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")
-    o = config.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
-    loader = RecordingLoader(entries, lm, config)
-    _check_entries(entries, loader, "data.train_manifest", env, progress)
-    if eval_entries:
-        _check_entries(eval_entries, RecordingLoader(eval_entries, lm, config), "data.eval_manifest", env, progress)
-    per_rank = config.data.batch_size // env.world
-    batcher = WindowBatcher(entries, loader, config.data.batch_size, config.data.window_frames, env.rank, env.world,
-                            seed=config.seed, shuffle=config.data.shuffle, persistent=config.persistent_state,
-                            pad_id=lm.zero_token_id)
-    with gathered_ttt():  # the initial states are copies of the initial fast weights
-        carry = TTTCarry(lm, per_rank) if config.ttt is not None else None
-    probe = InnerLrProbe(lm) if config.ttt is not None else None
-    checkpointer = Checkpointer(out_dir / "checkpoints", env, lm, optimizer, scheduler, config_yaml,
-                                config.keep_checkpoints, _writes_sharded(config, env), config.async_checkpoint)
-    step = 0
-    if resume_dir is not None:
-        step = _restore(resume_dir, model, lm, optimizer, scheduler, batcher, carry, env, checkpointer.group)
-        logger.info("resumed from %s at step %d", resume_dir, step)
-    else:
-        torch.manual_seed(config.seed + env.rank)
-    if folder is not None:  # rank 0, every check passed: now --overwrite deletes, a resume cuts the logs back
-        folder.replace_previous()
-        truncate_step_logs(out_dir, step)
-    monitor = Monitor(out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main, resume=resume_dir is not None)
-    warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
-
-    def carry_state() -> dict | None:
-        if carry is None:
-            return None
-        pending = carry.resets_pending
-        if sharded:  # gathering is collective: every rank must take the same branch
-            pending = env.any(pending)
-        with gathered_ttt() if pending else contextlib.nullcontext():
-            return carry.state_dict()
-
-    tokens_per_step = config.data.batch_size * config.data.window_frames * lm.num_codebooks
-    bar = progress_bar(total=config.steps, initial=step, desc="train", unit="step", enabled=progress and env.is_main)
-    metrics: dict[str, Any] = {}
-    window_start_time, window_steps = time.perf_counter(), 0
-    memory_reported = False
+    recipe = TrainingRecipe(config, env, *manifests, progress)
+    recipe.setup(resume_dir, folder)
     # Ctrl-C / SIGTERM: the step in flight finishes, then a checkpoint; a failure publishes one written in the background
-    with StopRequest() as stop, checkpointer:
-        while step < config.steps:
-            data_before = batcher.state_dict()
-            carry_before = carry_state()
-            batch = batcher.next()
-            inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
-            restarts = True  # whether a row of any rank reads W₀ in this step (a fresh state is a copy of it)
-            if carry is not None:
-                carry.next_window(batch.new_recording.to(env.device))
-                restarts = env.any(carry.resets_pending)
-            log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
-            if probe is not None:
-                probe.armed = log_now
-            with _autocast(config, env.device):
-                text_logits, audio_logits = model(inputs, targets)
-            terms = _loss_terms(lm, config, text_logits, audio_logits, targets)
-            sums = env.all_reduce(terms.stacked())
-            values = summarize(sums)
-            loss = total_loss(terms, sums if env.enabled else None, env.world)
-            grad_norm = None
-            if math.isfinite(values["loss"]):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if not restarts:  # W₀ was not read: its zero gradient must not let AdamW move it by momentum
-                    for p in carry.initial_weights():
-                        p.grad = None
-                clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            if not math.isfinite(values["loss"]) or grad_norm is None or not math.isfinite(grad_norm):
-                what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
-                saved = checkpointer.save(step, data_before, carry_before, blocking=True)
-                bar.close()
-                raise TrainingDiverged(
-                    f"non-finite {what} at step {step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}"
-                    f"{'' if grad_norm is None else f', grad_norm={grad_norm:.4g}'}); "
-                    f"last good state saved to {saved or out_dir / 'checkpoints'}")
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if not memory_reported:  # after the first step: gradients and optimizer state exist
-                _report_memory(out_dir, env, config, lm, optimizer)
-                memory_reported = True
-            window_steps += 1
+    with StopRequest() as stop, recipe.checkpointer:
+        recipe.train(stop)
+    return recipe.finish()
+
+
+class TrainingRecipe:
+    """One training run, in torchtune's lifecycle: `setup` (model, optimizer, data checks, carried
+    state, resume; before step 1), `train` (the steps, periodic and stop checkpoints), `finish`
+    (final evaluation, length generalisation, export). Its state lives on the object."""
+
+    def __init__(self, config: TrainConfig, env: Dist, entries: list[ManifestEntry],
+                 eval_entries: list[ManifestEntry], progress: bool) -> None:
+        self.config, self.env, self.entries, self.eval_entries, self.progress = config, env, entries, eval_entries, progress
+        self.out_dir = config.output_dir
+        self.step = 0
+        self.metrics: dict[str, Any] = {}
+        self.warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
+        self.memory_reported = False
+
+    def setup(self, resume_dir: Path | None, folder: RunFolder | None) -> None:
+        """Build the model (sharded or replicated), optimizer and schedule; read every manifest entry;
+        start the carried state; restore `resume_dir`; then (rank 0) claim the folder's old outputs."""
+        config, env = self.config, self.env
+        self.lm = lm = build_model(config, build_device(env, config.distributed))
+        model = ChunkModel(lm, meta=config.meta)
+        full_state = model.state_dict() if config.distributed == "fsdp" and env.is_main else None
+        self.model = wrap(model, env, config.distributed, full_state)
+        del full_state  # rank 0's unsharded weights: only its shards stay
+        self.sharded = is_sharded(self.model)
+        self.gathered_ttt = functools.partial(unsharded, ttt_units(lm))  # TTT parameters read outside forward
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)  # MEMORY: not rank 0's whole copy before sharding
+        self.params = [p for p in lm.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(config, s))
+        loader = RecordingLoader(self.entries, lm, config)
+        _check_entries(self.entries, loader, "data.train_manifest", env, self.progress)
+        if self.eval_entries:
+            _check_entries(self.eval_entries, RecordingLoader(self.eval_entries, lm, config), "data.eval_manifest",
+                           env, self.progress)
+        self.batcher = WindowBatcher(self.entries, loader, config.data.batch_size, config.data.window_frames, env.rank,
+                                     env.world, seed=config.seed, shuffle=config.data.shuffle,
+                                     persistent=config.persistent_state, pad_id=lm.zero_token_id)
+        with self.gathered_ttt():  # the initial states are copies of the initial fast weights
+            self.carry = TTTCarry(lm, config.data.batch_size // env.world) if config.ttt is not None else None
+        self.probe = InnerLrProbe(lm) if config.ttt is not None else None
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", env, lm, self.optimizer, self.scheduler,
+                                         yaml.safe_dump(schema.to_dict(config), sort_keys=False),
+                                         config.keep_checkpoints, _writes_sharded(config, env), config.async_checkpoint)
+        if resume_dir is not None:
+            self.step = _restore(resume_dir, self.model, lm, self.optimizer, self.scheduler, self.batcher, self.carry,
+                                 env, self.checkpointer.group)
+            logger.info("resumed from %s at step %d", resume_dir, self.step)
+        else:
+            torch.manual_seed(config.seed + env.rank)
+        if folder is not None:  # rank 0, every check passed: now --overwrite deletes, a resume cuts the logs back
+            folder.replace_previous()
+            truncate_step_logs(self.out_dir, self.step)
+        self.monitor = Monitor(self.out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main,
+                               resume=resume_dir is not None)
+
+    def train(self, stop: StopRequest) -> None:
+        """The steps up to `config.steps`: each one logged, evaluated and checkpointed as configured; a
+        stop request ends after the step in flight with a checkpoint (`TrainingInterrupted`)."""
+        from ttt_speech.progress import progress_bar
+
+        config, env = self.config, self.env
+        bar = progress_bar(total=config.steps, initial=self.step, desc="train", unit="step",
+                           enabled=self.progress and env.is_main)
+        self.clock = _Throughput(config.data.batch_size * config.data.window_frames * self.lm.num_codebooks, self.step)
+        while self.step < config.steps:
+            log_now = (self.step + 1) % config.log_every == 0 or self.step + 1 == config.steps
+            values, grad_norm = self._training_step(log_now, bar)
+            if not self.memory_reported:  # after the first step: gradients and optimizer state exist
+                _report_memory(self.out_dir, env, config, self.lm, self.optimizer)
+                self.memory_reported = True
             bar.update(1)
             if log_now:
-                elapsed = time.perf_counter() - window_start_time
-                metrics = {**values, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                           "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9)}
-                stats = None
-                if carry is not None:
-                    with gathered_ttt():  # ‖W − W₀‖ and ‖W₀‖ read the initial fast weights
-                        stats = carry.handle.fast_weight_stats(carry.current(), probe.values)
-                        norms = carry.handle.initial_norms()
-                    warned_runaway = warned_runaway or _warn_runaway(stats, norms, step, config)
-                monitor.log(step, metrics, stats)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if bar.disable and env.is_main:  # no bar (no terminal, or --quiet): a log line says where it is
-                    logger.info("step %d/%d: loss=%.4f lr=%.2e%s tokens/s=%.0f", step, config.steps, values["loss"],
-                                metrics["lr"], "" if grad_norm is None else f" grad_norm={grad_norm:.3g}",
-                                metrics["tokens_per_s"])
-                window_start_time, window_steps = time.perf_counter(), 0
-            if eval_entries and config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                _log_eval(step, model, eval_entries, config, carry, monitor, env)
+                self._log(values, grad_norm, bar)
+            if self.eval_entries and config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                _log_eval(self.step, self.model, self.eval_entries, config, self.carry, self.monitor, env)
             saved = None  # a path on rank 0 only: decisions below use `periodic`, the same on every rank
-            periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0 and step < config.steps
+            periodic = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0 \
+                and self.step < config.steps
             if periodic:
-                saved = checkpointer.save(step, batcher.state_dict(), carry_state())
-            if step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
+                saved = self.save_checkpoint()
+            if self.step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
                 if not periodic:  # not twice: rewriting step N would first delete the one just written
-                    saved = checkpointer.save(step, batcher.state_dict(), carry_state(), blocking=True)
-                checkpointer.wait()
-                raise _stopped(stop, step, saved, out_dir, bar, monitor, "")
+                    saved = self.save_checkpoint(blocking=True)
+                self.checkpointer.wait()
+                raise _stopped(stop, self.step, saved, self.out_dir, bar, self.monitor, "")
         bar.close()
-        saved = checkpointer.save(step, batcher.state_dict(), carry_state(), blocking=True)
+        saved = self.save_checkpoint(blocking=True)
         if stop.requested(env):  # during the last step: its checkpoint is written, the rest is left
-            raise _stopped(stop, step, saved, out_dir, bar, monitor, " (the last one; the final evaluation and "
-                           "export were not done: --resume does them)")
-    if eval_entries:
-        metrics.update(_log_eval(step, model, eval_entries, config, carry, monitor, env))
-    if carry is not None:
-        carry.close()
-    # rank 0: the whole model (a gathered copy under FSDP, on the device only for length-gen)
-    final = consolidated(model, lm, functools.partial(build_model, config), env,
-                         env.device if config.length_gen is not None else torch.device("cpu"))
-    if env.is_main and config.length_gen is not None:
+            raise _stopped(stop, self.step, saved, self.out_dir, bar, self.monitor, " (the last one; the final "
+                           "evaluation and export were not done: --resume does them)")
+
+    def _training_step(self, log_now: bool, bar) -> tuple[dict[str, float], float]:
+        """One optimizer step on the next window of every row: (the step's loss terms, gradient norm).
+        A non-finite loss or gradient: a checkpoint of the state before the step, `TrainingDiverged`."""
+        config, env, carry = self.config, self.env, self.carry
+        data_before = self.batcher.state_dict()  # a few integers per row
+        batch = self.batcher.next()
+        inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
+        restarts = True  # whether a row of any rank reads W₀ in this step (a fresh state is a copy of it)
+        if carry is not None:
+            carry.next_window(batch.new_recording.to(env.device))
+            restarts = env.any(carry.resets_pending)
+        if self.probe is not None:
+            self.probe.armed = log_now
         with _autocast(config, env.device):
-            _length_gen(final, eval_entries, config, monitor)
-    if env.is_main:
+            text_logits, audio_logits = self.model(inputs, targets)
+        terms = _loss_terms(self.lm, config, text_logits, audio_logits, targets)
+        sums = env.all_reduce(terms.stacked())
+        values = summarize(sums)
+        loss = total_loss(terms, sums if env.enabled else None, env.world)
+        grad_norm = float("nan")
+        if math.isfinite(values["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if not restarts:  # W₀ was not read: its zero gradient must not let AdamW move it by momentum
+                for p in carry.initial_weights():
+                    p.grad = None
+            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):  # the same on every rank (reduced)
+            self._diverged(values, grad_norm, data_before, bar)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return values, grad_norm
+
+    def _diverged(self, values: dict[str, float], grad_norm: float, data_before: Any, bar) -> None:
+        """Checkpoint the state before the failed step (no update was applied: the parameters are
+        those; the carried state is the window's start, kept by the carry) and raise."""
+        carry_before = None
+        if self.carry is not None:
+            with self.gathered_ttt():  # every rank is here (the loss is reduced): the gather is collective
+                carry_before = self.carry.window_start_state_dict()
+        saved = self.checkpointer.save(self.step, data_before, carry_before, blocking=True)
+        bar.close()
+        what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
+        norm = "" if math.isnan(grad_norm) and what == "loss" else f", grad_norm={grad_norm:.4g}"
+        raise TrainingDiverged(
+            f"non-finite {what} at step {self.step + 1} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}"
+            f"{norm}); last good state saved to {saved or self.out_dir / 'checkpoints'}")
+
+    def _log(self, values: dict[str, float], grad_norm: float, bar) -> None:
+        """A log step: metrics.jsonl / wandb / ttt_stats.csv, the bar or a log line, the runaway check."""
+        config, carry = self.config, self.carry
+        self.metrics = {**values, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                        "tokens_per_s": self.clock.tokens_per_s(self.step)}
+        stats = None
+        if carry is not None:
+            with self.gathered_ttt():  # ‖W − W₀‖ and ‖W₀‖ read the initial fast weights
+                stats = carry.handle.fast_weight_stats(carry.current(), self.probe.values)
+                norms = carry.handle.initial_norms()
+            self.warned_runaway = self.warned_runaway or _warn_runaway(stats, norms, self.step, config)
+        self.monitor.log(self.step, self.metrics, stats)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{self.metrics['tokens_per_s']:.0f}")
+        if bar.disable and self.env.is_main:  # no bar (no terminal, or --quiet): a log line says where it is
+            logger.info("step %d/%d: loss=%.4f lr=%.2e grad_norm=%.3g tokens/s=%.0f", self.step, config.steps,
+                        values["loss"], self.metrics["lr"], grad_norm, self.metrics["tokens_per_s"])
+
+    def save_checkpoint(self, blocking: bool = False) -> Path | None:
+        """A checkpoint after `self.step` (collective; rank 0: its folder)."""
+        carry_state = None
+        if self.carry is not None:
+            pending = self.carry.resets_pending
+            if self.sharded:  # gathering is collective: every rank must take the same branch
+                pending = self.env.any(pending)
+            with self.gathered_ttt() if pending else contextlib.nullcontext():
+                carry_state = self.carry.state_dict()
+        return self.checkpointer.save(self.step, self.batcher.state_dict(), carry_state, blocking)
+
+    def finish(self) -> dict[str, Any]:
+        """After the last step: the final evaluation, length generalisation, the export and the loss
+        plot (rank 0 writes); the final metrics."""
+        config, env = self.config, self.env
+        if self.eval_entries:
+            self.metrics.update(_log_eval(self.step, self.model, self.eval_entries, config, self.carry, self.monitor, env))
+        if self.carry is not None:
+            self.carry.close()
+        # rank 0: the whole model (a gathered copy under FSDP, on the device only for length-gen)
+        final = consolidated(self.model, self.lm, functools.partial(build_model, config), env,
+                             env.device if config.length_gen is not None else torch.device("cpu"))
+        if env.is_main and config.length_gen is not None:
+            with _autocast(config, env.device):
+                _length_gen(final, self.eval_entries, config, self.monitor)
+        if env.is_main:
+            self._export(final)
+        self.monitor.finish()
+        env.barrier()
+        return {"step": self.step, **self.metrics}
+
+    def _export(self, final: nn.Module) -> None:
+        """export/ (the model's dtype, provenance), its wandb artifact, loss.png."""
+        config, out_dir = self.config, self.out_dir
         lora = {"rank": config.lora.rank, "scale": config.lora.scale} if config.uses_lora else None
-        durations = [e.duration for e in entries]  # hours only when every entry declares its duration
-        provenance = {"steps": step, "train_loss": metrics.get("loss"),
-                      "data": {"train_manifest": str(config.data.train_manifest), "entries": len(entries),
+        durations = [e.duration for e in self.entries]  # hours only when every entry declares its duration
+        provenance = {"steps": self.step, "train_loss": self.metrics.get("loss"),
+                      "data": {"train_manifest": str(config.data.train_manifest), "entries": len(self.entries),
                                "hours": None if None in durations else sum(durations) / 3600,
-                               "eval_manifest": str(config.data.eval_manifest) if eval_entries else None},
-                      "eval": {k: v for k, v in metrics.items() if k.startswith("eval_")} or None}
+                               "eval_manifest": str(config.data.eval_manifest) if self.eval_entries else None},
+                      "eval": {k: v for k, v in self.metrics.items() if k.startswith("eval_")} or None}
         save_export(master_to_model_dtype(final, config), config.model, out_dir / "export", config.trainable, lora,
                     provenance)
-        monitor.log_export(out_dir / "export", {"trainable": config.trainable, "steps": step,
-                                                "ttt": schema.to_dict(config.ttt), "base_model": config.model.name})
+        self.monitor.log_export(out_dir / "export", {"trainable": config.trainable, "steps": self.step,
+                                                     "ttt": schema.to_dict(config.ttt), "base_model": config.model.name})
         plot_loss({config.output_dir.name: read_history(out_dir)}, out_dir / LOSS_PLOT)
         logger.info("export written to %s", out_dir / "export")
-    monitor.finish()
-    env.barrier()
-    return {"step": step, **metrics}
+
+
+class _Throughput:
+    """Tokens per second over the steps since the last log step (or the first step of this process)."""
+
+    def __init__(self, tokens_per_step: int, step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.since, self.at_step = time.perf_counter(), step
+
+    def tokens_per_s(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = self.tokens_per_step * (step - self.at_step) / max(now - self.since, 1e-9)
+        self.since, self.at_step = now, step
+        return rate
 
 
 def _writes_sharded(config: TrainConfig, env: Dist) -> bool:

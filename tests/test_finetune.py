@@ -288,6 +288,43 @@ def test_non_finite_loss_stops_with_checkpoint(tmp_path, corpus, capsys):
     assert list((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.parametrize("failing_step", [3, 5], ids=["carried", "restarting"])
+def test_a_diverged_step_is_checkpointed_as_the_step_before_it(tmp_path, corpus, monkeypatch, failing_step):
+    """The checkpoint written when step k diverges holds the state before step k (nothing is
+    snapshotted per step: the carry keeps the state its window started from): the same weights and
+    AdamW state as the periodic checkpoint of step k - 1, and resumed it gives the uninterrupted run's
+    losses. Step 5 restarts every row (recordings of 40 frames, windows of 12); step 3 carries."""
+    from safetensors.torch import load_file
+
+    from ttt_speech_apps.finetune import train as train_module
+
+    good = write_config(tmp_path / "good", corpus, steps=failing_step + 1, checkpoint_every=1, keep_checkpoints=10)
+    assert train_main([str(good), "--quiet"]) == 0
+    calls = {"n": 0}
+    real = train_module.summarize
+
+    def fails_at_step_k(sums):
+        calls["n"] += 1
+        values = real(sums)
+        return {**values, "loss": float("nan")} if calls["n"] == failing_step else values
+
+    monkeypatch.setattr(train_module, "summarize", fails_at_step_k)
+    bad = write_config(tmp_path / "bad", corpus, steps=failing_step + 1)
+    assert train_main([str(bad), "--quiet"]) == 1
+    name = f"step_{failing_step - 1:06d}"
+    a, b = tmp_path / "good" / "run" / "checkpoints" / name, tmp_path / "bad" / "run" / "checkpoints" / name
+    mine, theirs = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    sa, sb = (torch.load(p / "train_state.pt", weights_only=False) for p in (a, b))
+    assert sa["data"] == sb["data"] and sa["step"] == sb["step"] == failing_step - 1
+    adam_a, adam_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert adam_a.keys() == adam_b.keys() and all(
+        torch.equal(adam_a[n][k], adam_b[n][k]) for n in adam_a for k in adam_a[n])
+    monkeypatch.setattr(train_module, "summarize", real)
+    assert train_main([str(bad), "--resume", str(b), "--quiet"]) == 0
+    assert losses(tmp_path / "bad" / "run")[-2:] == losses(tmp_path / "good" / "run")[-2:]
+
+
 def test_baseline_without_ttt(tmp_path, corpus):
     path = write_config(tmp_path, corpus, ttt=None, steps=2)
     assert train_main([str(path), "--quiet"]) == 0

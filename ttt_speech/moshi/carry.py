@@ -94,6 +94,20 @@ class TTTCarry:
                     out.append(state.ttt.detach())
         return out
 
+    def window_start_state_dict(self) -> dict[str, Tensor]:
+        """`state_dict` as it was before the current window's forward: the state the window started
+        from, its resets applied (a training step that failed is checkpointed from it; reads the
+        initial fast weights where rows restart)."""
+        states = []
+        with torch.no_grad():
+            for module in self.modules:
+                state = module.streaming_state
+                start = state.window_start
+                if state.window_reset is not None:
+                    start = module.layer.reset_state(start, state.window_reset)
+                states.append(start.detach())
+        return self.handle.states_to_tensors(states)
+
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors of the state the next window starts from, flat `<module>.<tensor>` [B, ...]
         (`TTTModel.states_to_tensors`, the format of every saved TTT state)."""
