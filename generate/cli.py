@@ -6,9 +6,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.generation.options import add_model_options, add_sampling_options, generation_config
+
+if TYPE_CHECKING:
+    from ttt_speech.generate import Continuations
 
 DESCRIPTION = (
     "Continue each PROMPT (an audio file, or a code file) with Moshi (TTT-patched or not), "
@@ -71,33 +75,34 @@ def _output_names(prompts: list[Path]) -> list[str]:
 class _Progress:
     """`generate: 37/125 steps | 41.2 frames/s | 3.30x real time` on a terminal (stderr), live."""
 
-    def __init__(self, total: int, batch: int, enabled: bool) -> None:
+    def __init__(self, batch: int, enabled: bool) -> None:
         from ttt_speech.progress import show_progress
 
-        self.total, self.batch = total, batch
+        self.batch = batch
         self.live = show_progress(enabled)
-        self.start = self.last_print = time.perf_counter()
+        self.last_print = time.perf_counter()
         self.window: list[float] = []
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, total: int) -> None:
         now = time.perf_counter()
         self.window = (self.window + [now])[-26:]
-        if self.live and (now - self.last_print > 0.25 or done == self.total):
+        if self.live and (now - self.last_print > 0.25 or done == total):
             self.last_print = now
             rate = (len(self.window) - 1) / (self.window[-1] - self.window[0]) if len(self.window) > 1 else 0.0
-            sys.stderr.write(f"\rgenerate: {done}/{self.total} steps | {rate:6.1f} frames/s"
+            sys.stderr.write(f"\rgenerate: {done}/{total} steps | {rate:6.1f} frames/s"
                              f"{' per stream' if self.batch > 1 else ''} | {rate / FRAME_RATE:5.2f}x real time ")
             sys.stderr.flush()
 
-    def finish(self) -> float:
+    def finish(self) -> None:
         if self.live:
             sys.stderr.write("\n")
-        return time.perf_counter() - self.start
 
 
 def _generate(args: argparse.Namespace) -> int:
+    """The command: check the arguments and every output path, load the model, the prompts and (when
+    needed) Mimi, run `ttt_speech.generate.generate`, write a code file (and a wav) per row."""
     from ttt_speech.files import require_file, writable_dir
-    from ttt_speech.generation.loading import check_codec, check_generation_model, load_generation_model
+    from ttt_speech.generation.loading import check_generation_model, load_generation_model
     from ttt_speech.generation.prompts import PROMPT
 
     config = generation_config(args)
@@ -109,21 +114,9 @@ def _generate(args: argparse.Namespace) -> int:
         print("note: --seed is ignored with --state-in (the saved stream continues its own RNG)", file=sys.stderr)
     check_generation_model(args.export, args.ttt)
 
-    import torch
-
-    from ttt_speech.data.audio import AUDIO_SUFFIXES, silence_codes, write_wav
+    from ttt_speech.data.audio import write_wav
     from ttt_speech.data.codes import Recording, save_codes
-    from ttt_speech.generate import (
-        AudioDecoder,
-        GenerationDiverged,
-        GenerationSession,
-        load_prompt,
-        load_state,
-        prompt_streams,
-        read_state,
-        save_state,
-    )
-    from ttt_speech.models import load_mimi
+    from ttt_speech.generate import GenerationDiverged, generate, read_state
 
     saved = read_state(args.state_in) if args.state_in is not None else None
     if saved is not None and prompts and len(prompts) != saved[1]["batch_size"]:
@@ -140,12 +133,51 @@ def _generate(args: argparse.Namespace) -> int:
     lm, model_config = load_generation_model(args.export, args.model, args.ttt, args.device, args.dtype)
     if lm.dep_q != 8:
         raise ValueError(f"the model makes {lm.dep_q} audio codebooks; Mimi and code files use 8")
-    device = lm.device
+    streams, silence, mimi = _inputs(args, prompts, saved, lm, model_config)
+    codec = model_config.codec_id()
+    progress = _Progress(batch, enabled=not args.quiet)
+    try:
+        made = generate(lm, streams, config, silence, batch=batch, mimi=None if args.no_audio else mimi, saved=saved,
+                        include_prompt=args.include_prompt, state_out=args.state_out,
+                        state_meta={"names": names, "model_name": model_config.name}, on_step=progress.update)
+    except GenerationDiverged as e:
+        # exit 1, not 2: the input was valid, the model failed; nothing of this run is written
+        progress.finish()
+        rows = "; ".join(f"row {i} is {names[i]}" for i, _ in e.where)
+        print(f"ttt-speech generate: error: {e}; {rows}; no output written", file=sys.stderr)
+        return 1
+    progress.finish()
+    if made.audio_restarts:
+        print("note: the saved stream has no Mimi decoder state (--no-audio): its audio restarts at this boundary",
+              file=sys.stderr)
+
+    writable_dir(args.out, "--out")  # created now that the run has succeeded
+    written = []
+    for i, name in enumerate(names):
+        source = str(prompts[i]) if prompts else f"{args.state_in}"
+        written.append(save_codes(args.out / f"{name}{suffix}.safetensors",
+                                  Recording(made.codes[i], made.text[i], silence[:8], codec, source)))
+        if made.pcm is not None:
+            wav = args.out / f"{name}{suffix}.wav"
+            write_wav(wav, made.pcm[i], mimi.sample_rate)
+            written.append(wav)
+    _summary(made, batch, written, args.state_out)
+    return 0
+
+
+def _inputs(args: argparse.Namespace, prompts: list[Path], saved: tuple[dict, dict] | None, lm, model_config):
+    """(prompt streams or None, the user stream's silence codes, Mimi or None): code files read as
+    they are, audio encoded by Mimi, which is loaded only when audio is read or written or no
+    silence codes are known otherwise."""
+    from ttt_speech.data.audio import AUDIO_SUFFIXES
+    from ttt_speech.generate import default_silence, load_prompt, prompt_streams
+    from ttt_speech.generation.loading import check_codec
+    from ttt_speech.models import load_mimi
+
     recordings = [load_prompt(p, None) if p.suffix.lower() not in AUDIO_SUFFIXES else None for p in prompts]
-    silence = saved[0]["session.silence"] if saved is not None else next(
-        (r.silence for r in recordings if r is not None and r.silence is not None), None)
-    need_mimi = not args.no_audio or silence is None or any(r is None for r in recordings)
-    mimi = load_mimi(model_config, device=device) if need_mimi else None
+    code_prompts = [r for r in recordings if r is not None]
+    need_mimi = not args.no_audio or None in recordings or default_silence(code_prompts, saved) is None
+    mimi = load_mimi(model_config, device=lm.device) if need_mimi else None
     if mimi is not None:
         check_codec(lm, mimi, " (code-file prompts with --no-audio need no Mimi)")
     codec = model_config.codec_id()
@@ -155,65 +187,18 @@ def _generate(args: argparse.Namespace) -> int:
         elif recordings[i].codec and recordings[i].codec != codec:
             print(f"note: {path} holds codes of codec {recordings[i].codec!r}; the model's codec is {codec!r}",
                   file=sys.stderr)
-    if silence is None:
-        silence = silence_codes(mimi)
-    streams = [prompt_streams(lm, r, silence) for r in recordings] if prompts else None
+    silence = default_silence(code_prompts, saved, mimi)
+    return [prompt_streams(lm, r, silence) for r in recordings] if prompts else None, silence, mimi
 
-    texts: list[list[int]] = [[] for _ in range(batch)]
-    audio: list[list] = [[] for _ in range(batch)]
-    with GenerationSession(lm, batch, config, silence) as session:
-        decoder = None if args.no_audio else AudioDecoder(mimi, batch, keep_prompt=args.include_prompt)
-        try:
-            if saved is not None:
-                meta = load_state(saved, session, decoder)
-                if decoder is not None and not meta.get("audio_state"):
-                    print("note: the saved stream has no Mimi decoder state (--no-audio): its audio "
-                          "restarts at this boundary", file=sys.stderr)
-            lengths = [0 if s is None else s.shape[1] for s in (streams or [None] * batch)]
-            total = max(session.plan(lengths, config.num_frames))
-            progress = _Progress(total, batch, enabled=not args.quiet)
-            try:
-                for done, frame in enumerate(session.run(streams), start=1):
-                    keep = frame.emitted if args.include_prompt else frame.generated
-                    for i in torch.nonzero(keep).flatten().tolist():
-                        texts[i].append(int(frame.text[i]))
-                        audio[i].append(frame.audio[i])
-                    if decoder is not None:
-                        decoder.push(frame)
-                    progress.update(done)
-            except GenerationDiverged as e:
-                # exit 1, not 2: the input was valid, the model failed; nothing of this run is written
-                progress.finish()
-                rows = "; ".join(f"row {i} is {names[i]}" for i, _ in e.where)
-                print(f"ttt-speech generate: error: {e}; {rows}; no output written", file=sys.stderr)
-                return 1
-            elapsed = progress.finish()
-            pcm = decoder.pull(flush=True) if decoder is not None else None
-            if args.state_out is not None:
-                save_state(args.state_out, session, decoder, names=names, model_name=model_config.name)
-        finally:
-            if decoder is not None:
-                decoder.close()
 
-    writable_dir(args.out, "--out")  # created now that the run has succeeded
-    written = []
-    for i, name in enumerate(names):
-        codes = torch.stack(audio[i], dim=1) if audio[i] else torch.zeros(lm.dep_q, 0, dtype=torch.long)
-        source = str(prompts[i]) if prompts else f"{args.state_in}"
-        path = save_codes(args.out / f"{name}{suffix}.safetensors",
-                          Recording(codes, torch.tensor(texts[i], dtype=torch.long), silence[:8], codec, source))
-        written.append(path)
-        if pcm is not None:
-            wav = args.out / f"{name}{suffix}.wav"
-            write_wav(wav, pcm[i], mimi.sample_rate)
-            written.append(wav)
-    rate = total / elapsed if elapsed > 0 else float("inf")
-    counts = sorted({len(t) for t in texts})
-    print(f"{batch} stream(s), {total} LMGen steps in {elapsed:.1f} s (Mimi decoding included): {rate:.1f} frames/s "
-          f"per stream, {rate / FRAME_RATE:.2f}x real time, {batch * rate:.1f} frames/s in all; wrote "
-          f"{'/'.join(map(str, counts))} frames ({'/'.join(f'{c / FRAME_RATE:.2f}' for c in counts)} s) per stream")
+def _summary(made: "Continuations", batch: int, written: list[Path], state_out: Path | None) -> None:
+    """The run's speed and what it wrote, on stdout."""
+    rate = made.steps / made.seconds if made.seconds > 0 else float("inf")
+    counts = sorted({len(t) for t in made.text})
+    print(f"{batch} stream(s), {made.steps} LMGen steps in {made.seconds:.1f} s (Mimi decoding included): "
+          f"{rate:.1f} frames/s per stream, {rate / FRAME_RATE:.2f}x real time, {batch * rate:.1f} frames/s in all; "
+          f"wrote {'/'.join(map(str, counts))} frames ({'/'.join(f'{c / FRAME_RATE:.2f}' for c in counts)} s) per stream")
     for path in written:
         print(f"wrote {path}")
-    if args.state_out is not None:
-        print(f"saved stream state to {args.state_out} (continue with --state-in {args.state_out})")
-    return 0
+    if state_out is not None:
+        print(f"saved stream state to {state_out} (continue with --state-in {state_out})")

@@ -20,8 +20,10 @@ See docs/generate.md for the command line (`ttt-speech generate`) and the timeli
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -37,7 +39,8 @@ from .generation.state import read_state, write_state
 
 __all__ = ["FRAME_RATE", "GenerationConfig", "validate", "Frame", "GenerationSession", "GenerationDiverged",
            "SamplingLMGen", "AudioDecoder", "sample_tokens", "check_sampling", "load_prompt", "prompt_streams",
-           "save_state", "load_state", "read_state", "write_state", "stream", "continuation"]
+           "save_state", "load_state", "read_state", "write_state", "stream", "continuation", "default_silence",
+           "Continuations", "generate"]
 
 Prompt = str | Path | Recording | Tensor
 
@@ -91,21 +94,84 @@ def stream(lm, prompts: Sequence[Prompt] | None, config: GenerationConfig | None
     saved = None
     if state is not None:
         saved = read_state(state) if isinstance(state, (str, Path)) else state
-        silence = saved[0]["session.silence"] if silence is None else silence
     if silence is None:
-        for p in prompts or ():
-            if isinstance(p, Recording) and p.silence is not None:
-                silence = p.silence
-                break
-    if silence is None and mimi is not None:
-        from .data.audio import silence_codes
-        silence = silence_codes(mimi)
+        silence = default_silence(prompts or (), saved, mimi)
     streams = None if prompts is None else [_streams(lm, p, mimi, silence) for p in prompts]
     batch = len(streams) if streams is not None else saved[1]["batch_size"]
     with GenerationSession(lm, batch, config, silence) as session:
         if saved is not None:
             load_state(saved, session)
         yield from session.run(streams)
+
+
+def default_silence(prompts: Sequence[Prompt], saved: tuple[dict, dict] | None, mimi=None) -> Tensor | None:
+    """The codes of the user stream outside prompts: a saved stream's, else the first prompt's own
+    silence codes (a `Recording` that has them), else Mimi's (`silence_codes`); None without any."""
+    if saved is not None:
+        return saved[0]["session.silence"]
+    for p in prompts:
+        if isinstance(p, Recording) and p.silence is not None:
+            return p.silence
+    if mimi is not None:
+        from .data.audio import silence_codes
+
+        return silence_codes(mimi)
+    return None
+
+
+@dataclass
+class Continuations:
+    """What `generate` made, per row: audio codes [dep_q, T] and text tokens [T] of the frames it
+    kept, decoded audio [S] (None without Mimi); the LMGen steps it ran and their seconds (Mimi
+    decoding included); whether the audio restarts at a resumed stream (saved without Mimi state)."""
+
+    codes: list[Tensor]
+    text: list[Tensor]
+    pcm: list[Tensor] | None
+    steps: int
+    seconds: float
+    audio_restarts: bool = False
+
+
+def generate(lm, streams: list[Tensor] | None, config: GenerationConfig, silence: Tensor, *, batch: int,
+             mimi=None, saved: tuple[dict, dict] | None = None, include_prompt: bool = False,
+             state_out: str | Path | None = None, state_meta: dict | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> Continuations:
+    """Continue `streams` ([lm.num_codebooks, T] each; None: only `saved`, the stream `save_state`
+    wrote) for `config.num_frames` frames in one batch of `batch` rows, keeping the generated frames
+    (and the prompt's with `include_prompt`), decoded by `mimi` when given; the live stream is saved
+    to `state_out` at the end (with `state_meta`). on_step(done, total) after each LMGen step.
+    A diverged model raises `GenerationDiverged` (nothing saved)."""
+    texts: list[list[int]] = [[] for _ in range(batch)]
+    audio: list[list[Tensor]] = [[] for _ in range(batch)]
+    restarts = False
+    with GenerationSession(lm, batch, config, silence) as session:
+        decoder = None if mimi is None else AudioDecoder(mimi, batch, keep_prompt=include_prompt)
+        try:
+            if saved is not None:
+                restarts = decoder is not None and not load_state(saved, session, decoder).get("audio_state")
+            lengths = [0 if s is None else s.shape[1] for s in (streams or [None] * batch)]
+            total = max(session.plan(lengths, config.num_frames))
+            start = time.perf_counter()
+            for done, frame in enumerate(session.run(streams), start=1):
+                keep = frame.emitted if include_prompt else frame.generated
+                for i in torch.nonzero(keep).flatten().tolist():
+                    texts[i].append(int(frame.text[i]))
+                    audio[i].append(frame.audio[i])
+                if decoder is not None:
+                    decoder.push(frame)
+                if on_step is not None:
+                    on_step(done, total)
+            pcm = decoder.pull(flush=True) if decoder is not None else None
+            seconds = time.perf_counter() - start
+            if state_out is not None:
+                save_state(state_out, session, decoder, **(state_meta or {}))
+        finally:
+            if decoder is not None:
+                decoder.close()
+    codes = [torch.stack(a, dim=1) if a else torch.zeros(lm.dep_q, 0, dtype=torch.long) for a in audio]
+    return Continuations(codes, [torch.tensor(t, dtype=torch.long) for t in texts],
+                         None if pcm is None else list(pcm), total, seconds, restarts)
 
 
 def continuation(frames: Sequence[Frame], include_prompt: bool = False) -> list[Tensor]:
