@@ -49,7 +49,6 @@ class E2EMLP(nn.Module):
         self.config = config
         self.dim, self.hidden = dim, config.mlp_expansion * dim
         self.num_heads, self.head_dim = 1, dim  # for reports: one "head" over the whole width
-        self.mini_batch_size = config.mini_batch_size
         kw = {"device": device, "dtype": dtype}
         shapes = {"W1": (dim, self.hidden), "b1": (1, self.hidden), "W2": (self.hidden, dim), "b2": (1, dim)}
         self.fast_names = E2E_FAST_WEIGHT_NAMES
@@ -63,6 +62,11 @@ class E2EMLP(nn.Module):
             p = getattr(self, name)
             nn.init.normal_(p, std=INIT_STD) if name.startswith("W") else nn.init.zeros_(p)
         nn.init.zeros_(self.lr_logit)
+
+    @property
+    def mini_batch_size(self) -> int:
+        """b: the frames of one update, as the config says."""
+        return self.config.mini_batch_size
 
     @property
     def state_dtype(self) -> torch.dtype:

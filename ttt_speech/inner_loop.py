@@ -113,7 +113,7 @@ def apply(layers: Sequence[torch.nn.Module], override: InnerLoopOverride, traine
     exactly (the same tensors put back)."""
     override.resolve(trained, where)  # the field errors, before anything changes
     new_b = override.mini_batch_size or trained.mini_batch_size
-    saved = [(layer.config, layer.mini_batch_size, layer.tau_offset.data) for layer in layers]
+    saved = [(layer.config, layer.tau_offset.data) for layer in layers]
     try:
         for layer in layers:
             offsets = layer.tau_offset.detach()
@@ -122,12 +122,11 @@ def apply(layers: Sequence[torch.nn.Module], override: InnerLoopOverride, traine
                                override.scale or "none")
             base = override.base_lr if override.base_lr is not None else layer.config.base_lr
             layer.config = replace(layer.config, mini_batch_size=new_b, base_lr=base * factor)
-            layer.mini_batch_size = new_b
             layer.tau_offset.data = new_offsets  # a [b'] parameter in place of the [b] one
         yield
     finally:
-        for layer, (config, b, offsets) in zip(layers, saved):
-            layer.config, layer.mini_batch_size, layer.tau_offset.data = config, b, offsets
+        for layer, (config, offsets) in zip(layers, saved):
+            layer.config, layer.tau_offset.data = config, offsets
 
 
 __all__ = ["InnerLoopOverride", "SCALES", "OFFSET_RULES", "resized_offsets", "lr_factor", "apply"]

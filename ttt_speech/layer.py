@@ -46,7 +46,6 @@ class TTTLayer(nn.Module):
             raise ValueError(f"TTTConfig.num_heads: head dim {dim // heads} must be even for RoPE")
         self.config = config
         self.dim, self.num_heads, self.head_dim = dim, heads, dim // heads
-        self.mini_batch_size = config.mini_batch_size
         kw = {"device": device, "dtype": dtype}
         # [Wq; Wk; Wv] in one weight [3C, C]: one matmul per call with no per-call concatenation
         # (at width 4096 a torch.cat of three weights copied 201 MB per layer per step).
@@ -80,6 +79,11 @@ class TTTLayer(nn.Module):
         nn.init.ones_(self.ttt_norm_weight)
         nn.init.zeros_(self.ttt_norm_bias)
         self.post_norm.reset_parameters()
+
+    @property
+    def mini_batch_size(self) -> int:
+        """b, as the config says (an `inner_loop` override swaps the config, and b with it)."""
+        return self.config.mini_batch_size
 
     @property
     def state_dtype(self) -> torch.dtype:
