@@ -87,22 +87,20 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] = (), where
     try:
         return from_dict(cls, data, where)
     except ValueError as e:
-        override = _override_of(str(e), list(overrides), where)
+        override = _override_of(cls, path, list(overrides), where)
         raise ValueError(f"{f'command-line override {override}' if override else path}: {e}") from None
 
 
-def _override_of(error: str, overrides: list[str], where: str) -> str | None:
-    """The override that set the field an error names, so that a value given on the command line is
-    not blamed on the file; None when the file set it. A field is named as a whole
-    (`config.model.seed: ...`) or, by a section's own checks, after the section
-    (`config.eval: chunk_size: ...`, `config.model: model.name: ...`)."""
-    section, _, rest = error.partition(": ")
-    named = rest.partition(": ")[0]
-    for item in reversed(overrides):  # the last override of a key is the one applied
-        key = f"{where}.{item.partition('=')[0]}"
-        inner = key.removeprefix(f"{section}.") if key.startswith(f"{section}.") else None
-        if section == key or section.startswith(f"{key}.") or inner in (named, named.rpartition(".")[2]):
-            return item
+def _override_of(cls: type, path: str | Path, overrides: list[str], where: str) -> str | None:
+    """The override that makes the config invalid, so that a value given on the command line is not
+    blamed on the file: the first one after which the file plus the overrides so far fails to
+    validate; None when the file alone fails. (Found by validating again, not by reading the
+    error's text; only on the error path.)"""
+    for n in range(len(overrides) + 1):
+        try:
+            from_dict(cls, apply_overrides(load_yaml(path), overrides[:n]), where)
+        except ValueError:
+            return overrides[n - 1] if n else None
     return None
 
 
