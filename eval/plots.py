@@ -5,47 +5,15 @@ a saved report.json.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from ttt_speech.data import FRAME_RATE
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; safe in tests, CI and under torchrun
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure to a temporary name and rename it: a reader never sees half a PNG."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        pyplot().close(fig)
-    return path
+from ttt_speech.figures import pyplot, run_colours, save_figure
 
 
 LOG_X_FROM = 100  # frames: streams at least this long are drawn on a log-x axis (positions span decades)
 MAX_LAYER_LEGEND = 8  # more TTT layers than this are coloured along a colour bar instead of a legend
 MODE_STYLE = {"chunked": "-", "native": "--"}
-
-
-def run_colours(names: list[str]) -> dict[str, str]:
-    """One colour per model (the part before "/"), the same in every plot; the mode sets the line style."""
-    models = list(dict.fromkeys(n.split("/")[0] for n in names))
-    return {m: f"C{i % 10}" for i, m in enumerate(models)}
 
 
 def _style(run_name: str, colours: dict[str, str]) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ttt_speech_apps.eval.plots import pyplot, run_colours, save_figure
+from ttt_speech.figures import pyplot, run_colours, save_figure
 
 from .monitor import METRICS
 

@@ -187,7 +187,7 @@ def plot_stream(rows: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ttt_speech_apps.eval.plots import save_figure
+    from ttt_speech.figures import save_figure
 
     dtypes = sorted({r["dtype"] for r in rows}, key=["float32", "bfloat16"].index)
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), sharey=True, squeeze=False)
