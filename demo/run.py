@@ -4,7 +4,7 @@
 2. fine-tune the TTT model and the baseline (the same recipe with `ttt: null`) with persistent
    state, side by side (the training app, one process and one CPU thread each);
 3. evaluate both on held-out streams far longer than the training window, in chunked and native
-   (`LMGen.step`) modes (`eval.run.run_librilight` with `baseline_export`);
+   (`LMGen.step`) modes (the `eval.librilight.LibriLight` probe with `baseline_export`);
 4. run the audio path on the LibriVox fixture (real speech → Mimi → both modes) when available;
 5. print one comparison table and write demo.md / demo.json next to the evaluation's report.
 """
@@ -134,7 +134,8 @@ def audio_check(config: DemoConfig, progress: bool) -> dict:
     the audio path works and the modes agree; the NLLs themselves mean nothing (random model)."""
     from ttt_speech.models import ModelConfig
     from ttt_speech_apps.eval import fixture
-    from ttt_speech_apps.eval.run import run_librilight
+    from ttt_speech_apps.eval.librilight import LibriLight
+    from ttt_speech_apps.eval.pipeline import evaluate
 
     if not config.audio.enabled:
         return {"skipped": "audio.enabled is false"}
@@ -152,14 +153,15 @@ def audio_check(config: DemoConfig, progress: bool) -> dict:
                             data=DataConfig(root=out / "librilight", max_frames=config.audio.max_frames,
                                             codes_cache=config.output_dir / "cache"),
                             eval=settings, output_dir=out, wandb=WandbConfig(mode="disabled"))
-    report, paths = run_librilight(evaluation, progress=progress)
-    return {"fixture": info, "report": report, "paths": {k: str(v) for k, v in paths.items()}}
+    result, paths = evaluate(LibriLight(evaluation), progress=progress)
+    return {"fixture": info, "report": result.report, "paths": {k: str(v) for k, v in paths.items()}}
 
 
 def run_demo(config: DemoConfig, progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """The whole demo; returns the summary written to demo.json."""
     from ttt_speech.data.synthetic import write_corpus
-    from ttt_speech_apps.eval.run import run_librilight
+    from ttt_speech_apps.eval.librilight import LibriLight
+    from ttt_speech_apps.eval.pipeline import evaluate
 
     out = config.output_dir
     prepare_output(out)
@@ -190,7 +192,8 @@ def run_demo(config: DemoConfig, progress: bool = True, say: Callable[[str], Non
     say(f"[3/4] evaluating both on {config.corpus.eval_recordings} held-out streams of up to "
         f"{config.eval_max_frames:,} frames ({config.eval.mode} mode; config {out / 'eval.yaml'})")
     t = time.perf_counter()
-    report, eval_paths = run_librilight(evaluation, progress=progress)
+    result, eval_paths = evaluate(LibriLight(evaluation), progress=progress)
+    report = result.report
     timings["evaluation"] = time.perf_counter() - t
 
     say("[4/4] audio path: LibriVox fixture -> Mimi codes -> chunked and native modes")

@@ -1,8 +1,8 @@
-"""Long-context evaluation app (docs/evaluation.md, docs/architecture.md §8): LibriLight books,
-chunked vs native NLL, length generalisation.
+"""Long-context evaluation app (docs/evaluation.md; its structure: docs/architecture.md §12).
 
-config.py (EvalConfig) · books.py (LibriLight discovery, chapter concatenation) · nll.py (chunked and
-native per-position NLL) · metrics.py · alignment.py · fast_weights.py · memory.py · report.py (JSON,
-Markdown) · plots.py (PNG) · tracking.py (wandb) · length_gen.py · run.py (orchestration) · cli.py ·
-memory_probe.py (`eval memory`: NLL of a segment before / after TTT on it).
+pipeline.py (plan → build → load streams → probe → write) · plan.py (EvalPlan, the models) ·
+config.py (EvalConfig) · books.py / streams.py (LibriLight and manifest streams) · nll.py (chunked
+and native per-position NLL) · the probes: librilight.py, length_gen.py, memory_probe.py ·
+report.py (librilight's report, Markdown) · plots.py · metrics.py · writers.py (one writer per
+output kind) · alignment.py · fast_weights.py · memory.py (peak memory) · fixture.py · cli.py.
 """

@@ -1,4 +1,5 @@
-"""`ttt-speech eval librilight`, `length-gen` (work in `run.py`) and `memory` (`memory_probe.py`): arguments only."""
+"""`ttt-speech eval librilight`, `length-gen` and `memory`: arguments only; each builds its probe
+(`librilight.py`, `length_gen.py`, `memory_probe.py`) and runs it through `pipeline.evaluate`."""
 from __future__ import annotations
 
 import argparse
@@ -87,34 +88,33 @@ def _load(args: argparse.Namespace, extra=lambda: []):
 
 
 def _librilight(args: argparse.Namespace) -> int:
-    from .run import run_librilight, summary_lines
+    from .librilight import LibriLight
 
-    config = _load(args, lambda: [f"eval.mode={args.mode}"] if args.mode else [])
-    report, paths = run_librilight(config, progress=not args.quiet, overwrite=args.overwrite)
-    print("\n".join(summary_lines(report)))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _evaluate(LibriLight(_load(args, lambda: [f"eval.mode={args.mode}"] if args.mode else [])), args)
 
 
 def _length_gen(args: argparse.Namespace) -> int:
-    from .length_gen import summary_lines
-    from .run import run_length_gen
+    from .length_gen import LengthGen
 
-    results, paths = run_length_gen(_load(args), progress=not args.quiet, overwrite=args.overwrite)
-    print("\n".join(summary_lines(results)))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _evaluate(LengthGen(_load(args)), args)
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from .memory_probe import load_config, run_memory, summary_lines
-
     from ttt_speech.cli_options import overrides_and_options
     from ttt_speech.tracking import wandb_offline
 
+    from .memory_probe import Memory, load_config
+
     config = load_config(resolve_config(args.config),
                          overrides_and_options(args.parser, args) + wandb_offline(args.wandb_offline))
-    report, paths = run_memory(config, progress=not args.quiet, overwrite=args.overwrite)
-    print("\n".join(summary_lines(report)))
+    return _evaluate(Memory(config), args)
+
+
+def _evaluate(probe, args: argparse.Namespace) -> int:
+    """Run `probe` through the evaluation's lifecycle; print its summary and what was written."""
+    from .pipeline import evaluate
+
+    result, paths = evaluate(probe, progress=not args.quiet, overwrite=args.overwrite)
+    print("\n".join(result.summary_lines()))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

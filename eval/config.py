@@ -1,5 +1,6 @@
 """`EvalConfig`: the YAML config of `ttt-speech eval librilight` and `ttt-speech eval length-gen`
-(and its `DataConfig` / `LengthGenConfig`, reused by `eval memory` and the training config).
+(and its `DataConfig` / `LengthGenConfig`, reused by `eval memory` and the training config); what
+the config asks for becomes a plan in `plan.py`.
 
 Loaded with the shared schema (`ttt_speech.schema`): unknown keys and wrong types are one-line
 errors naming the field; `key.sub=value` overrides come from the command line. Every field is
@@ -167,16 +168,6 @@ class EvalConfig:
             check(bool(name) and name not in RESERVED_NAMES and "/" not in name and "@" not in name
                   and name.strip() == name, f"compare.{name}",
                   f"a name other than {list(RESERVED_NAMES)}, without '/' or '@'", name)
-
-    def base_model(self) -> ModelConfig:
-        """The ModelConfig used for the baseline and for Mimi (the export's when not overridden)."""
-        if self.model is not None:
-            return self.model
-        if self.export is not None:
-            from ttt_speech.export import export_model_config
-
-            return export_model_config(self.export)
-        return ModelConfig()
 
 
 def check_model_source(export: Path | None, ttt: TTTConfig | None) -> None:

@@ -1,36 +1,42 @@
-"""Length generalisation: perplexity at 0.5x … 10x the training window, one stateful pass per stream.
+"""`ttt-speech eval length-gen`: perplexity at 0.5x … 10x the training window, one stateful pass per stream.
 
-`length_generalisation(lm, streams, train_window)` is the entry point for the fine-tuning loop
-(after training) and for `ttt-speech eval length-gen`. Each stream is scored once in chunked mode
-up to the longest evaluation length; the perplexity at length L is the mean NLL over its first
-L frames (exactly what evaluating a stream of length L would give: the model is causal), over
-the streams that are at least L frames long. Lengths no stream reaches are skipped entries of the
-result, which the reports list once.
+`length_generalisation(lm, streams, train_window)` scores one model; the `LengthGen` probe runs it
+for every model of the plan; `after_training` is the fine-tuning recipe's one entry point. Each
+stream is scored once in chunked mode up to the longest evaluation length; the perplexity at length
+L is the mean NLL over its first L frames (exactly what evaluating a stream of length L would give:
+the model is causal), over the streams that are at least L frames long. Lengths no stream reaches
+are skipped entries of the result, which the reports list once.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
-from ttt_speech.files import write_text_atomic
 from ttt_speech.config import resolve_chunk_size
 from ttt_speech.handle import TTTModel
 
-from . import metrics
+from . import metrics, report
+from .config import EvalConfig, LengthGenConfig
 from .nll import chunked_nll
-from .report import frame_span
+from .plan import EvalModel, EvalPlan, plan_eval
+from .plots import plot_length_gen
+from .streams import LoadedData, load_data
+from .writers import OutputFiles, write_result
 
-OUTPUTS = {"json": "length_gen.json", "markdown": "length_gen.md", "png": "length_gen.png"}  # `write_length_gen`'s
+FILES = OutputFiles("length_gen.json", "length_gen.md", {"length_gen": "length_gen.png"})
 
 
 def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], train_window: int, *,
-                          chunk_size: int | None = None, num_lengths: int = 20, min_factor: float = 0.5,
-                          max_factor: float = 10.0, max_frames: int | None = None, window: int | None = None,
+                          chunk_size: int | None = None, lengths: LengthGenConfig | None = None,
+                          max_frames: int | None = None, window: int | None = None,
                           progress: bool = False, model_name: str | None = None) -> dict:
-    """Perplexity of `lm` at `num_lengths` lengths from min_factor to max_factor × `train_window`.
+    """Perplexity of `lm` at the `lengths` grid (num_lengths from min_factor to max_factor × `train_window`;
+    default: `LengthGenConfig()`'s).
 
     streams: codes [K, T] in Moshi's layout (`ttt_speech.data.layout.moshi_streams`), a list or a
     {name: codes} mapping. max_frames caps the evaluated length (default: the longest length).
@@ -38,126 +44,160 @@ def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], 
     model_name: named with the stream in error messages (a NaN names the model and the stream).
     Returns a JSON-ready dict: {"train_window", "chunk_size", "lengths", "streams": [{id, frames}],
     "groups": {group: {"label", "points": [{"length", "factor", "local", "cumulative"} or
-    {"length", "factor", "skipped"}]}}, "uninformative": {group: why} (`metrics.uninformative_groups`),
-    "speed"}.
+    {"length", "factor", "skipped"}], "figures": `metrics.length_figures`}}, "uninformative":
+    {group: why} (`metrics.uninformative_groups`), "speed"}.
     """
     if train_window < 1:
         raise ValueError(f"train_window: expected a positive number of frames, got {train_window}")
     items = list(streams.items()) if isinstance(streams, Mapping) else [(f"stream {i}", s) for i, s in enumerate(streams)]
     if not items:
         raise ValueError("length_generalisation: no streams")
-    lengths = metrics.evaluation_lengths(train_window, num_lengths, min_factor, max_factor)
-    cap = min(max_frames or lengths[-1], lengths[-1])
+    lengths = lengths or LengthGenConfig()
+    grid = metrics.evaluation_lengths(train_window, lengths.num_lengths, lengths.min_factor, lengths.max_factor)
+    cap = min(max_frames or grid[-1], grid[-1])
     handle = TTTModel.find(lm)
-    chunk = resolve_chunk_size(chunk_size, handle.config if handle else None, "eval.chunk_size")
-    window = window or max(1, lengths[0] // 2)
+    chunk = resolve_chunk_size(chunk_size, handle.config if handle else None, "chunk_size")
+    window = window or max(1, grid[0] // 2)
     prefix = f"{model_name}: " if model_name else ""
     results = [chunked_nll(lm, codes[:, :cap], chunk, where=prefix + name, progress=progress) for name, codes in items]
     series = [metrics.group_series(r) for r in results]
     groups = {}
     for group in series[0]:
-        s = [x[group] for x in series]
-        groups[group] = {"label": metrics.group_label(group),
-                         "points": metrics.length_points(s, lengths, train_window, window)}
+        points = metrics.length_points([x[group] for x in series], grid, train_window, window)
+        groups[group] = {"label": metrics.group_label(group), "points": points,
+                         "figures": metrics.length_figures(points)}
     frames = sum(r.frames for r in results)
     seconds = sum(r.seconds for r in results)
-    return {"train_window": train_window, "chunk_size": chunk, "window": window, "lengths": lengths,
+    return {"train_window": train_window, "chunk_size": chunk, "window": window, "lengths": grid,
             "streams": [{"id": name, "frames": r.frames} for (name, _), r in zip(items, results)],
             "groups": groups, "uninformative": metrics.uninformative_groups([c for _, c in items], results[0].nll.shape[0]),
-            "speed": {"frames": frames, "seconds": seconds,
-                                        "frames_per_s": frames / seconds if seconds else None}}
+            "speed": {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds if seconds else None}}
 
 
-def shown_groups(result: dict) -> dict[str, str]:
-    """{group: label} of a result's groups that carry information (`metrics.shown_groups`)."""
-    return metrics.shown_groups(result["groups"], result.get("uninformative", {}))
+class LengthGen:
+    """The probe: `length_generalisation` for every planned model (chunked mode only)."""
+
+    kind = "length-gen"
+    files = FILES
+
+    def __init__(self, config: EvalConfig):
+        if config.eval.train_window is None:
+            raise ValueError("eval.train_window: length generalisation needs the training window (frames)")
+        self.config = config
+
+    def plan(self) -> EvalPlan:
+        return plan_eval(self.config, modes=("chunked",))
+
+    def load(self, plan: EvalPlan, lm: torch.nn.Module, progress: bool) -> LoadedData:
+        return load_data(plan.data, lm, plan.base, progress)
+
+    def run(self, plan: EvalPlan, models: Iterator[EvalModel], data: LoadedData, progress: bool) -> "LengthGenResult":
+        settings = self.config.eval
+        streams = {s.book.id: s.codes for s in data.streams}
+        left_out = {"skipped_files": [s.to_dict() for s in data.skipped_files],
+                    "left_out_books": [s.to_dict() for s in data.left_out_books]}
+        results = {}
+        for model in models:
+            with model.scoring():  # an inner-loop variant runs its own inner loop here too
+                results[model.name] = {**length_generalisation(
+                    model.lm, streams, settings.train_window, chunk_size=model.plan.chunk_size,
+                    lengths=settings.length_gen, max_frames=self.config.data.max_frames,
+                    window=settings.position_window, progress=progress, model_name=model.name), **left_out}
+            del model  # one model at a time (`build_models` drops its own reference too)
+        return LengthGenResult(results)
 
 
-def _reached(result: dict) -> list[dict]:
-    """The points some stream reaches (a stream at least L frames long)."""
-    return [p for p in next(iter(result["groups"].values()))["points"] if "skipped" not in p]
+def after_training(lm, streams: Mapping[str, Tensor], train_window: int, lengths: LengthGenConfig,
+                   output_dir: Path, wandb_run=None) -> tuple[LengthGenResult, dict[str, Path]]:
+    """The fine-tuning recipe's length generalisation: the trained `lm` on its held-out streams, written
+    into output_dir as `eval length-gen` writes (run "trained"; wandb keys under `length_gen/`).
+    Returns the result (its `summary_lines` for the log) and {output kind: path written}."""
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            result = LengthGenResult({"trained": length_generalisation(lm, streams, train_window, lengths=lengths)})
+    finally:
+        lm.train(was_training)
+    return result, write_result(result, output_dir, FILES, wandb_run=wandb_run)
 
 
-def markdown(results: dict[str, dict]) -> str:
-    """Markdown table(s) of one or more `length_generalisation` results ({run name: result})."""
-    names = list(results)
-    first = results[names[0]]
-    reached = {p["length"] for n in names for p in _reached(results[n])}
-    longest = max(s["frames"] for n in names for s in results[n]["streams"])
-    out = ["# Length generalisation", "",
-           f"Perplexity (cumulative NLL, streams averaged) of the first L frames, one stateful chunked pass per "
-           f"stream; training window {first['train_window']} frames.", ""]
-    unreached = [L for L in first["lengths"] if L not in reached]
-    if unreached:
-        out += [f"{len(unreached)} of {len(first['lengths'])} lengths ({frame_span(unreached)} frames) are "
-                f"longer than every stream (the longest: {longest:,} frames) and left out.", ""]
-    for group, why in first.get("uninformative", {}).items():
-        out += [f"{first['groups'][group]['label']}: left out ({why}).", ""]
-    for group, label in (shown_groups(first) if reached else {}).items():  # no table without a row
-        out += [f"## {label}", "", "| L (frames) | L / window | " + " | ".join(names) + " |",
-                "|---|---|" + "---|" * len(names)]
-        for i, p in enumerate(first["groups"][group]["points"]):
-            if p["length"] not in reached:
+@dataclass
+class LengthGenResult:
+    """{run name: `length_generalisation` result}: length_gen.json's document."""
+
+    results: dict[str, dict]
+    wandb_prefix: str = field(default="length_gen", init=False)
+
+    @property
+    def _first(self) -> dict:
+        return next(iter(self.results.values()))
+
+    def _shown(self) -> dict[str, str]:
+        """{group: label} of the groups that carry information (`metrics.shown_groups`)."""
+        return metrics.shown_groups(self._first["groups"], self._first.get("uninformative", {}))
+
+    def _points(self) -> dict[str, dict[str, list[dict]]]:
+        return {n: {g: r["groups"][g]["points"] for g in self._shown()} for n, r in self.results.items()}
+
+    def document(self) -> dict:
+        return self.results
+
+    def markdown(self) -> str:
+        first = self._first
+        longest = max(s["frames"] for r in self.results.values() for s in r["streams"])
+        out = ["# Length generalisation", "",
+               f"Perplexity (cumulative NLL, streams averaged) of the first L frames, one stateful chunked pass per "
+               f"stream; training window {first['train_window']} frames. Cells: NLL (perplexity).", ""]
+        for group, why in first.get("uninformative", {}).items():
+            out += [f"{first['groups'][group]['label']}: left out ({why}).", ""]
+        entries = {n: {g: r["groups"][g] for g in self._shown()} for n, r in self.results.items()}
+        out += report.length_tables(entries, self._shown(), longest)
+        out += [f"- {n}: streams " + ", ".join(f"{s['id']} ({s['frames']:,} frames)" for s in r["streams"])
+                for n, r in self.results.items()]
+        return "\n".join(out) + "\n"
+
+    def summary_lines(self) -> list[str]:
+        """Per run: the perplexity at the training window (or the nearest reached length) and at the
+        longest reached length per shown group, then the length figures (1x / 5x / 10x, ratio, best)."""
+        lines = []
+        for name, r in self.results.items():
+            some = next(iter(r["groups"].values()))["points"]
+            reached = [p for p in some if "skipped" not in p]
+            if not reached:
+                lines.append(f"{name}: no stream reaches {r['lengths'][0]:,} frames")
                 continue
+            near = min(reached, key=lambda p: abs(math.log(p["factor"])))
+            far = reached[-1]
             cells = []
-            for n in names:
-                c = results[n]["groups"][group]["points"][i].get("cumulative", {})
-                cells.append(f"{c['ppl']:.3f} ({c['nll']:.3f}, {c['n_streams']})" if "nll" in c else "—")
-            out.append(f"| {p['length']:,} | {p['factor']:.2f}x | " + " | ".join(cells) + " |")
-        out.append("")
-    for n in names:
-        out.append(f"- {n}: streams " + ", ".join(f"{s['id']} ({s['frames']:,} frames)" for s in results[n]["streams"]))
-    return "\n".join(out) + "\n"
+            for group in self._shown():
+                points = {p["length"]: p for p in r["groups"][group]["points"]}
+                cells.append(f"{group} {points[near['length']]['cumulative']['ppl']:.2f} -> "
+                             f"{points[far['length']]['cumulative']['ppl']:.2f}")
+            lines.append(f"{name}: perplexity at L = {near['factor']:.2f}x -> {far['factor']:.2f}x the window "
+                         f"({near['length']:,} -> {far['length']:,} frames): " + ", ".join(cells))
+            lines += [f"  {group}: {report.length_figures_line(r['groups'][group]['figures'])}"
+                      for group in self._shown()]
+            if len(reached) < len(r["lengths"]):
+                lines.append(f"  {len(r['lengths']) - len(reached)} longer length(s) left out: no stream reaches them")
+        return lines
 
+    def scalars(self) -> dict[str, float]:
+        return {k: v for n, r in self.results.items() for g in self._shown()
+                for k, v in report.length_scalars(r["groups"][g], f"length_gen/{n}/{g}").items()}
 
-def summary_lines(results: dict[str, dict]) -> list[str]:
-    """For the terminal: per run and informative group, the perplexity at the training window (or the
-    nearest reached length) and at the longest reached length."""
-    lines = []
-    for name, r in results.items():
-        reached = _reached(r)
-        if not reached:
-            lines.append(f"{name}: no stream reaches {r['lengths'][0]:,} frames")
-            continue
-        near = min(reached, key=lambda p: abs(math.log(p["factor"])))
-        far = reached[-1]
-        cells = []
-        for group in shown_groups(r):
-            points = {p["length"]: p for p in r["groups"][group]["points"]}
-            cells.append(f"{group} {points[near['length']]['cumulative']['ppl']:.2f} -> "
-                         f"{points[far['length']]['cumulative']['ppl']:.2f}")
-        lines.append(f"{name}: perplexity at L = {near['factor']:.2f}x -> {far['factor']:.2f}x the window "
-                     f"({near['length']:,} -> {far['length']:,} frames): " + ", ".join(cells))
-        if len(reached) < len(r["lengths"]):
-            lines.append(f"  {len(r['lengths']) - len(reached)} longer length(s) left out: no stream reaches them")
-    return lines
+    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
+        runs = {n: {"groups": {g: {"length_gen": v} for g, v in r["groups"].items()}} for n, r in self.results.items()}
+        return {"length_gen": report.length_gen_table(runs, list(self._first.get("uninformative", {})))}
 
+    def tensors(self) -> None:
+        return None
 
-def write_length_gen(results: dict[str, dict], output_dir: str | Path, wandb_run=None) -> dict[str, Path]:
-    """length_gen.json / .md / .png for {run name: result} into output_dir (atomic); optional wandb
-    (keys under `length_gen/`, so that a training run's own keys stay apart)."""
-    import json
-
-    from .plots import plot_length_gen
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    first = next(iter(results.values()))
-    paths = {kind: output_dir / name for kind, name in OUTPUTS.items()}
-    write_text_atomic(paths["json"], json.dumps(results, indent=1, allow_nan=False) + "\n")
-    write_text_atomic(paths["markdown"], markdown(results))
-    labels = shown_groups(first)
-    points = {n: {g: r["groups"][g]["points"] for g in labels} for n, r in results.items()}
-    notes = [f"{first['groups'][g]['label']} left out: {why}" for g, why in first.get("uninformative", {}).items()]
-    if labels:
-        plot_length_gen(points, labels, first["train_window"], paths["png"], notes=notes)
-    else:
-        del paths["png"]
-    if wandb_run is not None:
-        from .tracking import log_results
-
-        runs = {n: {"groups": {g: {"length_gen": {"points": v["points"]}} for g, v in r["groups"].items()}}
-                for n, r in results.items()}
-        log_results(wandb_run, runs, {"length_gen": paths["png"]} if "png" in paths else {}, [paths["json"]],
-                    prefix="length_gen", left_out=list(first.get("uninformative", {})))
-    return paths
+    def figures(self, output_dir: Path, files: dict[str, str]) -> dict[str, Path]:
+        shown = self._shown()
+        if not shown:
+            return {}
+        notes = [f"{self._first['groups'][g]['label']} left out: {why}"
+                 for g, why in self._first.get("uninformative", {}).items()]
+        return {"length_gen": plot_length_gen(self._points(), shown, self._first["train_window"],
+                                              output_dir / files["length_gen"], notes=notes)}

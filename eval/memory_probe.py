@@ -13,14 +13,14 @@ For each model and each held-out stream, S = the stream's first `segment_frames`
   both live): what a user streaming a repeated segment sees.
 
 Δ = post − pre per group (text, codebook 1, codebooks 2..8, all audio): negative = remembered.
-`run_memory` writes memory.json, memory.md and memory.png into the output folder.
+The `Memory` probe writes memory.json, memory.md and memory.png into the output folder.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +28,26 @@ import torch
 from torch import Tensor
 
 from ttt_speech import schema
-from ttt_speech.files import fresh_output_dir, write_text_atomic
 from ttt_speech.config import TTTConfig, resolve_chunk_size
-from ttt_speech.export import export_ttt_config
 from ttt_speech.data import FRAME_RATE
-from ttt_speech.models import ModelConfig
+from ttt_speech.figures import pyplot, save_figure
+from ttt_speech.models import ModelConfig, check_family
+from ttt_speech.progress import progress_bar
 from ttt_speech.schema import check, doc
-from ttt_speech.tracking import WandbConfig, start_wandb
+from ttt_speech.tracking import WandbConfig
 
 from . import metrics
 from .books import Skipped, Stream
-from .config import DataConfig, EvalConfig, EvalSettings, check_model_source
+from .config import DataConfig, check_model_source
 from .nll import StreamNLL, chunked_nll
-from .report import report_header, write_json
+from .plan import EvalModel, EvalPlan, PlannedModel, open_export, plan_chunk
+from .report import model_line, report_header, table
+from .streams import load_data
+from .writers import OutputFiles
+
 
 PASSES = ("pre", "post", "post_in_context")
 PASS_LABELS = {"pre": "pre", "post": "post", "post_in_context": "in context"}
-OUTPUTS = {"png": "memory.png", "json": "memory.json", "markdown": "memory.md"}  # `write_memory`'s
 
 
 # ---------------------------------------------------------------- config
@@ -91,21 +94,8 @@ class MemoryConfig:
         check(self.segment_frames >= 1, "segment_frames", "an integer >= 1", self.segment_frames)
         check(self.data.root is not None or self.data.manifest is not None, "data",
               "manifest (a JSONL of code or audio files) or root (a LibriLight tree)", None)
-        for m in self.models:  # exports are checked by `planned_chunk_sizes` (reading them is I/O)
+        for m in self.models:  # exports are checked by `plan_memory` (reading them is I/O)
             resolve_chunk_size(self.chunk_size, m.ttt, "chunk_size")
-
-    def base_model(self) -> ModelConfig:
-        """`model`, else the first export's base model, else the tiny default (as `EvalConfig.base_model`)."""
-        first_export = next((m.export for m in self.models if m.export is not None), None)
-        return EvalConfig(model=self.model, export=first_export).base_model()
-
-    def eval_config(self, entry: MemoryModel) -> EvalConfig:
-        """The `EvalConfig` that makes `eval.run.build_models` build exactly `entry` (and reads our data)."""
-        # an export brings its own base (unless `model` overrides it); the others use the common base
-        model = self.model if entry.export is not None else self.base_model()
-        return EvalConfig(model=model, export=entry.export, ttt=entry.ttt,
-                          data=dataclasses.replace(self.data, max_frames=self.segment_frames),
-                          eval=EvalSettings(mode="chunked", chunk_size=self.chunk_size), output_dir=self.output_dir)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> MemoryConfig:
@@ -113,20 +103,21 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> MemoryConfig
     return schema.load_config(MemoryConfig, path, list(overrides), "config")
 
 
-def planned_chunk_sizes(config: MemoryConfig) -> dict[str, int]:
-    """Every model's chunk size ({name: frames}, `resolve_chunk_size`), before any model is built
-    (exports are read for their TTT config only): a bad chunk_size fails in seconds, not after the
-    first models were scored."""
-    out = {}
-    for i, entry in enumerate(config.models):
-        ttt = entry.ttt
-        if entry.export is not None:
-            try:
-                ttt = export_ttt_config(entry.export)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"models[{i}].export: {e}") from None
-        out[entry.name] = resolve_chunk_size(config.chunk_size, ttt, "chunk_size")
-    return out
+def plan_memory(config: MemoryConfig) -> EvalPlan:
+    """Every model of the test, planned (exports read for their configs only): a bad chunk_size or an
+    unreadable export fails in seconds, not after the first models were scored. The base model (for
+    the streams and for entries without an export) is `model`, else the first export's, else the tiny
+    default."""
+    exports = [None if m.export is None else open_export(m.export, f"models[{i}].export")
+               for i, m in enumerate(config.models)]
+    base = config.model or next((e.model_config for e in exports if e is not None), None) or ModelConfig()
+    check_family(base)
+    planned = []
+    for i, (entry, export) in enumerate(zip(config.models, exports)):
+        ttt = export.ttt_config if export is not None else entry.ttt
+        planned.append(PlannedModel(entry.name, f"models[{i}]", export, config.model if export is not None else base,
+                                    entry.ttt, ttt, plan_chunk(config.chunk_size, ttt, "chunk_size"), ("chunked",)))
+    return EvalPlan(planned, base, dataclasses.replace(config.data, max_frames=config.segment_frames))
 
 
 # ---------------------------------------------------------------- scoring
@@ -219,82 +210,69 @@ def remembered(result: dict, group: str = "cb1") -> str:
     return f"{head}: {'yes' if g['delta'] < 0 else 'no'} (Δ {g['delta']:+.4f} nats)"
 
 
-# ---------------------------------------------------------------- the command
+# ---------------------------------------------------------------- the probe
 
 
-def run_memory(config: MemoryConfig, progress: bool = True, plots: bool = True,
-               overwrite: bool = False) -> tuple[dict, dict[str, Path]]:
-    """Build each model in turn (one in memory at a time), probe every stream, write the outputs.
-    Returns (report, {kind: path written}). `overwrite`: write into a training run's folder, or over
-    an earlier memory test's outputs (refused otherwise: `fresh_output_dir`)."""
-    from ttt_speech.progress import progress_bar
+@dataclass
+class Segments:
+    """The streams at least segment_frames long (read up to that length), and report.json's account of
+    them and of what was left out, and why."""
 
-    from .run import build_models
-
-    chunks = planned_chunk_sizes(config)
-    fresh_output_dir(config.output_dir, list(OUTPUTS.values()), overwrite)  # before the models are built and scored
-    base = config.base_model()
-    device = base.torch_device()
-    streams: list[Stream] | None = None
-    data: dict = {}
-    results, models, bar = {}, {}, None
-    for entry in config.models:
-        (model,) = build_models(config.eval_config(entry), device)
-        if streams is None:  # the layout (moshi_streams) needs a model: the first one's
-            streams, data = load_segments(config, model.lm, base, progress)
-            bar = progress_bar(total=len(config.models) * len(streams), desc="memory test", unit="stream",
-                               enabled=progress)
-        probes = []
-        for stream in streams:
-            bar.set_postfix_str(entry.name, refresh=False)
-            probes.append(probe_segment(model.lm, stream.codes[:, :config.segment_frames], chunks[entry.name],
-                                        where=f"{entry.name}: {stream.book.id}"))
-            bar.update(1)
-        results[entry.name] = summarize(probes, [s.book.id for s in streams])
-        models[entry.name] = {**model.describe(), "chunk_size": chunks[entry.name]}
-        del model, probes  # one model at a time: four 7B models would not fit side by side
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
-    report = {
-        **report_header("memory", "Memory test: NLL of a segment before and after test-time training on it",
-                        config, device),
-        "segment_frames": config.segment_frames,
-        "groups": {g: v["label"] for g, v in next(iter(results.values()))["groups"].items()},
-        "models": models,
-        "data": data,
-        "results": results,
-    }
-    paths = write_memory(report, config.output_dir, plots)
-    tracker = start_wandb(config.wandb, report["config"], config.output_dir, "eval-memory")
-    if tracker is not None:
-        from .tracking import log_memory
-
-        log_memory(tracker.run, report, paths)
-        tracker.finish()
-    return report, paths
+    streams: list[Stream]
+    account: dict
 
 
-def load_segments(config: MemoryConfig, lm, model_config: ModelConfig,
-                  progress: bool = True) -> tuple[list[Stream], dict]:
-    """The streams at least segment_frames long (read up to that length with `eval.run.load_data`),
-    and a JSON-ready account of them and of what was left out, and why."""
-    from .run import load_data
+class Memory:
+    """The probe: each model in turn (one in memory at a time), every segment scored three times."""
 
-    loaded = load_data(config.eval_config(config.models[0]), lm, model_config, progress)
-    S = config.segment_frames
-    kept = [s for s in loaded.streams if s.frames >= S]
-    short = [Skipped(s.book.id, f"{s.frames} frames < segment_frames {S}") for s in loaded.streams if s.frames < S]
-    left_out = loaded.left_out_books + short
-    if not kept:
-        longest = max(s.frames for s in loaded.streams)
-        raise ValueError(f"segment_frames: {S} frames is longer than every stream (longest: {longest} frames); "
-                         f"lower segment_frames")
-    data = {"streams": [{"id": s.book.id, "segment_frames": S} for s in kept],
-            "left_out": [s.to_dict() for s in left_out],
-            "skipped_files": [s.to_dict() for s in loaded.skipped_files],
-            "counts": {"streams": len(kept), "left_out": len(left_out), "files_skipped": len(loaded.skipped_files)}}
-    return kept, data
+    kind = "memory"
+    files = OutputFiles("memory.json", "memory.md", {"memory": "memory.png"})
+
+    def __init__(self, config: MemoryConfig):
+        self.config = config
+
+    def plan(self) -> EvalPlan:
+        return plan_memory(self.config)
+
+    def load(self, plan: EvalPlan, lm: torch.nn.Module, progress: bool) -> Segments:
+        loaded = load_data(plan.data, lm, plan.base, progress)
+        S = self.config.segment_frames
+        kept = [s for s in loaded.streams if s.frames >= S]
+        short = [Skipped(s.book.id, f"{s.frames} frames < segment_frames {S}") for s in loaded.streams if s.frames < S]
+        left_out = loaded.left_out_books + short
+        if not kept:
+            longest = max(s.frames for s in loaded.streams)
+            raise ValueError(f"segment_frames: {S} frames is longer than every stream (longest: {longest} frames); "
+                             f"lower segment_frames")
+        data = {"streams": [{"id": s.book.id, "segment_frames": S} for s in kept],
+                "left_out": [s.to_dict() for s in left_out],
+                "skipped_files": [s.to_dict() for s in loaded.skipped_files],
+                "counts": {"streams": len(kept), "left_out": len(left_out), "files_skipped": len(loaded.skipped_files)}}
+        return Segments(kept, data)
+
+    def run(self, plan: EvalPlan, models: Iterator[EvalModel], data: Segments, progress: bool) -> "MemoryResult":
+        streams, account = data.streams, data.account
+        S = self.config.segment_frames
+        results, described = {}, {}
+        device = plan.base.torch_device()
+        with progress_bar(total=len(plan.models) * len(streams), desc="memory test", unit="stream",
+                          enabled=progress) as bar:
+            for model in models:
+                probes = []
+                for stream in streams:
+                    bar.set_postfix_str(model.name, refresh=False)
+                    probes.append(probe_segment(model.lm, stream.codes[:, :S], model.plan.chunk_size,
+                                                where=f"{model.name}: {stream.book.id}"))
+                    bar.update(1)
+                results[model.name] = summarize(probes, [s.book.id for s in streams])
+                described[model.name] = {**model.describe(), "chunk_size": model.plan.chunk_size}
+                del model, probes  # one model at a time (`build_models` drops its own reference too)
+        return MemoryResult({
+            **report_header("memory", "Memory test: NLL of a segment before and after test-time training on it",
+                            self.config, device),
+            "segment_frames": S,
+            "groups": {g: v["label"] for g, v in next(iter(results.values()))["groups"].items()},
+            "models": described, "data": account, "results": results, "plots": {}})
 
 
 # ---------------------------------------------------------------- outputs
@@ -321,21 +299,14 @@ def markdown(report: dict) -> str:
             "TTT state left by the pre pass. A model without TTT layers carries nothing: post = pre."),
            "- **in context**: the second S of one stream [S; S] (attention and TTT state both live).",
            "- Δ = post − pre, Δ in context = in context − pre (negative: the model remembers).", ""]
-    header = ["model", "group", "pre", "post", "Δ post − pre", "in context", "Δ in context − pre"]
     rows = [[name, g["label"], _nll(g["pre"]), _nll(g["post"]), _signed(g["delta"]), _nll(g["post_in_context"]),
              _signed(g["delta_in_context"])] for name, r in results.items() for g in r["groups"].values()]
-    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    out += table(["model", "group", "pre", "post", "Δ post − pre", "in context", "Δ in context − pre"], rows)
+    out.append("")
     out += [f"- **{name}**: {remembered(r)}." for name, r in results.items()] + [""]
     if report.get("plots"):
         out += [f"![{k}]({v})" for k, v in report["plots"].items()] + [""]
-    out += ["## Models", ""]
-    for name, m in report["models"].items():
-        patch = m.get("ttt")
-        desc = "no TTT layers" if patch is None else (f"TTT {patch['layer_type']} {patch['mode']}, layers "
-                                                      f"{patch['layers']}, b={patch['mini_batch_size']}")
-        out.append(f"- **{name}**: {m['source']}; {desc}; {m['params']:,} parameters; chunks of {m['chunk_size']} "
-                   f"frames; attention context {m['attention_context'] or 'none'} frames")
+    out += ["## Models", ""] + [model_line(name, m) for name, m in report["models"].items()]
     out += ["", "## Left out", ""]
     left = report["data"]["left_out"] + report["data"]["skipped_files"]
     out += [f"- `{s['path']}`: {s['reason']}" for s in left] or ["Nothing."]
@@ -344,8 +315,6 @@ def markdown(report: dict) -> str:
 
 def plot_memory(report: dict, path: str | Path, groups: Sequence[str] = ("cb1", "audio")) -> Path:
     """Grouped bars per model: mean NLL pre / post / in context, one panel per group."""
-    from .plots import pyplot, save_figure
-
     plt = pyplot()
     names = list(report["results"])
     fig, axes = plt.subplots(1, len(groups), figsize=(max(4.5, 1.4 * len(names) + 1.5) * len(groups), 3.8),
@@ -376,20 +345,6 @@ def plot_memory(report: dict, path: str | Path, groups: Sequence[str] = ("cb1", 
     return save_figure(fig, path)
 
 
-def write_memory(report: dict, output_dir: str | Path, plots: bool = True) -> dict[str, Path]:
-    """memory.png, memory.json and memory.md into output_dir (each written atomically)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    if plots:
-        paths["png"] = plot_memory(report, out / OUTPUTS["png"])
-    report["plots"] = {"memory": paths["png"].name} if plots else {}
-    paths["json"] = write_json(out / OUTPUTS["json"], report)
-    paths["markdown"] = out / OUTPUTS["markdown"]
-    write_text_atomic(paths["markdown"], markdown(report))
-    return paths
-
-
 def summary_lines(report: dict) -> list[str]:
     """The terminal summary: codebook 1 and all-audio NLL pre / post / Δ / in context per model."""
     groups = ("cb1", "audio")
@@ -406,3 +361,47 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"{name[:14]:<14}{cells}")
     lines += [f"{name}: {remembered(r)}" for name, r in report["results"].items()]
     return lines
+
+
+def scalars(report: dict) -> dict[str, float]:
+    """Flat {"memory/<model>/<group>/<pass>_nll": value, ".../delta", ".../delta_in_context"} of a memory
+    report (passes without scored frames are not logged)."""
+    out: dict[str, float] = {}
+    for model, r in report["results"].items():
+        for group, g in r["groups"].items():
+            key = f"memory/{model}/{group}"
+            out.update({f"{key}/{name}_nll": g[name]["nll"] for name in PASSES if "nll" in g[name]})
+            out.update({f"{key}/{name}": g[name] for name in ("delta", "delta_in_context")
+                        if isinstance(g[name], float)})
+    return out
+
+
+@dataclass
+class MemoryResult:
+    """memory.json's document, and its renderers."""
+
+    report: dict
+    wandb_prefix: str = field(default="memory", init=False)
+
+    def document(self) -> dict:
+        return self.report
+
+    def markdown(self) -> str:
+        return markdown(self.report)
+
+    def summary_lines(self) -> list[str]:
+        return summary_lines(self.report)
+
+    def scalars(self) -> dict[str, float]:
+        return scalars(self.report)
+
+    def tables(self) -> dict:
+        return {}
+
+    def tensors(self) -> None:
+        return None
+
+    def figures(self, output_dir: Path, files: dict[str, str]) -> dict[str, Path]:
+        path = plot_memory(self.report, output_dir / files["memory"])
+        self.report["plots"] = {"memory": path.name}
+        return {"memory": path}

@@ -275,3 +275,44 @@ def mode_difference(a: StreamNLL, b: StreamNLL) -> dict:
                      "nll_a": float(a.nll[rows, :T][both[rows]].double().mean()),
                      "nll_b": float(b.nll[rows, :T][both[rows]].double().mean())}
     return out
+
+
+LENGTH_FACTORS = (1.0, 5.0, 10.0)  # the original training system's figures: ppl at 1x, 5x, 10x the window
+
+
+def length_figures(points: list[dict], factors: Sequence[float] = LENGTH_FACTORS) -> dict:
+    """The original training system's length figures from `length_points`, over the reached points
+    (those with a cumulative perplexity): perplexity at each factor × the training window, the
+    degradation ratio (max / min perplexity) and the best (lowest-perplexity) length.
+
+    A factor on the grid (to 1e-9 relative) takes that point's perplexity. Between two reached points,
+    ln(ppl) is interpolated linearly in ln(factor) (the grid is geometric and perplexity curves are
+    near-linear in log-log). Never extrapolated: a factor past the last reached point is "not reached",
+    one before the first is "below the shortest evaluated length"."""
+    reached = sorted((p for p in points if "ppl" in p.get("cumulative", {})), key=lambda p: p["factor"])
+    ppl = [p["cumulative"]["ppl"] for p in reached]
+    ppl_at = {}
+    for f in factors:
+        on = [p for p in reached if abs(p["factor"] - f) <= 1e-9 * f]
+        pair = next(((a, b) for a, b in zip(reached, reached[1:]) if a["factor"] < f < b["factor"]), None)
+        if on:
+            entry = {"ppl": on[0]["cumulative"]["ppl"], "interpolated": False}
+        elif pair:
+            a, b = pair
+            ya, yb = math.log(a["cumulative"]["ppl"]), math.log(b["cumulative"]["ppl"])
+            t = math.log(f / a["factor"]) / math.log(b["factor"] / a["factor"])
+            entry = {"ppl": math.exp(ya + t * (yb - ya)), "interpolated": True, "between": [a["length"], b["length"]]}
+        elif reached and f < reached[0]["factor"]:
+            entry = {"skipped": f"below the shortest evaluated length {reached[0]['factor']:.3g}x"}
+        elif reached:
+            last = reached[-1]
+            entry = {"skipped": f"not reached: the longest evaluated length some stream reaches is "
+                                f"{last['factor']:.3g}x ({last['length']:,} frames)"}
+        else:
+            entry = {"skipped": "not reached: no evaluated length was reached"}
+        ppl_at[f"{f:g}x"] = {"factor": f, **entry}
+    ratio = max(ppl) / min(ppl) if len(ppl) >= 2 else {"skipped": f"{len(ppl)} reached length(s): a ratio needs 2"}
+    best = min(reached, key=lambda p: p["cumulative"]["ppl"], default=None)
+    return {"ppl_at": ppl_at, "degradation_ratio": ratio,
+            "best": {"length": best["length"], "factor": best["factor"], "ppl": best["cumulative"]["ppl"]}
+            if best else {"skipped": "no evaluated length was reached"}}

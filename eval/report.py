@@ -1,4 +1,5 @@
-"""Evaluation reports: per-run summaries (JSON-ready), the Markdown rendering, atomic writes.
+"""What `eval librilight`'s report.json renders as: report.md, the terminal summary, wandb values; and the
+pieces other probes' renderers share (tables, model lines, the length-generalisation tables).
 
 A *run* is one model ("ttt" or "baseline") in one mode ("chunked" or "native") over all streams.
 Missing data is never a number: an aggregate without data is {"skipped": reason}, shown as
@@ -6,20 +7,19 @@ Missing data is never a number: an aggregate without data is {"skipped": reason}
 """
 from __future__ import annotations
 
-import json
+import datetime
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ttt_speech.files import save_tensors_atomic, write_text_atomic
+from ttt_speech import schema
 from ttt_speech.data import FRAME_RATE
 
 from . import metrics
-from .config import EvalSettings
 from .memory import CPU_FLOOR, informative_peaks
-from .nll import StreamNLL
 
 FORMAT = "ttt-speech-eval"
 VERSION = 1
@@ -27,134 +27,10 @@ VERSION = 1
 
 def report_header(kind: str, title: str, config, device: torch.device) -> dict:
     """The fields every report starts with: format, kind, title, when, where (torch, device), config."""
-    import datetime
-
-    from ttt_speech import schema
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     return {"format": FORMAT, "version": VERSION, "kind": kind, "title": title,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "environment": {"torch": torch.__version__, "device": name}, "config": schema.to_dict(config)}
-
-
-def run_summary(results: Sequence[StreamNLL], stream_ids: Sequence[str], settings: EvalSettings,
-                available: dict[str, int] | None = None) -> dict:
-    """Everything reported about one run: speed, memory, per-group curves and points, fast weights.
-
-    available: {stream id: frames} of every stream loaded, so that a run scoring a subset (native
-    mode's native_max_streams / native_max_frames) says which one ("coverage")."""
-    if not results:
-        raise ValueError("run_summary: no streams were evaluated")
-    series = [metrics.group_series(r) for r in results]
-    tw = settings.train_window
-    lengths = (metrics.evaluation_lengths(tw, settings.length_gen.num_lengths, settings.length_gen.min_factor,
-                                          settings.length_gen.max_factor) if tw else [])
-    groups = {}
-    for name in series[0]:
-        s = [x[name] for x in series]
-        groups[name] = {
-            "label": metrics.group_label(name),
-            "curve": metrics.binned_curve(s, settings.bin_frames),
-            "curve_log": metrics.log_binned_curve(s),
-            "positions": metrics.at_positions(s, settings.positions, settings.position_window),
-            "length_gen": ({"train_window": tw, "points": metrics.length_points(s, lengths, tw, settings.position_window)}
-                           if tw else {"skipped": "eval.train_window is not set"}),
-            "slope": metrics.log_slope(s, settings.bin_frames),
-            "slope_beyond_window": (metrics.log_slope(s, settings.bin_frames, start=tw) if tw
-                                    else {"skipped": "eval.train_window is not set"}),
-            "context_gain": metrics.context_gain(s, settings.gain_window),
-        }
-    frames = sum(r.frames for r in results)
-    seconds = sum(r.seconds for r in results)
-    K = results[0].nll.shape[0]
-    per_codebook = []
-    for k in range(K):
-        values = torch.cat([r.nll[k][r.mask[k]] for r in results]).double()
-        name = "text" if k == 0 else f"audio codebook {k}"
-        per_codebook.append({"row": k, "name": name, "nll": float(values.mean()), "n_tokens": values.numel()}
-                            if values.numel() else {"row": k, "name": name, "skipped": "no scored frames"})
-    peaks = [r.peak_memory for r in results if r.peak_memory is not None]
-    traces = [dict(stream=sid, **r.weights.to_dict()) for sid, r in zip(stream_ids, results) if r.weights is not None]
-    available = available or {sid: r.frames for sid, r in zip(stream_ids, results)}
-    scored_frames = {sid: r.frames for sid, r in zip(stream_ids, results)}
-    return {
-        "mode": results[0].mode,
-        "streams": len(results),
-        "coverage": {"streams": len(results), "of_streams": len(available), "frames": sum(scored_frames.values()),
-                     "of_frames": sum(available.values()),
-                     "max_frames": max(scored_frames.values()) if any(
-                         scored_frames[sid] < available.get(sid, 0) for sid in scored_frames) else None},
-        "speed": {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds if seconds else None,
-                  "tokens_per_s": frames * K / seconds if seconds else None, "tokens_per_frame": K,
-                  "realtime_factor": frames / FRAME_RATE / seconds if seconds else None},
-        "memory": {"peak_bytes": max(peaks) if peaks else None, "kind": results[0].memory_kind,
-                   "per_stream_bytes": [r.peak_memory for r in results]},
-        "groups": groups,
-        "per_codebook": per_codebook,
-        "fast_weights": traces or None,
-    }
-
-
-def mode_comparison(chunked: Sequence[StreamNLL], native: Sequence[StreamNLL], stream_ids: Sequence[str],
-                    chunked_run: dict, native_run: dict, shown: Sequence[str] | None = None) -> dict:
-    """`--mode both`: per-position NLL differences between modes, speed ratio, memory of each, and both
-    modes' mean NLL over the same streams and frames and the `shown` groups (default: all)."""
-    per_stream = [{"stream": sid, **metrics.mode_difference(a, b)} for sid, a, b in zip(stream_ids, chunked, native)]
-    c, n = chunked_run["speed"]["frames_per_s"], native_run["speed"]["frames_per_s"]
-    tokens = sum(s["n_tokens"] for s in per_stream)
-    groups = list(shown) if shown is not None else list(metrics.groups(chunked[0].nll.shape[0]))
-    parts = [s[g] for s in per_stream for g in groups]
-    shared_tokens = sum(p["n_tokens"] for p in parts)
-    return {
-        "max_abs": max(s["max_abs"] for s in per_stream),
-        "mean_abs": sum(s["mean_abs"] * s["n_tokens"] for s in per_stream) / tokens,
-        # the tables' runs may cover different streams; this compares the modes on the same ones
-        "shared": {"streams": len(per_stream), "frames": sum(s["frames"] for s in per_stream), "n_tokens": shared_tokens,
-                   "groups": groups,
-                   "chunked_nll": sum(p["nll_a"] * p["n_tokens"] for p in parts) / shared_tokens,
-                   "native_nll": sum(p["nll_b"] * p["n_tokens"] for p in parts) / shared_tokens},
-        "per_stream": per_stream,
-        "speed_ratio": c / n if c and n else None,
-        "chunked_frames_per_s": c, "native_frames_per_s": n,
-        "chunked_peak_bytes": chunked_run["memory"]["peak_bytes"], "native_peak_bytes": native_run["memory"]["peak_bytes"],
-        "memory_kind": chunked_run["memory"]["kind"],
-    }
-
-
-def baseline_difference(run: dict, base_run: dict, results: Sequence[StreamNLL],
-                        base_results: Sequence[StreamNLL]) -> dict:
-    """A model − the baseline, one mode, the same streams (negative = the model predicts better):
-    at the reported positions per group ("positions": {group: [{position, local, cumulative}]}) and
-    binned along the stream with its standard error across streams ("curve": {group: [bins]},
-    `metrics.paired_difference` over `metrics.log_edges`)."""
-    positions, curves = {}, {}
-    longest = max(r.frames for r in results)
-    series, base_series = [metrics.group_series(r) for r in results], [metrics.group_series(r) for r in base_results]
-    for group, g in run["groups"].items():
-        rows = []
-        for a, b in zip(g["positions"], base_run["groups"][group]["positions"]):
-            row = {"position": a["position"]}
-            for kind in ("local", "cumulative"):
-                if "nll" in a.get(kind, {}) and "nll" in b.get(kind, {}):
-                    row[kind] = a[kind]["nll"] - b[kind]["nll"]
-                else:
-                    row[kind] = {"skipped": "missing in one of the runs"}
-            rows.append(row)
-        positions[group] = rows
-        curves[group] = metrics.paired_difference([x[group] for x in series], [x[group] for x in base_series],
-                                                  metrics.log_edges(longest))
-    return {"positions": positions, "curve": curves}
-
-
-def save_per_position(path: Path, runs: dict[str, Sequence[StreamNLL]], stream_ids: Sequence[str]) -> Path:
-    """All per-position NLLs and masks (safetensors: "<run>/<stream index>/nll|mask") for later analysis."""
-    tensors = {}
-    for run, results in runs.items():
-        for i, r in enumerate(results):
-            tensors[f"{run}/{i}/nll"] = r.nll.contiguous()
-            tensors[f"{run}/{i}/mask"] = r.mask.to(torch.uint8).contiguous()
-    save_tensors_atomic(path, tensors, metadata={"streams": json.dumps(list(stream_ids)), "format": FORMAT})
-    return path
 
 
 def read_per_position(path: Path) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -168,12 +44,6 @@ def read_per_position(path: Path) -> dict[str, list[tuple[torch.Tensor, torch.Te
         if kind == "nll":
             runs.setdefault(run, {})[int(index)] = (tensors[key], tensors[f"{run}/{index}/mask"].bool())
     return {run: [streams[i] for i in sorted(streams)] for run, streams in runs.items()}
-
-
-def write_json(path: Path, report: dict) -> Path:
-    """report.json, atomically; NaN/inf anywhere is a bug and raises instead of being written."""
-    write_text_atomic(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------- Markdown
@@ -200,7 +70,7 @@ def frame_span(values: list[int]) -> str:
     return f"{values[0]:,}" if values[0] == values[-1] else f"{values[0]:,}-{values[-1]:,}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -240,28 +110,49 @@ def _reached(rows_per_run: list[list[dict]], key: str) -> tuple[list[int], list]
     return reached, [first[i][key] for i in range(len(first)) if i not in reached]
 
 
+@dataclass(frozen=True)
+class _View:
+    """What every section of report.md reads: the runs, their column labels, the groups shown."""
+
+    report: dict
+    runs: dict
+    labels: dict[str, str]  # run → column name (marked † when it scored a subset)
+    groups: list[str]  # the groups shown
+    group_label: dict[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.runs)
+
+    @property
+    def settings(self) -> dict:
+        return self.report["settings"]
+
+    @property
+    def measured(self) -> bool:
+        """Whether peak memory rose above what the memory probe can see (else it is not shown)."""
+        kind = next(iter(self.runs.values()))["memory"]["kind"]
+        return informative_peaks([r["memory"]["peak_bytes"] for r in self.runs.values()], kind)
+
+
 def markdown(report: dict) -> str:
     """The human-readable report (tables + links to the PNG plots)."""
-    runs: dict = report["runs"]
-    labels = run_labels(runs)
-    names = list(runs)
-    groups = shown_groups(report)
-    group_label = {g: v["label"] for g, v in next(iter(runs.values()))["groups"].items()}
-    settings = report["settings"]
-    out = [f"# {report['title']}", ""]
-    out += [f"Created {report['created']} on {report['environment']['device']} "
-            f"(torch {report['environment']['torch']}).", ""]
-    out += ["## Setup", ""]
-    for name, model in report["models"].items():
-        patch = model.get("ttt")
-        desc = ("no TTT layers" if patch is None else
-                f"TTT {patch['layer_type']} {patch['mode']}, layers {patch['layers']}, b={patch['mini_batch_size']}")
-        if (loop := model.get("inner_loop")) is not None:
-            desc += (f", run with b={loop['effective_mini_batch_size']}, base_lr {loop['effective_base_lr']:.4g} "
-                     f"(scale {loop['scale'] or 'none'}, offsets {loop['offsets']})")
-        out.append(f"- **{name}**: {model['source']}; {desc}; {model['params']:,} parameters; "
-                   f"attention context {model['attention_context'] or 'none'} frames")
-    data = report["data"]
+    runs = report["runs"]
+    view = _View(report, runs, run_labels(runs), shown_groups(report),
+                 {g: v["label"] for g, v in next(iter(runs.values()))["groups"].items()})
+    out = [f"# {report['title']}", "",
+           f"Created {report['created']} on {report['environment']['device']} (torch {report['environment']['torch']}).",
+           ""]
+    for section in (_setup, _positions, _length_generalisation, _context_use, _speed, _modes, _inner_loop,
+                    _vs_baseline, _plots, _left_out):
+        out += section(view)
+    return "\n".join(out)
+
+
+def _setup(v: _View) -> list[str]:
+    out = ["## Setup", ""]
+    out += [model_line(name, model) for name, model in v.report["models"].items()]
+    data = v.report["data"]
     counts = data["counts"]
     longest = max((st["frames"] for st in data.get("streams", [])), default=None)
     out.append(f"- data: {counts['streams']} stream(s), {counts['frames']:,} frames "
@@ -275,120 +166,183 @@ def markdown(report: dict) -> str:
                        f"; {len(constant)} stream(s) with a constant codebook: the codec carries no information"
                        if constant else ""))
     for group, why in data.get("uninformative", {}).items():
-        out.append(f"- {group_label.get(group, group)}: left out of every table and plot: {why}")
-    for name, run in runs.items():
+        out.append(f"- {v.group_label.get(group, group)}: left out of every table and plot: {why}")
+    for name, run in v.runs.items():
         if (note := subset_note(run)) is not None:
-            out.append(f"- {labels[name]} scored {note}; its numbers are over those only (the chunked vs native "
+            out.append(f"- {v.labels[name]} scored {note}; its numbers are over those only (the chunked vs native "
                        "section compares the modes on the same frames)")
-    for name, a in report["alignment"].items():
+    for name, a in v.report["alignment"].items():
         out.append(f"- {name}: chunk {a['chunk_size']} vs TTT mini-batch {a['mini_batch_size']}: "
                    f"{'aligned' if a['aligned'] else 'NOT aligned'}, TTT slot efficiency {a['efficiency']:.1%} "
                    f"({a['padding_slots']:,} padding slots); native mode: {a['native_efficiency']:.1%}")
-    markers = report["markers"]
-    out.append(f"- training window: {markers['train_window'] or 'not set'} frames; bins of "
-               f"{settings['bin_frames']} frames; NLL in nats per token, perplexity in brackets; "
+    out.append(f"- training window: {v.report['markers']['train_window'] or 'not set'} frames; bins of "
+               f"{v.settings['bin_frames']} frames; NLL in nats per token, perplexity in brackets; "
                "[n] = streams averaged, shown where runs differ")
-    out.append("")
+    return out + [""]
 
-    out += ["## NLL (perplexity) at positions", "",
-            f"local = mean over the {settings['position_window']} frames before the position; "
-            "cumulative = mean over all frames before it. Averaged over the streams that reach the position.", ""]
-    reached, unreached = _reached([runs[n]["groups"][groups[0]]["positions"] for n in names], "position") if groups else ([], [])
+
+def model_line(name: str, model: dict) -> str:
+    """A report's line about one model (`EvalModel.describe()`; `chunk_size` where the probe records it)."""
+    patch = model.get("ttt")
+    desc = ("no TTT layers" if patch is None else
+            f"TTT {patch['layer_type']} {patch['mode']}, layers {patch['layers']}, b={patch['mini_batch_size']}")
+    if (loop := model.get("inner_loop")) is not None:
+        desc += (f", run with b={loop['effective_mini_batch_size']}, base_lr {loop['effective_base_lr']:.4g} "
+                 f"(scale {loop['scale'] or 'none'}, offsets {loop['offsets']})")
+    chunks = f"chunks of {model['chunk_size']} frames; " if "chunk_size" in model else ""
+    return (f"- **{name}**: {model['source']}; {desc}; {model['params']:,} parameters; {chunks}"
+            f"attention context {model['attention_context'] or 'none'} frames")
+
+
+def _positions(v: _View) -> list[str]:
+    out = ["## NLL (perplexity) at positions", "",
+           f"local = mean over the {v.settings['position_window']} frames before the position; "
+           "cumulative = mean over all frames before it. Averaged over the streams that reach the position.", ""]
+    if not v.groups:
+        return out
+    reached, unreached = _reached([v.runs[n]["groups"][v.groups[0]]["positions"] for n in v.names], "position")
     if unreached:
         out += [f"Not reached by any stream (left out): position(s) {', '.join(f'{p:,}' for p in unreached)}.", ""]
-    for group in groups if reached else []:
-        out += [f"### {group_label[group]}", ""]
+    for group in v.groups if reached else []:
         rows = []
         for i in reached:
-            entries = [runs[n]["groups"][group]["positions"][i] for n in names]
-            for kind in ("local", "cumulative"):
-                rows.append([f"{entries[0]['position']:,}", kind, *_cells(entries, kind)])
-        out += _table(["frame", "window"] + [labels[n] for n in names], rows) + [""]
+            entries = [v.runs[n]["groups"][group]["positions"][i] for n in v.names]
+            rows += [[f"{entries[0]['position']:,}", kind, *_cells(entries, kind)] for kind in ("local", "cumulative")]
+        out += [f"### {v.group_label[group]}", ""] + table(["frame", "window"] + [v.labels[n] for n in v.names],
+                                                           rows) + [""]
+    return out
 
-    out += ["## Length generalisation", ""]
-    first = runs[names[0]]["groups"][groups[0]]["length_gen"] if groups else {"skipped": "no group carries information"}
+
+def _length_generalisation(v: _View) -> list[str]:
+    out = ["## Length generalisation", ""]
+    first = v.runs[v.names[0]]["groups"][v.groups[0]]["length_gen"] if v.groups else {
+        "skipped": "no group carries information"}
     if "skipped" in first:
-        out += [f"Not reported: {first['skipped']}.", ""]
-    else:
-        reached, unreached = _reached([runs[n]["groups"][groups[0]]["length_gen"]["points"] for n in names], "length")
-        out += [f"Perplexity of the first L frames (one stateful pass), L = {settings['length_gen']['min_factor']:g}x "
-                f"... {settings['length_gen']['max_factor']:g}x the training window ({first['train_window']} frames).", ""]
-        if unreached:
-            out += [f"{len(unreached)} of {len(first['points'])} lengths are longer than every stream and left out "
-                    f"({frame_span(unreached)} frames).", ""]
-        for group in groups if reached else []:
-            out += [f"### {group_label[group]}", ""]
-            rows = []
-            for i in reached:
-                entries = [runs[n]["groups"][group]["length_gen"]["points"][i] for n in names]
-                rows.append([f"{entries[0]['length']:,}", f"{entries[0]['factor']:.2f}x", *_cells(entries, "cumulative")])
-            out += _table(["L (frames)", "L / window"] + [labels[n] for n in names], rows) + [""]
+        return out + [f"Not reported: {first['skipped']}.", ""]
+    lg = v.settings["length_gen"]
+    out += [f"Perplexity of the first L frames (one stateful pass), L = {lg['min_factor']:g}x ... "
+            f"{lg['max_factor']:g}x the training window ({first['train_window']} frames).", ""]
+    entries = {v.labels[n]: {g: run["groups"][g]["length_gen"] for g in v.groups} for n, run in v.runs.items()}
+    longest = max(st["frames"] for st in v.report["data"]["streams"]) if v.report["data"].get("streams") else 0
+    return out + length_tables(entries, {g: v.group_label[g] for g in v.groups}, longest)
 
-    out += ["## Context use", "",
-            "slope: NLL vs ln(position), nats per e-fold (negative = improves with context); gain: mean NLL of the "
-            f"first minus the last {settings['gain_window']} frames of each stream.", ""]
+
+def length_tables(entries: dict[str, dict[str, dict]], groups: dict[str, str], longest: int) -> list[str]:
+    """Markdown of length generalisation ({column: {group: {"points": `metrics.length_points`, "figures":
+    `metrics.length_figures`}}}, `groups`: {group: label} to show; `longest`: frames of the longest
+    stream): what lengths no stream reaches, then per group the perplexity at each reached length and
+    the figures (1x / 5x / 10x, degradation ratio, best length)."""
+    columns = list(entries)
+    points = {c: {g: e["points"] for g, e in per_group.items()} for c, per_group in entries.items()}
+    reached, unreached = _reached([points[c][next(iter(groups))] for c in columns], "length") if groups else ([], [])
+    out = []
+    if unreached:
+        some = points[columns[0]][next(iter(groups))]
+        out += [f"{len(unreached)} of {len(some)} lengths ({frame_span(unreached)} frames) are longer than every "
+                f"stream (the longest: {longest:,} frames) and left out.", ""]
+    for group, label in groups.items() if reached else []:
+        rows = []
+        for i in reached:
+            at = [points[c][group][i] for c in columns]
+            rows.append([f"{at[0]['length']:,}", f"{at[0]['factor']:.2f}x", *_cells(at, "cumulative")])
+        out += [f"### {label}", ""] + table(["L (frames)", "L / window"] + columns, rows) + [""]
+        figures = {c: entries[c][group]["figures"] for c in columns}
+        factors = list(next(iter(figures.values()))["ppl_at"])
+        out += table(["run", *(f"ppl @{f}" for f in factors), "max / min ppl", "best L"],
+                     [[c, *(_ppl_at(f["ppl_at"][k]) for k in factors), _num(f["degradation_ratio"], ".3f"),
+                       _best(f["best"])] for c, f in figures.items()])
+        out += ["", "ppl @Nx: interpolated (log-log) between the grid's lengths where marked ~; "
+                "max / min: the degradation ratio over the lengths reached.", ""]
+    return out
+
+
+def _ppl_at(entry: dict) -> str:
+    if "ppl" not in entry:
+        return "not reached"
+    return ("~" if entry["interpolated"] else "") + f"{entry['ppl']:.3f}"
+
+
+def _best(best: dict) -> str:
+    return "—" if "skipped" in best else f"{best['length']:,} ({best['factor']:.2f}x, ppl {best['ppl']:.3f})"
+
+
+def _context_use(v: _View) -> list[str]:
+    out = ["## Context use", "",
+           "slope: NLL vs ln(position), nats per e-fold (negative = improves with context); gain: mean NLL of the "
+           f"first minus the last {v.settings['gain_window']} frames of each stream.", ""]
     rows = []
-    for n in names:
-        for group in groups:
-            g = runs[n]["groups"][group]
-            rows.append([labels[n], group, _num(g["slope"].get("slope"), "+.4f"),
+    for n in v.names:
+        for group in v.groups:
+            g = v.runs[n]["groups"][group]
+            rows.append([v.labels[n], group, _num(g["slope"].get("slope"), "+.4f"),
                          _num(g["slope_beyond_window"].get("slope"), "+.4f"), _num(g["context_gain"].get("gain"), "+.4f")])
-    out += _table(["run", "group", "slope", "slope beyond window", "context gain"], rows) + [""]
+    return out + table(["run", "group", "slope", "slope beyond window", "context gain"], rows) + [""]
 
-    out += ["## Speed and memory", ""]
-    kind = next(iter(runs.values()))["memory"]["kind"]
-    measured = informative_peaks([r["memory"]["peak_bytes"] for r in runs.values()], kind)
-    rows = [[labels[n], f"{r['speed']['frames']:,}", _num(r["speed"]["frames_per_s"], ".1f"),
+
+def _speed(v: _View) -> list[str]:
+    kind = next(iter(v.runs.values()))["memory"]["kind"]
+    rows = [[v.labels[n], f"{r['speed']['frames']:,}", _num(r["speed"]["frames_per_s"], ".1f"),
              _num(r["speed"]["tokens_per_s"], ".0f"), _num(r["speed"]["realtime_factor"], ".1f") + "x"]
-            + ([_bytes(r["memory"]["peak_bytes"])] if measured else []) for n, r in runs.items()]
-    out += _table(["run", "frames", "frames/s", "tokens/s", "real time"] + (["peak memory"] if measured else []), rows)
-    out += ["", f"Peak memory measured as {kind}." if measured else
-            f"Peak memory: not shown, none rose above {CPU_FLOOR // 2**20} MiB ({kind}: the process's resident memory "
-            "sampled every 5 ms, too coarse for small models); measure on CUDA, or with scripts/bench_eval.py in "
-            "fresh processes.", ""]
+            + ([_bytes(r["memory"]["peak_bytes"])] if v.measured else []) for n, r in v.runs.items()]
+    out = ["## Speed and memory", ""]
+    out += table(["run", "frames", "frames/s", "tokens/s", "real time"] + (["peak memory"] if v.measured else []), rows)
+    return out + ["", f"Peak memory measured as {kind}." if v.measured else
+                  f"Peak memory: not shown, none rose above {CPU_FLOOR // 2**20} MiB ({kind}: the process's resident "
+                  "memory sampled every 5 ms, too coarse for small models); measure on CUDA, or with "
+                  "scripts/bench_eval.py in fresh processes.", ""]
 
-    comparisons = report.get("comparisons", {})
-    if comparisons.get("modes"):
-        out += ["## Chunked vs native", "",
-                "Both modes on the same streams and frames: mean NLL of each (over the groups shown), and the "
-                "per-position difference over every row (the evaluator's self-check: float noise only).", ""]
-        rows = []
-        for m, c in comparisons["modes"].items():
-            shared = c.get("shared", {})
-            rows.append([m, f"{shared.get('streams', '—')} / {shared.get('frames', 0):,}",
-                         _num(shared.get("chunked_nll"), ".4f"), _num(shared.get("native_nll"), ".4f"),
-                         f"{c['max_abs']:.2e}", f"{c['mean_abs']:.2e}", _num(c["speed_ratio"], ".1f") + "x"]
-                        + ([_bytes(c["chunked_peak_bytes"]), _bytes(c["native_peak_bytes"])] if measured else []))
-        out += _table(["model", "streams / frames", "chunked NLL", "native NLL", "max abs ΔNLL", "mean abs ΔNLL",
-                       "chunked / native speed"] + (["chunked memory", "native memory"] if measured else []), rows) + [""]
-    if comparisons.get("inner_loop"):
-        out += inner_loop_markdown(comparisons["inner_loop"], labels, groups, group_label, measured)
-    if comparisons.get("vs_baseline"):
-        out += ["## Model − baseline", "",
-                "NLL difference at each position, the same streams in both (negative: the model predicts better).", ""]
-        rows = []
-        for model, per_mode in comparisons["vs_baseline"].items():
-            for mode, diff in per_mode.items():
-                for group in groups:
-                    for p in diff["positions"][group]:
-                        if any(isinstance(p[k], float) for k in ("local", "cumulative")):
-                            subset = labels.get(f"{model}/{mode}", "").endswith("†")  # as in the other tables
-                            rows.append([model + "†" * subset, mode, group, f"{p['position']:,}",
-                                         *(f"{p[k]:+.4f}" if isinstance(p[k], float) else "—" for k in ("local", "cumulative"))])
-        out += _table(["model", "mode", "group", "frame", "local", "cumulative"], rows) + [""]
 
-    if report.get("plots"):
-        out += ["## Plots", ""] + [f"![{name}]({file})" for name, file in report["plots"].items()] + [""]
+def _modes(v: _View) -> list[str]:
+    modes = v.report.get("comparisons", {}).get("modes")
+    if not modes:
+        return []
+    out = ["## Chunked vs native", "",
+           "Both modes on the same streams and frames: mean NLL of each (over the groups shown), and the "
+           "per-position difference over every row (the evaluator's self-check: float noise only).", ""]
+    rows = []
+    for m, c in modes.items():
+        shared = c.get("shared", {})
+        rows.append([m, f"{shared.get('streams', '—')} / {shared.get('frames', 0):,}",
+                     _num(shared.get("chunked_nll"), ".4f"), _num(shared.get("native_nll"), ".4f"),
+                     f"{c['max_abs']:.2e}", f"{c['mean_abs']:.2e}", _num(c["speed_ratio"], ".1f") + "x"]
+                    + ([_bytes(c["chunked_peak_bytes"]), _bytes(c["native_peak_bytes"])] if v.measured else []))
+    return out + table(["model", "streams / frames", "chunked NLL", "native NLL", "max abs ΔNLL", "mean abs ΔNLL",
+                        "chunked / native speed"] + (["chunked memory", "native memory"] if v.measured else []),
+                       rows) + [""]
 
-    out += ["## Left out", ""]
-    if not data["skipped_files"] and not data["left_out_books"]:
-        out += ["Nothing.", ""]
-    for s in data["skipped_files"]:
-        out.append(f"- file `{s['path']}`: {s['reason']}")
-    for s in data["left_out_books"]:
-        out.append(f"- book `{s['path']}`: {s['reason']}")
-    out.append("")
-    return "\n".join(out)
+
+def _inner_loop(v: _View) -> list[str]:
+    grid = v.report.get("comparisons", {}).get("inner_loop")
+    return inner_loop_markdown(grid, v.labels, v.groups, v.group_label, v.measured) if grid else []
+
+
+def _vs_baseline(v: _View) -> list[str]:
+    differences = v.report.get("comparisons", {}).get("vs_baseline")
+    if not differences:
+        return []
+    rows = []
+    for model, per_mode in differences.items():
+        for mode, diff in per_mode.items():
+            subset = v.labels.get(f"{model}/{mode}", "").endswith("†")  # as in the other tables
+            rows += [[model + "†" * subset, mode, group, f"{p['position']:,}",
+                      *(f"{p[k]:+.4f}" if isinstance(p[k], float) else "—" for k in ("local", "cumulative"))]
+                     for group in v.groups for p in diff["positions"][group]
+                     if any(isinstance(p[k], float) for k in ("local", "cumulative"))]
+    return ["## Model − baseline", "",
+            "NLL difference at each position, the same streams in both (negative: the model predicts better).", ""] + \
+        table(["model", "mode", "group", "frame", "local", "cumulative"], rows) + [""]
+
+
+def _plots(v: _View) -> list[str]:
+    plots = v.report.get("plots")
+    return ["## Plots", ""] + [f"![{name}]({file})" for name, file in plots.items()] + [""] if plots else []
+
+
+def _left_out(v: _View) -> list[str]:
+    data = v.report["data"]
+    out = ["## Left out", ""] + (["Nothing.", ""] if not data["skipped_files"] and not data["left_out_books"] else [])
+    out += [f"- file `{s['path']}`: {s['reason']}" for s in data["skipped_files"]]
+    return out + [f"- book `{s['path']}`: {s['reason']}" for s in data["left_out_books"]] + [""]
 
 
 def inner_loop_markdown(grid: dict[str, dict], labels: dict[str, str], groups: list[str],
@@ -404,8 +358,8 @@ def inner_loop_markdown(grid: dict[str, dict], labels: dict[str, str], groups: l
             + ([_bytes(r["peak_bytes"])] if measured else [])
             + [_num(r["distance_final"], ".4g") + (f" @{r['distance_position']:,}" if r["distance_position"] else "")]
             for n, r in grid.items()]
-    out += _table(["run", "b", "base_lr", "scale", "offsets", "chunk", "slot efficiency", "frames/s"]
-                  + (["peak memory"] if measured else []) + ["‖W − W₀‖"], rows) + [""]
+    out += table(["run", "b", "base_lr", "scale", "offsets", "chunk", "slot efficiency", "frames/s"]
+                 + (["peak memory"] if measured else []) + ["‖W − W₀‖"], rows) + [""]
     first = next(iter(grid.values()))
     header, rows = ["run"], []
     for g in groups:
@@ -417,9 +371,91 @@ def inner_loop_markdown(grid: dict[str, dict], labels: dict[str, str], groups: l
         rows.append(row)
     out += ["Cumulative NLL (nats per token) at each position and the slope (nats per e-fold of position): "
             + ", ".join(f"{g} = {group_label[g]}" for g in groups) + ".", ""]
-    return out + _table(header, rows) + [""]
+    return out + table(header, rows) + [""]
 
 
-def write_markdown(path: Path, report: dict) -> Path:
-    write_text_atomic(path, markdown(report))
-    return path
+# ---------------------------------------------------------------- terminal and wandb
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A few lines for the terminal: cumulative NLL at each reached position, per run and informative
+    group, the length-generalisation figures, and chunked vs native."""
+    lines = []
+    groups = shown_groups(report)
+    for name, run in report["runs"].items():
+        speed = run["speed"]
+        note = subset_note(run)
+        lines.append(f"{name}: {speed['frames']:,} frames at {speed['frames_per_s']:.1f} frames/s"
+                     + (f", scored on {note}" if note else ""))
+        for group in groups:
+            g = run["groups"][group]
+            cells = [f"@{p['position']}: {p['cumulative']['nll']:.3f}" for p in g["positions"]
+                     if "nll" in p.get("cumulative", {})]
+            lines.append(f"  {group:8s} " + ("  ".join(cells) or "no stream reaches a reported position"))
+            if "figures" in g["length_gen"]:
+                lines.append(f"  {'':8s} {length_figures_line(g['length_gen']['figures'])}")
+    for group, why in report["data"].get("uninformative", {}).items():
+        lines.append(f"{group}: left out ({why})")
+    for model, c in report["comparisons"].get("modes", {}).items():
+        shared = c["shared"]
+        lines.append(f"{model}: chunked vs native on the same {shared['frames']:,} frames: NLL {shared['chunked_nll']:.4f}"
+                     f" vs {shared['native_nll']:.4f}, max |dNLL| {c['max_abs']:.2e}; chunked {c['speed_ratio']:.1f}x faster")
+    return lines
+
+
+def length_figures_line(figures: dict) -> str:
+    """`metrics.length_figures` in one line: "ppl @1x ~7.45, @5x 9.1, @10x not reached; max/min 1.31; best L 880"."""
+    cells = [f"@{k} {_ppl_at(e)}" for k, e in figures["ppl_at"].items()]
+    best = figures["best"]
+    return (f"ppl {', '.join(cells)}; max/min {_num(figures['degradation_ratio'], '.3f')}; best L "
+            + ("—" if "skipped" in best else f"{best['length']:,} ({best['factor']:.2f}x)"))
+
+
+def scalars(report_runs: dict[str, dict], prefix: str = "eval", left_out: Sequence[str] = ()) -> dict[str, float]:
+    """Flat {"<prefix>/<run>/<group>/<kind>_nll@<frame>": value, ...} of every reported number (skipped
+    ones and the `left_out` groups, which carry no information, are not logged)."""
+    out: dict[str, float] = {}
+    for run, r in report_runs.items():
+        key = f"{prefix}/{run}"
+        speed = r.get("speed") or {}
+        for name in ("frames_per_s", "tokens_per_s"):
+            if speed.get(name) is not None:
+                out[f"{key}/{name}"] = speed[name]
+        memory = r.get("memory") or {}
+        if informative_peaks([memory.get("peak_bytes")], memory.get("kind", "")):  # as the report shows it
+            out[f"{key}/peak_memory_mib"] = memory["peak_bytes"] / 2**20
+        for group, g in r["groups"].items():
+            if group in left_out:
+                continue
+            for p in g.get("positions", []):
+                for kind in ("local", "cumulative"):
+                    if "nll" in p.get(kind, {}):
+                        out[f"{key}/{group}/{kind}_nll@{p['position']}"] = p[kind]["nll"]
+            out.update(length_scalars(g.get("length_gen", {}), f"{key}/{group}"))
+            for name, field in (("slope", "slope"), ("slope_beyond_window", "slope"), ("context_gain", "gain")):
+                if field in g.get(name, {}):
+                    out[f"{key}/{group}/{name}"] = g[name][field]
+    return out
+
+
+def length_scalars(length_gen: dict, key: str) -> dict[str, float]:
+    """wandb values of one group's length generalisation ({"points", "figures"}): ppl at each reached
+    grid length, at 1x / 5x / 10x, the degradation ratio and the best length."""
+    out = {f"{key}/ppl@{p['factor']:.2f}x": p["cumulative"]["ppl"] for p in length_gen.get("points", [])
+           if "nll" in p.get("cumulative", {})}
+    figures = length_gen.get("figures", {})
+    out.update({f"{key}/ppl_at_{k}": e["ppl"] for k, e in figures.get("ppl_at", {}).items() if "ppl" in e})
+    if isinstance(figures.get("degradation_ratio"), float):
+        out[f"{key}/degradation_ratio"] = figures["degradation_ratio"]
+    if "length" in figures.get("best", {}):
+        out[f"{key}/best_length"] = figures["best"]["length"]
+    return out
+
+
+def length_gen_table(report_runs: dict[str, dict], left_out: Sequence[str] = ()) -> tuple[list[str], list[list]]:
+    """The wandb table of every run's length-generalisation points (columns, rows)."""
+    rows = [[name, group, p["length"], p["factor"], p["cumulative"]["nll"], p["cumulative"]["ppl"],
+             p["cumulative"]["n_streams"]]
+            for name, r in report_runs.items() for group, g in r["groups"].items() if group not in left_out
+            for p in g.get("length_gen", {}).get("points", []) if "nll" in p.get("cumulative", {})]
+    return ["run", "group", "length", "factor", "nll", "ppl", "streams"], rows

@@ -522,16 +522,10 @@ def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config:
 
 def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, monitor: Monitor) -> None:
     """Perplexity at min_factor..max_factor x the training window on the held-out recordings (eval's length-gen)."""
-    from ttt_speech_apps.eval.length_gen import length_generalisation, write_length_gen
+    from ttt_speech_apps.eval.length_gen import after_training
 
     loader = RecordingLoader(entries, lm, config)
     streams = {entry.path.stem: loader.codes(i) for i, entry in enumerate(entries)}
-    was_training = lm.training
-    lm.eval()
-    with torch.no_grad():
-        lg = config.length_gen
-        result = length_generalisation(lm, streams, config.data.window_frames, num_lengths=lg.num_lengths,
-                                       min_factor=lg.min_factor, max_factor=lg.max_factor)
-    lm.train(was_training)
-    paths = write_length_gen({"trained": result}, config.output_dir / "length_gen", wandb_run=monitor.wandb)
-    logger.info("length generalisation written to %s", paths["markdown"])
+    result, paths = after_training(lm, streams, config.data.window_frames, config.length_gen,
+                                   config.output_dir / "length_gen", monitor.wandb)
+    logger.info("length generalisation (written to %s):\n%s", paths["markdown"], "\n".join(result.summary_lines()))

@@ -27,7 +27,8 @@ from ttt_speech.data.synthetic import write_corpus
 from ttt_speech_apps.demo.config import load_demo_config
 from ttt_speech_apps.demo.run import train_side_by_side
 from ttt_speech_apps.eval.config import DataConfig
-from ttt_speech_apps.eval.memory_probe import MemoryConfig, MemoryModel, run_memory, summary_lines
+from ttt_speech_apps.eval.memory_probe import Memory, MemoryConfig, MemoryModel
+from ttt_speech_apps.eval.pipeline import evaluate
 from ttt_speech_apps.finetune.config import TrainConfig
 
 FLAVOURS = {  # name → overrides of the demo's `train` section
@@ -69,8 +70,8 @@ def main() -> int:
     config = MemoryConfig(models=[MemoryModel(name, runs[name].output_dir / "export") for name in FLAVOURS],
                           data=DataConfig(manifest=files["eval"]), segment_frames=args.segment,
                           output_dir=out / "eval")
-    report, written = run_memory(config)
-    print("\n".join(summary_lines(report)))
+    result, written = evaluate(Memory(config))
+    print("\n".join(result.summary_lines()))
     print("wrote " + ", ".join(str(p) for p in written.values()) + f" ({(time.perf_counter() - start) / 60:.1f} min)")
     return 0
 

@@ -250,11 +250,11 @@ def test_native_evaluation_generation_and_llama_refuse_e2e():
     from ttt_speech import patch_llama
     from ttt_speech.generation.session import GenerationSession
     from ttt_speech_apps.eval.config import EvalConfig, EvalSettings
-    from ttt_speech_apps.eval.run import EvalModel, evaluate
+    from ttt_speech_apps.eval.plan import plan_eval
 
     lm = e2e_lm()
     with pytest.raises(ValueError, match="eval.mode: 'both' includes native"):
-        evaluate([EvalModel("ttt", lm, "test")], [], EvalConfig(eval=EvalSettings(mode="both")))
+        plan_eval(EvalConfig(ttt=TTTConfig(layer_type="e2e_mlp", mini_batch_size=4), eval=EvalSettings(mode="both")))
     with pytest.raises(ValueError, match="e2e_mlp models cannot run LMGen.step"):
         GenerationSession(lm, batch_size=1, silence=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="e2e_mlp is implemented for Moshi only"):
@@ -271,7 +271,7 @@ def test_generate_command_refuses_an_e2e_export_before_loading_it(tmp_path, monk
     save_export(e2e_lm(), ModelConfig(tiny=tiny, device="cpu"), tmp_path / "e2e", trainable="ttt")
     prompt = tmp_path / "prompt.safetensors"
     prompt.write_bytes(b"")
-    monkeypatch.setattr(ttt_speech.export, "load_exported_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ttt_speech.export.Export, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["generate", str(prompt), "--out", str(tmp_path / "out"), "--export", str(tmp_path / "e2e")]) == 2
     assert "e2e_mlp models cannot run LMGen.step" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

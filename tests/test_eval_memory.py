@@ -21,8 +21,8 @@ from ttt_speech.schema import from_dict, markdown_reference
 from ttt_speech_apps.eval.memory_probe import (
     MemoryConfig,
     MemoryModel,
-    planned_chunk_sizes,
     memory_groups,
+    plan_memory,
     probe_segment,
     remembered,
     summarize,
@@ -49,6 +49,10 @@ def segment(seed: int = 0, T: int = S) -> torch.Tensor:
     codes = torch.randint(0, TINY["card"], (17, T), generator=g)
     codes[0] = torch.randint(0, TINY["text_card"], (T,), generator=g)
     return codes
+
+
+def planned_chunk_sizes(config: MemoryConfig) -> dict[str, int]:
+    return {m.label: m.chunk_size for m in plan_memory(config).models}
 
 
 def masked_equal(a, b) -> bool:
@@ -235,9 +239,9 @@ def test_command_errors_are_one_line_and_exit_2(corpus, tmp_path, capsys):
 
 
 def test_an_output_dir_that_cannot_be_written_fails_before_any_model_loads(corpus, tmp_path, capsys, monkeypatch):
-    from ttt_speech_apps.eval import run
+    from ttt_speech_apps.eval import pipeline
 
-    monkeypatch.setattr(run, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(pipeline, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("")
     config = str(write_config(tmp_path / "memory.yaml", corpus))

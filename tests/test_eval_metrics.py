@@ -10,7 +10,9 @@ from ttt_speech_apps.eval import metrics
 from ttt_speech_apps.eval.alignment import chunk_alignment
 from ttt_speech_apps.eval.config import EvalSettings, LengthGenConfig
 from ttt_speech_apps.eval.nll import StreamNLL
-from ttt_speech_apps.eval.report import markdown, run_summary, write_json
+from ttt_speech_apps.eval.librilight import run_summary
+from ttt_speech_apps.eval.report import markdown
+from ttt_speech_apps.eval.writers import write_json
 
 
 def stream(values: torch.Tensor, missing_last: int = 1) -> StreamNLL:
@@ -140,3 +142,63 @@ def test_log_bins_are_shared_and_the_paired_difference_has_an_error():
     assert all(abs(d["diff"] + 1.0) < 1e-12 and abs(d["se"] - 0.5) < 1e-12 for d in diff)
     curve = metrics.binned(a, metrics.log_edges(100))
     assert all(c["q25"] < c["nll"] < c["q75"] for c in curve)
+
+
+def step_points(lengths, *levels, train_window=100):
+    """length_points of one stream made of (frames, nll) steps: cumulative NLLs known by hand."""
+    series = np.concatenate([np.full(n, v) for n, v in levels])
+    return metrics.length_points([series], lengths, train_window, window=10)
+
+
+def test_length_figures_on_grid_is_exact_and_past_the_longest_stream_is_not_reached():
+    points = step_points([50, 100, 200, 400], (100, 1.0), (300, 2.0))  # cumulative NLL 1, 1, 1.5, 1.75
+    fig = metrics.length_figures(points)
+    assert list(fig["ppl_at"]) == ["1x", "5x", "10x"]
+    assert fig["ppl_at"]["1x"] == {"factor": 1.0, "ppl": pytest.approx(math.e, rel=1e-12), "interpolated": False}
+    for key in ("5x", "10x"):
+        assert "ppl" not in fig["ppl_at"][key]
+        assert fig["ppl_at"][key]["skipped"].startswith("not reached")
+        assert "4x (400 frames)" in fig["ppl_at"][key]["skipped"]
+    below = metrics.length_figures(points, factors=(0.25,))["ppl_at"]["0.25x"]
+    assert below == {"factor": 0.25, "skipped": "below the shortest evaluated length 0.5x"}
+    json.dumps(fig, allow_nan=False)
+
+
+def test_length_figures_interpolates_log_ppl_against_log_factor():
+    points = step_points([50, 100, 200, 400], (100, 1.0), (300, 2.0))
+    at3 = metrics.length_figures(points, factors=(3.0,))["ppl_at"]["3x"]
+    # between 2x (ln ppl 1.5) and 4x (ln ppl 1.75): not the nearest point (e^1.75), nor linear in factor (e^1.625)
+    expected = math.exp(1.5 + 0.25 * math.log(3 / 2) / math.log(4 / 2))
+    assert at3["ppl"] == pytest.approx(expected, rel=1e-12) and at3["interpolated"] is True
+    assert at3["between"] == [200, 400]
+    # on the real geometric grid, 1x lies between two grid lengths
+    grid = metrics.evaluation_lengths(800)
+    fig = metrics.length_figures(metrics.length_points([np.full(1000, 2.0)], grid, 800, window=100))
+    lo, hi = fig["ppl_at"]["1x"]["between"]
+    assert lo < 800 < hi and [lo, hi] == [max(g for g in grid if g < 800), min(g for g in grid if g > 800)]
+
+
+def test_length_figures_degradation_ratio_and_best_length():
+    # cumulative NLL at 50..300: 3, 2, 5/3, 2.25, 17/6 (lowest at 150 frames, highest at 50); 1000 not reached
+    points = step_points([50, 100, 150, 200, 300, 1000], (50, 3.0), (100, 1.0), (150, 4.0))
+    fig = metrics.length_figures(points)
+    assert fig["degradation_ratio"] == pytest.approx(math.exp(3.0 - 5 / 3), rel=1e-12)
+    assert fig["best"] == {"length": 150, "factor": 1.5, "ppl": pytest.approx(math.exp(5 / 3), rel=1e-12)}
+    # 1x is on the grid (100 frames); 5x and 10x are past the 300-frame stream
+    assert fig["ppl_at"]["1x"]["ppl"] == pytest.approx(math.exp(2.0)) and "skipped" in fig["ppl_at"]["5x"]
+
+
+def test_length_figures_constant_series_and_too_few_reached_points():
+    grid = metrics.evaluation_lengths(100, 10, 0.5, 10.0)
+    fig = metrics.length_figures(metrics.length_points([np.full(2000, 2.0)], grid, 100, window=10))
+    assert fig["degradation_ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert all(v["ppl"] == pytest.approx(math.exp(2.0)) for v in fig["ppl_at"].values())
+    one = metrics.length_figures(step_points([50, 100, 200], (60, 1.0)))  # only 50 frames reached
+    assert set(one["degradation_ratio"]) == {"skipped"} and one["best"]["length"] == 50
+    assert all("skipped" in v for v in one["ppl_at"].values())
+    # a point a stream reaches but with no scored frame (cumulative skipped) is not a reached point
+    gap = metrics.length_figures(step_points([50, 100], (60, np.nan), (40, 1.0)))
+    assert "skipped" in gap["degradation_ratio"] and gap["best"]["length"] == 100
+    none = metrics.length_figures([])
+    assert "skipped" in none["best"] and "skipped" in none["degradation_ratio"]
+    json.dumps([fig, one, gap, none], allow_nan=False)

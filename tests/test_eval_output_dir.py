@@ -7,14 +7,14 @@ import pytest
 import yaml
 
 from ttt_speech.cli import main
-from ttt_speech_apps.eval import run
-from ttt_speech_apps.eval.length_gen import OUTPUTS as LENGTH_GEN_OUTPUTS
-from ttt_speech_apps.eval.memory_probe import OUTPUTS as MEMORY_OUTPUTS
+from ttt_speech_apps.eval import pipeline
+from ttt_speech_apps.eval.length_gen import LengthGen
+from ttt_speech_apps.eval.librilight import LibriLight
+from ttt_speech_apps.eval.memory_probe import Memory
 from ttt_speech_apps.finetune.run_folder import claim
 
 # each command, and one file of its own outputs (an earlier run of it)
-COMMANDS = {"librilight": run.REPORT["json"], "length-gen": LENGTH_GEN_OUTPUTS["json"],
-            "memory": MEMORY_OUTPUTS["json"]}
+COMMANDS = {"librilight": LibriLight.files.json, "length-gen": LengthGen.files.json, "memory": Memory.files.json}
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def no_models(monkeypatch):
     def built(*args, **kwargs):
         raise ValueError("a model was built")
 
-    monkeypatch.setattr(run, "build_models", built)
+    monkeypatch.setattr(pipeline, "build_models", built)
 
 
 def argv(command: str, tmp_path: Path, output_dir: Path, *options: str) -> list[str]:

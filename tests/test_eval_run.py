@@ -21,8 +21,12 @@ from ttt_speech.data.codes import load_codes
 from ttt_speech.schema import from_dict
 from ttt_speech_apps.eval import fixture
 from ttt_speech_apps.eval.config import EvalConfig, load_config
-from ttt_speech_apps.eval.length_gen import length_generalisation, write_length_gen
-from ttt_speech_apps.eval.run import build_models
+from ttt_speech_apps.eval.length_gen import FILES as LENGTH_GEN_FILES
+from ttt_speech_apps.eval.length_gen import LengthGen, LengthGenResult, length_generalisation
+from ttt_speech_apps.eval.librilight import LibriLight
+from ttt_speech_apps.eval.pipeline import evaluate
+from ttt_speech_apps.eval.plan import build_models, plan_eval
+from ttt_speech_apps.eval.writers import write_result
 from ttt_speech_apps.eval.books import Book, Stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +79,7 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
     report = json.loads((out / "report.json").read_text())
     assert set(report["runs"]) == {"ttt/chunked", "ttt/native", "baseline/chunked", "baseline/native"}
+    assert_report_schema(report)
 
     # corrupt, empty and truncated files are skipped and counted
     skipped = {Path(s["path"]).name: s["reason"] for s in report["data"]["skipped_files"]}
@@ -126,14 +131,16 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
 
     import wandb
 
-    from ttt_speech_apps.eval.tracking import log_results, scalars
+    from ttt_speech_apps.eval.report import scalars
+    from ttt_speech_apps.eval.writers import log_wandb
 
     values = scalars(report["runs"], left_out=["text"])
     assert values["eval/ttt/chunked/cb1/cumulative_nll@300"] == positions[300]["cumulative"]["nll"]
     assert not any("@1000" in k for k in values)  # skipped points are not logged as numbers
     assert not any("/text/" in k for k in values) and any("/cb1/" in k for k in values)
     run = wandb.init(mode="disabled", dir=str(tmp_path))
-    log_results(run, report["runs"], {"nll_curves": out / "nll_curves.png"}, [out / "report.json"])
+    result = SimpleNamespace(wandb_prefix="eval", scalars=lambda: values, tables=lambda: {})
+    log_wandb(run, result, {"nll_curves": out / "nll_curves.png"}, [out / "report.json"])
     run.finish()
 
     md = (out / "report.md").read_text()
@@ -148,6 +155,36 @@ def test_librilight_both_modes_with_baseline_end_to_end(tree, tmp_path, capsys):
         assert section in md
     assert "### text" not in md and "| 1,000 |" not in md and "| skipped" not in md
     assert "chunked vs native on the same 64 frames" in capsys.readouterr().out
+
+
+# report.json's schema, as earlier reports and the demo's reader (demo/summary.py) read it: new keys
+# may be added below these, none of these may go
+REPORT_KEYS = ["format", "version", "kind", "title", "created", "environment", "config", "settings", "models", "data",
+               "alignment", "markers", "runs", "comparisons", "plots"]
+RUN_KEYS = ["mode", "streams", "coverage", "speed", "memory", "groups", "per_codebook", "fast_weights"]
+GROUP_KEYS = ["label", "curve", "curve_log", "positions", "length_gen", "slope", "slope_beyond_window", "context_gain"]
+MODEL_KEYS = ["source", "ttt", "params", "attention_context"]
+MODES_KEYS = ["max_abs", "mean_abs", "shared", "per_stream", "speed_ratio", "chunked_frames_per_s",
+              "native_frames_per_s", "chunked_peak_bytes", "native_peak_bytes", "memory_kind"]
+
+
+def assert_report_schema(report: dict) -> None:
+    """Passes on the demo's report.json written before the evaluator became a pipeline of probes
+    (checked once by hand, with its inner-loop grid), and on this test's."""
+    assert list(report) == REPORT_KEYS and (report["format"], report["version"]) == ("ttt-speech-eval", 1)
+    for name, run in report["runs"].items():
+        assert list(run) == RUN_KEYS, name
+        for group, g in run["groups"].items():
+            assert list(g) == GROUP_KEYS, (name, group)
+            assert {"train_window", "points"} <= set(g["length_gen"]) or "skipped" in g["length_gen"]
+    assert all(list(m)[:4] == MODEL_KEYS for m in report["models"].values())
+    assert {"modes", "vs_baseline"} <= set(report["comparisons"]) <= {"modes", "vs_baseline", "inner_loop"}
+    assert all(list(c) == MODES_KEYS for c in report["comparisons"]["modes"].values())
+    assert all(set(per_mode) <= {"chunked", "native"} and all(list(d) == ["positions", "curve"] for d in per_mode.values())
+               for per_mode in report["comparisons"]["vs_baseline"].values())
+    assert {"train_window", "attention_context"} == set(report["markers"])
+    assert {"streams", "skipped_files", "left_out_books", "counts", "codes", "cache", "uninformative"} == set(
+        report["data"])
 
 
 def test_bad_audio_is_skipped_and_a_mixed_book_left_out(tree, tmp_path, capfd):
@@ -184,10 +221,10 @@ def test_bad_audio_is_skipped_and_a_mixed_book_left_out(tree, tmp_path, capfd):
 
 
 def test_an_output_dir_that_cannot_be_written_fails_before_any_model_loads(tree, tmp_path, capfd, monkeypatch):
-    from ttt_speech_apps.eval import run
+    from ttt_speech_apps.eval import librilight, pipeline
 
-    monkeypatch.setattr(run, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
-    monkeypatch.setattr(run, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
+    monkeypatch.setattr(pipeline, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(librilight, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
     config = write_config(tmp_path / "eval.yaml", tree)
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("")
@@ -202,7 +239,8 @@ def test_an_output_dir_that_cannot_be_written_fails_before_any_model_loads(tree,
 def test_every_scoring_call_names_the_model_and_the_book(monkeypatch):
     """The warm-up too: a NaN there must not be reported as coming from 'stream'."""
     from ttt_speech_apps.eval import nll
-    from ttt_speech_apps.eval.run import EvalModel, evaluate
+    from ttt_speech_apps.eval.librilight import score
+    from ttt_speech_apps.eval.plan import EvalModel, PlannedModel
 
     calls = []
     for mode in ("chunked", "native"):
@@ -211,7 +249,10 @@ def test_every_scoring_call_names_the_model_and_the_book(monkeypatch):
     codes = random_streams(1)["s0"]
     streams = [Stream(Book(f"book-{i}", [], None), codes, [0], [], [2] * 8) for i in range(2)]
     config = from_dict(EvalConfig, {"eval": {"mode": "both", "chunk_size": 8}}, "config")
-    evaluate([EvalModel("baseline", tiny_moshi_lm(card=64, text_card=100), "tiny")], streams, config, progress=False)
+    planned = PlannedModel("baseline", "eval.baseline", None, None, None, None, 8, ("chunked", "native"))
+    model = EvalModel(planned, tiny_moshi_lm(card=64, text_card=100), "tiny")
+    for mode in planned.modes:
+        score(model, mode, streams, config.eval, progress=False)
     assert len(calls) == 6 and calls[0] == "baseline: book-0 (warm-up)"
     assert all(c.startswith("baseline: book-") for c in calls)
 
@@ -231,6 +272,12 @@ def test_length_gen_command(tree, tmp_path, capsys):
     assert "## text" not in md and "text stream is one repeated token" in md
     printed = capsys.readouterr().out
     assert "ttt: perplexity at L = 0.94x -> 6.22x the window (30 -> 199 frames)" in printed and "longer length(s) left out" in printed
+    # the training system's figures: 1x and 5x reached (interpolated), 10x not (320 frames > 200)
+    figures = results["ttt"]["groups"]["cb1"]["figures"]
+    assert figures["ppl_at"]["1x"]["interpolated"] and "ppl" in figures["ppl_at"]["5x"]
+    assert "not reached" in figures["ppl_at"]["10x"]["skipped"] and figures["degradation_ratio"] >= 1.0
+    assert "| run | ppl @1x | ppl @5x | ppl @10x | max / min ppl | best L |" in md and "| not reached |" in md
+    assert "cb1: ppl @1x ~" in printed and "@10x not reached; max/min " in printed
 
 
 def test_librilight_and_length_gen_share_an_output_dir(tree, tmp_path):
@@ -316,7 +363,7 @@ def random_streams(n=2, T=60, seed=0):
 def test_length_generalisation_function_for_the_training_loop(tmp_path):
     lm = tiny_moshi_lm(card=64, text_card=100, context=16)
     patch_moshi(lm, TTTConfig(mini_batch_size=4))
-    result = length_generalisation(lm, random_streams(), train_window=8, num_lengths=20)
+    result = length_generalisation(lm, random_streams(), train_window=8)
     assert result["lengths"][0] == 4 and result["lengths"][-1] == 80 and result["chunk_size"] == 16
     points = result["groups"]["text"]["points"]
     assert all(("cumulative" in p) == (p["length"] <= 60) for p in points)
@@ -325,9 +372,9 @@ def test_length_generalisation_function_for_the_training_loop(tmp_path):
     import wandb
 
     run = wandb.init(mode="disabled", dir=str(tmp_path))
-    paths = write_length_gen({"ttt": result}, tmp_path, wandb_run=run)
+    paths = write_result(LengthGenResult({"ttt": result}), tmp_path, LENGTH_GEN_FILES, wandb_run=run)
     run.finish()
-    assert paths["png"].read_bytes()[:8] == PNG
+    assert paths["length_gen"].read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="train_window"):
         length_generalisation(lm, random_streams(), train_window=0)
 
@@ -343,7 +390,7 @@ def test_export_and_baseline_models(tmp_path):
         next(p for n, p in lm.named_parameters() if "ttt" in n).add_(1.0)
     save_export(lm, model, tmp_path / "export", trainable="ttt")
     config = from_dict(EvalConfig, {"export": str(tmp_path / "export"), "eval": {"baseline": True}}, "config")
-    models = build_models(config, torch.device("cpu"))
+    models = list(build_models(plan_eval(config), torch.device("cpu")))
     assert [m.name for m in models] == ["ttt", "baseline"]
     assert models[0].ttt.report.layers == [1] and models[1].ttt is None
     codes = random_streams(1)["s0"][None]
@@ -357,23 +404,23 @@ def test_settings_a_model_cannot_run_fail_before_models_or_data_load(tmp_path, m
     """The chunk rule and the E2E refusal of native mode are checked from the export's metadata."""
     from ttt_speech.export import save_export
     from ttt_speech.models import ModelConfig
-    from ttt_speech_apps.eval import run
+    from ttt_speech_apps.eval import librilight, pipeline
 
     lm = tiny_moshi_lm(card=64, text_card=100)
     patch_moshi(lm, TTTConfig(layer_type="e2e_mlp", mini_batch_size=4))
     save_export(lm, ModelConfig(tiny={"card": 64, "text_card": 100}, device="cpu"), tmp_path / "e2e", trainable="ttt")
-    monkeypatch.setattr(run, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
-    monkeypatch.setattr(run, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
+    monkeypatch.setattr(pipeline, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(librilight, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
     for settings, message in [({"chunk_size": 6}, "eval.chunk_size: 6 frames is not a multiple of the E2E mini-batch "
                                                   "size (4)"),
                               ({"mode": "both"}, "eval.mode: 'both' includes native (LMGen.step)")]:
         config = from_dict(EvalConfig, {"export": str(tmp_path / "e2e"), "eval": settings}, "config")
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            run.run_librilight(config, progress=False)
+            evaluate(LibriLight(config), progress=False)
     config = from_dict(EvalConfig, {"export": str(tmp_path / "e2e"), "eval": {"chunk_size": 6, "train_window": 8}},
                        "config")
     with pytest.raises(ValueError, match="eval.chunk_size: 6 frames"):
-        run.run_length_gen(config, progress=False)
+        evaluate(LengthGen(config), progress=False)
 
 
 def test_docs_describe_every_config_field():

@@ -17,8 +17,7 @@ from huggingface_hub import CommitInfo, constants, scan_cache_dir
 from ttt_speech import TTTConfig, hub, patch_moshi
 from ttt_speech.checkpoint import ttt_state_dict
 from ttt_speech.cli import main
-from ttt_speech.export import (export_model_config, export_ttt_config, load_exported_lm, read_export_meta,
-                               save_export)
+from ttt_speech.export import Export, load_exported_lm, save_export
 from ttt_speech.models import ModelConfig, load_lm
 from train_utils import TINY_MODEL, make_corpus, write_config
 
@@ -104,8 +103,31 @@ def test_load_from_a_hub_repo_id(offline_cache):
     assert torch.equal(logits(load_exported_lm("user/repo@v1")[0]), pinned)
     assert torch.equal(logits(load_exported_lm(f"user/repo@{MAIN}")[0]), local)
     assert torch.equal(logits(load_exported_lm(Path("user/repo@v1"))[0]), pinned)  # configs hold Paths
-    assert read_export_meta("user/repo")["provenance"]["steps"] == 12
-    assert export_ttt_config("user/repo@v1").mini_batch_size == 4 and export_model_config("user/repo").is_tiny
+    assert Export.open("user/repo@v1").ttt_config.mini_batch_size == 4
+
+
+def test_an_export_resolves_a_hub_repo_id_once(offline_cache, monkeypatch):
+    """One Export: one resolution and one model.json read, however many questions it answers; its
+    configs, provenance and weights all come from the commit it resolved, even once main has moved."""
+    import ttt_speech.export
+
+    cache, a, _ = offline_cache
+    expected = logits(load_exported_lm(a)[0])
+    resolved, read = [], []
+    resolve, read_json = ttt_speech.export.resolve_export, ttt_speech.export.read_json
+    monkeypatch.setattr(ttt_speech.export, "resolve_export", lambda *args: resolved.append(args) or resolve(*args))
+    monkeypatch.setattr(ttt_speech.export, "read_json", lambda path, *args: read.append(path) or read_json(path, *args))
+    export = Export.open("user/repo")
+    (cache / "models--user--repo" / "refs" / "main").write_text(V1)  # main now points at export B...
+    hub._snapshot.cache_clear()  # ...and a new resolution would see it
+    assert export.model_config.is_tiny and export.model_config.tiny == TINY.tiny
+    assert export.ttt_config.mini_batch_size == 4 and export.has_ttt and export.lora is None
+    assert export.provenance["steps"] == 12 and export.trainable == "ttt"
+    assert export.files == ["model.json", "ttt_config.json", "ttt.safetensors"]
+    assert export.label == f"user/repo (hub commit {MAIN})" and Export.open(a).label == str(a)
+    lm, model = export.load()
+    assert torch.equal(logits(lm), expected) and model == export.model_config
+    assert [r[0] for r in resolved] == ["user/repo", a] and read == [export.directory / "model.json", a / "model.json"]
 
 
 def test_one_run_reads_one_commit_even_if_the_branch_moves(offline_cache):
@@ -131,7 +153,7 @@ def test_hub_errors_are_one_line(offline_cache):
         load_exported_lm("user/other")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"revision 'v2'.*HF_HUB_OFFLINE is set"):
-        read_export_meta("user/repo@v2")
+        Export.open("user/repo@v2")
     with pytest.raises(FileNotFoundError, match="no/such/export/model.json: missing .expected an export directory"):
         load_exported_lm("no/such/export")  # neither a folder nor a repo id: the readers' own error
     assert main(["inspect", "user/other"]) == 2
@@ -192,8 +214,7 @@ def test_an_export_without_provenance_still_loads(tmp_path, capsys):
 
 
 def test_save_export_records_provenance(tmp_path, monkeypatch):
-    meta = read_export_meta(make_export(tmp_path / "export", seed=1))
-    provenance = meta["provenance"]
+    provenance = Export.open(make_export(tmp_path / "export", seed=1)).provenance
     assert {k: provenance[k] for k in PROVENANCE} == PROVENANCE
     assert provenance["ttt_speech_version"] == version("ttt-speech")
     assert provenance["git_commit"] is None or len(provenance["git_commit"]) == 40
@@ -203,7 +224,7 @@ def test_save_export_records_provenance(tmp_path, monkeypatch):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)  # no git installed: recorded as unknown, the save goes on
-    assert read_export_meta(make_export(tmp_path / "export2", seed=1))["provenance"]["git_commit"] is None
+    assert Export.open(make_export(tmp_path / "export2", seed=1)).provenance["git_commit"] is None
 
 
 def test_training_records_provenance(tmp_path):
@@ -212,7 +233,7 @@ def test_training_records_provenance(tmp_path):
     corpus = make_corpus(tmp_path)
     path = write_config(tmp_path, corpus, trainable="ttt", steps=2, **{"data.eval_manifest": str(corpus["eval"])})
     assert train_main([str(path), "--quiet"]) == 0
-    provenance = read_export_meta(tmp_path / "run" / "export")["provenance"]
+    provenance = Export.open(tmp_path / "run" / "export").provenance
     entries = [json.loads(line) for line in Path(corpus["train"]).read_text().splitlines()]
     assert provenance["steps"] == 2 and provenance["data"]["entries"] == len(entries) > 1
     assert provenance["data"]["hours"] == pytest.approx(sum(e["duration"] for e in entries) / 3600)
@@ -225,7 +246,7 @@ def test_training_records_provenance(tmp_path):
                                                   ("ttt", "ttt_config.json")])
 def test_an_export_missing_a_file_its_model_json_declares_is_refused_by_every_reader(
         trainable, removed, tmp_path, hub_calls, capsys):
-    """inspect, export card, export push and loading all read an export through read_export_meta,
+    """inspect, export card, export push and loading all read an export through Export.open,
     which checks its files against model.json: one line naming the missing file, exit 2, no upload."""
     export = save_export(trained_lm(seed=1), TINY, tmp_path / "export", trainable)
     (export / removed).unlink()
@@ -251,7 +272,7 @@ def test_push_uploads_the_files_model_json_declares_not_strays(tmp_path, hub_cal
 def test_a_malformed_hub_id_is_said_so_not_taken_for_a_missing_folder(source, offline_cache, capsys):
     expected = f"{source}: no such local folder, and a malformed hub id (expected namespace/name[@revision])"
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
-        read_export_meta(source)
+        Export.open(source)
     for command in (["inspect", source], ["export", "card", source]):
         assert main(command) == 2
         assert capsys.readouterr().err == f"ttt-speech {command[0]}: error: {expected}\n"

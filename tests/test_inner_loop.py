@@ -168,7 +168,8 @@ def test_the_grid_in_one_report(tmp_path):
     from ttt_speech.data.synthetic import write_corpus
     from ttt_speech.schema import from_dict
     from ttt_speech_apps.eval.config import EvalConfig
-    from ttt_speech_apps.eval.run import run_librilight
+    from ttt_speech_apps.eval.librilight import LibriLight
+    from ttt_speech_apps.eval.pipeline import evaluate
 
     corpus = write_corpus(SynthConfig(recordings=3, frames=40, eval_recordings=2, eval_frames=48, card=CARD), tmp_path)
     config = from_dict(EvalConfig, {
@@ -181,7 +182,8 @@ def test_the_grid_in_one_report(tmp_path):
                                 "aligned": {"mini_batch_size": 2, "scale": "keep_per_minibatch", "chunk_size": 6,
                                             "align": True, "modes": ["chunked"]}}},
         "output_dir": str(tmp_path / "out"), "wandb": {"mode": "disabled"}}, "config")
-    report, paths = run_librilight(config, progress=False)
+    result, paths = evaluate(LibriLight(config), progress=False)
+    report = result.report
     grid = report["comparisons"]["inner_loop"]
     assert list(grid) == ["ttt/chunked", "ttt/native", "ttt@online/chunked", "ttt@online/native",
                           "ttt@aligned/chunked"]
@@ -211,10 +213,10 @@ def test_bad_overrides_fail_before_any_model_loads(tmp_path, monkeypatch, capsys
     import yaml
 
     from ttt_speech.cli import main
-    from ttt_speech_apps.eval import run
+    from ttt_speech_apps.eval import librilight, pipeline
 
-    monkeypatch.setattr(run, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
-    monkeypatch.setattr(run, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
+    monkeypatch.setattr(pipeline, "build_models", lambda *a, **k: pytest.fail("a model was built before the check"))
+    monkeypatch.setattr(librilight, "load_data", lambda *a, **k: pytest.fail("data was loaded before the check"))
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump({"ttt": {"mini_batch_size": 4}, "data": {"manifest": str(tmp_path / "m.jsonl")},
                                     "eval": {"inner_loop": {"v": variant}}, "output_dir": str(tmp_path / "out")}))

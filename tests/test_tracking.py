@@ -115,10 +115,10 @@ def test_eval_memory_logs_too(tmp_path, corpus, monkeypatch, sent):
     assert list(cwd.iterdir()) == []
     assert {p.name for p in (run / "files").iterdir()} >= {"memory.json", "memory.md", "media"}
     assert logged_keys(sent) == {"memory/plots/memory"}
-    from ttt_speech_apps.eval.tracking import memory_scalars
+    from ttt_speech_apps.eval.memory_probe import scalars
 
     report = json.loads((tmp_path / "out" / "memory.json").read_text())
-    assert memory_scalars(report)["memory/ttt/cb1/delta"] == report["results"]["ttt"]["groups"]["cb1"]["delta"]
+    assert scalars(report)["memory/ttt/cb1/delta"] == report["results"]["ttt"]["groups"]["cb1"]["delta"]
 
 
 def test_resume_continues_the_wandb_run(tmp_path, corpus, monkeypatch, sent):
@@ -178,13 +178,15 @@ def test_keys_are_namespaced_and_short(tmp_path, monkeypatch):
 
 def test_the_length_gen_image_and_table_have_their_own_keys(tmp_path):
     from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
-    from ttt_speech_apps.eval.length_gen import length_generalisation, write_length_gen
+    from ttt_speech_apps.eval.length_gen import FILES, LengthGenResult, length_generalisation
+    from ttt_speech_apps.eval.writers import write_result
     from test_eval_run import random_streams
 
     lm = tiny_moshi_lm(card=64, text_card=100, context=16)
     patch_moshi(lm, TTTConfig(mini_batch_size=4))
     run = FakeRun()
-    write_length_gen({"ttt": length_generalisation(lm, random_streams(), train_window=8)}, tmp_path, wandb_run=run)
+    write_result(LengthGenResult({"ttt": length_generalisation(lm, random_streams(), train_window=8)}), tmp_path, FILES,
+                 wandb_run=run)
     ((_, payload),) = run.logged
     assert set(payload) == {"length_gen/plots/length_gen", "length_gen/tables/length_gen"}
     import wandb
@@ -192,6 +194,8 @@ def test_the_length_gen_image_and_table_have_their_own_keys(tmp_path):
     assert isinstance(payload["length_gen/plots/length_gen"], wandb.Image)
     assert isinstance(payload["length_gen/tables/length_gen"], wandb.Table)
     assert any(k.startswith("length_gen/ttt/cb1/ppl@") for k in run.summary)
+    assert {"length_gen/ttt/cb1/degradation_ratio", "length_gen/ttt/cb1/best_length",
+            "length_gen/ttt/cb1/ppl_at_1x"} <= set(run.summary)  # the training system's figures
 
 
 def test_training_logs_its_keys_length_gen_and_export(tmp_path, corpus, sent):
@@ -221,7 +225,8 @@ def test_a_failing_tracker_is_a_warning(tmp_path, monkeypatch, caplog):
     monitor.log(2, {"loss": 1.0})  # wandb is off now; metrics.jsonl goes on
     assert monitor.wandb is None and "wandb failed to log (wandb service died)" in caplog.text
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
-    from ttt_speech_apps.eval.tracking import log_results
+    from ttt_speech_apps.eval.writers import log_wandb
 
-    log_results(run, {}, {})  # an evaluation's results are on disk: a warning too
+    log_wandb(run, SimpleNamespace(wandb_prefix="eval", scalars=dict, tables=dict), {}, [])  # results on disk: a warning
+
     assert "wandb failed to log the results" in caplog.text

@@ -158,19 +158,21 @@ def _check(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_saved_ttt
-    from .export import MODEL_FILE, export_dir, read_export_meta
+    from .export import MODEL_FILE, Export, export_dir
     from .publish import describe
 
     directory = export_dir(args.export)
     if (directory / MODEL_FILE).is_file():  # an export; a bare save_ttt folder has only ttt_config.json
-        meta = read_export_meta(directory)
-        rows = describe(meta)
+        export = Export.open(directory)
+        rows = describe(export.meta)
         width = max(len(label) for label, _ in rows)
         print("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
-        if not meta.get("ttt"):
+        saved = export.saved_ttt
+        if saved is None:
             return 0
         print()
-    saved = read_saved_ttt(directory)
+    else:
+        saved = read_saved_ttt(directory)
     print(saved.report)
     print("config:", json.dumps(saved.config.to_dict()))
     return 0

@@ -5,8 +5,8 @@ shape) and, as trained: `ttt.safetensors` + `ttt_config.json` (see `save_ttt`), 
 or for full fine-tuning `model.safetensors`. It is written to a temporary directory and renamed
 into place, so a reader never sees half an export. model.json also records the training's
 provenance (`provenance`: steps, data, eval figures, ttt-speech version and git commit); exports
-written before it have none and load the same. Every reader takes a folder or a hub repo id
-`namespace/name[@revision]` (`hub.resolve_export`, docs/architecture.md §1).
+written before it have none and load the same. Every reader opens an export once as an `Export`,
+from a folder or a hub repo id `namespace/name[@revision]` (`hub.resolve_export`, docs/architecture.md §1).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import schema
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, fuse_legacy_projections, load_ttt, read_saved_ttt, save_ttt
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, SavedTTT, fuse_legacy_projections, load_ttt, read_saved_ttt,
+                         save_ttt)
 from .files import read_json, save_tensors_atomic, write_text_atomic
 from .config import TTTConfig
 from .handle import TTTModel
@@ -42,16 +45,9 @@ EXPORT_FILES = (MODEL_FILE, CONFIG_FILE, WEIGHTS_FILE, LORA_FILE, FULL_FILE)  # 
 
 
 def export_dir(source: str | Path) -> Path:
-    """The local folder of an export: `source` itself, or the snapshot of a hub repo id (downloaded)."""
+    """The local folder named by `source`: itself, or the snapshot of a hub repo id (downloaded), its
+    model.json unread: `Export.open` reads it; `ttt-speech inspect` also takes a bare save_ttt folder."""
     return resolve_export(source, EXPORT_FILES)
-
-
-def export_files(meta: dict[str, Any]) -> list[str]:
-    """The files an export holds, as its model.json (`meta`) declares them: what every reader checks
-    (`read_export_meta`) and what `export push` uploads."""
-    return [MODEL_FILE, *((CONFIG_FILE, WEIGHTS_FILE) if meta.get("ttt") else ()),
-            *((LORA_FILE,) if meta.get("lora") else ()),
-            *((FULL_FILE,) if meta.get("trainable") in TRAINS_EVERYTHING else ())]
 
 
 def code_provenance() -> dict[str, str | None]:
@@ -109,60 +105,113 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
     return directory
 
 
-def read_export_meta(source: str | Path) -> dict[str, Any]:
-    """model.json of an export folder or hub repo id (no weights are read); `provenance` may be absent.
-    Every reader of an export starts here, so an export missing a file its model.json declares (a
-    deleted model.safetensors) is refused here, by every command, before anything is loaded or uploaded."""
-    directory = export_dir(source)
-    path = directory / MODEL_FILE
-    meta = read_json(path, "an export directory written by `ttt-speech train`")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path}: not a ttt-speech export (format {meta.get('format')!r}, version {meta.get('version')!r})")
-    missing = next((name for name in export_files(meta) if not (directory / name).is_file()), None)
-    if missing is not None:
-        raise ValueError(f"{directory / missing}: missing, and {MODEL_FILE} declares it (an incomplete export: copy "
-                         "the whole folder again, or export it again)")
-    return meta
+@dataclass(frozen=True)
+class Export:
+    """An export folder or hub repo id, resolved and its model.json read and checked once: every reader
+    of an export (loading, `inspect`, `export card / push`) asks this object, so one export is one hub
+    commit and one model.json however many questions are asked."""
 
+    source: str | Path  # as the user gave it
+    directory: Path  # the local folder (the hub snapshot for a repo id)
+    meta: dict[str, Any]  # model.json; `provenance` may be absent
 
-def export_model_config(source: str | Path) -> ModelConfig:
-    """The base model an export was trained from (its model.json), without loading anything."""
-    directory = export_dir(source)
-    return schema.from_dict(ModelConfig, read_export_meta(directory)["model"], f"{directory / MODEL_FILE}:model")
+    @classmethod
+    def open(cls, source: str | Path) -> Export:
+        """Resolve `source` and read its model.json (no weights). An export missing a file its model.json
+        declares (a deleted model.safetensors) is refused here, by every reader, before anything is
+        loaded or uploaded."""
+        directory = export_dir(source)
+        path = directory / MODEL_FILE
+        meta = read_json(path, "an export directory written by `ttt-speech train`")
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(f"{path}: not a ttt-speech export (format {meta.get('format')!r}, "
+                             f"version {meta.get('version')!r})")
+        export = cls(source, directory, meta)
+        missing = next((name for name in export.files if not (directory / name).is_file()), None)
+        if missing is not None:
+            raise ValueError(f"{directory / missing}: missing, and {MODEL_FILE} declares it (an incomplete export: "
+                             "copy the whole folder again, or export it again)")
+        return export
 
+    @property
+    def files(self) -> list[str]:
+        """The files the export holds, as its model.json declares them: what `open` checks and what
+        `export push` uploads."""
+        return [MODEL_FILE, *((CONFIG_FILE, WEIGHTS_FILE) if self.has_ttt else ()),
+                *((LORA_FILE,) if self.lora else ()),
+                *((FULL_FILE,) if self.trainable in TRAINS_EVERYTHING else ())]
 
-def export_ttt_config(source: str | Path) -> TTTConfig | None:
-    """The TTTConfig an export's model is patched with (None: trained without TTT); no weights read,
-    so settings that depend on it (chunk sizes) can be checked before any model is loaded."""
-    directory = export_dir(source)
-    if not read_export_meta(directory).get("ttt"):
-        return None
-    return read_saved_ttt(directory).config
+    @property
+    def trainable(self) -> str | None:
+        """What training updated (`ttt`, `lora`, `full`, ...), as model.json records it."""
+        return self.meta.get("trainable")
+
+    @property
+    def has_ttt(self) -> bool:
+        """Whether the model carries TTT layers (ttt.safetensors + ttt_config.json)."""
+        return bool(self.meta.get("ttt"))
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """The LoRA shape (`rank`, `scale`), None without LoRA adapters."""
+        return self.meta.get("lora")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """How it was trained (steps, data, eval figures, code version); empty for exports written before."""
+        return self.meta.get("provenance") or {}
+
+    @property
+    def label(self) -> str:
+        """The export as reports name it: a hub repo id with the commit that was read."""
+        if self.directory == Path(self.source):
+            return str(self.source)
+        return f"{self.source} (hub commit {self.directory.name})"
+
+    @cached_property
+    def model_config(self) -> ModelConfig:
+        """The base model the export was trained from."""
+        return schema.from_dict(ModelConfig, self.meta["model"], f"{self.directory / MODEL_FILE}:model")
+
+    @cached_property
+    def saved_ttt(self) -> SavedTTT | None:
+        """What its ttt_config.json records (host, TTTConfig, patch report; no weights); None without TTT."""
+        return read_saved_ttt(self.directory) if self.has_ttt else None
+
+    @property
+    def ttt_config(self) -> TTTConfig | None:
+        """The TTTConfig the model is patched with (None: trained without TTT), so settings that depend
+        on it (chunk sizes) can be checked before any model is loaded."""
+        return self.saved_ttt.config if self.saved_ttt is not None else None
+
+    def load(self, device: torch.device | None = None,
+             model: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig]:
+        """Rebuild the fine-tuned LM: the base model (or `model`, e.g. a local copy of the same weights),
+        its LoRA adapters, its TTT layers and their weights. Returns (lm in eval mode, ModelConfig)."""
+        model = model or self.model_config
+        lm = load_lm(model, device=device)
+        if self.lora:
+            add_lora(lm, self.lora["rank"], self.lora["scale"])
+            load_lora(lm, load_file(str(self.directory / LORA_FILE)), str(self.directory / LORA_FILE))
+        if self.has_ttt:
+            load_ttt(lm, self.directory)
+        if self.trainable in TRAINS_EVERYTHING:
+            path = self.directory / FULL_FILE
+            try:
+                tensors = fuse_legacy_projections(load_file(str(path)), lm.state_dict())
+                missing, unexpected = lm.load_state_dict(tensors, strict=False)
+            except RuntimeError as e:  # shapes differ: `model` is not the architecture the export was trained on
+                detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+                raise ValueError(f"{path}: does not fit the model {model.name!r} ({detail}); leave `model` unset to "
+                                 "use the export's own base model") from None
+            if missing or unexpected:
+                raise ValueError(f"{path}: does not match the model (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+        return lm.eval(), model
 
 
 def load_exported_lm(source: str | Path, device: torch.device | None = None,
                      model: ModelConfig | None = None) -> tuple[nn.Module, ModelConfig]:
-    """Rebuild a fine-tuned LM from an export folder or hub repo id `namespace/name[@revision]`: the
-    base model (or `model`, e.g. a local copy of the same weights), its LoRA adapters, its TTT layers
-    and their weights. Returns (lm in eval mode, ModelConfig)."""
-    directory = export_dir(source)
-    meta = read_export_meta(directory)
-    model = model or export_model_config(directory)
-    lm = load_lm(model, device=device)
-    if meta.get("lora"):
-        add_lora(lm, meta["lora"]["rank"], meta["lora"]["scale"])
-        load_lora(lm, load_file(str(directory / LORA_FILE)), str(directory / LORA_FILE))
-    if meta.get("ttt"):
-        load_ttt(lm, directory)
-    if meta.get("trainable") in TRAINS_EVERYTHING:
-        path = directory / FULL_FILE
-        try:
-            tensors = fuse_legacy_projections(load_file(str(path)), lm.state_dict())
-            missing, unexpected = lm.load_state_dict(tensors, strict=False)
-        except RuntimeError as e:  # shapes differ: `model` is not the architecture the export was trained on
-            detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-            raise ValueError(f"{path}: does not fit the model {model.name!r} ({detail}); leave `model` unset to use "
-                             "the export's own base model") from None
-        if missing or unexpected:
-            raise ValueError(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return lm.eval(), model
+    """Rebuild a fine-tuned LM from an export folder or hub repo id `namespace/name[@revision]` (what
+    the model card tells users to call): `Export.open(source).load(device, model)`."""
+    return Export.open(source).load(device, model)

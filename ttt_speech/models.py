@@ -226,6 +226,32 @@ def check_family(config: ModelConfig) -> None:
         check_commands_support(raw.get("model_type", "moshi"), raw, f"model.name {config.name}")
 
 
+STREAM_KWARGS = ("n_q", "dep_q", "card", "text_card")  # the LM kwargs that lay its streams out
+
+
+def stream_shape(config: ModelConfig) -> tuple[int, int, int, int]:
+    """(codebooks, predicted audio streams, card, text card) of the LM `config` builds, read from its
+    kwargs or its checkpoint's config.json (no weights fetched or read): models scored on one set of
+    streams must share them, which the evaluator checks before building any."""
+    import inspect
+
+    from moshi.models.lm import LMModel
+
+    if config.is_tiny:
+        kwargs = {**TINY_MOSHI_KWARGS, **config.tiny}
+    else:
+        config_path = checkpoint_files(config.name, config.given_files(), "config").get("config_path")
+        if config_path is None:  # a legacy repo without config.json is Moshi-7B
+            from .moshi.internals import moshi_7b_lm
+
+            lm = moshi_7b_lm()
+            return lm.num_codebooks, lm.dep_q, lm.card, lm.text_card
+        # what moshi's loaders do with config.json: its entries are LMModel's kwargs, the rest defaults
+        defaults = inspect.signature(LMModel).parameters
+        kwargs = {key: defaults[key].default for key in STREAM_KWARGS} | read_config(config_path)
+    return kwargs["n_q"] + 1, kwargs["dep_q"], kwargs["card"], kwargs["text_card"]
+
+
 def load_lm(config: ModelConfig, device: torch.device | None = None):
     """The Moshi `LMModel` described by `config` (eval mode; on `device` or config.device).
 

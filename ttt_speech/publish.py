@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # .export imports torch: the command tree is built without it
+    from .export import Export
 
 TAGS = ["moshi", "test-time-training", "speech"]
 README = "README.md"
@@ -70,15 +73,14 @@ def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def model_card(directory: Path, repo_id: str | None = None, license: str | None = None) -> str:
-    """The hub model card (README.md) of the export in `directory`: YAML front matter (library_name,
-    base_model, tags, license) and a body describing the model and how it was trained."""
+def model_card(export: Export, repo_id: str | None = None, license: str | None = None) -> str:
+    """The hub model card (README.md) of `export`: YAML front matter (library_name, base_model, tags,
+    license) and a body describing the model and how it was trained."""
     from huggingface_hub import ModelCardData
 
-    from .checkpoint import read_saved_ttt
-    from .export import TRAINS_EVERYTHING, export_files, read_export_meta
+    from .export import TRAINS_EVERYTHING
 
-    meta = read_export_meta(directory)
+    meta, directory = export.meta, export.directory
     name = meta["model"]["name"]
     from .kyutai_files import is_checkpoint_folder
 
@@ -86,9 +88,9 @@ def model_card(directory: Path, repo_id: str | None = None, license: str | None 
     front = ModelCardData(library_name="ttt-speech", base_model=name if on_hub else None, tags=TAGS,
                           license=license).to_yaml()
     shown = repo_id or "namespace/name"
-    held = ("every weight" if meta.get("trainable") in TRAINS_EVERYTHING else
-            " and ".join(part for part, present in (("the TTT layers", meta.get("ttt")),
-                                                    ("the LoRA adapters", meta.get("lora"))) if present))
+    held = ("every weight" if export.trainable in TRAINS_EVERYTHING else
+            " and ".join(part for part, present in (("the TTT layers", export.has_ttt),
+                                                    ("the LoRA adapters", export.lora)) if present))
     rows = describe(meta)
     folder = directory.resolve()  # a run's export/ is named for its run folder
     title = repo_id.split("/")[-1] if repo_id else (folder.parent.name if folder.name == "export" else folder.name)
@@ -103,15 +105,15 @@ def model_card(directory: Path, repo_id: str | None = None, license: str | None 
              "## Model", "", "| | |", "|---|---|",
              *(f"| {label} | {value} |" for label, value in rows if label in ("base model", "trainable", "LoRA")), "",
              "| file | bytes |", "|---|---|",
-             *(f"| `{f}` | {(directory / f).stat().st_size:,} |" for f in export_files(meta)), ""]
-    if meta.get("ttt"):
-        saved = read_saved_ttt(directory)
+             *(f"| `{f}` | {(directory / f).stat().st_size:,} |" for f in export.files), ""]
+    saved = export.saved_ttt
+    if saved is not None:
         lines += ["## TTT layers", "", "```", str(saved.report), "```", "", "| TTTConfig field | value |", "|---|---|",
                   *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in saved.config.to_dict().items()), ""]
     training = [(label, value) for label, value in rows if label not in ("base model", "trainable", "LoRA",
                                                                          "TTT layers", "final eval")]
     lines += ["## Training", "", "| | |", "|---|---|", *(f"| {label} | {value} |" for label, value in training), ""]
-    figures = (meta.get("provenance") or {}).get("eval")
+    figures = export.provenance.get("eval")
     if figures:
         lines += ["## Evaluation", "", "Teacher-forced losses (nats per token) on the held-out manifest at the end "
                   "of training, weighted as in training: `eval_loss` = text + audio, the audio a weighted mean over "
@@ -147,14 +149,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from .export import export_dir
+    from .export import Export
     from .files import write_text_atomic, writable_file
 
     from .hub import parse_hub_source
 
     parsed = None if Path(args.export).exists() else parse_hub_source(str(args.export))
     repo_id = args.repo_id or (parsed[0] if parsed else None)  # a card of a hub export names its own repo
-    text = model_card(export_dir(args.export), repo_id, args.license)
+    text = model_card(Export.open(args.export), repo_id, args.license)
     if args.out is None:
         print(text, end="")
         return 0
@@ -164,23 +166,23 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .export import export_files, read_export_meta
+    from .export import Export
     from .hub import check_repo_id, push_folder
 
     repo_id = check_repo_id(args.repo_id, "REPO_ID")
     directory = args.export
     if not directory.is_dir():  # never a hub id here: a mistyped folder must not be downloaded
         raise ValueError(f"{directory}: not a folder (expected an export folder written by `ttt-speech train`)")
-    meta = read_export_meta(directory)
-    steps = (meta.get("provenance") or {}).get("steps")
-    local = local_base_files(meta.get("model") or {})
+    export = Export.open(directory)
+    steps = export.provenance.get("steps")
+    local = local_base_files(export.meta.get("model") or {})
     if local:  # the export loads only where those files exist: say so before it is shared
         print(f"ttt-speech export push: warning: model.json names local files ({', '.join(local)}); others who "
               "load the export from the hub need the same files at the same paths, or `model:` overrides",
               file=sys.stderr)
     own = directory / README
-    readme = own.read_text() if own.is_file() else model_card(directory, repo_id, args.license)
-    files = export_files(meta)
+    readme = own.read_text() if own.is_file() else model_card(export, repo_id, args.license)
+    files = export.files
     message = args.message or f"Upload ttt-speech export{f' ({steps} steps)' if steps is not None else ''}"
     url = push_folder(directory, files, readme, repo_id, args.revision, args.private, message)
     card = "the folder's own" if own.is_file() else "generated"

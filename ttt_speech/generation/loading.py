@@ -11,12 +11,12 @@ from ..models import ModelConfig
 def check_generation_model(export: str | Path | None, ttt: str | Path | None) -> None:
     """What the model's metadata already refuses, before it is loaded: --ttt with --export, E2E layers."""
     from ..checkpoint import read_saved_ttt
-    from ..export import export_ttt_config
+    from ..export import Export
     from .session import check_generable
 
     if export is not None and ttt is not None:
         raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
-    check_generable(export_ttt_config(export) if export is not None else
+    check_generable(Export.open(export).ttt_config if export is not None else
                     read_saved_ttt(ttt).config if ttt is not None else None)
 
 
@@ -29,11 +29,11 @@ def load_generation_model(export: str | Path | None = None, model: str = "tiny",
     from ..models import load_lm
 
     if export is not None:
-        from ..export import export_model_config, load_exported_lm
+        from ..export import Export
 
-        config = export_model_config(export)
-        config = dataclasses.replace(config, device=device, **({"dtype": dtype} if dtype else {}))
-        return load_exported_lm(export, device=config.torch_device(), model=config)
+        opened = Export.open(export)
+        config = dataclasses.replace(opened.model_config, device=device, **({"dtype": dtype} if dtype else {}))
+        return opened.load(device=config.torch_device(), model=config)
     config = ModelConfig(name=model, device=device, dtype=dtype or "float32")
     lm = load_lm(config)
     if ttt is not None:
