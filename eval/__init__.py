@@ -2,7 +2,8 @@
 
 pipeline.py (plan → build → load streams → probe → write) · plan.py (EvalPlan, the models) ·
 config.py (EvalConfig) · books.py / streams.py (LibriLight and manifest streams) · nll.py (chunked
-and native per-position NLL) · the probes: librilight.py, length_gen.py, memory_probe.py ·
-report.py (librilight's report, Markdown) · plots.py · metrics.py · writers.py (one writer per
-output kind) · alignment.py · fast_weights.py · memory.py (peak memory) · fixture.py · cli.py.
+and native per-position NLL) · the probes: librilight.py, length_gen.py, memory_probe.py,
+zero_shot.py (its datasets: zero_shot_data.py, zero_shot_fixture.py) · report.py (librilight's
+report, Markdown) · plots.py · metrics.py · writers.py (one writer per output kind) ·
+alignment.py · fast_weights.py · memory.py (peak memory) · fixture.py · cli.py.
 """

@@ -1,5 +1,6 @@
-"""`ttt-speech eval librilight`, `length-gen` and `memory`: arguments only; each builds its probe
-(`librilight.py`, `length_gen.py`, `memory_probe.py`) and runs it through `pipeline.evaluate`."""
+"""`ttt-speech eval librilight`, `length-gen`, `zero-shot` and `memory`: arguments only; each builds its
+probe (`librilight.py`, `length_gen.py`, `zero_shot.py`, `memory_probe.py`) and runs it through
+`pipeline.evaluate`."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,12 @@ MEMORY = (
     "(pre), then again in a new fresh stream (empty KV cache) that starts from the TTT state "
     "the first pass ended with (post), and as the second half of one stream [S; S] (in context). "
     "Writes memory.json, memory.md and memory.png into output_dir. See docs/evaluation.md."
+)
+ZERO_SHOT = (
+    "The spoken-LM zero-shot suite (sWUGGY, sBLIMP, spoken and topic StoryCloze, SALMon): for each pair of "
+    "recordings, each scored from a fresh stream, a model should give the real one the lower NLL. Accuracy per "
+    "task with a 95% interval for every model, each model - the baseline on the same pairs (McNemar). Reads "
+    "each task from zero_shot.path or the local HF cache; writes zero_shot.json/.md/.png. See docs/evaluation.md."
 )
 OVERWRITE = ("write into an output_dir that holds this command's earlier results or is a training run's folder "
              "(refused otherwise); files this run writes replace theirs, others are left: an earlier run's "
@@ -50,7 +57,7 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "eval", help="long-context evaluation: LibriLight NLL curves, chunked vs native, length generalisation",
+        "eval", help="evaluation: LibriLight NLL curves, chunked vs native, length generalisation, zero-shot suite, memory",
         description="Evaluate Moshi (+ TTT) on long streams. See docs/evaluation.md.")
     tools = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     libri = tools.add_parser(
@@ -64,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "length-gen", help="perplexity at 0.5x..10x the training window (20 lengths)", description=LENGTH_GEN)
     _common(lengths)
     lengths.set_defaults(func=_length_gen, parser=lengths)
+    zero_shot = tools.add_parser(
+        "zero-shot", description=ZERO_SHOT,
+        help="sWUGGY, sBLIMP, StoryCloze, SALMon: did TTT cost short-context skills? accuracy per task vs baseline")
+    _common(zero_shot)
+    zero_shot.set_defaults(func=_zero_shot, parser=zero_shot)
     memory = tools.add_parser(
         "memory", description=MEMORY,
         help="does a model remember a segment after test-time training on it? NLL pre vs post")
@@ -97,6 +109,12 @@ def _length_gen(args: argparse.Namespace) -> int:
     from .length_gen import LengthGen
 
     return _evaluate(LengthGen(_load(args)), args)
+
+
+def _zero_shot(args: argparse.Namespace) -> int:
+    from .zero_shot import ZeroShot
+
+    return _evaluate(ZeroShot(_load(args)), args)
 
 
 def _memory(args: argparse.Namespace) -> int:

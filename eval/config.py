@@ -20,6 +20,8 @@ from ttt_speech.schema import check, doc
 from ttt_speech.schema import load_config as load_config_file
 from ttt_speech.tracking import WandbConfig
 
+from .zero_shot_data import TASKS
+
 RESERVED_NAMES = ("ttt", "baseline")  # the models named by `export`/`ttt` and by the baseline
 
 
@@ -138,6 +140,31 @@ class EvalSettings:
 
 
 @dataclass
+class ZeroShotSettings:
+    """`eval zero-shot`: the spoken-LM zero-shot suite (docs/evaluation.md §10), each pair of recordings
+    scored by likelihood alone, every recording from a fresh stream."""
+
+    tasks: list[str] = doc(factory=lambda: list(TASKS), help="the tasks to score: swuggy, sblimp, sstorycloze, "
+                                                            "tstorycloze and SALMon's salmon_* (all by default)")
+    path: Path | None = doc(None, "a local folder with one dataset per task, <path>/<task> (written by "
+                                  "`datasets`' save_to_disk); null: each task's hub dataset from the local HF cache")
+    tokens: Literal["auto", "cb1", "audio"] = doc("auto", "tokens a recording is scored on: cb1 (the first, semantic "
+                                                          "codebook), audio (every audio codebook), auto: the "
+                                                          "published choice per task (cb1; SALMon: audio)")
+    reduction: Literal["mean", "sum"] = doc("mean", "a recording's score: the mean (the published choice) or the sum "
+                                                    "of its tokens' NLL")
+    max_pairs: int | None = doc(None, "score at most this many pairs per task (a seeded random subset); null: all")
+    seed: int = doc(0, "seed of the max_pairs subset")
+
+    def __post_init__(self) -> None:
+        check(len(self.tasks) >= 1 and len(set(self.tasks)) == len(self.tasks), "tasks",
+              "a list of distinct task names", self.tasks)
+        for i, name in enumerate(self.tasks):
+            check(name in TASKS, f"tasks[{i}]", f"one of {list(TASKS)}", name)
+        check(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", "null or an integer >= 1", self.max_pairs)
+
+
+@dataclass
 class EvalConfig:
     """`ttt-speech eval librilight` / `ttt-speech eval length-gen` configuration."""
 
@@ -158,6 +185,7 @@ class EvalConfig:
                                                       "`model` replaces the base of `export` only")
     data: DataConfig = doc(factory=DataConfig, help="")
     eval: EvalSettings = doc(factory=EvalSettings, help="")
+    zero_shot: ZeroShotSettings = doc(factory=ZeroShotSettings, help="")
     output_dir: Path = doc("runs/eval", "folder for report.json, report.md and the PNG plots")
     wandb: WandbConfig = doc(factory=WandbConfig, help="")
 

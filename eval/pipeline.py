@@ -1,6 +1,6 @@
 """The lifecycle of every evaluation: plan → build → load streams → run the probe → report → write.
 
-A *probe* (`eval librilight`'s NLL curves, `length-gen`, `memory`; docs/architecture.md §12) says
+A *probe* (`eval librilight`'s NLL curves, `length-gen`, `memory`, `zero-shot`; docs/architecture.md §12) says
 what it plans, how it loads its streams and how it scores and summarises them into a `Result`;
 `evaluate` runs the stages in that order, so that everything that can be refused is refused before
 any model is loaded, and the output folder is claimed before hours of scoring.
