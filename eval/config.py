@@ -154,6 +154,9 @@ class ZeroShotSettings:
     reduction: Literal["mean", "sum"] = doc("mean", "a recording's score: the mean (the published choice) or the sum "
                                                     "of its tokens' NLL")
     max_pairs: int | None = doc(None, "score at most this many pairs per task (a seeded random subset); null: all")
+    batch_size: int = doc(16, "recordings scored per call, from fresh streams side by side (sorted by length, padded "
+                              "to the longest of the call; the scores equal one at a time's); lower it if memory "
+                              "runs out")
     seed: int = doc(0, "seed of the max_pairs subset")
 
     def __post_init__(self) -> None:
@@ -162,6 +165,7 @@ class ZeroShotSettings:
         for i, name in enumerate(self.tasks):
             check(name in TASKS, f"tasks[{i}]", f"one of {list(TASKS)}", name)
         check(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", "null or an integer >= 1", self.max_pairs)
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
 
 
 @dataclass

@@ -155,6 +155,44 @@ def chunked_nll(lm: LMModel, codes: Tensor, chunk_size: int | None = None, *, wh
     return StreamNLL(nll.cpu(), mask.cpu(), "chunked", seconds, memory.peak, memory.kind, trace, state)
 
 
+def batched_nll(lm: LMModel, streams: list[Tensor], chunk_size: int | None = None, *,
+                where: str = "streams") -> list[tuple[Tensor, Tensor]]:
+    """Chunked mode for several short streams at once: codes [K, T_i] each → (nll [K, T_i], mask [K, T_i])
+    each, as `chunked_nll` gives them one by one (fresh streams: empty KV cache and TTT state per row),
+    to float tolerance. The rows are padded at the end to the longest (with their own last frame): the
+    model is causal and its rows independent, so a row's first T_i delayed positions, all that its
+    NLL reads, see none of the padding (tests/test_eval_nll.py pins it to `chunked_nll`). For many
+    recordings (the zero-shot suite), where one call per recording would cost a stream's set-up,
+    caches and syncs each."""
+    for i, codes in enumerate(streams):
+        _check_codes(lm, codes, f"{where}[{i}]")
+    handle = TTTModel.find(lm)
+    longest = max(codes.shape[1] for codes in streams)
+    chunk_size = resolve_chunk_size(chunk_size, handle.config if handle else None, "eval.chunk_size",
+                                    frames=longest)
+    device = lm.device
+    padded = torch.stack([torch.cat([c, c[:, -1:].expand(-1, longest - c.shape[1])], dim=1)
+                          for c in streams]).to(device)  # [B, K, T_max]
+    inputs, targets = delayed_streams(lm, padded)
+    a0, a1 = lm.audio_offset, lm.audio_offset + lm.dep_q
+    texts, audios = [], []
+    with inference_context(lm), lm.streaming(len(streams)):
+        widen_kv_caches(lm, chunk_size)
+        for start in range(0, longest, chunk_size):
+            stop = min(start + chunk_size, longest)
+            text, audio = chunk_logits(lm, inputs[:, :, start:stop], targets[:, :, start:stop])
+            texts.append(token_nll(text, targets[:, :1, start:stop]))  # [B, 1, S]
+            audios.append(token_nll(audio, targets[:, a0:a1, start:stop]))  # [B, dep_q, S]
+    text_nll, audio_nll = torch.cat(texts, dim=2), torch.cat(audios, dim=2)
+    out = []
+    for i, codes in enumerate(streams):
+        T = codes.shape[1]
+        nll, mask = undelay_nll(lm, codes.to(device), text_nll[i:i + 1, :, :T], audio_nll[i:i + 1, :, :T],
+                                f"{where}[{i}]")
+        out.append((nll.cpu(), mask.cpu()))
+    return out
+
+
 def load_stream_state(handle: TTTModel | None, tensors: dict[str, Tensor], where: str) -> None:
     """Load a `StreamNLL.state`: {} is a no-op for a model without TTT layers (`handle` None)."""
     if handle is not None:

@@ -29,7 +29,7 @@ from ttt_speech.models import load_mimi
 from ttt_speech.progress import progress_bar
 
 from .config import EvalConfig, ZeroShotSettings
-from .nll import chunked_nll
+from .nll import batched_nll
 from .plan import EvalModel, EvalPlan, plan_eval
 from .report import model_line, report_header, table
 from .writers import OutputFiles
@@ -117,22 +117,26 @@ def encode_pairs(pairs: PairSet, cache: CodesCache, lm, tokens: str, progress: b
 # ---------------------------------------------------------------- scoring
 
 
-def recording_nll(lm, codes: Tensor, chunk: int, rows: list[int], reduction: str, where: str) -> float:
-    """A recording's NLL from a fresh stream: the mean or sum over the scored tokens of `rows`."""
-    result = chunked_nll(lm, codes, chunk, where=where)
-    values = result.nll[rows][result.mask[rows]].double()
-    assert values.numel(), f"{where}: no scored token"  # `encode_pairs` skips recordings too short for one
-    return float(values.mean() if reduction == "mean" else values.sum())
-
-
-def score_task(model: EvalModel, data: TaskData, reduction: str) -> dict[str, list[float]]:
-    """Each pair's NLL of its positive and its negative recording under `model` (inside its scoring())."""
+def score_task(model: EvalModel, data: TaskData, reduction: str, batch_size: int,
+               progress=lambda n: None) -> dict[str, list[float]]:
+    """Each pair's NLL of its positive and its negative recording under `model` (inside its
+    scoring()): every recording from a fresh stream, `batch_size` of them per call (`batched_nll`),
+    sorted by length so that little of a call is padding; the mean or sum over the scored tokens."""
     rows = scored_rows(model.lm, data.tokens)
-    out: dict[str, list[float]] = {"positive": [], "negative": []}
-    for pair_id, pos, neg in zip(data.ids, data.positive, data.negative):
-        for side, codes in (("positive", pos), ("negative", neg)):
-            out[side].append(recording_nll(model.lm, codes, model.plan.chunk_size, rows, reduction,
-                                           f"{model.name}: {pair_id} ({side})"))
+    recordings = [(side, i, codes) for side, sides in (("positive", data.positive), ("negative", data.negative))
+                  for i, codes in enumerate(sides)]
+    recordings.sort(key=lambda r: r[2].shape[1])
+    out = {"positive": [math.nan] * len(data.ids), "negative": [math.nan] * len(data.ids)}
+    for start in range(0, len(recordings), batch_size):
+        batch = recordings[start:start + batch_size]
+        first = ", ".join(f"{data.ids[i]} {side}" for side, i, _ in batch[:2])
+        scored = batched_nll(model.lm, [codes for _, _, codes in batch], model.plan.chunk_size,
+                             where=f"{model.name}: {data.task.name} ({first}, ...)")
+        for (side, i, _), (nll, mask) in zip(batch, scored):
+            values = nll[rows][mask[rows]].double()
+            assert values.numel(), f"{data.ids[i]}: no scored token"  # `encode_pairs` skips recordings too short
+            out[side][i] = float(values.mean() if reduction == "mean" else values.sum())
+        progress(len(batch))
     return out
 
 
@@ -201,16 +205,16 @@ class ZeroShot:
             progress: bool) -> ZeroShotResult:
         nll: dict[str, dict[str, dict[str, list[float]]]] = {}
         described = {}
-        with progress_bar(total=len(plan.models) * sum(len(d.ids) for d in data), desc="zero-shot", unit="pair",
-                          enabled=progress) as bar:
+        with progress_bar(total=len(plan.models) * sum(2 * len(d.ids) for d in data), desc="zero-shot",
+                          unit="recording", enabled=progress) as bar:
             for model in models:
                 described[model.name] = {**model.describe(), "chunk_size": model.plan.chunk_size}
                 with torch.no_grad(), model.scoring():
                     nll[model.name] = {}
                     for task in data:
                         bar.set_postfix_str(f"{model.name}: {task.task.name}", refresh=False)
-                        nll[model.name][task.task.name] = score_task(model, task, self.settings.reduction)
-                        bar.update(len(task.ids))
+                        nll[model.name][task.task.name] = score_task(model, task, self.settings.reduction,
+                                                                     self.settings.batch_size, bar.update)
                 del model  # one model at a time (`build_models` drops its own reference too)
         return ZeroShotResult(self.summarise(plan, described, data, nll))
 

@@ -126,3 +126,24 @@ def test_modes_agree_on_cuda_with_cuda_graphs():
     native = native_nll(lm, codes)
     for chunk in (B, 7):
         assert nll_diff(chunked_nll(lm, codes, chunk), native) <= TOL
+
+
+@pytest.mark.parametrize("ttt", [None, "hybrid", "e2e_mlp"])
+def test_batched_streams_score_as_one_at_a_time(ttt):
+    """`batched_nll` (several fresh streams of different lengths side by side, padded at the end)
+    equals `chunked_nll` per stream: masks exactly, NLL to float tolerance (E2E layers too)."""
+    from ttt_speech_apps.eval.nll import batched_nll
+
+    if ttt == "e2e_mlp":
+        lm = tiny_moshi_lm(card=CARD, text_card=TEXT_CARD, context=CONTEXT)
+        patch_moshi(lm, TTTConfig(layer_type="e2e_mlp", mini_batch_size=B, layers="every:2"))
+    else:
+        lm = make_lm(ttt)
+    streams = [random_codes(T, seed) for T, seed in ((7, 1), (30, 2), (1, 3), (19, 4))]
+    batched = batched_nll(lm, streams, chunk_size=2 * B)
+    for codes, (nll, mask) in zip(streams, batched):
+        alone = chunked_nll(lm, codes, 2 * B)
+        assert torch.equal(mask, alone.mask) and mask.shape == codes[:lm.dep_q + 1].shape
+        assert max_diff(nll[mask], alone.nll[alone.mask]) < 1e-5
+    first, second = batched[1][0][:, :7], batched[0][0]  # rows differ: a mix-up of rows would show
+    assert max_diff(first[batched[0][1]], second[batched[0][1]]) > 1e-2

@@ -186,3 +186,33 @@ def test_a_recording_too_short_to_score_skips_its_pair(tmp_path):
         assert all("too short to score (at least 2" in reason for _, reason in data.skipped)
         assert len(data.ids) == 3 - len(skipped)
     assert min(c.shape[1] for c in data.positive) == 1  # codebook 1 scores the 1-frame recording
+
+
+def test_recordings_scored_in_batches_score_as_one_at_a_time(tmp_path):
+    """zero_shot.batch_size sorts the recordings by length and scores them side by side: each pair's NLL
+    must land on its own pair and side, as one recording per call gives it (recordings of 0.3-1.5 s)."""
+    import numpy as np
+
+    from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
+    from ttt_speech.data.cache import CodesCache
+    from ttt_speech.models import ModelConfig, load_mimi
+    from ttt_speech_apps.eval.plan import EvalModel, PlannedModel
+    from ttt_speech_apps.eval.zero_shot import MIMI_SAMPLE_RATE, encode_pairs, score_task
+    from ttt_speech_apps.eval.zero_shot_data import TASKS, read_pairs
+
+    rng = np.random.default_rng(0)
+    sound = [(0.1 * rng.standard_normal(int(16000 * s))).astype(np.float32) for s in rng.uniform(0.3, 1.5, 6)]
+    task = TASKS["tstorycloze"]
+    zsf.write_task(tmp_path / "data" / task.name, task, [zsf.flac_bytes(a) for a in sound],
+                   [zsf.flac_bytes(a[::-1].copy()) for a in sound[::-1]])  # each negative of another length
+    mimi = ModelConfig(tiny={"card": 2048}, device="cpu")
+    cache = CodesCache(tmp_path / "codes", mimi.codec_id(), lambda: load_mimi(mimi))
+    lm = tiny_moshi_lm(**TINY)
+    patch_moshi(lm, TTTConfig(mini_batch_size=4, gate_init=0.5))
+    data = encode_pairs(read_pairs(task, tmp_path / "data", MIMI_SAMPLE_RATE), cache, lm, "audio", False)
+    assert len({c.shape[1] for c in data.positive + data.negative}) >= 5  # lengths differ: the sort reorders
+    model = EvalModel(PlannedModel("ttt", "ttt", None, None, None, None, 8, ("chunked",)), lm, "test")
+    one, many = score_task(model, data, "mean", 1), score_task(model, data, "mean", 4)
+    for side in ("positive", "negative"):
+        assert max(abs(x - y) for x, y in zip(one[side], many[side])) < 1e-5
+        assert len(set(one[side])) == 6
