@@ -61,7 +61,7 @@ class LibriLight:
                     results[f"{model.name}/{mode}"] = score(model, mode, data.streams, settings, progress)
             del model  # one model at a time (`build_models` drops its own reference too)
         body = librilight_report(self.config, described, data, results, alignment(plan.models, data.streams),
-                                        plan.base.torch_device())
+                                 plan.base.torch_device())
         if settings.inner_loop:
             body["comparisons"]["inner_loop"] = inner_loop_grid(plan.models, body, max(s.frames for s in data.streams))
         return LibriLightResult(body, results, [s.book.id for s in data.streams])
