@@ -27,14 +27,13 @@ dataset config per acoustic task. A task is read from one of two places, never f
 
 Audio columns are read with `datasets.Audio(decode=False)` (datasets >= 4 decodes audio with
 torchcodec, which ttt-speech does not install) and decoded here with soundfile from the stored
-bytes (or the stored path when there are no bytes), mixed down to mono and resampled with sphn, as
-ttt_speech/data/audio.py reads audio files. A recording that cannot be decoded, is empty or holds
+bytes (or the stored path when there are no bytes), mixed down to mono and resampled with
+ttt_speech/data/audio.py's `resample`, as audio files are. A recording that cannot be decoded, is empty or holds
 NaN / inf samples makes its pair skipped, with the reason, and counted.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import re
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from ttt_speech.data.audio import resample
 
 
 @dataclass(frozen=True)
@@ -260,45 +261,13 @@ def _decode(value, sample_rate: int, side: str) -> np.ndarray:
     if bad.any():
         raise ValueError(f"{side}: {int(bad.sum())} NaN or inf sample(s) (first at {int(np.argmax(bad)) / rate:.3f} s)")
     if rate != sample_rate:
-        mono = _resample(mono, rate, sample_rate, side)
+        try:  # a Rust panic is a BaseException
+            mono = resample(mono[None], rate, sample_rate)[0]
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            raise ValueError(f"{side}: cannot resample audio from {rate} Hz ({_first_line(e)})") from None
     return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def _resample(mono: np.ndarray, rate: int, sample_rate: int, side: str) -> np.ndarray:
-    """sphn's resampler (ttt_speech/data/audio.py's), aligned: it works in chunks of 1024 input
-    samples, delays its output by about half a chunk and pads it to whole chunks (2 s at 16 kHz →
-    49152 samples at 24 kHz, 32 ms late), which on a recording of a word would add silence to both
-    ends. The input is padded with two chunks of zeros and the output cut back to
-    round(len · sample_rate / rate) samples from the measured delay on."""
-    import sphn
-
-    delay = _resampler_delay(rate, sample_rate)
-    padded = np.concatenate([mono, np.zeros(2 * _SPHN_CHUNK, np.float32)])[None]
-    try:  # a Rust panic is a BaseException
-        out = np.asarray(sphn.resample(padded, src_sample_rate=rate, dst_sample_rate=sample_rate))[0]
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001
-        raise ValueError(f"{side}: cannot resample audio from {rate} Hz ({_first_line(e)})") from None
-    return out[delay:delay + round(len(mono) * sample_rate / rate)]
-
-
-_SPHN_CHUNK = 1024  # input samples per chunk of sphn's resampler
-
-
-@functools.lru_cache(maxsize=None)
-def _resampler_delay(rate: int, sample_rate: int) -> int:
-    """sphn's resampler's delay from `rate` to `sample_rate`, in output samples: where an impulse
-    comes out, less where it should (the median over a few positions, to the nearest sample)."""
-    import sphn
-
-    n = 8 * _SPHN_CHUNK
-    positions = (3 * _SPHN_CHUNK, 3 * _SPHN_CHUNK + 333, 4 * _SPHN_CHUNK + 517)
-    pcm = np.zeros((len(positions), n), np.float32)
-    for i, p in enumerate(positions):
-        pcm[i, p] = 1.0
-    out = np.asarray(sphn.resample(pcm, src_sample_rate=rate, dst_sample_rate=sample_rate))
-    return round(float(np.median([np.argmax(out[i]) - p * sample_rate / rate for i, p in enumerate(positions)])))
 
 
 # ---- small helpers

@@ -251,3 +251,28 @@ def test_data_synth_command_reads_a_config_section_then_flags(tmp_path, capsys):
         assert main(["data", "synth", str(bad), "--recordings", "2", "--eval-recordings", "0"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("rate", [16000, 44100, 48000, 8000])
+def test_resampled_audio_is_aligned_with_the_original(rate, tmp_path):
+    """sphn's resampler alone delays its output (32 ms from 16 to 24 kHz) and pads it to whole chunks of
+    1024 input samples (checked here, so that the test notices when it stops doing so); `resample` and
+    `read_audio` give round(S · 24000 / rate) samples with a click where it was, to a sample."""
+    from ttt_speech.data.audio import read_audio, resample
+
+    n, click = rate * 2 + 123, int(rate * 0.7) + 5
+    pcm = np.zeros((2, n), np.float32)
+    pcm[0, click] = 1.0
+    pcm[1, click // 2] = 0.5
+    raw = np.asarray(sphn.resample(pcm, src_sample_rate=rate, dst_sample_rate=24000))
+    expected = (round(click * 24000 / rate), round(click // 2 * 24000 / rate))
+    assert raw.shape[1] > round(n * 24000 / rate) and abs(int(np.argmax(raw[0])) - expected[0]) > 5
+    for out in (resample(pcm, rate, 24000), read_audio(_wav(tmp_path, pcm, rate), 24000).numpy()):
+        assert out.shape == (2, round(n * 24000 / rate))
+        assert abs(int(np.argmax(out[0])) - expected[0]) <= 1 and abs(int(np.argmax(out[1])) - expected[1]) <= 1
+
+
+def _wav(folder, pcm: np.ndarray, rate: int):
+    path = folder / f"click_{rate}.wav"
+    soundfile.write(str(path), pcm.T, rate, subtype="FLOAT")
+    return path

@@ -1,6 +1,7 @@
 """Audio files → Mimi codes: reading (sphn: wav/flac/ogg/mp3), resampling, chunked encoding; wav writing."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,40 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
         raise ValueError(f"{path}: audio contains {int(bad.sum())} NaN or inf sample(s) (first at "
                          f"{first / rate:.3f} s)")
     if rate != sample_rate:
-        pcm = _guarded(path, f"cannot resample audio from {rate} Hz",
-                       lambda: sphn.resample(pcm, src_sample_rate=rate, dst_sample_rate=sample_rate))
+        pcm = _guarded(path, f"cannot resample audio from {rate} Hz", lambda: resample(pcm, rate, sample_rate))
     return torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32))
+
+
+SPHN_CHUNK = 1024  # input samples per chunk of sphn's resampler
+
+
+def resample(pcm: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """pcm [C, S] float32 at `rate` → [C, round(S · sample_rate / rate)] at `sample_rate`, aligned
+    with the input. sphn's resampler works in chunks of 1024 input samples, delays its output by
+    about half a chunk (32 ms from 16 to 24 kHz) and pads it to whole chunks: as it is, every
+    resampled recording would start late and end with up to a frame of made-up silence, and a
+    word-timed transcript would be off by the delay. The input is padded with two chunks of zeros
+    (the delayed tail comes out) and the output cut from the measured delay on."""
+    import sphn
+
+    delay = _resampler_delay(rate, sample_rate)
+    padded = np.concatenate([pcm, np.zeros((pcm.shape[0], 2 * SPHN_CHUNK), np.float32)], axis=1)
+    out = np.asarray(sphn.resample(padded, src_sample_rate=rate, dst_sample_rate=sample_rate))
+    return out[:, delay:delay + round(pcm.shape[1] * sample_rate / rate)]
+
+
+@functools.lru_cache(maxsize=None)
+def _resampler_delay(rate: int, sample_rate: int) -> int:
+    """sphn's resampler's delay from `rate` to `sample_rate`, in output samples: where an impulse
+    comes out, less where it should (the median over three positions, to the nearest sample)."""
+    import sphn
+
+    positions = (3 * SPHN_CHUNK, 3 * SPHN_CHUNK + 333, 4 * SPHN_CHUNK + 517)
+    pcm = np.zeros((len(positions), 8 * SPHN_CHUNK), np.float32)
+    for i, p in enumerate(positions):
+        pcm[i, p] = 1.0
+    out = np.asarray(sphn.resample(pcm, src_sample_rate=rate, dst_sample_rate=sample_rate))
+    return round(float(np.median([np.argmax(out[i]) - p * sample_rate / rate for i, p in enumerate(positions)])))
 
 
 def write_wav(path: str | Path, pcm: Tensor, sample_rate: int) -> None:

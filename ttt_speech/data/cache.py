@@ -19,7 +19,9 @@ def file_digest(path: str | Path) -> str:
 
 # Part of the cache key beside the codec: bumped when what is cached for the same audio and codec
 # changes. 2: the silence codes stored with each recording are the codec's steady state (`silence_codes`).
-CACHE_VERSION = 2
+# 3: audio at another rate than the codec's is resampled aligned (`audio.resample`: without sphn's delay
+# and padding), so its codes change.
+CACHE_VERSION = 3
 
 
 class CodecUnavailable(ValueError):
