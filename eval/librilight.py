@@ -26,7 +26,7 @@ from .nll import MODES, StreamNLL
 from .plan import EvalModel, EvalPlan, PlannedModel, plan_eval
 from .plots import plot_curves, plot_fast_weights, plot_inner_loop, plot_length_gen
 from .streams import LoadedData, load_data
-from .writers import OutputFiles
+from .writers import OutputFiles, ReportResult
 
 logger = logging.getLogger(__name__)
 
@@ -297,16 +297,12 @@ def per_position_tensors(runs: dict[str, Sequence[StreamNLL]],
 
 
 @dataclass
-class LibriLightResult:
+class LibriLightResult(ReportResult):
     """The report (report.json's document) and the per-position NLL it summarises."""
 
-    report: dict
     results: dict[str, list[StreamNLL]]  # {"<model>/<mode>": one per stream}
     stream_ids: list[str]
     wandb_prefix: str = field(default="eval", init=False)
-
-    def document(self) -> dict:
-        return self.report
 
     def markdown(self) -> str:
         return report.markdown(self.report)

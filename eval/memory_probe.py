@@ -43,7 +43,7 @@ from .nll import StreamNLL, chunked_nll
 from .plan import EvalModel, EvalPlan, PlannedModel, open_export, plan_chunk
 from .report import model_line, report_header, table
 from .streams import load_data
-from .writers import OutputFiles
+from .writers import OutputFiles, ReportResult
 
 
 PASSES = ("pre", "post", "post_in_context")
@@ -377,14 +377,10 @@ def scalars(report: dict) -> dict[str, float]:
 
 
 @dataclass
-class MemoryResult:
+class MemoryResult(ReportResult):
     """memory.json's document, and its renderers."""
 
-    report: dict
     wandb_prefix: str = field(default="memory", init=False)
-
-    def document(self) -> dict:
-        return self.report
 
     def markdown(self) -> str:
         return markdown(self.report)
@@ -394,12 +390,6 @@ class MemoryResult:
 
     def scalars(self) -> dict[str, float]:
         return scalars(self.report)
-
-    def tables(self) -> dict:
-        return {}
-
-    def tensors(self) -> None:
-        return None
 
     def figures(self, output_dir: Path, files: dict[str, str]) -> dict[str, Path]:
         path = plot_memory(self.report, output_dir / files["memory"])

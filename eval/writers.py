@@ -59,6 +59,23 @@ class Result(Protocol):
         """Per-position tensors and their metadata, for `OutputFiles.tensors` (None: none)."""
 
 
+@dataclass
+class ReportResult:
+    """A result whose JSON document is one dict, `report` (what most probes return), with the
+    interface's optional renderers empty: no wandb tables, no per-position tensors."""
+
+    report: dict
+
+    def document(self) -> dict[str, Any]:
+        return self.report
+
+    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
+        return {}
+
+    def tensors(self) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        return None
+
+
 def write_json(path: Path, document: dict) -> Path:
     """A JSON report, atomically; NaN/inf anywhere is a bug and raises instead of being written."""
     write_text_atomic(path, json.dumps(document, indent=1, allow_nan=False) + "\n")

@@ -32,7 +32,7 @@ from .config import EvalConfig, ZeroShotSettings
 from .nll import batched_nll
 from .plan import EvalModel, EvalPlan, plan_eval
 from .report import model_line, report_header, table
-from .writers import OutputFiles
+from .writers import OutputFiles, ReportResult
 from .zero_shot_data import TASKS, PairSet, ZeroShotTask, check_available, read_pairs
 
 MIMI_SAMPLE_RATE = 24000  # Mimi's input rate (moshi's loaders.SAMPLE_RATE): the pairs are resampled to it
@@ -251,14 +251,10 @@ def _points(difference: float | None) -> str:
 
 
 @dataclass
-class ZeroShotResult:
+class ZeroShotResult(ReportResult):
     """zero_shot.json's document, and its renderers."""
 
-    report: dict
     wandb_prefix: str = field(default="zero_shot", init=False)
-
-    def document(self) -> dict:
-        return self.report
 
     def markdown(self) -> str:
         r = self.report
@@ -313,12 +309,6 @@ class ZeroShotResult:
                     out.update({f"zero_shot/{m}/{t}/minus_baseline": v["difference"],
                                 f"zero_shot/{m}/{t}/p_value": v["p_value"]})
         return out
-
-    def tables(self) -> dict:
-        return {}
-
-    def tensors(self) -> None:
-        return None
 
     def figures(self, output_dir: Path, files: dict[str, str]) -> dict[str, Path]:
         """Accuracy per task, one bar per model with its 95 % interval, chance marked."""
