@@ -125,11 +125,6 @@ class PairSet:
                 pass
         return self._skipped
 
-    @property
-    def pairs(self) -> list[Pair]:
-        """Every pair, decoded and held in memory (for small sets)."""
-        return list(self)
-
 
 def check_available(task: ZeroShotTask, path: Path | None, where: str) -> None:
     """Before any model loads: `path / task.name` holds a saved dataset (or, `path` None, the hub

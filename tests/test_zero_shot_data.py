@@ -79,8 +79,8 @@ def test_the_fixture_round_trips_through_read_pairs(suite):
         got = zsd.read_pairs(TASKS[name], root, 16000, None, 0)
         assert got.total == written["pairs"] == len(pieces) and got.source == str(root / name)
         assert [pid for pid, _ in got.skipped] == written["unreadable"]
-        assert len(got.pairs) == got.total - len(written["unreadable"])
-        for pair in got.pairs:
+        assert len(list(got)) == got.total - len(written["unreadable"])
+        for pair in list(got):
             row = int(pair.id.split("/")[1])
             assert pair.id == f"{name}/{row}"
             assert pair.positive.dtype == np.float32 and pair.positive.shape == (32000,) == pair.negative.shape
@@ -94,8 +94,8 @@ def test_read_pairs_resamples_to_the_codec_rate(suite):
     root, info, _ = suite
     native = zsd.read_pairs(TASKS["swuggy"], root, 16000, 4, 0)
     got = zsd.read_pairs(TASKS["swuggy"], root, 24000, 4, 0)
-    assert [p.id for p in got.pairs] == [p.id for p in native.pairs]
-    for pair, ref in zip(got.pairs, native.pairs):
+    assert [p.id for p in list(got)] == [p.id for p in list(native)]
+    for pair, ref in zip(list(got), list(native)):
         assert pair.positive.dtype == np.float32 and pair.positive.shape == (48000,) == pair.negative.shape
         # the same sound: 24 kHz back to every 2nd-of-3 sample ≈ the 16 kHz one; reversed stays reversed
         back = np.interp(np.arange(32000) * 1.5, np.arange(48000), pair.positive)
@@ -106,15 +106,15 @@ def test_read_pairs_resamples_to_the_codec_rate(suite):
 def test_max_pairs_draws_a_reproducible_seeded_subset_in_row_order(suite):
     root, _, _ = suite
     task = TASKS["tstorycloze"]
-    full = {p.id: p for p in zsd.read_pairs(task, root, 16000, None, 0).pairs}
+    full = {p.id: p for p in list(zsd.read_pairs(task, root, 16000, None, 0))}
     a, again, other = (zsd.read_pairs(task, root, 16000, 8, seed) for seed in (1, 1, 2))
-    ids = [p.id for p in a.pairs]
+    ids = [p.id for p in list(a)]
     assert len(ids) == 8 and a.total == len(full) and set(ids) <= set(full)
     assert ids == sorted(ids, key=lambda i: int(i.split("/")[1]))
-    assert ids == [p.id for p in again.pairs] and ids != [p.id for p in other.pairs]
-    for pair in a.pairs:
+    assert ids == [p.id for p in list(again)] and ids != [p.id for p in list(other)]
+    for pair in list(a):
         np.testing.assert_array_equal(pair.positive, full[pair.id].positive)
-    assert len(zsd.read_pairs(task, root, 16000, 10_000, 0).pairs) == len(full)  # more than there are: all
+    assert len(list(zsd.read_pairs(task, root, 16000, 10_000, 0))) == len(full)  # more than there are: all
     _one_line_error(lambda: zsd.read_pairs(task, root, 16000, 0, 0), "zero_shot.tasks.tstorycloze: max_pairs")
 
 
@@ -124,7 +124,7 @@ def test_an_unreadable_recording_is_skipped_and_counted(suite):
     assert [pid for pid, _ in got.skipped] == info["tasks"]["sblimp"]["unreadable"] == ["sblimp/3"]
     reason = got.skipped[0][1]
     assert reason.startswith("negative: cannot decode audio") and "\n" not in reason and "BytesIO" not in reason
-    assert "sblimp/3" not in {p.id for p in got.pairs} and len(got.pairs) == got.total - 1
+    assert "sblimp/3" not in {p.id for p in list(got)} and len(list(got)) == got.total - 1
 
 
 def test_empty_non_finite_and_stereo_recordings(tmp_path):
@@ -146,7 +146,7 @@ def test_empty_non_finite_and_stereo_recordings(tmp_path):
     assert skipped[f"{task.name}/0"] == "negative: empty audio (0 bytes)"
     assert skipped[f"{task.name}/1"].startswith("positive: ") and "empty" in skipped[f"{task.name}/1"]
     assert skipped[f"{task.name}/2"] == "negative: 1 NaN or inf sample(s) (first at 0.500 s)"
-    (pair,) = got.pairs
+    (pair,) = list(got)
     assert pair.id == f"{task.name}/3" and pair.positive.shape == (16000,) == pair.negative.shape
     assert np.abs(pair.positive).max() == pytest.approx(0.15, abs=0.01)  # (tone + silence) / 2
     assert np.abs(pair.negative).max() == pytest.approx(0.3, abs=0.01)
@@ -164,8 +164,8 @@ def test_recordings_stored_as_paths(tmp_path):
                                 "negative": [str(tmp_path / "tone.flac"), str(tmp_path / "gone.flac")]}
                                ).save_to_disk(str(tmp_path / "data" / "swuggy"))
     got = zsd.read_pairs(task, tmp_path / "data", 16000, None, 0)
-    assert [p.id for p in got.pairs] == ["swuggy/0"]
-    assert np.abs(got.pairs[0].positive - tone).max() < 1e-4
+    assert [p.id for p in list(got)] == ["swuggy/0"]
+    assert np.abs(list(got)[0].positive - tone).max() < 1e-4
     assert got.skipped == [("swuggy/1", f"negative: no audio file at {tmp_path / 'gone.flac'} (and no bytes stored)")]
 
 
@@ -204,8 +204,8 @@ def test_the_hub_cache_offline(suite, offline_hf):
         assert got.source.startswith(task.hub_id) and "hub cache" in got.source
         assert got.total == info["tasks"][name]["pairs"]
         local = zsd.read_pairs(task, root, 16000, 6, 3)
-        assert [p.id for p in got.pairs] == [p.id for p in local.pairs] and len(got.pairs) == 6
-        for a, b in zip(got.pairs, local.pairs):
+        assert [p.id for p in list(got)] == [p.id for p in list(local)] and len(list(got)) == 6
+        for a, b in zip(list(got), list(local)):
             np.testing.assert_array_equal(a.positive, b.positive)
             np.testing.assert_array_equal(a.negative, b.negative)
     assert cache.is_dir()  # datasets' Arrow copy went to the patched cache, not the user's
