@@ -461,3 +461,29 @@ def test_cli_exits_1_and_writes_nothing_when_the_model_diverges(tmp_path, export
     assert main(["generate", *common, "--export", str(export_dir), "--out", str(tmp_path / "ok"),
                  "--state-out", str(state)]) == 0
     assert {p.name for p in (tmp_path / "ok").iterdir()} == {"b.safetensors", "b.wav"} and state.is_file()
+
+
+@pytest.mark.parametrize("ttt", [False, True])
+def test_scored_frames_carry_the_nll_that_teacher_forcing_gives_the_same_stream(ttt):
+    """`score=True`: each emitted frame's NLL (text + Moshi's codebooks, recorded while sampling, aligned
+    through the delays) equals the native teacher-forced NLL of the stream the session made; the
+    scored stream is not degenerate, and without `score` frames carry none."""
+    from ttt_speech_apps.eval.nll import native_nll
+
+    lm = small_lm(ttt=ttt).eval()
+    prompt = random_streams(6, seed=3)
+    prompt[1 + lm.dep_q:] = SILENCE[:, None]  # the user's silence, as the session sends it after the prompt
+    with torch.no_grad(), GenerationSession(lm, 1, SAMPLING, SILENCE, score=True) as session:
+        frames = list(session.run([prompt], num_frames=10))
+    made = continuation(frames, include_prompt=True)[0]  # [1 + dep_q, T]: text, Moshi's audio
+    assert made.shape[1] == 16 and made[1:, 6:].unique().numel() > 5
+    streams = torch.cat([made, SILENCE[:, None].expand(8, made.shape[1])])
+    reference = native_nll(lm, streams)
+    recorded = torch.stack([f.nll[0] for f in frames if f.emitted[0]], dim=1)  # [1 + dep_q, T]
+    generated = slice(6, None)
+    scored = reference.mask[:, generated]
+    assert scored.sum() > 60 and torch.isfinite(recorded[:, generated][scored]).all()
+    torch.testing.assert_close(recorded[:, generated][scored], reference.nll[:, generated][scored],
+                               rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), GenerationSession(lm, 1, SAMPLING, SILENCE) as session:
+        assert all(f.nll is None for f in session.run([prompt], num_frames=2))

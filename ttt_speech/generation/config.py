@@ -19,10 +19,10 @@ _CHECKS = {
 
 
 @dataclass
-class GenerationConfig:
-    """Sampling settings and length of a generation (defaults: moshi's LMGen, no top-p)."""
+class SamplingConfig:
+    """How a stream is sampled (defaults: moshi's LMGen, no top-p): a generation without its length,
+    for callers that set the length themselves (`eval continuation`)."""
 
-    max_duration: float = doc(10.0, f"seconds generated after each prompt ({FRAME_RATE:g} frames per second)")
     temperature: float = doc(0.8, "audio sampling temperature; 0 = greedy")
     text_temperature: float = doc(0.7, "text sampling temperature; 0 = greedy")
     top_k: int = doc(250, "audio: sample among the k most likely codes; 0 = no limit")
@@ -36,6 +36,13 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         validate({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass
+class GenerationConfig(SamplingConfig):
+    """Sampling settings and length of a generation."""
+
+    max_duration: float = doc(10.0, f"seconds generated after each prompt ({FRAME_RATE:g} frames per second)")
 
     @property
     def num_frames(self) -> int:

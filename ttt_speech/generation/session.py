@@ -17,6 +17,7 @@ same step. The sampling noise of a step is drawn for the whole batch from the se
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -66,6 +67,11 @@ class Frame:
     audio: Tensor       # [B, dep_q] Moshi's audio codes (-1 where nothing was emitted)
     emitted: Tensor     # [B] bool: the row emitted a frame at this step
     prompt: Tensor      # [B] bool: that frame came from a prompt (forced, not sampled)
+    # [B, 1 + dep_q] the NLL (nats) of each token of the frame (text, then Moshi's codebooks) under the
+    # model's distribution at temperature 1, before top-k / top-p; NaN where the token had no logits (a
+    # step whose audio was all forced, a row with nothing emitted, frames begun before a resume).
+    # None unless the session scores (`GenerationSession(score=True)`)
+    nll: Tensor | None = None
 
     @property
     def generated(self) -> Tensor:
@@ -99,12 +105,14 @@ class SamplingLMGen(StreamingHooks, LMGen):
     Where the sampler sees logits it also records whether they are finite, per row, in
     `state.finite` [B, 1 + dep_q] (text, then each codebook): a device buffer, so the check costs
     no host sync inside the step (and works inside a captured CUDA graph); the session reads it.
+    With `score`, it records the NLL of each chosen token the same way, in `state.nll`.
     """
 
-    def __init__(self, lm_model: LMModel, settings: GenerationConfig) -> None:
+    def __init__(self, lm_model: LMModel, settings: GenerationConfig, score: bool = False) -> None:
         super().__init__(lm_model, use_sampling=False, on_text_logits_hook=self._choose_text,
                          support_out_of_sync=True)
         self.settings = settings
+        self.score = score
 
     def new_streaming_state(self, batch_size: int):
         state = super().new_streaming_state(batch_size)
@@ -117,6 +125,7 @@ class SamplingLMGen(StreamingHooks, LMGen):
         state.noise_text = torch.ones(batch_size, lm.text_card, device=device)
         state.noise_audio = torch.ones(lm.dep_q, batch_size, lm.card, device=device)
         state.finite = torch.ones(batch_size, 1 + lm.dep_q, dtype=torch.bool, device=device)
+        state.nll = torch.full((batch_size, 1 + lm.dep_q), float("nan"), device=device)
         return state
 
     def _choose_text(self, text_logits: Tensor) -> None:
@@ -125,6 +134,8 @@ class SamplingLMGen(StreamingHooks, LMGen):
         state.finite[:, 0] = torch.isfinite(logits).all(dim=-1)
         token = sample_tokens(logits, s.text_temperature, s.text_top_k, s.text_top_p, state.noise_text)
         token = torch.where(state.force_text_mask, state.force_text, token)
+        if self.score:
+            state.nll[:, 0] = _token_nll(logits, token)
         text_logits.zero_().scatter_(-1, token.view(-1, 1, 1, 1), 1.0)
 
     def depformer_step(self, text_token: Tensor, transformer_out: Tensor) -> Tensor:
@@ -137,10 +148,18 @@ class SamplingLMGen(StreamingHooks, LMGen):
                 finite.append(torch.isfinite(logits).all(dim=-1))
                 token = sample_tokens(logits, s.temperature, s.top_k, s.top_p, state.noise_audio[cb])
                 token = torch.where(state.force_audio_mask[:, cb], state.force_audio[:, cb], token)
+                if self.score:
+                    state.nll[:, 1 + cb] = _token_nll(logits, token)
                 tokens.append(token)
                 prev = token
         state.finite[:, 1:] = torch.stack(finite, dim=1)
         return torch.stack(tokens, dim=1)
+
+
+def _token_nll(logits: Tensor, token: Tensor) -> Tensor:
+    """[B] −log p(token) under softmax(logits [B, card]) in float32: the model's own distribution,
+    whatever the sampler's temperature or top-k."""
+    return -torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
 
 
 class GenerationSession(OwnsContexts):
@@ -154,10 +173,11 @@ class GenerationSession(OwnsContexts):
 
     `silence` [n_user] are the codec's codes of silence, the user stream outside prompts.
     `config` may be replaced between runs (e.g. another temperature); the RNG stream continues.
+    `score`: each `Frame` carries the NLL of its tokens (`Frame.nll`; a few small ops more per step).
     """
 
     def __init__(self, lm: LMModel, batch_size: int, config: GenerationConfig | None = None,
-                 silence: Tensor | None = None) -> None:
+                 silence: Tensor | None = None, score: bool = False) -> None:
         if lm.training:
             raise ValueError("generation needs the model in eval mode (call lm.eval())")
         if lm.depformer is None or lm.dep_q < 1:
@@ -179,8 +199,12 @@ class GenerationSession(OwnsContexts):
             raise ValueError(f"silence codes: expected >= {self.n_user} codes in [0, {lm.card}), got {silence.tolist()}")
         self.silence = silence[:self.n_user].cpu()
         self.delays = list(lm.delays)
-        self.lm_gen = SamplingLMGen(lm, self.config)
+        self.lm_gen = SamplingLMGen(lm, self.config, score)
         self.max_delay = self.lm_gen.max_delay
+        # per row, the NLL recorded at its last max_delay + 1 steps: a frame's codebook k was sampled
+        # max_delay − delay_k steps before the frame is emitted
+        self._nll_steps: list[deque[Tensor]] | None = \
+            [deque(maxlen=self.max_delay + 1) for _ in range(batch_size)] if score else None
         self.device = lm.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.config.seed)
@@ -285,6 +309,8 @@ class GenerationSession(OwnsContexts):
         if all(force.audio_mask[i].all() for i in range(B) if run_row[i]):
             replace = force.audio[:, :, None].to(self.device)
             state.finite[:, 1:] = True  # no audio logits this step
+            if self.lm_gen.score:
+                state.nll[:, 1:] = float("nan")
         out = self.lm_gen.step(user[:, :, None].to(self.device), replace).cpu()[:, :, 0]
         finite = state.finite.cpu()  # out's copy has synchronised already: this one waits for nothing
         self.steps += 1
@@ -301,13 +327,31 @@ class GenerationSession(OwnsContexts):
                 first, length = spans[i]
                 is_prompt[i] = 0 <= frame - first < length
         out[~emitted] = -1
+        nll = None if self._nll_steps is None else self._frame_nll(state.nll.to("cpu", copy=True), run_row, emitted)
         bad = ~finite & torch.tensor(run_row)[:, None]  # a waiting row's logits are not sampled
         if bad.any():
             col = bad.int().argmax(dim=1).tolist()  # per row, its first stream with bad logits
             raise GenerationDiverged(run_step, self.steps, [
                 (i, "text" if col[i] == 0 else f"audio codebook {col[i] - 1}")
                 for i in range(B) if bad[i].any()])
-        return Frame(self.steps, index, out[:, 0].clone(), out[:, 1:].clone(), emitted, is_prompt)
+        return Frame(self.steps, index, out[:, 0].clone(), out[:, 1:].clone(), emitted, is_prompt, nll)
+
+    def _frame_nll(self, step_nll: Tensor, run_row: list[bool], emitted: Tensor) -> Tensor:
+        """[B, 1 + dep_q] the NLL of the tokens of the frames emitted at this step, from the NLL of
+        the tokens sampled at this step and the max_delay before it (`step_nll` [B, 1 + dep_q], a
+        copy: the state's buffer is overwritten by the next step)."""
+        out = torch.full_like(step_nll, float("nan"))
+        for i, history in enumerate(self._nll_steps):
+            if not run_row[i]:
+                continue
+            history.append(step_nll[i])
+            if not emitted[i]:
+                continue
+            for c, delay in enumerate(self.delays[:step_nll.shape[1]]):
+                back = self.max_delay - delay  # steps before this one that sampled this token
+                if back < len(history):  # shorter after a resume: those frames began before it
+                    out[i, c] = history[-1 - back][c]
+        return out
 
     def _check_prompt(self, prompt: Tensor | None, i: int) -> Tensor | None:
         if prompt is None:
@@ -371,3 +415,6 @@ class GenerationSession(OwnsContexts):
         self.generator.set_state(tensors["session.rng"])
         self.steps, self.runs = int(meta.get("steps", 0)), int(meta.get("runs", 0))
         self._exec = None
+        if self._nll_steps is not None:
+            for history in self._nll_steps:
+                history.clear()
