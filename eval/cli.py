@@ -1,6 +1,6 @@
-"""`ttt-speech eval librilight`, `length-gen`, `zero-shot` and `memory`: arguments only; each builds its
-probe (`librilight.py`, `length_gen.py`, `zero_shot.py`, `memory_probe.py`) and runs it through
-`pipeline.evaluate`."""
+"""`ttt-speech eval librilight`, `length-gen`, `zero-shot`, `continuation` and `memory`: arguments only;
+each builds its probe (`librilight.py`, `length_gen.py`, `zero_shot.py`, `continuation.py`,
+`memory_probe.py`) and runs it through `pipeline.evaluate`."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,14 @@ ZERO_SHOT = (
     "task with a 95% interval for every model, each model - the baseline on the same pairs (McNemar). Reads "
     "each task from zero_shot.path or the local HF cache; writes zero_shot.json/.md/.png. See docs/evaluation.md."
 )
+CONTINUATION = (
+    "Each model continues the first continuation.prompt_seconds of each stream for continuation.max_minutes "
+    "(LMGen, the same sampling and seeds for every model); every continuation.span_seconds span is decoded and "
+    "scored as it is generated: drift from the prompt (Mimi latents), WavLM speaker similarity, a Whisper "
+    "transcript (GenPPL, Auto-BLEU, distinct-2, WER), the model's own NLL, silence. The book's true "
+    "continuation is scored beside them. Every judge model comes from the local HF cache or a folder. Writes "
+    "continuation.json/.md and one PNG per metric. See docs/evaluation.md."
+)
 OVERWRITE = ("write into an output_dir that holds this command's earlier results or is a training run's folder "
              "(refused otherwise); files this run writes replace theirs, others are left: an earlier run's "
              "outputs this one does not write (e.g. a plot) stay beside the new report")
@@ -57,7 +65,8 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "eval", help="evaluation: LibriLight NLL curves, chunked vs native, length generalisation, zero-shot suite, memory",
+        "eval", help="evaluation: LibriLight NLL curves, chunked vs native, length generalisation, zero-shot suite, "
+             "long-form continuation, memory",
         description="Evaluate Moshi (+ TTT) on long streams. See docs/evaluation.md.")
     tools = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     libri = tools.add_parser(
@@ -76,6 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sWUGGY, sBLIMP, StoryCloze, SALMon: did TTT cost short-context skills? accuracy per task vs baseline")
     _common(zero_shot)
     zero_shot.set_defaults(func=_zero_shot, parser=zero_shot)
+    continuation = tools.add_parser(
+        "continuation", description=CONTINUATION,
+        help="does it stay coherent for minutes? generate from each stream's start, score each span vs time")
+    _common(continuation)
+    continuation.set_defaults(func=_continuation, parser=continuation)
     memory = tools.add_parser(
         "memory", description=MEMORY,
         help="does a model remember a segment after test-time training on it? NLL pre vs post")
@@ -115,6 +129,12 @@ def _zero_shot(args: argparse.Namespace) -> int:
     from .zero_shot import ZeroShot
 
     return _evaluate(ZeroShot(_load(args)), args)
+
+
+def _continuation(args: argparse.Namespace) -> int:
+    from .continuation import Continuation
+
+    return _evaluate(Continuation(_load(args)), args)
 
 
 def _memory(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ttt_speech.config import TTTConfig
+from ttt_speech.generation.config import SamplingConfig
 from ttt_speech.inner_loop import InnerLoopOverride
 from ttt_speech.data import CODES_CACHE
 from ttt_speech.models import ModelConfig
@@ -20,9 +21,11 @@ from ttt_speech.schema import check, doc
 from ttt_speech.schema import load_config as load_config_file
 from ttt_speech.tracking import WandbConfig
 
+from .judges import DEFAULT_ASR, DEFAULT_SPEAKER, DEFAULT_TEXT_LM
 from .zero_shot_data import TASKS
 
-RESERVED_NAMES = ("ttt", "baseline")  # the models named by `export`/`ttt` and by the baseline
+GROUND_TRUTH = "ground_truth"  # `eval continuation`'s row of the book's own continuation
+RESERVED_NAMES = ("ttt", "baseline", GROUND_TRUTH)  # the models named by `export`/`ttt`, the baseline, the book
 
 
 @dataclass
@@ -169,6 +172,49 @@ class ZeroShotSettings:
 
 
 @dataclass
+class ContinuationSettings:
+    """`eval continuation`: each model continues the first prompt_seconds of each stream for max_minutes,
+    and every span of what it generated is scored against the prompt (docs/evaluation.md §11)."""
+
+    prompt_seconds: float = doc(30.0, "seconds of each stream the models continue (forced as Moshi's own stream, "
+                                      "as `ttt-speech generate` does); streams shorter than this are left out")
+    max_minutes: float = doc(10.0, "minutes generated per stream (the ground truth: as much of the book as follows)")
+    span_seconds: float = doc(30.0, "seconds per scored span (Whisper reads 30 s at a time)")
+    quantiles: list[float] = doc(factory=lambda: [0.25, 0.5, 0.75, 1.0],
+                                 help="the generated time is also summarised per quantile (tts_longeval's: the "
+                                      "first 25 %, 25-50 %, ...): increasing fractions in (0, 1] ending at 1")
+    batch_size: int = doc(8, "streams generated side by side (rows of one LMGen batch); lower it if memory runs out")
+    sampling: SamplingConfig = doc(factory=SamplingConfig, help="sampling settings, the same for every model and "
+                                                                "seed (`ttt-speech generate`'s)")
+    asr_model: str | None = doc(DEFAULT_ASR, "Whisper (hub id or local folder) transcribing each span: GenPPL, "
+                                             "Auto-BLEU, distinct-n, WER; null: off")
+    asr_language: str | None = doc("en", "the language Whisper transcribes in; null: Whisper detects it")
+    asr_max_tokens: int = doc(440, "tokens Whisper may write per 30 s of audio (its limit: 448 with its 4 prompt "
+                                   "tokens)")
+    speaker_model: str | None = doc(DEFAULT_SPEAKER, "WavLM speaker-verification model (hub id or local folder): "
+                                                     "speaker similarity of each span to the prompt; null: off")
+    text_model: str | None = doc(DEFAULT_TEXT_LM, "causal text LM (hub id or local folder) scoring the transcripts: "
+                                                  "GenPPL; null: off (needs asr_model)")
+    drift: bool = doc(True, "Mimi-latent k-NN drift of each span from the prompt (no extra model)")
+    drift_k: int = doc(5, "neighbours of the drift's k-NN distance (tts_longeval's 5)")
+    silence_db: float = doc(-45.0, "a Mimi frame (80 ms) of decoded audio quieter than this (RMS, dBFS) is silent")
+    judge_dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "dtype of the ASR, speaker and text models")
+
+    def __post_init__(self) -> None:
+        check(self.prompt_seconds > 0, "prompt_seconds", "a number of seconds > 0", self.prompt_seconds)
+        check(self.max_minutes > 0, "max_minutes", "a number of minutes > 0", self.max_minutes)
+        check(self.span_seconds > 0, "span_seconds", "a number of seconds > 0", self.span_seconds)
+        check(len(self.quantiles) >= 1 and all(0 < q <= 1 for q in self.quantiles) and self.quantiles[-1] == 1
+              and all(a < b for a, b in zip(self.quantiles, self.quantiles[1:])), "quantiles",
+              "increasing fractions in (0, 1] ending at 1", self.quantiles)
+        check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        check(self.drift_k >= 1, "drift_k", "an integer >= 1", self.drift_k)
+        check(1 <= self.asr_max_tokens <= 444, "asr_max_tokens", "an integer in [1, 444]", self.asr_max_tokens)
+        check(self.text_model is None or self.asr_model is not None, "text_model",
+              "null when asr_model is null (it scores the transcripts)", self.text_model)
+
+
+@dataclass
 class EvalConfig:
     """`ttt-speech eval librilight` / `ttt-speech eval length-gen` configuration."""
 
@@ -190,6 +236,7 @@ class EvalConfig:
     data: DataConfig = doc(factory=DataConfig, help="")
     eval: EvalSettings = doc(factory=EvalSettings, help="")
     zero_shot: ZeroShotSettings = doc(factory=ZeroShotSettings, help="")
+    continuation: ContinuationSettings = doc(factory=ContinuationSettings, help="")
     output_dir: Path = doc("runs/eval", "folder for report.json, report.md and the PNG plots")
     wandb: WandbConfig = doc(factory=WandbConfig, help="")
 

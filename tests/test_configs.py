@@ -48,7 +48,7 @@ def test_copy_a_config_and_train_from_it(tmp_path, capsys):
     assert f"DEST: {copied} exists; pass --force" in capsys.readouterr().err
     assert main(["config", "cp", "tiny", str(copied), "--force"]) == 0  # ... unless asked
     assert main(["config", "cp", "nope", str(tmp_path)]) == 2
-    assert "no packaged config 'nope' (packaged: demo, eval_librilight" in capsys.readouterr().err
+    assert "no packaged config 'nope' (packaged: demo, eval_continuation, eval_continuation_tiny, eval_librilight" in capsys.readouterr().err
 
 
 def read_only_folder(tmp_path: Path) -> Path:
