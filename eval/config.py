@@ -8,6 +8,7 @@ documented here (`doc(default, help)`) and in configs/eval_*.yaml.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,9 +22,13 @@ from ttt_speech.schema import check, doc
 from ttt_speech.schema import load_config as load_config_file
 from ttt_speech.tracking import WandbConfig
 
-from .judges import DEFAULT_ASR, DEFAULT_SPEAKER, DEFAULT_TEXT_LM
+from .continuation_metrics import METRICS, SPEAKER_MIN_SECONDS
 from .zero_shot_data import TASKS
 
+# `eval continuation`'s default judges (docs/evaluation.md §11)
+DEFAULT_ASR = "openai/whisper-large-v3"
+DEFAULT_SPEAKER = "microsoft/wavlm-base-plus-sv"
+DEFAULT_TEXT_LM = "Qwen/Qwen2.5-0.5B"
 GROUND_TRUTH = "ground_truth"  # `eval continuation`'s row of the book's own continuation
 RESERVED_NAMES = ("ttt", "baseline", GROUND_TRUTH)  # the models named by `export`/`ttt`, the baseline, the book
 
@@ -186,32 +191,49 @@ class ContinuationSettings:
     batch_size: int = doc(8, "streams generated side by side (rows of one LMGen batch); lower it if memory runs out")
     sampling: SamplingConfig = doc(factory=SamplingConfig, help="sampling settings, the same for every model and "
                                                                 "seed (`ttt-speech generate`'s)")
+    metrics: list[str] = doc(factory=lambda: list(METRICS), help="the metrics measured (all by default): drift, "
+                                                                  "speaker_similarity, gen_ppl, auto_bleu, distinct_2, "
+                                                                  "wer, wer_text_stream, nll_text, nll_audio, "
+                                                                  "silent_fraction, text_padding")
     asr_model: str | None = doc(DEFAULT_ASR, "Whisper (hub id or local folder) transcribing each span: GenPPL, "
-                                             "Auto-BLEU, distinct-n, WER; null: off")
+                                             "Auto-BLEU, distinct-2, WER; null: every transcript metric off")
     asr_language: str | None = doc("en", "the language Whisper transcribes in; null: Whisper detects it")
     asr_max_tokens: int = doc(440, "tokens Whisper may write per 30 s of audio (its limit: 448 with its 4 prompt "
                                    "tokens)")
     speaker_model: str | None = doc(DEFAULT_SPEAKER, "WavLM speaker-verification model (hub id or local folder): "
                                                      "speaker similarity of each span to the prompt; null: off")
     text_model: str | None = doc(DEFAULT_TEXT_LM, "causal text LM (hub id or local folder) scoring the transcripts: "
-                                                  "GenPPL; null: off (needs asr_model)")
-    drift: bool = doc(True, "Mimi-latent k-NN drift of each span from the prompt (no extra model)")
+                                                  "GenPPL; null: off")
     drift_k: int = doc(5, "neighbours of the drift's k-NN distance (tts_longeval's 5)")
     silence_db: float = doc(-45.0, "a Mimi frame (80 ms) of decoded audio quieter than this (RMS, dBFS) is silent")
     judge_dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "dtype of the ASR, speaker and text models")
 
     def __post_init__(self) -> None:
-        check(self.prompt_seconds > 0, "prompt_seconds", "a number of seconds > 0", self.prompt_seconds)
-        check(self.max_minutes > 0, "max_minutes", "a number of minutes > 0", self.max_minutes)
-        check(self.span_seconds > 0, "span_seconds", "a number of seconds > 0", self.span_seconds)
+        for name, unit in (("prompt_seconds", "seconds"), ("max_minutes", "minutes"), ("span_seconds", "seconds")):
+            value = getattr(self, name)
+            check(0 < value < math.inf, name, f"a finite number of {unit} > 0", value)
         check(len(self.quantiles) >= 1 and all(0 < q <= 1 for q in self.quantiles) and self.quantiles[-1] == 1
               and all(a < b for a, b in zip(self.quantiles, self.quantiles[1:])), "quantiles",
               "increasing fractions in (0, 1] ending at 1", self.quantiles)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(self.drift_k >= 1, "drift_k", "an integer >= 1", self.drift_k)
         check(1 <= self.asr_max_tokens <= 444, "asr_max_tokens", "an integer in [1, 444]", self.asr_max_tokens)
-        check(self.text_model is None or self.asr_model is not None, "text_model",
-              "null when asr_model is null (it scores the transcripts)", self.text_model)
+        check(len(set(self.metrics)) == len(self.metrics), "metrics", "distinct metric names", self.metrics)
+        for i, name in enumerate(self.metrics):
+            check(name in METRICS, f"metrics[{i}]", f"one of {list(METRICS)}", name)
+        if self.measures("speaker_similarity"):  # the prompt is the reference voice: WavLM needs enough of it
+            check(self.prompt_seconds >= SPEAKER_MIN_SECONDS, "prompt_seconds",
+                  f"at least {SPEAKER_MIN_SECONDS} s for speaker similarity (or speaker_model: null)",
+                  self.prompt_seconds)
+
+    def measures(self, metric: str) -> bool:
+        """Whether `metric` is measured: asked for in `metrics`, and every judge it needs set."""
+        return metric in self.metrics and all(getattr(self, judge) is not None for judge in METRICS[metric].needs)
+
+    def judge(self, field: str) -> str | None:
+        """The judge `field` (asr_model, speaker_model, text_model) when a measured metric needs it, else None."""
+        needed = any(field in METRICS[m].needs and self.measures(m) for m in self.metrics)
+        return getattr(self, field) if needed else None
 
 
 @dataclass

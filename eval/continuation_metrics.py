@@ -17,6 +17,42 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One number `eval continuation` measures on every span: how reports name it, which way is better,
+    what it measures, and the judges it needs (`continuation.*_model` fields; none set: not measured)."""
+
+    label: str
+    better: str | None  # "lower", "higher" or None (neither: read it beside the ground truth)
+    measures: str
+    needs: tuple[str, ...] = ()
+
+
+METRICS: dict[str, Metric] = {
+    "drift": Metric("drift from the prompt", "lower", "Mimi-latent k-NN distance to the prompt over the prompt's "
+                                                      "own spread (1: as close as the prompt is to itself)"),
+    "speaker_similarity": Metric("speaker similarity", "higher", "cosine of WavLM speaker embeddings, span vs prompt",
+                                 ("speaker_model",)),
+    "gen_ppl": Metric("GenPPL", "lower", "perplexity of the span's Whisper transcript under the text LM",
+                      ("asr_model", "text_model")),
+    "auto_bleu": Metric("Auto-BLEU-2", "lower", "self-repetition of the transcript (1- and 2-grams seen again)",
+                        ("asr_model",)),
+    "distinct_2": Metric("distinct-2", "higher", "unique word bigrams / bigrams of the transcript", ("asr_model",)),
+    "wer": Metric("WER vs the book", "lower", "the transcript against the true continuation's transcript (summed "
+                                              "edits / summed words)", ("asr_model",)),
+    "wer_text_stream": Metric("WER vs own text", "lower", "the transcript against the model's own text stream: "
+                                                          "does the audio say what the model writes", ("asr_model",)),
+    "nll_text": Metric("own NLL, text", None, "the model's NLL of the text tokens it sampled, padding included "
+                                              "(nats)"),
+    "nll_audio": Metric("own NLL, audio", None, "the model's NLL of the audio tokens it sampled (nats)"),
+    "silent_fraction": Metric("silent frames", None, "fraction of 80 ms frames quieter than silence_db"),
+    "text_padding": Metric("text padding", None, "fraction of the text stream that is padding"),
+}
+SPEAKER_MIN_SECONDS = 0.5  # shorter audio has too few frames for WavLM's x-vector (TDNN) layers (0.3 s at least)
+# metrics summarised as a ratio of sums over spans (a corpus rate), from these per-span counts
+RATIOS = {"wer": ("wer_edits", "wer_words"), "wer_text_stream": ("wer_text_stream_edits", "wer_text_stream_words")}
+
+
 def knn_distances(reference: Tensor, query: Tensor, k: int, leave_one_out: bool = False) -> Tensor:
     """[M] mean Euclidean distance of each query row [M, D] to its k nearest rows of reference [N, D]
     (float64 math). leave_one_out: query IS reference (M == N) and each row's own entry is excluded.
@@ -47,7 +83,7 @@ class DriftReference:
     scale: float  # mean leave-one-out k-NN distance of the prompt's frames to the others: its own spread
 
 
-def drift_reference(prompt_latents: Tensor, k: int = 5) -> DriftReference:
+def drift_reference(prompt_latents: Tensor, k: int) -> DriftReference:
     """The prompt [N, D] as a drift reference. Raise ValueError if fewer than 2 prompt frames (no spread)
     or a zero spread (constant prompt)."""
     if prompt_latents.dim() != 2 or prompt_latents.shape[0] < 2:
@@ -118,13 +154,6 @@ class WordErrors:
         """Word error rate, edits / reference words; None when the reference is empty."""
         return self.edits / self.reference_words if self.reference_words else None
 
-    def __add__(self, other: "WordErrors") -> "WordErrors":
-        """Counts summed: the corpus-level rate is summed edits / summed reference words."""
-        if not isinstance(other, WordErrors):
-            return NotImplemented
-        return WordErrors(self.substitutions + other.substitutions, self.deletions + other.deletions,
-                          self.insertions + other.insertions, self.reference_words + other.reference_words)
-
 
 def word_errors(hypothesis: list[str], reference: list[str]) -> WordErrors:
     """Levenshtein alignment on words (minimum edits), counting S, D, I. Among alignments with the
@@ -185,12 +214,11 @@ def distinct_n(words: list[str], n: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def silent_fraction(pcm: Tensor, sample_rate: int, frame_size: int, threshold_db: float = -50.0) -> float | None:
+def silent_fraction(pcm: Tensor, frame_size: int, threshold_db: float) -> float | None:
     """Fraction of whole frames of `frame_size` samples of pcm [S] whose RMS level (dBFS, full scale = 1.0) is
-    below threshold_db. None for no whole frame. sample_rate is only checked: frames are counted in samples."""
-    if pcm.dim() != 1 or sample_rate <= 0 or frame_size <= 0:
-        raise ValueError(f"expected pcm [S], a positive sample rate and frame size; got {tuple(pcm.shape)}, "
-                         f"{sample_rate}, {frame_size}")
+    below threshold_db. None for no whole frame."""
+    if pcm.dim() != 1 or frame_size <= 0:
+        raise ValueError(f"expected pcm [S] and a positive frame size; got {tuple(pcm.shape)}, {frame_size}")
     frames = pcm.shape[0] // frame_size
     if frames == 0:
         return None

@@ -3,7 +3,6 @@ quantile of the generated time, over all of it, each model − the baseline) and
 (continuation.json / .md, one plot per metric, wandb scalars)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,34 +14,11 @@ from ttt_speech.figures import pyplot, save_figure
 
 from . import continuation_metrics as cm
 from .config import GROUND_TRUTH
+from .continuation_metrics import METRICS, RATIOS
 from .report import model_line, report_header, table
 from .writers import OutputFiles, ReportResult
 
 
-@dataclass(frozen=True)
-class Metric:
-    """One number measured on every span: how reports name it, which way is better, what it measures."""
-
-    label: str
-    better: str | None  # "lower", "higher" or None (neither: read it beside the ground truth)
-    measures: str
-
-
-METRICS: dict[str, Metric] = {
-    "drift": Metric("drift from the prompt", "lower", "Mimi-latent k-NN distance to the prompt over the prompt's "
-                                                      "own spread (1: as close as the prompt is to itself)"),
-    "speaker_similarity": Metric("speaker similarity", "higher", "cosine of WavLM speaker embeddings, span vs prompt"),
-    "gen_ppl": Metric("GenPPL", "lower", "perplexity of the span's Whisper transcript under the text LM"),
-    "auto_bleu": Metric("Auto-BLEU-2", "lower", "self-repetition of the transcript (1- and 2-grams seen again)"),
-    "distinct_2": Metric("distinct-2", "higher", "unique word bigrams / bigrams of the transcript"),
-    "wer": Metric("WER vs the book", "lower", "the transcript against the true continuation's transcript"),
-    "wer_text_stream": Metric("WER vs own text", None, "the transcript against the model's own text stream: "
-                                                       "does the audio say what the model writes"),
-    "nll_text": Metric("own NLL, text", None, "the model's NLL of the text tokens it sampled (nats)"),
-    "nll_audio": Metric("own NLL, audio", None, "the model's NLL of the audio tokens it sampled (nats)"),
-    "silent_fraction": Metric("silent frames", None, "fraction of 80 ms frames quieter than silence_db"),
-    "text_padding": Metric("text padding", None, "fraction of the text stream that is padding"),
-}
 FILES = OutputFiles("continuation.json", "continuation.md",
                     {name: f"continuation_{name}.png" for name in METRICS})
 
@@ -50,17 +26,21 @@ FILES = OutputFiles("continuation.json", "continuation.md",
 # ---------------------------------------------------------------- summaries
 
 
-def _values(records: list[dict], metric: str) -> list[float]:
-    return [r[metric] for r in records if r[metric] is not None and math.isfinite(r[metric])]
-
-
-def _mean(values: list[float]) -> float | None:
+def stream_value(records: list[dict], metric: str) -> float | None:
+    """One stream's `metric` over the spans `records`: their mean, or for a rate (`RATIOS`: WER) the summed
+    edits over the summed words; None when no span has it."""
+    if metric in RATIOS:
+        edits, words = RATIOS[metric]
+        counted = [(r[edits], r[words]) for r in records if r.get(edits) is not None]
+        total = sum(w for _, w in counted)
+        return sum(e for e, _ in counted) / total if total else None
+    values = [r[metric] for r in records if r.get(metric) is not None]
     return float(np.mean(values)) if values else None
 
 
 def over_streams(spans: dict[str, list[dict]], metric: str, pick=lambda records: records) -> dict | None:
-    """The spread across streams of each stream's mean of `metric` over the spans `pick` keeps."""
-    return cm.spread([_mean(_values(pick(records), metric)) for records in spans.values()])
+    """The spread across streams of each stream's value of `metric` over the spans `pick` keeps."""
+    return cm.spread([stream_value(pick(records), metric) for records in spans.values()])
 
 
 def summarise_model(spans: dict[str, list[dict]], quantiles: list[float], bounds: list[tuple[int, int]]) -> dict:
@@ -88,29 +68,30 @@ def versus_baseline(spans: dict[str, dict[str, list[dict]]]) -> dict:
             continue
         out[name] = {}
         for metric in METRICS:
-            pairs = [(_mean(_values(per_stream[s], metric)), _mean(_values(base[s], metric))) for s in per_stream]
+            pairs = [(stream_value(per_stream[s], metric), stream_value(base[s], metric)) for s in per_stream]
             out[name][metric] = cm.spread([a - b for a, b in pairs if a is not None and b is not None])
     return out
 
 
-def summarise(config, plan, lengths, data, described: dict, spans: dict) -> dict:
-    """continuation.json's document."""
+def summarise(config, plan, lengths, data, described: dict, spans: dict, diverged: dict) -> dict:
+    """continuation.json's document (`diverged`: {model: {stream: the error}} of the rows whose generation
+    stopped at non-finite logits)."""
     s = config.continuation
-    n_spans = len(lengths.spans())
-    measured = {m: any(r[m] is not None for per in spans.values() for rs in per.values() for r in rs)
+    bounds = lengths.spans()
+    measured = {m: any(r.get(m) is not None for per in spans.values() for rs in per.values() for r in rs)
                 for m in METRICS}
     return {**report_header("continuation", "Long-form continuation: what each model generates, span by span",
                             config, plan.base.torch_device()),
             "lengths": {"prompt_frames": lengths.prompt, "generated_frames": lengths.generated,
-                        "span_frames": lengths.span, "spans": n_spans, "quantiles": list(s.quantiles),
-                        "span_starts_s": [a / FRAME_RATE for a, _ in lengths.spans()]},
+                        "span_frames": lengths.span, "spans": len(bounds), "quantiles": list(s.quantiles),
+                        "span_centres_s": [(a + b) / 2 / FRAME_RATE for a, b in bounds]},
             "metrics": {m: {"label": v.label, "better": v.better, "measures": v.measures, "measured": measured[m]}
                         for m, v in METRICS.items()},
             "judges": {"asr": s.asr_model, "speaker": s.speaker_model, "text": s.text_model,
                        "sampling": schema.to_dict(s.sampling)},
             "models": described, "data": data.loaded.to_dict(),
-            "summary": {name: summarise_model(per, list(s.quantiles), lengths.spans()) for name, per in spans.items()},
-            "vs_baseline": versus_baseline(spans), "spans": spans, "plots": {}}
+            "summary": {name: summarise_model(per, list(s.quantiles), bounds) for name, per in spans.items()},
+            "vs_baseline": versus_baseline(spans), "diverged": diverged, "spans": spans, "plots": {}}
 
 
 # ---------------------------------------------------------------- rendering
@@ -148,7 +129,8 @@ class ContinuationResult(ReportResult):
         rows = [[f"{METRICS[m].label}" + (f" ({METRICS[m].better} is better)" if METRICS[m].better else ""),
                  *(_cell(r["summary"][name][m]["overall"]) for name in models)] for m in self.measured()]
         out += table(["metric", *models], rows) + [""]
-        out += self._over_time() + self._versus() + [f"![{k}]({v})" for k, v in r["plots"].items()]
+        out += self._diverged() + self._over_time() + self._versus()
+        out += [f"![{k}]({v})" for k, v in r["plots"].items()]
         out += ["", "## Metrics", ""] + [f"- **{METRICS[m].label}** (`{m}`): {METRICS[m].measures}"
                                          + ("" if r["metrics"][m]["measured"] else " — not measured in this run")
                                          for m in METRICS]
@@ -168,6 +150,12 @@ class ContinuationResult(ReportResult):
                                               for name, s in r["summary"].items()]) + [""]
         return out
 
+    def _diverged(self) -> list[str]:
+        lines = [f"- **{name}** on `{stream}`: {error}" for name, per in self.report["diverged"].items()
+                 for stream, error in per.items()]
+        return ["## Diverged", "", "Generation stopped at non-finite logits; the spans before it are scored, the "
+                                   "later ones missing.", ""] + lines + [""] if lines else []
+
     def _versus(self) -> list[str]:
         vs = self.report["vs_baseline"]
         if not vs:
@@ -182,6 +170,8 @@ class ContinuationResult(ReportResult):
         for m in self.measured():
             cells = ", ".join(f"{name} {_cell(s[m]['overall'])}" for name, s in r["summary"].items())
             lines.append(f"{METRICS[m].label}: {cells}")
+        lines += [f"{name} diverged on {len(per)} stream(s), e.g. {next(iter(per))}: see the report"
+                  for name, per in r["diverged"].items()]
         return lines
 
     def scalars(self) -> dict[str, float]:
@@ -202,8 +192,7 @@ class ContinuationResult(ReportResult):
         """One figure per measured metric against time: each model's mean across streams, a band from
         the lowest to the highest stream; the ground truth dashed."""
         r = self.report
-        starts = np.asarray(r["lengths"]["span_starts_s"])
-        span_s = r["lengths"]["span_frames"] / FRAME_RATE
+        centres = r["lengths"]["span_centres_s"]
         # minutes for real runs, seconds for short ones
         unit, per = ("minutes", 60) if r["lengths"]["generated_frames"] / FRAME_RATE >= 120 else ("seconds", 1)
         paths = {}
@@ -211,10 +200,10 @@ class ContinuationResult(ReportResult):
         for m in self.measured():
             fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
             for name, s in r["summary"].items():
-                points = [(t, e) for t, e in zip(starts, s[m]["per_span"]) if e is not None]
+                points = [(t, e) for t, e in zip(centres, s[m]["per_span"]) if e is not None]
                 if not points:
                     continue
-                t = np.asarray([(p + span_s / 2) / per for p, _ in points])
+                t = np.asarray([p / per for p, _ in points])
                 mean = np.asarray([e["mean"] for _, e in points])
                 style = {"color": "k", "ls": "--"} if name == GROUND_TRUTH else {}
                 line, = ax.plot(t, mean, marker="o", ms=3, label=name, **style)

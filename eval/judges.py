@@ -22,14 +22,11 @@ from torch import Tensor
 
 from ttt_speech.data.audio import resample
 
-DEFAULT_ASR = "openai/whisper-large-v3"
-DEFAULT_SPEAKER = "microsoft/wavlm-base-plus-sv"
-DEFAULT_TEXT_LM = "Qwen/Qwen2.5-0.5B"
+from .continuation_metrics import SPEAKER_MIN_SECONDS
 
 WHISPER_SECONDS = 30  # Whisper's window: longer audio is cut in pieces of at most this
 # a piece whose peak |sample| is below this (-80 dBFS) is silent: "", not transcribed (Whisper hallucinates on silence)
 SILENCE_PEAK = 1e-4
-SPEAKER_MIN_SECONDS = 0.5  # shorter audio has too few frames for the x-vector's TDNN layers (0.3 s at least)
 TEXT_BATCH = 8  # texts per forward of the text LM: its logits are [batch, tokens, vocab] (Qwen2.5: 151,936)
 # the weight files `from_pretrained` reads, alone or as an index naming shards
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -143,6 +140,9 @@ class Transcriber:
         from transformers import AutoProcessor, WhisperForConditionalGeneration
 
         self.processor = _load("ASR", source, AutoProcessor.from_pretrained)
+        if not hasattr(self.processor, "feature_extractor") or not hasattr(self.processor, "batch_decode"):
+            raise ValueError(f"cannot load the ASR judge {source}: its processor ({type(self.processor).__name__}) "
+                             "is not Whisper's (a feature extractor and a tokenizer)")
         model = _load("ASR", source, WhisperForConditionalGeneration.from_pretrained, dtype=dtype)
         self.model = model.to(device).eval()
         self.device, self.dtype = torch.device(device), dtype

@@ -59,7 +59,7 @@ def test_drift_of_a_replay_is_0_with_k1_and_below_1_with_k5():
 
 
 def test_drift_is_about_1_for_the_same_distribution_and_large_for_another():
-    reference = drift_reference(gaussian(300, seed=0))
+    reference = drift_reference(gaussian(300, seed=0), k=5)
     assert reference.scale > 0 and reference.k == 5
     for seed in (1, 2, 3):
         assert drift(reference, gaussian(300, seed=seed)) == pytest.approx(1.0, abs=0.2)
@@ -67,7 +67,7 @@ def test_drift_is_about_1_for_the_same_distribution_and_large_for_another():
 
 
 def test_drift_rises_over_the_spans_of_a_stream_that_switches_recording():
-    reference = drift_reference(gaussian(300, seed=0))
+    reference = drift_reference(gaussian(300, seed=0), k=5)
     stream = torch.cat([gaussian(400, seed=1), gaussian(400, shift=1.5, seed=2)])
     spans = [drift(reference, stream[i:i + 100]) for i in range(0, 800, 100)]
     assert max(spans[:4]) < min(spans[4:])
@@ -95,7 +95,7 @@ def test_drift_on_real_speech_orders_replay_rest_of_utterance_and_noise():
     assert rate == 16000 and pcm.shape[0] > 5 * rate
     frames = log_band_frames(pcm)
     half = frames.shape[0] // 2
-    reference = drift_reference(frames[:half])
+    reference = drift_reference(frames[:half], k=5)
     # noise and tone as loud as the speech: drift must tell them apart by more than their level
     rms = pcm.square().mean().sqrt().item()
     noise = torch.randn(pcm.shape[0], generator=torch.Generator().manual_seed(0)) * rms
@@ -110,11 +110,11 @@ def test_drift_on_real_speech_orders_replay_rest_of_utterance_and_noise():
 
 def test_drift_reference_refuses_a_prompt_without_spread():
     with pytest.raises(ValueError, match="at least 2"):
-        drift_reference(gaussian(1))
+        drift_reference(gaussian(1), k=5)
     with pytest.raises(ValueError, match="zero spread"):
-        drift_reference(torch.ones(50, 16))
+        drift_reference(torch.ones(50, 16), k=5)
     with pytest.raises(ValueError, match="at least one frame"):
-        drift(drift_reference(gaussian(10)), gaussian(0))
+        drift(drift_reference(gaussian(10), k=5), gaussian(0))
 
 
 def test_cosine_similarity_known_angles():
@@ -186,12 +186,9 @@ def test_word_errors_are_minimal_and_consistent_on_random_texts():
         assert word_errors(hyp, ref) == e  # deterministic
 
 
-def test_word_errors_empty_reference_and_corpus_sum():
+def test_word_errors_empty_reference():
     empty = word_errors(["uh"], [])
     assert empty.insertions == 1 and empty.edits == 1 and empty.rate is None
-    total = WordErrors(1, 0, 0, 4) + WordErrors(0, 1, 1, 6) + empty
-    assert total == WordErrors(1, 1, 2, 10)
-    assert total.rate == pytest.approx(0.4)  # summed edits / summed words, not the mean of 0.25, 1/3
 
 
 def test_auto_bleu_known_answers():
@@ -227,14 +224,14 @@ def tone(frames: int, dbfs: float, rate: int = 24000, frame: int = 1920) -> torc
 def test_silent_fraction():
     loud = tone(10, -20.0)
     assert 20 * math.log10(loud.square().mean().sqrt()) == pytest.approx(-20.0)
-    assert silent_fraction(torch.zeros(10 * 1920), 24000, 1920) == 1.0
-    assert silent_fraction(loud, 24000, 1920) == 0.0
-    assert silent_fraction(torch.cat([torch.zeros(5 * 1920, dtype=torch.float64), loud[:5 * 1920]]), 24000, 1920) == 0.5
-    assert silent_fraction(loud, 24000, 1920, threshold_db=-19.9) == 1.0
-    assert silent_fraction(loud, 24000, 1920, threshold_db=-20.1) == 0.0
+    assert silent_fraction(torch.zeros(10 * 1920), 1920, -50.0) == 1.0
+    assert silent_fraction(loud, 1920, -50.0) == 0.0
+    assert silent_fraction(torch.cat([torch.zeros(5 * 1920, dtype=torch.float64), loud[:5 * 1920]]), 1920, -50.0) == 0.5
+    assert silent_fraction(loud, 1920, threshold_db=-19.9) == 1.0
+    assert silent_fraction(loud, 1920, threshold_db=-20.1) == 0.0
     # a partial frame at the end is not counted
-    assert silent_fraction(torch.cat([torch.zeros(2 * 1920, dtype=torch.float64), loud[:1000]]), 24000, 1920) == 1.0
-    assert silent_fraction(torch.zeros(1919), 24000, 1920) is None
+    assert silent_fraction(torch.cat([torch.zeros(2 * 1920, dtype=torch.float64), loud[:1000]]), 1920, -50.0) == 1.0
+    assert silent_fraction(torch.zeros(1919), 1920, -50.0) is None
 
 
 def test_token_fraction():

@@ -14,9 +14,9 @@ import yaml
 from ttt_speech.cli import main
 from ttt_speech_apps.eval import fixture
 from ttt_speech_apps.eval.config import ContinuationSettings, load_config
-from ttt_speech_apps.eval.continuation import Continuation, Lengths, Reference, Scorer, Span, generate_spans
-from ttt_speech_apps.eval.continuation_metrics import drift_reference
-from ttt_speech_apps.eval.continuation_report import METRICS
+from ttt_speech_apps.eval.continuation import Continuation, Lengths, generate_spans
+from ttt_speech_apps.eval.continuation_metrics import METRICS, drift_reference
+from ttt_speech_apps.eval.continuation_scorer import Judges, Reference, Scorer, Span
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -38,6 +38,7 @@ def setup(tmp_path_factory):
 
 
 def write_config(path: Path, setup, **continuation) -> Path:
+    """A config continuing (at most) two fixture books for 6 s in 2 s spans; `continuation` overrides."""
     tree, codes, _ = setup
     data = {"model": {"name": "tiny", "tiny": TINY, "device": "cpu"},
             "ttt": {"mini_batch_size": 16, "gate_init": 0.5},
@@ -64,7 +65,7 @@ def test_the_command_offline_on_the_fixture(setup, tmp_path, capsys, offline):
     report = json.loads((out / "continuation.json").read_text())
     assert set(report["summary"]) == {"ground_truth", "ttt", "baseline"}
     assert report["lengths"] == {"prompt_frames": 50, "generated_frames": 75, "span_frames": 25, "spans": 3,
-                                 "quantiles": [0.25, 0.5, 0.75, 1.0], "span_starts_s": [0.0, 2.0, 4.0]}
+                                 "quantiles": [0.25, 0.5, 0.75, 1.0], "span_centres_s": [1.0, 3.0, 5.0]}
     measured = {m for m, v in report["metrics"].items() if v["measured"]}
     # the tiny model has no text tokenizer (its text stream cannot be read) and the fixture no transcripts
     assert measured == set(METRICS) - {"wer", "wer_text_stream"}
@@ -98,18 +99,61 @@ def test_a_judge_missing_from_the_cache_is_one_line_before_anything_loads(setup,
     assert "hf download" in err and not (tmp_path / "out").exists()
 
 
-def test_metrics_switched_off_and_models_that_cannot_generate(setup, tmp_path, capsys, offline):
+def test_metrics_off_a_short_last_span_a_short_book_and_a_model_that_diverges(setup, tmp_path, monkeypatch,
+                                                                              offline):
+    """No judge (none needed, none looked for: an empty cache), silence off: only drift, own NLL and
+    padding are measured. 15 s generated in 2 s spans: the last span is 1.04 s. The synthetic book
+    (12 s) has 8 s of ground truth after its prompt: 4 spans. The baseline diverges after its first
+    span: that span is kept, the rest are missing, the report says so, nothing is lost."""
+    from ttt_speech.generate import GenerationDiverged
+    from ttt_speech_apps.eval import continuation
+
+    offline(tmp_path / "empty-cache")
+    original = continuation.generate_spans
+
+    def diverging(model, *args, **kwargs):
+        made = original(model, *args, **kwargs)
+        yield next(made)
+        if model.name == "baseline":
+            made.close()
+            raise GenerationDiverged(30, 80, [(0, "text")])
+        yield from made
+
+    monkeypatch.setattr(continuation, "generate_spans", diverging)
+    metrics = [m for m in METRICS if m != "silent_fraction"]
+    config = write_config(tmp_path / "c.yaml", setup, max_minutes=0.25, asr_model=None, speaker_model=None,
+                          metrics=metrics)
+    assert main(["eval", "continuation", str(config), "--baseline", "--quiet"]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "continuation.json").read_text())
+    measured = {m for m, v in report["metrics"].items() if v["measured"]}
+    assert measured == {"drift", "nll_text", "nll_audio", "text_padding"}
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"continuation_{m}.png" for m in measured)
+    ttt = report["spans"]["ttt"]
+    assert all(len(spans) == 8 for spans in ttt.values())
+    last = next(iter(ttt.values()))[-1]
+    assert last["seconds"] == pytest.approx(13 / 12.5) and "gen_ppl" not in last and "silent_fraction" not in last
+    truth = {stream: len(spans) for stream, spans in report["spans"]["ground_truth"].items()}
+    assert sorted(truth.values()) == [4, 8]  # the synthetic book ends 8 s after its prompt
+    assert all(len(spans) == 1 for spans in report["spans"]["baseline"].values())
+    assert set(report["diverged"]["baseline"]) == set(ttt) and "non-finite logits" in \
+        next(iter(report["diverged"]["baseline"].values()))
+    assert "## Diverged" in (out / "continuation.md").read_text()
+    assert report["lengths"]["span_centres_s"][-1] == pytest.approx((175 + 188) / 2 / 12.5)
+
+
+def test_settings_refused_while_planning(setup, tmp_path, offline):
     offline(setup[2])
-    config = write_config(tmp_path / "c.yaml", setup, text_model=None)
-    probe = Continuation(load_config(config, ["continuation.asr_model=null", "continuation.speaker_model=null",
-                                              "continuation.drift=false"]))
-    probe.plan()  # no judge to look for
-    with pytest.raises(ValueError, match="text_model: expected null when asr_model is null"):
-        load_config(config, ["continuation.asr_model=null", "continuation.text_model=org/lm"])
+    config = write_config(tmp_path / "c.yaml", setup)
     with pytest.raises(ValueError, match="^ttt: generation: e2e_mlp models cannot run LMGen.step"):
         Continuation(load_config(config, ["ttt.layer_type=e2e_mlp", "ttt.mini_batch_size=4"])).plan()
-    with pytest.raises(ValueError, match="quantiles: expected increasing fractions"):
-        ContinuationSettings(quantiles=[0.5, 0.25, 1.0])
+    for settings, message in [({"quantiles": [0.5, 0.25, 1.0]}, "quantiles: expected increasing fractions"),
+                              ({"metrics": ["drift", "bleu"]}, r"metrics\[1\]: expected one of \['drift'"),
+                              ({"prompt_seconds": 0.3}, "prompt_seconds: expected at least 0.5 s for speaker"),
+                              ({"max_minutes": float("inf")}, "max_minutes: expected a finite number of minutes")]:
+        with pytest.raises(ValueError, match=message):
+            ContinuationSettings(**settings)
+    ContinuationSettings(prompt_seconds=0.3, speaker_model=None)  # no voice to compare: any prompt
 
 
 def test_spans_are_yielded_as_they_are_generated():
@@ -118,7 +162,7 @@ def test_spans_are_yielded_as_they_are_generated():
     from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
     from ttt_speech.generate import GenerationConfig
     from ttt_speech.models import ModelConfig, load_mimi
-    from ttt_speech_apps.eval.continuation import ContinuationData, Judges
+    from ttt_speech_apps.eval.continuation import ContinuationData
     from ttt_speech_apps.eval.plan import EvalModel, PlannedModel
 
     lm = tiny_moshi_lm(seed=0, **TINY).eval()
@@ -164,18 +208,18 @@ def test_wer_against_the_book_and_against_the_models_own_text():
     model's own text stream (padding dropped): 0 where the ASR heard exactly that, counted edits
     otherwise; a stream without words (all padding) has no reference."""
     from ttt_speech.models import ModelConfig, load_mimi
-    from ttt_speech_apps.eval.continuation import Judges
 
     mimi = load_mimi(ModelConfig(device="cpu"))
     scorer = Scorer(Judges(FixedASR("The cat sat."), None, None), mimi, WordTokenizer(), (3, 0),
-                    ContinuationSettings(drift=False))
+                    ContinuationSettings(metrics=[m for m in METRICS if m != "drift"]))
     text = torch.tensor([4, 3, 5, 3, 0, 6])  # "the cat sat" between padding
     span = Span(0, 0, torch.zeros(4 * mimi.frame_size), torch.zeros(8, 6, dtype=torch.long), text, None)
     book = Reference(None, None, [["the", "cat", "sat", "down"]])
     record = scorer.score([span], [book])[0]
     assert record["wer_text_stream"] == 0 and record["wer"] == pytest.approx(0.25)  # one deletion of four
     assert record["text_stream"] == "the cat sat" and record["text_padding"] == pytest.approx(0.5)
-    assert record["silent_fraction"] == 1.0 and record["drift"] is None and record["nll_text"] is None
+    assert (record["wer_edits"], record["wer_words"]) == (1, 4)  # what a corpus rate sums
+    assert record["silent_fraction"] == 1.0 and "drift" not in record and record["nll_text"] is None
     silent = Span(0, 0, span.pcm, span.codes, torch.full((6,), 3), None)
     assert scorer.score([silent], [Reference(None, None, [None])])[0]["wer_text_stream"] is None
 
@@ -184,7 +228,6 @@ def test_drift_of_real_codes_against_their_own_prompt(setup):
     """Through the probe's own latents (Mimi's quantiser): a replay of the prompt is closer to it than
     the rest of the same book, which is closer than codes of another distribution (uniform noise)."""
     from ttt_speech.models import ModelConfig, load_mimi
-    from ttt_speech_apps.eval.continuation import Judges
     from ttt_speech_apps.eval.continuation_metrics import drift
     from ttt_speech_apps.eval.plan import plan_eval
     from ttt_speech_apps.eval.streams import load_data
@@ -196,7 +239,7 @@ def test_drift_of_real_codes_against_their_own_prompt(setup):
     assert book.shape[1] >= 150 and book[:, :50].unique().numel() > 50
     scorer = Scorer(Judges(None, None, None), load_mimi(ModelConfig(device="cpu")), None, (3, 0),
                     ContinuationSettings())
-    reference = drift_reference(scorer.latents(book[:, :50]))
+    reference = drift_reference(scorer.latents(book[:, :50]), k=5)
     replay = drift(reference, scorer.latents(book[:, :50]))
     same_book = drift(reference, scorer.latents(book[:, 75:150]))
     noise = drift(reference, scorer.latents(torch.randint(0, 2048, (8, 75), generator=torch.Generator().manual_seed(0))))

@@ -13,9 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import go_offline
-from ttt_speech_apps.eval.judges import (DEFAULT_ASR, DEFAULT_SPEAKER, DEFAULT_TEXT_LM, SpeakerEncoder, TextScorer,
-                                         Transcriber, check_judge)
+pytest.importorskip("transformers")  # the `omni` extra: the judges load through it
+
+from conftest import go_offline  # noqa: E402
+from ttt_speech_apps.eval.config import DEFAULT_ASR, DEFAULT_SPEAKER, DEFAULT_TEXT_LM  # noqa: E402
+from ttt_speech_apps.eval.judges import SpeakerEncoder, TextScorer, Transcriber, check_judge  # noqa: E402
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")
 CPU = torch.device("cpu")

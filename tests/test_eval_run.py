@@ -320,7 +320,7 @@ def test_several_exports_in_one_report(tree, tmp_path):
 
 
 @pytest.mark.parametrize("compare, message", [
-    ({"baseline": "x"}, "compare.baseline: expected a name other than ['ttt', 'baseline']"),
+    ({"baseline": "x"}, "compare.baseline: expected a name other than ['ttt', 'baseline', 'ground_truth']"),
     ({"a/b": "x"}, "compare.a/b: expected a name other than"),
 ])
 def test_compare_names_are_checked(tmp_path, compare, message):

@@ -30,14 +30,14 @@ from torch import Tensor
 
 from .data import FRAME_RATE
 from .data.codes import Recording
-from .generation.config import GenerationConfig, validate
+from .generation.config import GenerationConfig, SamplingConfig, validate
 from .generation.decode import AudioDecoder
 from .generation.prompts import load_prompt, prompt_streams
 from .generation.sampling import check_sampling, sample_tokens
 from .generation.session import Frame, GenerationDiverged, GenerationSession, SamplingLMGen
 from .generation.state import read_state, write_state
 
-__all__ = ["FRAME_RATE", "GenerationConfig", "validate", "Frame", "GenerationSession", "GenerationDiverged",
+__all__ = ["FRAME_RATE", "GenerationConfig", "SamplingConfig", "validate", "Frame", "GenerationSession", "GenerationDiverged",
            "SamplingLMGen", "AudioDecoder", "sample_tokens", "check_sampling", "load_prompt", "prompt_streams",
            "save_state", "load_state", "read_state", "write_state", "stream", "continuation", "default_silence",
            "Continuations", "generate"]

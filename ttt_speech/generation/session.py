@@ -31,7 +31,7 @@ from ..config import TTTConfig
 from ..handle import TTTModel
 from ..moshi.internals import (StreamingHooks, lmgen_offsets, load_moshi_states, moshi_states_to_tensors,
                                reset_depformer_graph)
-from .config import GenerationConfig
+from .config import GenerationConfig, SamplingConfig
 from .contexts import OwnsContexts
 from .sampling import sample_tokens
 from .state import model_fingerprint
@@ -108,7 +108,7 @@ class SamplingLMGen(StreamingHooks, LMGen):
     With `score`, it records the NLL of each chosen token the same way, in `state.nll`.
     """
 
-    def __init__(self, lm_model: LMModel, settings: GenerationConfig, score: bool = False) -> None:
+    def __init__(self, lm_model: LMModel, settings: SamplingConfig, score: bool = False) -> None:
         super().__init__(lm_model, use_sampling=False, on_text_logits_hook=self._choose_text,
                          support_out_of_sync=True)
         self.settings = settings
@@ -172,11 +172,12 @@ class GenerationSession(OwnsContexts):
             session.load_state_dict(tensors, meta)            # continue exactly where it stopped
 
     `silence` [n_user] are the codec's codes of silence, the user stream outside prompts.
-    `config` may be replaced between runs (e.g. another temperature); the RNG stream continues.
+    `config` may be replaced between runs (e.g. another temperature); the RNG stream continues. A
+    `SamplingConfig` (no length) is enough when every `run` says its `num_frames`.
     `score`: each `Frame` carries the NLL of its tokens (`Frame.nll`; a few small ops more per step).
     """
 
-    def __init__(self, lm: LMModel, batch_size: int, config: GenerationConfig | None = None,
+    def __init__(self, lm: LMModel, batch_size: int, config: SamplingConfig | None = None,
                  silence: Tensor | None = None, score: bool = False) -> None:
         if lm.training:
             raise ValueError("generation needs the model in eval mode (call lm.eval())")
@@ -241,6 +242,8 @@ class GenerationSession(OwnsContexts):
         if len(prompts) != B:
             raise ValueError(f"prompts: expected {B} (one per row of the stream), got {len(prompts)}")
         prompts = [self._check_prompt(p, i) for i, p in enumerate(prompts)]
+        if num_frames is None and not isinstance(self.config, GenerationConfig):
+            raise ValueError("num_frames: required when the session's config has no length (a SamplingConfig)")
         n = self.config.num_frames if num_frames is None else num_frames
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_frames: expected an integer >= 1, got {n!r}")
