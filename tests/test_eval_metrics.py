@@ -202,3 +202,18 @@ def test_length_figures_constant_series_and_too_few_reached_points():
     none = metrics.length_figures([])
     assert "skipped" in none["best"] and "skipped" in none["degradation_ratio"]
     json.dumps([fig, one, gap, none], allow_nan=False)
+
+
+def test_length_figures_render_when_only_one_length_was_reached():
+    """One reached length has no degradation ratio ({"skipped": why}): the log line and the Markdown
+    table say "—" (both once raised on formatting the dict)."""
+    from ttt_speech_apps.eval import report
+
+    figures = {"ppl_at": {"1x": {"ppl": 14.3, "interpolated": False}, "5x": {"skipped": "not reached"}},
+               "degradation_ratio": {"skipped": "1 reached length(s): a ratio needs 2"},
+               "best": {"skipped": "1 reached length(s)"}}
+    assert report.length_figures_line(figures) == "ppl @1x 14.300, @5x not reached; max/min —; best L —"
+    entries = {"trained": {"cb1": {"points": [{"length": 64, "factor": 1.0, "cumulative": {"ppl": 14.3, "frames": 64}}],
+                                   "figures": figures}}}
+    assert any("| trained | 14.300 | not reached | — | — |" in line
+               for line in report.length_tables(entries, {"cb1": "codebook 1"}, 64))
