@@ -69,12 +69,15 @@ class Checkpointer:
     `save` after the same step). Sharded: every rank writes its shards; `asynchronous`: the shards
     are copied to CPU memory and written while training goes on, and the checkpoint appears (its
     folder renamed into place) once every rank has written, at the latest at the next `save` or
-    `wait`. Consolidated: the tensors are gathered to rank 0, which writes them."""
+    `wait`. Consolidated: the tensors are gathered to rank 0, which writes them. The `keep` newest are
+    kept, and beside them the checkpoints of the steps in `boundaries` (the ends of a run's stages)."""
 
-    def __init__(self, root: Path, env: "Dist", lm: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 config_yaml: str, keep: int, sharded: bool, asynchronous: bool) -> None:
+    def __init__(self, root: Path, env: "Dist", lm: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler,
+                 config_yaml: str, keep: int, sharded: bool, asynchronous: bool,
+                 boundaries: frozenset[int] = frozenset()) -> None:
         self.root, self.env, self.lm, self.optimizer, self.scheduler = root, env, lm, optimizer, scheduler
         self.config_yaml, self.keep, self.sharded, self.asynchronous = config_yaml, keep, sharded, asynchronous
+        self.boundaries = boundaries
         self.group = None  # torch.distributed.checkpoint's collectives (None: one process)
         if env.enabled:
             import torch.distributed as dist
@@ -85,6 +88,11 @@ class Checkpointer:
                 _check_shared(root.parent, env)
         self._pending: _Pending | None = None
         self._warned_grace = False
+
+    def follow(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """Save this optimizer and schedule from now on (a new stage has its own)."""
+        self.wait()
+        self.optimizer, self.scheduler = optimizer, scheduler
 
     def save(self, step: int, data_state: Any, carry_state: dict[str, Tensor] | None,
              blocking: bool = False) -> Path | None:
@@ -172,7 +180,9 @@ class Checkpointer:
 
     def _publish(self, pending: "_Pending") -> None:
         _publish(pending.stage, pending.final)
-        for old in list_checkpoints(self.root)[:-self.keep]:
+        rotated = [p for p in list_checkpoints(self.root)
+                   if int(STEP_DIR.match(p.name).group(1)) not in self.boundaries]
+        for old in rotated[:-self.keep]:
             shutil.rmtree(old)
         self._report(pending)
 

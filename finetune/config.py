@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -73,6 +74,46 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run (`stages:`, docs/training.md): it starts from the weights the stage before
+    ended with, with a fresh optimizer and learning-rate schedule, new data rows (TTT state reset), and
+    its own length, window, batch, data and learning rate. A field left null is the run's own."""
+
+    name: str = doc(None, "the stage's name: in the log, metrics.jsonl (`stage`), loss.png and length_gen/<name>/")
+    steps: int = doc(None, "optimizer steps of this stage")
+    window_frames: int | None = doc(None, "data.window_frames of this stage")
+    window_seconds: float | None = doc(None, "data.window_seconds of this stage (instead of window_frames)")
+    batch_size: int | None = doc(None, "data.batch_size of this stage (global rows)")
+    train_manifest: Path | None = doc(None, "data.train_manifest of this stage (e.g. longer recordings)")
+    lr: float | None = doc(None, "optim.lr of this stage (its peak)")
+    warmup_steps: int | None = doc(None, "optim.warmup_steps of this stage")
+    schedule: Literal["cosine", "constant"] | None = doc(None, "optim.schedule of this stage")
+    min_lr_ratio: float | None = doc(None, "optim.min_lr_ratio of this stage")
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.name, str) and bool(self.name) and self.name.strip() == self.name
+              and "/" not in self.name and not self.name.startswith("."), "name",
+              "a name without '/' or a leading '.' (it names a folder)", self.name)
+        check(self.steps is not None and self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        if self.window_frames is not None and self.window_seconds is not None:
+            raise ValueError("window_frames and window_seconds: set one")
+
+    def apply(self, run: "TrainConfig") -> "TrainConfig":
+        """`run` as this stage runs it: its fields replaced where set, `steps` the stage's, no stages;
+        validated as any config is (ValueError naming the field)."""
+        data = {k: v for k, v in (("batch_size", self.batch_size), ("train_manifest", self.train_manifest))
+                if v is not None}
+        if self.window_frames is not None:
+            data.update(window_frames=self.window_frames, window_seconds=None)
+        elif self.window_seconds is not None:
+            data.update(window_seconds=self.window_seconds)
+        optim = {k: getattr(self, k) for k in ("lr", "warmup_steps", "schedule", "min_lr_ratio")
+                 if getattr(self, k) is not None}
+        return dataclasses.replace(run, stages=[], steps=self.steps, data=dataclasses.replace(run.data, **data),
+                                   optim=dataclasses.replace(run.optim, **optim))
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = doc(factory=ModelConfig, help="")
     ttt: TTTConfig | None = doc(None, "TTT layers to insert (the TTTConfig fields); null trains the plain model "
@@ -93,12 +134,12 @@ class TrainConfig:
     distributed: Literal["ddp", "fsdp"] = doc(
         "ddp", "multi-process strategy under torchrun (gloo on CPU, nccl on GPU): ddp (every rank holds the whole "
                "model, gradients and optimizer state) or fsdp (all three sharded per transformer layer; docs/training.md)")
-    steps: int = doc(100, "optimizer steps")
+    steps: int = doc(100, "optimizer steps (with stages: their total)")
     log_every: int = doc(10, "steps between log lines / wandb points / the TTT-stats CSV")
     eval_every: int = doc(0, "steps between evaluations on eval_manifest (0: only at the end)")
     eval_frames: int = doc(1024, "frames per held-out recording used by the periodic evaluation")
     checkpoint_every: int = doc(0, "steps between checkpoints (0: only at the end)")
-    keep_checkpoints: int = doc(2, "checkpoints kept on disk (oldest deleted first)")
+    keep_checkpoints: int = doc(2, "checkpoints kept on disk (oldest deleted first; a stage's last one is kept beside them)")
     checkpoint_format: Literal["auto", "sharded", "consolidated"] = doc(
         "auto", "sharded: every rank writes its shards of the trainable weights and AdamW's state in parallel "
                 "(torch.distributed.checkpoint; output_dir on a filesystem every node sees); consolidated: gathered "
@@ -112,7 +153,12 @@ class TrainConfig:
     wandb: WandbConfig = doc(factory=WandbConfig, help="")
     length_gen: LengthGenConfig | None = doc(None, "after training, evaluate perplexity at lengths from min_factor to "
                                                    "max_factor x the training window on eval_manifest ({} for the "
-                                                   "defaults, or eval's length_gen fields); null: not")
+                                                   "defaults, or eval's length_gen fields); null: not. With stages: "
+                                                   "at the end of each, against its window")
+    stages: list[StageConfig] = doc(factory=list, help="staged context extension: stages run in order, each from the "
+                                                       "last one's weights with its own steps, window, batch, data and "
+                                                       "learning rate (StageConfig fields); `steps` is then their "
+                                                       "total. Empty: one stage, this config")
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -151,6 +197,25 @@ class TrainConfig:
                 raise ValueError("distributed: 'fsdp' does not take e2e_mlp layers (their test-time update runs a "
                                  "backward inside the forward, where FSDP's hooks reshard the parameters the "
                                  "forward still reads; docs/training.md §5); use ddp")
+        self._check_stages()  # last: the run's own fields are refused as themselves, not as a stage's
+
+    def _check_stages(self) -> None:
+        """Every stage valid as the config it runs as (before step 1, not at its start); `steps` their total."""
+        if not self.stages:
+            return
+        names = [s.name for s in self.stages]
+        check(len(set(names)) == len(names), "stages", "stages of distinct names", names)
+        total = sum(s.steps for s in self.stages)
+        check(self.steps == total, "steps", f"the stages' total, {total} (with stages, steps is their sum)", self.steps)
+        for i, stage in enumerate(self.stages):
+            try:
+                stage.apply(self)
+            except ValueError as e:
+                raise ValueError(f"stages[{i}] ({stage.name}): {e}") from None
+
+    def stage_configs(self) -> list[tuple[str | None, "TrainConfig"]]:
+        """(name, the config it runs as) of each stage; without stages one, (None, self)."""
+        return [(s.name, s.apply(self)) for s in self.stages] or [(None, self)]
 
     @property
     def uses_lora(self) -> bool:

@@ -35,17 +35,22 @@ class RowPosition:
     frame: int = 0  # first frame of the next window
 
 
+def check_rows(global_batch: int, recordings: int, world: int) -> None:
+    """The rows of a global batch split over the ranks, and each has recordings of its own."""
+    if global_batch % world:
+        raise ValueError(f"data.batch_size: {global_batch} rows do not split evenly over {world} processes")
+    if global_batch > recordings:
+        raise ValueError(f"data.batch_size: {global_batch} rows but the manifest lists only {recordings} "
+                         f"recordings (each row reads its own recordings)")
+
+
 class WindowBatcher:
     """Consecutive windows of recordings for this rank's rows. `load(i)` → codes [K, T] of entry i."""
 
     def __init__(self, entries: list[ManifestEntry], load: Callable[[int], Tensor], global_batch: int,
                  window: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True,
                  persistent: bool = True, pad_id: int = -1) -> None:
-        if global_batch % world:
-            raise ValueError(f"data.batch_size: {global_batch} rows do not split evenly over {world} processes")
-        if global_batch > len(entries):
-            raise ValueError(f"data.batch_size: {global_batch} rows but the manifest lists only {len(entries)} "
-                             f"recordings (each row reads its own recordings)")
+        check_rows(global_batch, len(entries), world)
         self.entries, self.load = entries, load
         self.global_batch, self.window, self.seed, self.shuffle = global_batch, window, seed, shuffle
         self.persistent, self.pad_id = persistent, pad_id

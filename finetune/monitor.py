@@ -57,12 +57,17 @@ class Monitor:
         """The wandb run, or None (disabled, or not rank 0)."""
         return self.tracker.run if self.tracker is not None else None
 
-    def log(self, step: int, metrics: dict[str, float], layer_stats: dict[int, FastWeightStats] | None = None) -> None:
+    def log(self, step: int, metrics: dict[str, float], layer_stats: dict[int, FastWeightStats] | None = None,
+            stage: tuple[int, str] | None = None) -> None:
+        """One log step; `stage` (index, name) of a staged run: metrics.jsonl's `stage` (name), wandb's
+        `train/stage` (index, a number wandb can plot)."""
         if not self.enabled:
             return
         with open(self.dir / METRICS, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **({"stage": stage[1]} if stage else {}), **metrics}) + "\n")
         flat = {STEP: step, **{wandb_key(k): v for k, v in metrics.items()}}
+        if stage is not None:
+            flat["train/stage"] = stage[0]
         if layer_stats:
             new = not (self.dir / TTT_STATS).exists()
             with open(self.dir / TTT_STATS, "a", newline="") as f:

@@ -33,9 +33,11 @@ def smooth(values: list[float], fraction: float = SMOOTHING) -> list[float]:
             for i in range(len(values))]
 
 
-def plot_loss(histories: dict[str, list[dict]], path: Path, title: str = "Training loss") -> Path | None:
+def plot_loss(histories: dict[str, list[dict]], path: Path, title: str = "Training loss",
+              stages: dict[str, int] | None = None) -> Path | None:
     """Train loss (faint: as logged; solid: smoothed) and held-out loss (dashed, markers) against the
-    step, one colour per run; None when no run has logged a loss."""
+    step, one colour per run; `stages` ({name: the step before its first}) marked by vertical lines and
+    names. None when no run has logged a loss."""
     if not any("loss" in r for rows in histories.values() for r in rows):
         return None
     plt = pyplot()
@@ -53,6 +55,10 @@ def plot_loss(histories: dict[str, list[dict]], path: Path, title: str = "Traini
         held_out = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         if held_out:
             ax.plot(*zip(*held_out), color=colour, ls="--", marker="o", ms=4, lw=1.2, label=f"{name}: held-out")
+    for name, start in (stages or {}).items():
+        ax.axvline(start, color="k", lw=0.8, ls=":")
+        ax.annotate(name, (start, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                    textcoords="offset points", va="top", fontsize=8)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss (text + audio)")

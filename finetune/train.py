@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from ttt_speech import schema
+from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.cache import CodesCache
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
@@ -36,7 +37,7 @@ from ttt_speech.stats import runaway, runaway_warning
 from .checkpointing import (Checkpointer, is_sharded_format, load_checkpoint, load_full_state,
                             read_checkpoint_config, resolve_resume, set_rng_state, split_rows, trainable_shapes)
 from .config import TrainConfig, resume_changes
-from .data import WindowBatcher
+from .data import WindowBatcher, check_rows
 from .distributed import Dist, build_device, chunk_model, close_distributed, consolidated, init_distributed, wrap
 from .loss import loss_terms, summarize, total_loss
 from .memory import rank_memory
@@ -45,6 +46,7 @@ from .monitor import MEMORY, InnerLrProbe, Monitor, truncate_step_logs
 from .plots import LOSS_PLOT, plot_loss, read_history
 from .run_folder import RunFolder, claim
 from .sharded_state import SHARDED_DIR, load_sharded
+from .stages import Stage, check_resume_stages, plan_stages, stage_of
 from .stop import StopRequest, TrainingInterrupted, sigterm_interrupts
 
 logger = logging.getLogger("finetune")
@@ -104,8 +106,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     folder = None
     try:
         with sigterm_interrupts():
-            manifests = (read_manifest(config.data.train_manifest, "data.train_manifest"),
-                         read_manifest(config.data.eval_manifest, "data.eval_manifest")
+            manifests = (_train_manifests(config), read_manifest(config.data.eval_manifest, "data.eval_manifest")
                          if config.data.eval_manifest else [])
             resume_dir = _check_resume(config, resume) if resume is not None else None
             check_family(config.model)  # before the output folder is claimed (--overwrite deletes a run)
@@ -133,10 +134,27 @@ def _claim(config: TrainConfig, env: Dist, resume_dir: Path | None, overwrite: b
     return folder
 
 
+def _train_manifests(config: TrainConfig) -> dict[Path, list[ManifestEntry]]:
+    """The entries of every stage's training manifest (read before anything else: a bad line fails now)."""
+    out: dict[Path, list[ManifestEntry]] = {}
+    for i, (name, stage) in enumerate(config.stage_configs()):
+        path = stage.data.train_manifest
+        if path not in out:
+            out[path] = read_manifest(path, "data.train_manifest" if name is None or path == config.data.train_manifest
+                                      else f"stages[{i}].train_manifest")
+    return out
+
+
 def _check_resume(config: TrainConfig, resume: Path) -> Path:
-    """The checkpoint to resume from (damaged newest ones skipped), its config compatible with `config`."""
+    """The checkpoint to resume from (damaged newest ones skipped), its config compatible with `config`
+    (the stages it ran unchanged; later ones may change: `check_resume_stages`)."""
     path = resolve_resume(resume)
-    free, moves = resume_changes(read_checkpoint_config(path), schema.to_dict(config))
+    saved, current = read_checkpoint_config(path), schema.to_dict(config)
+    if saved.get("stages") or config.stages:  # the stages that ran are compared as they ran
+        check_resume_stages(schema.from_dict(TrainConfig, saved, f"{path / 'config.yaml'}"), config,
+                            _resumed_step(path))
+    saved, current = ({k: v for k, v in c.items() if k != "stages"} for c in (saved, current))
+    free, moves = resume_changes(saved, current)
     for line in free:
         logger.info("resume with a new setting: %s", line)
     for line in moves:
@@ -144,7 +162,7 @@ def _check_resume(config: TrainConfig, resume: Path) -> Path:
     return path
 
 
-def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry], list[ManifestEntry]],
+def _train(config: TrainConfig, env: Dist, manifests: tuple[dict[Path, list[ManifestEntry]], list[ManifestEntry]],
            resume_dir: Path | None, folder: RunFolder | None, progress: bool) -> dict[str, Any]:
     recipe = TrainingRecipe(config, env, *manifests, progress)
     recipe.setup(resume_dir, folder)
@@ -155,24 +173,39 @@ def _train(config: TrainConfig, env: Dist, manifests: tuple[list[ManifestEntry],
 
 
 class TrainingRecipe:
-    """One training run, in torchtune's lifecycle: `setup` (model, optimizer, data checks, carried
-    state, resume; before step 1), `train` (the steps, periodic and stop checkpoints), `finish`
-    (final evaluation, length generalisation, export). Its state lives on the object."""
+    """One training run, in torchtune's lifecycle: `setup` (model, every stage's data checks, the first
+    stage's optimizer and data, resume; before step 1), `train` (the steps of each stage, periodic, stage
+    boundary and stop checkpoints, each stage's length generalisation), `finish` (final evaluation,
+    length generalisation, export). Its state lives on the object; `config` is the running stage's."""
 
-    def __init__(self, config: TrainConfig, env: Dist, entries: list[ManifestEntry],
+    def __init__(self, config: TrainConfig, env: Dist, entries: dict[Path, list[ManifestEntry]],
                  eval_entries: list[ManifestEntry], progress: bool) -> None:
-        self.config, self.env, self.entries, self.eval_entries, self.progress = config, env, entries, eval_entries, progress
+        self.run_config, self.env, self.entries_of, self.eval_entries = config, env, entries, eval_entries
+        self.progress = progress
+        self.stages = plan_stages(config)
+        self.stage = self.stages[0]
+        self.config = self.stage.config
         self.out_dir = config.output_dir
         self.step = 0
         self.metrics: dict[str, Any] = {}
         self.warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
-        self.memory_reported = False
+        self.carry: TTTCarry | None = None  # the running stage's carried states (`enter_stage`)
+        self.probe: InnerLrProbe | None = None
+
+    @property
+    def staged(self) -> bool:
+        return bool(self.run_config.stages)
+
+    @property
+    def entries(self) -> list[ManifestEntry]:
+        """The running stage's training recordings."""
+        return self.entries_of[self.config.data.train_manifest]
 
     def setup(self, resume_dir: Path | None, folder: RunFolder | None) -> None:
-        """Build the model (sharded or replicated), optimizer and schedule; read every manifest entry;
-        start the carried state; restore `resume_dir`; then (rank 0) claim the folder's old outputs."""
-        config, env = self.config, self.env
-        self.lm = lm = build_model(config, build_device(env, config.distributed))
+        """Build the model (sharded or replicated); read every stage's recordings; enter the first stage
+        (or the checkpoint's) and restore `resume_dir`; then (rank 0) claim the folder's old outputs."""
+        config, env = self.run_config, self.env
+        self.lm = lm = build_model(self.config, build_device(env, config.distributed))
         model = ChunkModel(lm, meta=config.meta)
         full_state = model.state_dict() if config.distributed == "fsdp" and env.is_main else None
         self.model = wrap(model, env, config.distributed, full_state)
@@ -184,27 +217,18 @@ class TrainingRecipe:
         self.params = [p for p in lm.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"trainable: {config.trainable!r} selects no parameter of this model")
-        o = config.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(config, s))
-        loader = RecordingLoader(self.entries, lm, config)
-        _check_entries(self.entries, loader, "data.train_manifest", env, self.progress)
-        if self.eval_entries:
-            _check_entries(self.eval_entries, RecordingLoader(self.eval_entries, lm, config), "data.eval_manifest",
-                           env, self.progress)
-        self.batcher = WindowBatcher(self.entries, loader, config.data.batch_size, config.data.window_frames, env.rank,
-                                     env.world, seed=config.seed, shuffle=config.data.shuffle,
-                                     persistent=config.persistent_state, pad_id=lm.zero_token_id)
-        with self.gathered_ttt():  # the initial states are copies of the initial fast weights
-            self.carry = TTTCarry(lm, config.data.batch_size // env.world) if config.ttt is not None else None
-        self.probe = InnerLrProbe(lm) if config.ttt is not None else None
-        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", env, lm, self.optimizer, self.scheduler,
+        self._check_data()
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", env, lm, None, None,
                                          yaml.safe_dump(schema.to_dict(config), sort_keys=False),
-                                         config.keep_checkpoints, _writes_sharded(config, env), config.async_checkpoint)
+                                         config.keep_checkpoints, _writes_sharded(config, env), config.async_checkpoint,
+                                         boundaries=frozenset(s.end for s in self.stages[:-1]))
+        resumed = _resumed_step(resume_dir) if resume_dir is not None else 0
+        self.enter_stage(stage_of(self.stages, resumed))
         if resume_dir is not None:
             self.step = _restore(resume_dir, self.model, lm, self.optimizer, self.scheduler, self.batcher, self.carry,
                                  env, self.checkpointer.group)
-            logger.info("resumed from %s at step %d", resume_dir, self.step)
+            logger.info("resumed from %s at step %d%s", resume_dir, self.step,
+                        f" (stage {self.stage.name})" if self.staged else "")
         else:
             torch.manual_seed(config.seed + env.rank)
         if folder is not None:  # rank 0, every check passed: now --overwrite deletes, a resume cuts the logs back
@@ -212,42 +236,136 @@ class TrainingRecipe:
             truncate_step_logs(self.out_dir, self.step)
         self.monitor = Monitor(self.out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main,
                                resume=resume_dir is not None)
+        if self.staged and env.is_main:
+            logger.info("stages:\n%s", "\n".join(_stage_line(s) for s in self.stages))
+
+    def _check_data(self) -> None:
+        """Before step 1: every recording reads, and every stage's rows fit its recordings and ranks, and
+        its window fits in its longest recording (a longer one would be mostly padding: a mistake that
+        would show only after the stages before it ran)."""
+        longest = {path: _check_entries(entries, RecordingLoader(entries, self.lm, self.config),
+                                        f"data.train_manifest ({path})" if self.staged else "data.train_manifest",
+                                        self.env, self.progress)
+                   for path, entries in self.entries_of.items()}
+        for stage in self.stages:
+            data, where = stage.config.data, f"stages[{stage.index}] ({stage.name}): " if self.staged else ""
+            try:
+                check_rows(data.batch_size, len(self.entries_of[data.train_manifest]), self.env.world)
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
+            if self.staged and data.window_frames > longest[data.train_manifest]:
+                raise ValueError(f"{where}data.window_frames: {data.window_frames} frames is longer than every "
+                                 f"recording of {data.train_manifest} (the longest: {longest[data.train_manifest]} "
+                                 "frames); give the stage longer recordings (train_manifest) or a shorter window")
+        if self.eval_entries:
+            _check_entries(self.eval_entries, RecordingLoader(self.eval_entries, self.lm, self.config),
+                           "data.eval_manifest", self.env, self.progress)
+
+    def enter_stage(self, stage: Stage) -> None:
+        """Start `stage`: a fresh optimizer and learning-rate schedule, its rows of its recordings (seeded
+        by seed + its index), fresh carried TTT states. The weights are the previous stage's."""
+        config, env, lm = stage.config, self.env, self.lm
+        self.stage, self.config = stage, config
+        if self.carry is not None:
+            self.carry.close()
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(config, s))
+        self.checkpointer.follow(self.optimizer, self.scheduler)
+        loader = RecordingLoader(self.entries, lm, config)
+        self.batcher = WindowBatcher(self.entries, loader, config.data.batch_size, config.data.window_frames, env.rank,
+                                     env.world, seed=config.seed + stage.index, shuffle=config.data.shuffle,
+                                     persistent=config.persistent_state, pad_id=lm.zero_token_id)
+        with self.gathered_ttt():  # the initial states are copies of the initial fast weights
+            self.carry = TTTCarry(lm, config.data.batch_size // env.world) if config.ttt is not None else None
+        if self.probe is None and config.ttt is not None:
+            self.probe = InnerLrProbe(lm)
+        self.memory_reported = False
+        if env.device.type == "cuda":  # memory.json: this stage's peak, not the last one's or a measurement's
+            torch.cuda.reset_peak_memory_stats(env.device)
 
     def train(self, stop: StopRequest) -> None:
-        """The steps up to `config.steps`: each one logged, evaluated and checkpointed as configured; a
-        stop request ends after the step in flight with a checkpoint (`TrainingInterrupted`)."""
+        """Every stage's steps: each stage ends with a checkpoint (kept beside the rotated ones) and, with
+        length_gen, length generalisation against its window; then the next starts. A stop request ends
+        after the step in flight with a checkpoint (`TrainingInterrupted`)."""
+        while True:
+            self._train_stage(stop)
+            if self.stage.index + 1 == len(self.stages):
+                return
+            following = self.stages[self.stage.index + 1]
+            if self.run_config.length_gen is not None:
+                self._length_gen_of_stage()
+                if stop.requested(self.env):  # collective: the measurement can take long enough to be stopped
+                    raise _stopped(stop, self.step, self.out_dir / "checkpoints" / f"step_{self.step:06d}",
+                                   self.out_dir, None, self.monitor, f" (the end of stage {self.stage.name}: --resume "
+                                                                     f"starts {following.name})")
+            self.enter_stage(following)
+
+    def _length_gen_of_stage(self) -> None:
+        """Length generalisation at the end of the running stage, against its window, into
+        length_gen/<stage>/ (rank 0; under FSDP every rank takes part in gathering the weights). Its
+        carried states are dropped first: the next stage starts fresh ones."""
+        config, env = self.config, self.env
+        if self.carry is not None:
+            self.carry.close()
+            self.carry = None
+        whole = consolidated(self.model, self.lm, functools.partial(build_model, config), env, env.device)
+        if env.is_main:
+            try:
+                with _autocast(config, env.device):
+                    _length_gen(whole, self.eval_entries, config, self.monitor, self._length_gen_dir())
+            except (ValueError, RuntimeError) as e:  # a NaN at 10x the window, out of memory: a measurement
+                # must not end the run (a resume would replay it and fail again)
+                logger.warning("length generalisation of stage %s failed (%s); training goes on",
+                               self.stage.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        env.barrier()
+
+    def _stage_tag(self) -> tuple[int, str] | None:
+        """(index, name) of the running stage for the metrics rows; None without stages."""
+        return (self.stage.index, self.stage.name) if self.staged else None
+
+    def _length_gen_dir(self) -> Path:
+        """length_gen/, or length_gen/<stage>/ in a staged run (one per stage: the context extending)."""
+        return self.out_dir / "length_gen" / (self.stage.name if self.staged else "")
+
+    def _train_stage(self, stop: StopRequest) -> None:
+        """The running stage's steps up to its end, each logged, evaluated and checkpointed as configured."""
         from ttt_speech.progress import progress_bar
 
-        config, env = self.config, self.env
-        bar = progress_bar(total=config.steps, initial=self.step, desc="train", unit="step",
+        config, env, end, total = self.config, self.env, self.stage.end, self.run_config.steps
+        if self.step >= end:  # resumed at this stage's end: its checkpoint exists
+            return
+        bar = progress_bar(total=total, initial=self.step, desc=self.stage.label, unit="step",
                            enabled=self.progress and env.is_main)
         self.clock = _Throughput(config.data.batch_size * config.data.window_frames * self.lm.num_codebooks, self.step)
-        while self.step < config.steps:
-            log_now = (self.step + 1) % config.log_every == 0 or self.step + 1 == config.steps
+        while self.step < end:
+            log_now = (self.step + 1) % config.log_every == 0 or self.step + 1 == end
             values, grad_norm = self._training_step(log_now, bar)
             if not self.memory_reported:  # after the first step: gradients and optimizer state exist
-                _report_memory(self.out_dir, env, config, self.lm, self.optimizer)
+                _report_memory(self.out_dir, env, config, self.lm, self.optimizer, self.stage.name)
                 self.memory_reported = True
             bar.update(1)
             if log_now:
                 self._log(values, grad_norm, bar)
-            if self.eval_entries and config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
-                _log_eval(self.step, self.model, self.eval_entries, config, self.carry, self.monitor, env)
+            if self.eval_entries and config.eval_every and self.step % config.eval_every == 0 and self.step < total:
+                _log_eval(self.step, self.model, self.eval_entries, config, self.carry, self.monitor, env,
+                          self._stage_tag())
             saved = None  # a path on rank 0 only: decisions below use `periodic`, the same on every rank
-            periodic = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0 \
-                and self.step < config.steps
+            periodic = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0 and self.step < end
             if periodic:
                 saved = self.save_checkpoint()
-            if self.step < config.steps and stop.requested(env):  # collective: every rank stops after the same step
+            if self.step < end and stop.requested(env):  # collective: every rank stops after the same step
                 if not periodic:  # not twice: rewriting step N would first delete the one just written
                     saved = self.save_checkpoint(blocking=True)
                 self.checkpointer.wait()
                 raise _stopped(stop, self.step, saved, self.out_dir, bar, self.monitor, "")
         bar.close()
         saved = self.save_checkpoint(blocking=True)
-        if stop.requested(env):  # during the last step: its checkpoint is written, the rest is left
-            raise _stopped(stop, self.step, saved, self.out_dir, bar, self.monitor, " (the last one; the final "
-                           "evaluation and export were not done: --resume does them)")
+        if stop.requested(env):  # during the stage's last step: its checkpoint is written, the rest is left
+            last = self.stage.index + 1 == len(self.stages)
+            raise _stopped(stop, self.step, saved, self.out_dir, bar, self.monitor,
+                           " (the last one; the final evaluation and export were not done: --resume does them)" if last
+                           else f" (the end of stage {self.stage.name}: --resume starts {self.stages[self.stage.index + 1].name})")
 
     def _training_step(self, log_now: bool, bar) -> tuple[dict[str, float], float]:
         """One optimizer step on the next window of every row: (the step's loss terms, gradient norm).
@@ -287,11 +405,16 @@ class TrainingRecipe:
     def _diverged(self, values: dict[str, float], grad_norm: float, data_before: Any, bar) -> None:
         """Checkpoint the state before the failed step (no update was applied: the parameters are
         those; the carried state is the window's start, kept by the carry) and raise."""
-        carry_before = None
-        if self.carry is not None:
-            with self.gathered_ttt():  # every rank is here (the loss is reduced): the gather is collective
-                carry_before = self.carry.window_start_state_dict()
-        saved = self.checkpointer.save(self.step, data_before, carry_before, blocking=True)
+        if self.step == self.stage.start and self.stage.index > 0:
+            # a stage's first step: the state before it is the boundary checkpoint, which holds the previous
+            # stage's optimizer and rows (what a resume there restores); writing this stage's over it would lose it
+            saved = self.out_dir / "checkpoints" / f"step_{self.step:06d}"
+        else:
+            carry_before = None
+            if self.carry is not None:
+                with self.gathered_ttt():  # every rank is here (the loss is reduced): the gather is collective
+                    carry_before = self.carry.window_start_state_dict()
+            saved = self.checkpointer.save(self.step, data_before, carry_before, blocking=True)
         bar.close()
         what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
         norm = "" if math.isnan(grad_norm) and what == "loss" else f", grad_norm={grad_norm:.4g}"
@@ -310,10 +433,11 @@ class TrainingRecipe:
                 stats = carry.handle.fast_weight_stats(carry.current(), self.probe.values)
                 norms = carry.handle.initial_norms()
             self.warned_runaway = self.warned_runaway or _warn_runaway(stats, norms, self.step, config)
-        self.monitor.log(self.step, self.metrics, stats)
+        self.monitor.log(self.step, self.metrics, stats, stage=self._stage_tag())
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{self.metrics['tokens_per_s']:.0f}")
         if bar.disable and self.env.is_main:  # no bar (no terminal, or --quiet): a log line says where it is
-            logger.info("step %d/%d: loss=%.4f lr=%.2e grad_norm=%.3g tokens/s=%.0f", self.step, config.steps,
+            logger.info("%sstep %d/%d: loss=%.4f lr=%.2e grad_norm=%.3g tokens/s=%.0f",
+                        f"[{self.stage.name}] " if self.staged else "", self.step, self.run_config.steps,
                         values["loss"], self.metrics["lr"], grad_norm, self.metrics["tokens_per_s"])
 
     def save_checkpoint(self, blocking: bool = False) -> Path | None:
@@ -332,7 +456,8 @@ class TrainingRecipe:
         plot (rank 0 writes); the final metrics."""
         config, env = self.config, self.env
         if self.eval_entries:
-            self.metrics.update(_log_eval(self.step, self.model, self.eval_entries, config, self.carry, self.monitor, env))
+            self.metrics.update(_log_eval(self.step, self.model, self.eval_entries, config, self.carry, self.monitor, env,
+                                          self._stage_tag()))
         if self.carry is not None:
             self.carry.close()
         # rank 0: the whole model (a gathered copy under FSDP, on the device only for length-gen)
@@ -340,7 +465,7 @@ class TrainingRecipe:
                              env.device if config.length_gen is not None else torch.device("cpu"))
         if env.is_main and config.length_gen is not None:
             with _autocast(config, env.device):
-                _length_gen(final, self.eval_entries, config, self.monitor)
+                _length_gen(final, self.eval_entries, config, self.monitor, self._length_gen_dir())
         if env.is_main:
             self._export(final)
         self.monitor.finish()
@@ -357,12 +482,36 @@ class TrainingRecipe:
                                "hours": None if None in durations else sum(durations) / 3600,
                                "eval_manifest": str(config.data.eval_manifest) if self.eval_entries else None},
                       "eval": {k: v for k, v in self.metrics.items() if k.startswith("eval_")} or None}
+        if self.staged:
+            provenance["stages"] = [_stage_summary(s) for s in self.stages]
         save_export(master_to_model_dtype(final, config), config.model, out_dir / "export", config.trainable, lora,
                     provenance)
         self.monitor.log_export(out_dir / "export", {"trainable": config.trainable, "steps": self.step,
                                                      "ttt": schema.to_dict(config.ttt), "base_model": config.model.name})
-        plot_loss({config.output_dir.name: read_history(out_dir)}, out_dir / LOSS_PLOT)
+        plot_loss({config.output_dir.name: read_history(out_dir)}, out_dir / LOSS_PLOT,
+                  stages={s.name: s.start for s in self.stages} if self.staged else None)
         logger.info("export written to %s", out_dir / "export")
+
+
+def _stage_summary(stage: Stage) -> dict:
+    """What a stage trained with: its steps, window, rows, data and peak learning rate."""
+    c = stage.config
+    return {"name": stage.name, "steps": c.steps, "first_step": stage.start + 1, "window_frames": c.data.window_frames,
+            "batch_size": c.data.batch_size, "train_manifest": str(c.data.train_manifest), "lr": c.optim.lr}
+
+
+def _stage_line(stage: Stage) -> str:
+    """A stage in the log: its steps, window, rows and tokens per step, learning rate."""
+    c = stage.config
+    tokens = c.data.batch_size * c.data.window_frames
+    return (f"  {stage.index + 1}. {stage.name}: steps {stage.start + 1}-{stage.end}, window {c.data.window_frames} "
+            f"frames ({c.data.window_frames / FRAME_RATE:g} s) x {c.data.batch_size} rows = {tokens:,} frames per step, "
+            f"lr {c.optim.lr:g} ({c.optim.schedule}), data {c.data.train_manifest}")
+
+
+def _resumed_step(path: Path) -> int:
+    """The step a checkpoint was written after."""
+    return int(load_checkpoint(path, tensors=False)[2]["step"])
 
 
 class _Throughput:
@@ -391,32 +540,38 @@ def _writes_sharded(config: TrainConfig, env: Dist) -> bool:
 
 def _stopped(stop: StopRequest, step: int, saved: Path | None, out_dir: Path, bar, monitor: Monitor,
              note: str) -> TrainingInterrupted:
-    bar.close()
+    if bar is not None:
+        bar.close()
     monitor.finish()
     return TrainingInterrupted(f"stopped by {stop.reason or 'another rank'} after step {step}{note}: checkpoint "
                                f"{saved or out_dir / 'checkpoints'}; continue with --resume {out_dir}")
 
 
 def _check_entries(entries: list[ManifestEntry], loader: RecordingLoader, field: str, env: Dist,
-                   progress: bool) -> None:
+                   progress: bool) -> int:
     """Read every manifest entry once before the first step (audio: encoded into the codes cache), so
-    a bad file is a one-line error now, not hours into the run. Each rank checks its share."""
+    a bad file is a one-line error now, not hours into the run. Each rank checks its share. Returns
+    the longest recording's frames."""
     from ttt_speech.progress import progress_bar
 
     mine = range(env.rank, len(entries), env.world)
-    error = None
+    error, longest = None, 0
     for i in progress_bar(mine, desc=f"checking {field}", unit="file", leave=False,
                           enabled=progress and env.is_main and len(mine) >= 2):
         try:
-            if loader.codes(i).shape[1] == 0:
+            frames = loader.codes(i).shape[1]
+            longest = max(longest, frames)
+            if frames == 0:
                 error = f"{field}: {entries[i].path} holds no frames"
         except ValueError as e:
             error = f"{field}: {e}"
         if error is not None:
             break
-    errors = [e for e in env.gather_objects(error) if e is not None]  # every rank raises the same error
+    found = env.gather_objects((error, longest))
+    errors = [e for e, _ in found if e is not None]  # every rank raises the same error
     if errors:
         raise ValueError(errors[0])
+    return max(n for _, n in found)
 
 
 def _warn_runaway(stats: dict | None, initial: dict[int, float], step: int, config: TrainConfig) -> bool:
@@ -428,13 +583,20 @@ def _warn_runaway(stats: dict | None, initial: dict[int, float], step: int, conf
 
 
 def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> None:
-    """memory.json: the bytes every rank holds (parameters, gradients, optimizer state, peak)."""
+                   optimizer: torch.optim.Optimizer, stage: str | None) -> None:
+    """memory.json: the bytes every rank holds (parameters, gradients, optimizer state, peak); in a
+    staged run one entry per stage under `stages` (its batch and window set the activations)."""
     ranks = env.gather_objects(rank_memory(env.rank, lm, optimizer, env.device).to_dict())
     if not env.is_main:
         return
     report = {"strategy": config.distributed if env.enabled else "single", "world": env.world, "ranks": ranks}
+    if stage is not None:
+        report["window_frames"], report["batch_size"] = config.data.window_frames, config.data.batch_size
+        earlier = json.loads((out_dir / MEMORY).read_text()) if (out_dir / MEMORY).is_file() else {}
+        report = {"stages": {**earlier.get("stages", {}), stage: report}}
     write_text_atomic(out_dir / MEMORY, json.dumps(report, indent=2) + "\n")
+    if stage is not None:
+        report = report["stages"][stage]
     r = ranks[0]
     logger.info("memory per rank (rank 0, %s x%d): parameters %.1f MiB, gradients %.1f MiB, optimizer %.1f MiB, "
                 "peak %.1f MiB (%s)", report["strategy"], env.world, r["params"] / 2**20, r["grads"] / 2**20,
@@ -511,21 +673,22 @@ def _loss_terms(lm: nn.Module, config: TrainConfig, text_logits, audio_logits, t
 
 
 def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, carry: TTTCarry | None,
-              monitor: Monitor, env: Dist) -> dict:
+              monitor: Monitor, env: Dist, stage: tuple[int, str] | None = None) -> dict:
     with carry.paused() if carry is not None else contextlib.nullcontext():
         values = evaluate(model, entries, config, env)
-    monitor.log(step, values)
+    monitor.log(step, values, stage=stage)
     if env.is_main:
         logger.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     return values
 
 
-def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, monitor: Monitor) -> None:
-    """Perplexity at min_factor..max_factor x the training window on the held-out recordings (eval's length-gen)."""
+def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, monitor: Monitor,
+                folder: Path) -> None:
+    """Perplexity at min_factor..max_factor x the training window on the held-out recordings (eval's
+    length-gen), written into `folder`."""
     from ttt_speech_apps.eval.length_gen import after_training
 
     loader = RecordingLoader(entries, lm, config)
     streams = {entry.path.stem: loader.codes(i) for i, entry in enumerate(entries)}
-    result, paths = after_training(lm, streams, config.data.window_frames, config.length_gen,
-                                   config.output_dir / "length_gen", monitor.wandb)
+    result, paths = after_training(lm, streams, config.data.window_frames, config.length_gen, folder, monitor.wandb)
     logger.info("length generalisation (written to %s):\n%s", paths["markdown"], "\n".join(result.summary_lines()))

@@ -282,3 +282,23 @@ def test_nproc_per_node_stops_on_sigterm_with_exit_130_and_a_checkpoint(tmp_path
                           "--nproc-per-node", "2", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "do not split evenly over 2 processes" in out.stderr
+
+
+def test_a_staged_run_on_two_fsdp_ranks_matches_one_process(tmp_path):
+    """Three stages (rows 2, 2, 4; windows 12, 24, 12) under torchrun on 2 FSDP ranks: the same losses as one
+    process, each stage's length generalisation written at its end (the weights gathered by every rank)."""
+    corpus = make_corpus(tmp_path, recordings=8, frames=30)
+    stages = [{"name": "a", "steps": 2, "window_frames": 12, "batch_size": 2},
+              {"name": "b", "steps": 2, "window_frames": 24, "batch_size": 2, "lr": 5e-4},
+              {"name": "c", "steps": 1, "window_frames": 12, "batch_size": 4}]
+    common = {"stages": stages, "steps": 5, "length_gen": {"num_lengths": 2},
+              "data.eval_manifest": str(corpus["eval"]), "distributed": "fsdp"}
+    single = write_config(tmp_path / "single", corpus, output_dir=str(tmp_path / "single" / "run"), **common)
+    assert train_main([str(single), "--quiet"]) == 0
+    multi = write_config(tmp_path / "multi", corpus, output_dir=str(tmp_path / "multi" / "run"), **common)
+    torchrun(multi)
+    train_losses = lambda run: {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text()  # noqa: E731
+                                                                     .splitlines()) if "loss" in r}
+    assert_close(train_losses(tmp_path / "single" / "run"), train_losses(tmp_path / "multi" / "run"), FSDP_TOLERANCE)
+    for stage in ("a", "b", "c"):
+        assert (tmp_path / "multi" / "run" / "length_gen" / stage / "length_gen.json").is_file(), stage

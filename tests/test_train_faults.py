@@ -213,8 +213,8 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_resume_is_exact(tmp_path, c
     config = write_config(tmp_path / "cut", corpus, steps=5)
     log = monitor_module.Monitor.log
 
-    def ctrl_c_at_step_2(self, step, metrics, stats=None):
-        log(self, step, metrics, stats)
+    def ctrl_c_at_step_2(self, step, metrics, stats=None, stage=None):
+        log(self, step, metrics, stats, stage)
         if step == 2:
             signal.raise_signal(signal.SIGINT)
 
