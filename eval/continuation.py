@@ -176,6 +176,8 @@ class Continuation:
         try:
             loaded = load_data(data_config, lm, plan.base, progress)
         except ValueError as e:
+            if not str(e).startswith("data: no stream left"):
+                raise
             raise ValueError(f"{e}; a stream needs the {self.lengths.prompt} frames of continuation.prompt_seconds "
                              f"({self.settings.prompt_seconds:g} s)") from None
         scorer = Scorer(Judges.load(self.settings, device), mimi, load_text_tokenizer(plan.base),
