@@ -26,7 +26,7 @@ from .nll import chunked_nll
 from .plan import EvalModel, EvalPlan, plan_eval
 from .plots import plot_length_gen
 from .streams import LoadedData, load_data
-from .writers import OutputFiles, write_result
+from .writers import OutputFiles, ReportResult, write_result
 
 FILES = OutputFiles("length_gen.json", "length_gen.md", {"length_gen": "length_gen.png"})
 
@@ -201,3 +201,82 @@ class LengthGenResult:
                  for g, why in self._first.get("uninformative", {}).items()]
         return {"length_gen": plot_length_gen(self._points(), shown, self._first["train_window"],
                                               output_dir / files["length_gen"], notes=notes)}
+
+
+STAGES_FILES = OutputFiles("stages.json", "stages.md", {"stages": "stages.png"})
+
+
+def stages_report(results: Mapping[str, dict], output_dir: Path, wandb_run=None) -> tuple["StagesResult", dict]:
+    """The training recipe's view of a staged run: each stage's `length_generalisation` result ({stage:
+    result}, in order) beside the others' in output_dir (stages.json / .md / .png): the context extending."""
+    result = StagesResult(dict(results))
+    return result, write_result(result, output_dir, STAGES_FILES, wandb_run=wandb_run)
+
+
+@dataclass
+class StagesResult(ReportResult):
+    """{stage: `length_generalisation` result}: per stage its window and per group the length figures."""
+
+    wandb_prefix: str = field(default="length_gen_stages", init=False)
+
+    def _groups(self) -> dict[str, str]:
+        first = next(iter(self.report.values()))
+        return metrics.shown_groups(first["groups"], first.get("uninformative", {}))
+
+    def _rows(self, group: str) -> list[list[str]]:
+        rows = []
+        for stage, r in self.report.items():
+            f = r["groups"][group]["figures"]
+            rows.append([stage, f"{r['train_window']:,}", *(report.ppl_at(f["ppl_at"][k]) for k in f["ppl_at"]),
+                         report.ratio(f["degradation_ratio"]), report.best(f["best"])])
+        return rows
+
+    def markdown(self) -> str:
+        out = ["# Length generalisation, stage by stage", "",
+               "Each stage measured at its end against its own training window (perplexity of the first L "
+               "frames: length_gen/<stage>/length_gen.md has every length).", ""]
+        for group, label in self._groups().items():
+            factors = list(next(iter(self.report.values()))["groups"][group]["figures"]["ppl_at"])
+            out += [f"### {label}", ""] + report.table(
+                ["stage", "window (frames)", *(f"ppl @{k}" for k in factors), "max / min ppl", "best L"],
+                self._rows(group)) + [""]
+        return "\n".join(out)
+
+    def summary_lines(self) -> list[str]:
+        return [f"{stage} (window {r['train_window']:,}): " + "; ".join(
+            f"{g} {report.length_figures_line(r['groups'][g]['figures'])}" for g in self._groups())
+            for stage, r in self.report.items()]
+
+    def scalars(self) -> dict[str, float]:
+        return {k: v for stage, r in self.report.items() for g in self._groups()
+                for k, v in report.length_scalars(r["groups"][g], f"length_gen/{stage}/{g}").items()}
+
+    def figures(self, output_dir: Path, files: dict[str, str]) -> dict[str, Path]:
+        """Perplexity against L in frames, one curve per stage, each stage's window dotted in its colour."""
+        from matplotlib import ticker
+
+        from ttt_speech.figures import pyplot, run_colours, save_figure
+
+        groups = self._groups()
+        if not groups:
+            return {}
+        plt = pyplot()
+        colours = run_colours(list(self.report))
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.4 * len(groups) + 0.6, 3.9), squeeze=False,
+                                 layout="constrained")
+        for ax, (group, label) in zip(axes[0], groups.items()):
+            for stage, r in self.report.items():
+                ok = [p for p in r["groups"][group]["points"] if "ppl" in p.get("cumulative", {})]
+                ax.plot([p["length"] for p in ok], [p["cumulative"]["ppl"] for p in ok], marker="o", ms=3,
+                        color=colours[stage], label=stage)
+                ax.axvline(r["train_window"], color=colours[stage], ls=":", lw=1)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # log minor labels would overlap
+            ax.set_xlabel("evaluation length L (frames); dotted: each stage's window")
+            ax.set_title(label, fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+        axes[0, 0].set_ylabel("perplexity of the first L frames")
+        axes[0, 0].legend(fontsize=8)
+        return {"stages": save_figure(fig, output_dir / files["stages"])}
+

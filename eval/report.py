@@ -249,26 +249,28 @@ def length_tables(entries: dict[str, dict[str, dict]], groups: dict[str, str], l
         figures = {c: entries[c][group]["figures"] for c in columns}
         factors = list(next(iter(figures.values()))["ppl_at"])
         out += table(["run", *(f"ppl @{f}" for f in factors), "max / min ppl", "best L"],
-                     [[c, *(_ppl_at(f["ppl_at"][k]) for k in factors), _ratio(f["degradation_ratio"]),
-                       _best(f["best"])] for c, f in figures.items()])
+                     [[c, *(ppl_at(f["ppl_at"][k]) for k in factors), ratio(f["degradation_ratio"]),
+                       best(f["best"])] for c, f in figures.items()])
         out += ["", "ppl @Nx: interpolated (log-log) between the grid's lengths where marked ~; "
                 "max / min: the degradation ratio over the lengths reached.", ""]
     return out
 
 
-def _ppl_at(entry: dict) -> str:
+def ppl_at(entry: dict) -> str:
+    """A length figure's perplexity: ~ where interpolated, "not reached" where skipped."""
     if "ppl" not in entry:
         return "not reached"
     return ("~" if entry["interpolated"] else "") + f"{entry['ppl']:.3f}"
 
 
-def _ratio(ratio: float | dict) -> str:
+def ratio(value: float | dict) -> str:
     """The degradation ratio, or "—" where it was skipped ({"skipped": why}: fewer than 2 lengths reached)."""
-    return "—" if isinstance(ratio, dict) else _num(ratio, ".3f")
+    return "—" if isinstance(value, dict) else _num(value, ".3f")
 
 
-def _best(best: dict) -> str:
-    return "—" if "skipped" in best else f"{best['length']:,} ({best['factor']:.2f}x, ppl {best['ppl']:.3f})"
+def best(value: dict) -> str:
+    """The best length of the length figures, "—" where skipped."""
+    return "—" if "skipped" in value else f"{value['length']:,} ({value['factor']:.2f}x, ppl {value['ppl']:.3f})"
 
 
 def _context_use(v: _View) -> list[str]:
@@ -410,9 +412,9 @@ def summary_lines(report: dict) -> list[str]:
 
 def length_figures_line(figures: dict) -> str:
     """`metrics.length_figures` in one line: "ppl @1x ~7.45, @5x 9.1, @10x not reached; max/min 1.31; best L 880"."""
-    cells = [f"@{k} {_ppl_at(e)}" for k, e in figures["ppl_at"].items()]
+    cells = [f"@{k} {ppl_at(e)}" for k, e in figures["ppl_at"].items()]
     best = figures["best"]
-    return (f"ppl {', '.join(cells)}; max/min {_ratio(figures['degradation_ratio'])}; best L "
+    return (f"ppl {', '.join(cells)}; max/min {ratio(figures['degradation_ratio'])}; best L "
             + ("—" if "skipped" in best else f"{best['length']:,} ({best['factor']:.2f}x)"))
 
 

@@ -466,6 +466,8 @@ class TrainingRecipe:
         if env.is_main and config.length_gen is not None:
             with _autocast(config, env.device):
                 _length_gen(final, self.eval_entries, config, self.monitor, self._length_gen_dir())
+            if self.staged:
+                _stages_report(self.out_dir / "length_gen", [s.name for s in self.stages], self.monitor)
         if env.is_main:
             self._export(final)
         self.monitor.finish()
@@ -507,6 +509,19 @@ def _stage_line(stage: Stage) -> str:
     return (f"  {stage.index + 1}. {stage.name}: steps {stage.start + 1}-{stage.end}, window {c.data.window_frames} "
             f"frames ({c.data.window_frames / FRAME_RATE:g} s) x {c.data.batch_size} rows = {tokens:,} frames per step, "
             f"lr {c.optim.lr:g} ({c.optim.schedule}), data {c.data.train_manifest}")
+
+
+def _stages_report(folder: Path, names: list[str], monitor: Monitor) -> None:
+    """folder/stages.md (.json, .png): each stage's length generalisation (read from its folder, so that
+    the stages before a resume count too) beside the others'."""
+    from ttt_speech_apps.eval.length_gen import FILES, stages_report
+
+    found = {name: json.loads((folder / name / FILES.json).read_text())["trained"] for name in names
+             if (folder / name / FILES.json).is_file()}
+    if found:
+        result, paths = stages_report(found, folder, monitor.wandb)
+        logger.info("length generalisation stage by stage (written to %s):\n%s", paths["markdown"],
+                    "\n".join(result.summary_lines()))
 
 
 def _resumed_step(path: Path) -> int:

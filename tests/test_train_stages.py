@@ -51,6 +51,11 @@ def test_three_stages_in_one_run(tmp_path, corpus):
     for stage, window in (("short", 12), ("middle", 24), ("long", 36)):
         report = json.loads((run / "length_gen" / stage / "length_gen.json").read_text())
         assert report["trained"]["train_window"] == window, stage
+    stages = json.loads((run / "length_gen" / "stages.json").read_text())  # the context extending, side by side
+    assert [(s, r["train_window"]) for s, r in stages.items()] == [("short", 12), ("middle", 24), ("long", 36)]
+    table = (run / "length_gen" / "stages.md").read_text()
+    assert "| short | 12 |" in table and "| long | 36 |" in table
+    assert (run / "length_gen" / "stages.png").read_bytes()[:4] == b"\x89PNG"
     model = json.loads((run / "export" / "model.json").read_text())
     assert [s["name"] for s in model["provenance"]["stages"]] == ["short", "middle", "long"]
     assert (run / "loss.png").is_file()
