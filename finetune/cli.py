@@ -86,6 +86,13 @@ def _run(args: argparse.Namespace) -> int:
         if main_rank:
             print(f"ttt-speech train: {e}", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank: its line, then out without the teardown
+            from ttt_speech.cli import error_line
+
+            print(f"ttt-speech train: error: {error_line(e)}", file=sys.stderr)
+            _leave_rank(2)
+        raise
     if not main_rank:
         return 0
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
@@ -93,6 +100,16 @@ def _run(args: argparse.Namespace) -> int:
     print(f"outputs in {config.output_dir}: export/, checkpoints/, metrics.jsonl, loss.png"
           + (", ttt_stats.csv" if config.ttt is not None else ""))
     return 0
+
+
+def _leave_rank(code: int) -> None:
+    """End a rank that failed before training (its process group closed) without the interpreter's
+    teardown: there, gloo's threads are sometimes destroyed while joinable and the rank aborts
+    ("terminate called without an active exception", SIGABRT) after printing its error, which turns
+    a one-line refusal into a crash report (seen in tests/test_distributed.py, torch 2.13)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _launch(args: argparse.Namespace, checkpoints: Path) -> int:
