@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.audio import silence_codes
+from ttt_speech.data.layout import text_padding_ids
 from ttt_speech.generate import AudioDecoder, GenerationDiverged, GenerationSession, SamplingConfig
 from ttt_speech.generation.loading import check_codec
 from ttt_speech.generation.session import check_generable
@@ -181,7 +182,7 @@ class Continuation:
             raise ValueError(f"{e}; a stream needs the {self.lengths.prompt} frames of continuation.prompt_seconds "
                              f"({self.settings.prompt_seconds:g} s)") from None
         scorer = Scorer(Judges.load(self.settings, device), mimi, load_text_tokenizer(plan.base),
-                        (lm.text_padding_token_id, lm.end_of_text_padding_id), self.settings)
+                        text_padding_ids(lm), self.settings)
         data = ContinuationData(loaded, [s.codes[:, :self.lengths.prompt] for s in loaded.streams], [], scorer,
                                 silence_codes(mimi))
         with progress_bar(loaded.streams, desc="ground truth", unit="stream", enabled=progress) as bar:

@@ -37,6 +37,7 @@ import torch
 from aiohttp import WSMsgType, web
 
 from ttt_speech.data import FRAME_RATE
+from ttt_speech.data.layout import text_padding_ids
 from ttt_speech.generation.config import GenerationConfig
 from ttt_speech.generation.live import LiveFrame, LiveStream
 from ttt_speech.generation.session import GenerationDiverged
@@ -137,7 +138,7 @@ class ChatServer:
         self.config, self.store, self.model_name, self.verbose = config, store, model_name, verbose
         self.access = access
         self.n_user = lm.num_codebooks - 1 - lm.dep_q
-        self.padding = {lm.text_padding_token_id, lm.end_of_text_padding_id}
+        self.padding = set(text_padding_ids(lm))
         self.executor = executor  # the model's one thread (`model_thread`): it loaded the model, it runs it
         self.live: Connection | None = None
         self.stopping = False

@@ -3,13 +3,13 @@ Debian's pocketsphinx-testdata), a tiny random-init Moshi generating a few secon
 random-init Whisper / WavLM / text LM written in the hub cache's layout under the default ids
 (scripts/make_local_judges.py), so that the real `transformers` loading code runs."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from ttt_speech import tiny_moshi_lm
 from ttt_speech.cli import main
 from ttt_speech_apps.eval import fixture
 from ttt_speech_apps.eval.config import ContinuationSettings, load_config
@@ -17,8 +17,6 @@ from ttt_speech_apps.eval.continuation import Continuation, Lengths, generate_sp
 from ttt_speech_apps.eval.continuation_metrics import METRICS, drift_reference
 from ttt_speech_apps.eval.continuation_scorer import Judges, Reference, Scorer, Span
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = {"dim": 64, "num_layers": 2, "num_heads": 2, "text_card": 100, "context": 100}
 
@@ -28,7 +26,8 @@ def setup(tmp_path_factory):
     """(LibriLight tree, codes cache, hub cache holding the tiny judges under the default ids)."""
     if not fixture.SOURCE.is_dir():
         pytest.skip("pocketsphinx-testdata is not installed (apt-get install -y pocketsphinx-testdata)")
-    from make_local_judges import make_judges
+    pytest.importorskip("transformers")  # the `omni` extra: the judges load through it
+    from make_local_judges import make_judges  # scripts/, on sys.path by conftest
 
     root = tmp_path_factory.mktemp("continuation")
     fixture.make_fixture(root / "tree", synthetic_books=1, synthetic_seconds=12.0)
@@ -155,7 +154,7 @@ def test_settings_refused_while_planning(setup, tmp_path, offline):
 def test_spans_are_yielded_as_they_are_generated():
     """Nothing but the current span is held: each span comes out once its frames are generated,
     before the next frame is; the last span may be shorter."""
-    from ttt_speech import TTTConfig, patch_moshi, tiny_moshi_lm
+    from ttt_speech import TTTConfig, patch_moshi
     from ttt_speech.generate import GenerationConfig
     from ttt_speech.models import ModelConfig, load_mimi
     from ttt_speech_apps.eval.continuation import ContinuationData
@@ -230,7 +229,7 @@ def test_drift_of_real_codes_against_their_own_prompt(setup):
 
     config = load_config(write_config(setup[0].parent / "d.yaml", setup))
     plan = plan_eval(config, modes=("chunked",))
-    lm = __import__("ttt_speech").tiny_moshi_lm(seed=0, **TINY)
+    lm = tiny_moshi_lm(seed=0, **TINY)
     book = load_data(plan.data, lm, plan.base, progress=False).streams[0].codes[1:9]
     assert book.shape[1] >= 150 and book[:, :50].unique().numel() > 50
     scorer = Scorer(Judges(None, None, None), load_mimi(ModelConfig(device="cpu")), None, (3, 0),

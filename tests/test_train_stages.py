@@ -141,6 +141,7 @@ def test_a_resume_may_change_only_the_stages_that_did_not_run(tmp_path, corpus, 
 def test_the_shipped_tiny_staged_config(tmp_path):
     """configs/tiny_stages.yaml as shipped, on a small synthetic corpus and 2 steps a stage: three stages
     of growing windows, the stage in the log (a line per stage), metrics.jsonl and loss.png."""
+    import os
     import subprocess
     import sys
 
@@ -156,7 +157,7 @@ def test_the_shipped_tiny_staged_config(tmp_path):
     path = tmp_path / "tiny_stages.yaml"
     path.write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "ttt_speech_apps.finetune", str(path), "--quiet"],
-                          capture_output=True, text=True, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+                          capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1. short: steps 1-2, window 32 frames" in done.stderr and "3. long: steps 5-6, window 128 frames" in done.stderr
     assert "[middle] step 4/6" in done.stderr

@@ -12,6 +12,11 @@ from torch import Tensor
 from .codes import Recording
 
 
+def text_padding_ids(lm) -> tuple[int, int]:
+    """The text stream's tokens that carry no word: padding and end-of-padding (moshi's ids)."""
+    return lm.text_padding_token_id, lm.end_of_text_padding_id
+
+
 def moshi_streams(lm, recording: Recording, where: str = "recording") -> Tensor:
     """Recording → codes [lm.num_codebooks, T] ready for `LMModel.forward` / teacher forcing."""
     codes = recording.codes

@@ -344,16 +344,16 @@ class GenerationSession(OwnsContexts):
         the tokens sampled at this step and the max_delay before it (`step_nll` [B, 1 + dep_q], a
         copy: the state's buffer is overwritten by the next step)."""
         out = torch.full_like(step_nll, float("nan"))
+        columns = torch.arange(step_nll.shape[1])
+        back = self.max_delay - torch.tensor(self.delays[:step_nll.shape[1]])  # steps before this one that sampled it
         for i, history in enumerate(self._nll_steps):
             if not run_row[i]:
                 continue
             history.append(step_nll[i])
-            if not emitted[i]:
-                continue
-            for c, delay in enumerate(self.delays[:step_nll.shape[1]]):
-                back = self.max_delay - delay  # steps before this one that sampled this token
-                if back < len(history):  # shorter after a resume: those frames began before it
-                    out[i, c] = history[-1 - back][c]
+            if emitted[i]:
+                at = len(history) - 1 - back  # [1 + dep_q] rows of the history, oldest first
+                picked = torch.stack(tuple(history))[at.clamp(min=0), columns]
+                out[i] = torch.where(at >= 0, picked, out[i])  # a shorter history after a resume: NaN there
         return out
 
     def _check_prompt(self, prompt: Tensor | None, i: int) -> Tensor | None:
