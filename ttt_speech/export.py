@@ -85,8 +85,7 @@ def save_export(lm: nn.Module, model: ModelConfig, directory: str | Path, traina
             save_tensors_atomic(stage / LORA_FILE,
                                 {k: v.detach().contiguous() for k, v in lora_state_dict(lm).items()})
         if trainable in TRAINS_EVERYTHING:
-            save_tensors_atomic(stage / FULL_FILE,
-                                {k: v.detach().contiguous() for k, v in lm.state_dict().items()})
+            save_tensors_atomic(stage / FULL_FILE, {k: v.detach().contiguous() for k, v in _untied_state(lm).items()})
         meta = {"format": FORMAT, "version": VERSION, "model": schema.to_dict(model),
                 "trainable": trainable, "lora": lora, "ttt": patched,
                 "provenance": {**(provenance or {}), **code_provenance()}}
@@ -200,6 +199,7 @@ class Export:
             try:
                 tensors = fuse_legacy_projections(load_file(str(path)), lm.state_dict())
                 missing, unexpected = lm.load_state_dict(tensors, strict=False)
+                missing = [k for k in missing if k not in _aliases(lm)]  # loaded through the tensor they share
             except RuntimeError as e:  # shapes differ: `model` is not the architecture the export was trained on
                 detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
                 raise ValueError(f"{path}: does not fit the model {model.name!r} ({detail}); leave `model` unset to "
@@ -208,6 +208,22 @@ class Export:
                 raise ValueError(f"{path}: does not match the model (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]})")
         return lm.eval(), model
+
+
+def _aliases(lm: nn.Module) -> set[str]:
+    """State-dict names whose tensor is an earlier name's (tied weights: a Llama's lm_head and embeddings)."""
+    seen, out = set(), set()
+    for name, tensor in lm.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen and tensor.numel():
+            out.add(name)
+        seen.add(tensor.data_ptr())
+    return out
+
+
+def _untied_state(lm: nn.Module) -> dict:
+    """`lm.state_dict()` with each shared tensor once (safetensors refuses aliases)."""
+    aliases = _aliases(lm)
+    return {k: v for k, v in lm.state_dict().items() if k not in aliases}
 
 
 def load_exported_lm(source: str | Path, device: torch.device | None = None,

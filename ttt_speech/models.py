@@ -72,12 +72,17 @@ def pretrained_moshi_lm(hf_repo: str = "kyutai/moshiko-pytorch-bf16", device: st
 
 
 LOCAL_FILES = ("moshi_weights", "mimi_weights", "config_path", "text_tokenizer")  # ModelConfig fields naming local files
+HOSTS = ("moshi", "llama")  # the model families a config can name (`ModelConfig.host`)
+TINY_LLMS = ("tiny-llama", "tiny-qwen2")  # host llama: random-init `ttt_speech.llama.tiny_llm` models
 
 
 @dataclass
 class ModelConfig:
-    """Which Moshi LM (and Mimi codec) to build: shared by training, evaluation and generation."""
+    """Which LM (and, for Moshi, which Mimi codec) to build: shared by training, evaluation and generation."""
 
+    host: Literal["moshi", "llama"] = doc("moshi", "the model family: moshi (Kyutai's Moshi LM and Mimi), or llama (a "
+                                                   "transformers Llama / Qwen2 causal LM, e.g. LLaMA-Omni2's LLM: "
+                                                   "`ttt-speech train` only, docs/llama_omni.md)")
     name: str = doc("tiny", "'tiny' (random-init Moshi-architecture model, no download), a Hugging Face repo id "
                             "such as kyutai/moshiko-pytorch-bf16, or a local checkpoint folder laid out as Kyutai's "
                             "repos (config.json and the files it names, e.g. from `hf download REPO --local-dir DIR`)")
@@ -87,7 +92,8 @@ class ModelConfig:
                                          "a legacy repo without one is Moshi-7B)")
     text_tokenizer: Path | None = doc(None, "local SentencePiece .model of the text stream (for word-timed "
                                             "transcripts); null: the checkpoint's (hub); the tiny model has none")
-    tiny: dict = doc(factory=dict, help="overrides of the tiny model's kwargs (e.g. {dim: 64, card: 64, context: 32})")
+    tiny: dict = doc(factory=dict, help="overrides of the tiny model's kwargs (e.g. {dim: 64, card: 64, context: 32}; "
+                                        "host llama: the config fields of tiny-llama / tiny-qwen2, e.g. {hidden_size: 32})")
     seed: int = doc(0, "initialisation seed of the tiny model and of the random Mimi")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "parameter dtype of the LM (TTT state is always float32)")
     device: str = doc("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
@@ -95,6 +101,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model.name: expected 'tiny', a Hugging Face repo id or a checkpoint folder, got ''")
+        if self.host == "llama":
+            self._check_llama()
+            return
         for key in LOCAL_FILES:
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
@@ -121,9 +130,36 @@ class ModelConfig:
                 check_tiny_kwargs(self.tiny)
         parse_device(self.device)
 
+    def _check_llama(self) -> None:
+        """host llama: a tiny model, a transformers checkpoint folder or a hub id; no Kyutai file."""
+        given = [k for k in LOCAL_FILES if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"model.{given[0]}: a Kyutai checkpoint file; model.host llama reads a transformers "
+                             "checkpoint (its folder or hub id in model.name)")
+        if self.name in TINY_LLMS:
+            from .llama.models import check_tiny_llm_kwargs
+
+            check_tiny_llm_kwargs(self.tiny)
+        elif Path(self.name).expanduser().is_dir():
+            self.name = str(Path(self.name).expanduser().resolve())
+            if not (Path(self.name) / "config.json").is_file():
+                raise ValueError(f"model.name: {self.name} has no config.json (expected a transformers checkpoint "
+                                 "folder, e.g. from `hf download REPO --local-dir DIR`)")
+        elif self.name.startswith(("/", ".", "~")) or self.name.count("/") != 1 or "@" in self.name:
+            raise ValueError(f"model.name: {self.name!r}: expected {' or '.join(TINY_LLMS)}, a Hugging Face repo id "
+                             "namespace/name or a transformers checkpoint folder")
+        if self.tiny and self.name not in TINY_LLMS:
+            raise ValueError(f"model.tiny: overrides the kwargs of a tiny model; model.name is {self.name!r}")
+        parse_device(self.device)
+
     @property
     def is_tiny(self) -> bool:
         return self.name == "tiny"
+
+    @property
+    def is_llama(self) -> bool:
+        """Whether the model is a transformers Llama / Qwen2 (host llama), not a Moshi LM."""
+        return self.host == "llama"
 
     @property
     def is_folder(self) -> bool:
@@ -218,6 +254,9 @@ def check_tiny_kwargs(overrides: dict[str, Any]) -> None:
 def check_family(config: ModelConfig) -> None:
     """Refuse, from the checkpoint's config.json alone (before data or weights are read), a model
     family the commands do not run (`ttt_speech/families.py`)."""
+    if config.is_llama:  # `ttt-speech train` takes it (it does not call this); the Moshi commands do not
+        raise ValueError("model.host: llama models are trained by `ttt-speech train` and run through transformers "
+                         "(`generate` with a TTTCache, docs/llama_omni.md); this command runs Moshi models")
     if config.is_tiny:
         return
     config_path = checkpoint_files(config.name, config.given_files(), "config").get("config_path")
@@ -253,11 +292,16 @@ def stream_shape(config: ModelConfig) -> tuple[int, int, int, int]:
 
 
 def load_lm(config: ModelConfig, device: torch.device | None = None):
-    """The Moshi `LMModel` described by `config` (eval mode; on `device` or config.device).
+    """The Moshi `LMModel` described by `config` (eval mode; on `device` or config.device); for host
+    llama the transformers causal LM (`ttt_speech.llama.loading`).
 
     On the meta device: the architecture only, no weights read or allocated (sharded training
     builds it so on every rank but 0, and fills the shards from rank 0's copy)."""
     device = torch.device(device) if device is not None else config.torch_device()
+    if config.is_llama:
+        from .llama.loading import load_llm
+
+        return load_llm(config, device)
     if config.is_tiny:
         return tiny_moshi_lm(seed=config.seed, device=device, dtype=config.torch_dtype(), **config.tiny)
     check_family(config)  # from config.json, before the weights are fetched or read

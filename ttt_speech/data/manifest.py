@@ -29,8 +29,10 @@ class ManifestEntry:
         return None if self.duration is None else int(round(self.duration * FRAME_RATE))
 
 
-def read_manifest(path: str | Path, field: str = "manifest") -> list[ManifestEntry]:
-    """Entries of a JSONL manifest; any bad line is a one-line error naming file and line."""
+def read_manifest(path: str | Path, field: str = "manifest",
+                  kinds: tuple[tuple[str, ...], str] | None = None) -> list[ManifestEntry]:
+    """Entries of a JSONL manifest; any bad line is a one-line error naming file and line.
+    kinds: (suffixes, what they are) the files must have; default audio or code files."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{field}: {path} is a directory, expected a JSONL manifest file" if path.is_dir()
@@ -56,7 +58,10 @@ def read_manifest(path: str | Path, field: str = "manifest") -> list[ManifestEnt
             raise ValueError(f"{where}: 'duration' must be a positive number of seconds, got {duration!r}")
         file = Path(item["path"])
         file = file if file.is_absolute() else path.parent / file
-        if file.suffix != CODE_SUFFIX and file.suffix.lower() not in AUDIO_SUFFIXES:
+        if kinds is not None:
+            if file.suffix.lower() not in kinds[0]:
+                raise ValueError(f"{where}: {file.name}: expected {kinds[1]}")
+        elif file.suffix != CODE_SUFFIX and file.suffix.lower() not in AUDIO_SUFFIXES:
             raise ValueError(f"{where}: {file.name}: expected audio ({', '.join(AUDIO_SUFFIXES)}) or a code file "
                              f"({CODE_SUFFIX})")
         if not file.is_file():

@@ -16,6 +16,9 @@ def check_generation_model(export: str | Path | None, ttt: str | Path | None) ->
 
     if export is not None and ttt is not None:
         raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
+    if export is not None and Export.open(export).model_config.is_llama:
+        raise ValueError(f"--export: {export} is a Llama / Qwen2 model (model.host llama): load it with transformers "
+                         "and `load_ttt`, and generate with a TTTCache (docs/llama_omni.md)")
     check_generable(Export.open(export).ttt_config if export is not None else
                     read_saved_ttt(ttt).config if ttt is not None else None)
 

@@ -53,6 +53,9 @@ class TTTSlot(CacheLayerMixin):
         super().__init__()
         self.state: TTTState | None = None
         self.seen = 0  # tokens seen since the cache was created or reset
+        # rows [B] bool that restart from the initial fast weights at the layer's next forward: applied
+        # inside it, where sharded (FSDP) parameters are gathered (`TTTCache.start_ttt`)
+        self.restart: Tensor | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         pass
@@ -70,7 +73,7 @@ class TTTSlot(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.state, self.seen = None, 0
+        self.state, self.seen, self.restart = None, 0, None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
@@ -195,6 +198,13 @@ class TTTCache(DynamicCache):
         if layer_idx not in self.ttt_slots:
             raise ValueError(f"layer_idx: layer {layer_idx} has no TTT layer (TTT layers: {self.ttt_plan.ttt_layers})")
         return self.ttt_slots[layer_idx].state
+
+    def start_ttt(self, layer_idx: int, state: TTTState, restart: Tensor | None = None) -> None:
+        """Continue decoder layer `layer_idx`'s TTT from `state` (e.g. the state a training window of the
+        same stream ended with); rows where restart [B] is true start from the initial fast weights at
+        the layer's next forward instead (read there, with gradients to them)."""
+        slot = self.ttt_slots[layer_idx]
+        slot.state, slot.restart = state, restart
 
     def detach_ttt_(self) -> None:
         """Cut the TTT states from the autograd graph, values kept (truncated BPTT between windows)."""

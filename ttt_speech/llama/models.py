@@ -64,3 +64,33 @@ def tiny_omni(arch: str = "llama", seed: int = 0, n_mels: int = 16, mel_frames: 
         encoder = WhisperEncoder(whisper).eval()
         projector = SpeechProjector(encoder_dim, llm.config.hidden_size, k=k, hidden_dim=projector_dim)
     return OmniSpeechLM(llm, projector, encoder).eval()
+
+
+def check_tiny_llm_kwargs(overrides: dict[str, Any]) -> None:
+    """`model.tiny` of a tiny-llama / tiny-qwen2 model: known config fields, positive integers."""
+    unknown = sorted(set(overrides) - set(TINY_LLM_KWARGS))
+    if unknown:
+        raise ValueError(f"model.tiny: unknown kwarg(s) {unknown}; allowed: {sorted(TINY_LLM_KWARGS)}")
+    for key, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key.endswith("_id") else 1):
+            raise ValueError(f"model.tiny.{key}: expected an integer >= 1, got {value!r}")
+    kwargs = {**TINY_LLM_KWARGS, **overrides}
+    if kwargs["hidden_size"] % kwargs["num_attention_heads"] or kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:
+        raise ValueError("model.tiny: hidden_size must be a multiple of num_attention_heads, and that of "
+                         "num_key_value_heads")
+
+
+# Qwen2.5-7B-Instruct's config.json (hub revision of 2024-09; LLaMA-Omni2-7B's LLM has the same layout):
+# the architecture `scripts/bench_memory.py --llama` builds on the meta device without a download.
+QWEN2_5_7B_INSTRUCT = "Qwen/Qwen2.5-7B-Instruct"
+QWEN2_5_7B_KWARGS: dict[str, Any] = {
+    "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+}
+
+
+def qwen2_5_7b(dtype: torch.dtype = torch.bfloat16):
+    """Qwen2.5-7B-Instruct's architecture on the meta device (nothing allocated or read)."""
+    with torch.device("meta"):
+        return Qwen2ForCausalLM(Qwen2Config(**QWEN2_5_7B_KWARGS)).to(dtype).eval()

@@ -49,6 +49,9 @@ class LlamaTTT(TTTModule):
             raise ValueError(f"{CACHE_KWARG}: TTT layer {self.layer_idx} needs a TTTCache, got "
                              f"{type(cache).__name__} (call the patched model, not its layers)")
         slot = cache.ttt_slots[self.layer_idx]
+        if slot.restart is not None:  # here, not at `start_ttt`: sharded initial fast weights are gathered now
+            state = slot.state if slot.state is not None else self.layer.initial_state(hidden_states.shape[0])
+            slot.state, slot.restart = self.layer.reset_state(state, slot.restart), None
         y, slot.state = run_valid_tokens(self.layer, hidden_states, slot.state, cache.token_mask)
         slot.seen += hidden_states.shape[1]  # padding included, like the KV cache's length
         return y
