@@ -26,7 +26,7 @@ def groups(num_rows: int) -> dict[str, list[int]]:
     return out
 
 
-GROUP_LABELS = {"text": "text", "cb1": "audio codebook 1 (semantic)"}
+GROUP_LABELS = {"text": "text", "cb1": "audio codebook 1 (semantic)", "tokens": "text tokens (host llama)"}
 
 
 def shown_groups(groups: dict[str, dict], left_out: dict[str, str]) -> dict[str, str]:

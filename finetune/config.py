@@ -18,12 +18,16 @@ from ttt_speech.tracking import WandbConfig
 from ttt_speech_apps.eval.config import LengthGenConfig
 
 
+LLAMA_TRAINABLE = ("ttt", "ttt+lora", "full", "lora")  # host llama: no E2E meta-training
+
+
 @dataclass
 class TrainDataConfig:
-    train_manifest: Path = doc(None, "JSONL manifest of training recordings (audio files or code files)")
+    train_manifest: Path = doc(None, "JSONL manifest of training recordings (audio files or code files; host llama: "
+                                     "token files .npy or text files .txt)")
     eval_manifest: Path | None = doc(None, "JSONL manifest of held-out recordings (null: no evaluation)")
-    window_frames: int | None = doc(256, f"frames per training window ({FRAME_RATE:g} frames = 1 s); or set "
-                                         "window_seconds")
+    window_frames: int | None = doc(256, f"frames per training window ({FRAME_RATE:g} frames = 1 s; host llama: "
+                                         "tokens); or set window_seconds")
     window_seconds: float | None = doc(None, "window length in seconds (overrides window_frames when set)")
     batch_size: int = doc(4, "recordings read side by side per step, across all ranks (global batch)")
     codes_cache: Path = doc(CODES_CACHE, "folder of the content-addressed Mimi codes cache (audio manifests)")
@@ -175,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"trainable: {self.trainable!r} needs a 'ttt' section (the baseline trains 'lora' or 'full')")
         if self.ttt is not None and self.trainable == "lora":
             raise ValueError("trainable: 'lora' leaves the TTT layers untrained; use 'ttt+lora'")
+        if self.model.is_llama:
+            self._check_llama()
         e2e = self.ttt is not None and self.ttt.is_e2e
         if self.meta and not e2e:
             raise ValueError(f"trainable: {self.trainable!r} meta-trains E2E layers; it needs ttt.layer_type: e2e_mlp")
@@ -198,6 +204,20 @@ class TrainConfig:
                                  "backward inside the forward, where FSDP's hooks reshard the parameters the "
                                  "forward still reads; docs/training.md §5); use ddp")
         self._check_stages()  # last: the run's own fields are refused as themselves, not as a stage's
+
+    def _check_llama(self) -> None:
+        """What host llama does not take (docs/llama_omni.md, "Train")."""
+        if self.trainable not in LLAMA_TRAINABLE:
+            raise ValueError(f"trainable: model.host llama trains {', '.join(LLAMA_TRAINABLE)}, got {self.trainable!r}")
+        if self.ttt is not None and self.ttt.is_e2e:
+            raise ValueError("ttt.layer_type: e2e_mlp is implemented for Moshi only; model.host llama takes linear or mlp")
+        if self.data.window_seconds is not None:
+            raise ValueError("data.window_seconds: model.host llama reads token streams; give data.window_frames "
+                             "(tokens per window)")
+        if self.gradient_checkpointing:
+            # transformers' checkpointing drops the cache argument of each layer, and with it the TTT state
+            raise ValueError("gradient_checkpointing: not available with model.host llama (transformers' layer "
+                             "checkpointing drops the TTTCache that carries the TTT state)")
 
     def _check_stages(self) -> None:
         """Every stage valid as the config it runs as (before step 1, not at its start); `steps` their total."""

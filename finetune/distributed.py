@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ttt_speech.models import resolve_device
-from ttt_speech.moshi.teacher_forcing import ChunkModel
 
 logger = logging.getLogger("finetune")
 
@@ -80,11 +79,12 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: ChunkModel, env: Dist, strategy: str, full_state: dict[str, Tensor] | None = None) -> nn.Module:
-    """`model` made data-parallel as `strategy` says (unchanged when single-process).
+def wrap(model: nn.Module, env: Dist, strategy: str, layers: list[nn.Module],
+         full_state: dict[str, Tensor] | None = None) -> nn.Module:
+    """`model` (the host's window model) made data-parallel as `strategy` says (unchanged when single-process).
 
     "ddp": DistributedDataParallel (every rank holds everything). "fsdp": sharded in place
-    (`ttt_speech.sharding.shard`: one unit per moshi transformer layer, TTT branches nested); ranks
+    (`ttt_speech.sharding.shard`: one unit per transformer layer of `layers`, TTT branches nested); ranks
     other than 0 built `model` on the meta device, and `full_state` (rank 0's state dict, taken
     before sharding) fills every rank's shards from rank 0.
     """
@@ -96,14 +96,15 @@ def wrap(model: ChunkModel, env: Dist, strategy: str, full_state: dict[str, Tens
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
 
-        from ttt_speech.moshi import transformer_layers
         from ttt_speech.sharding import shard
 
-        shard(model, transformer_layers(model.lm), init_device_mesh(env.device.type, (env.world,)))
+        shard(model, layers, init_device_mesh(env.device.type, (env.world,)))
         if not env.is_main:
             model.to_empty(device=env.device)  # storage for this rank's shards, filled from rank 0
         set_model_state_dict(model, full_state if env.is_main else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # also those outside the state dict (transformers' rotary `inv_freq`),
+            dist.broadcast(buffer.data, src=0)  # which `to_empty` left uninitialised on the other ranks
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -130,11 +131,18 @@ def consolidated(model: nn.Module, lm: nn.Module, rebuild: Callable[[torch.devic
         return None
     copy = rebuild(torch.device("meta"))
     copy.load_state_dict(whole, assign=True)
+    # buffers outside the state dict (transformers' rotary `inv_freq`) are still meta: FSDP leaves buffers
+    # whole on every rank, so they are this rank's
+    own = dict(lm.named_buffers())
+    for name, buffer in list(copy.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(leaf, own[name].detach().clone(), persistent=False)
     return copy.to(device).train(lm.training)
 
 
-def chunk_model(model: nn.Module) -> ChunkModel:
-    """The `ChunkModel` inside what `wrap` returned."""
+def chunk_model(model: nn.Module) -> nn.Module:
+    """The window model (`ChunkModel`, `TokenWindowModel`) inside what `wrap` returned."""
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model

@@ -107,3 +107,20 @@ def moshi_7b_counts(config, settings: tuple[str, ...] = ("ttt", "ttt+lora", "ful
             lm = prepare_model(moshi_7b_lm(), variant)
         out.append(count(lm, name))
     return out
+
+
+def llama_counts(config, settings: tuple[str, ...] = ("ttt", "ttt+lora", "full")) -> list[ModelCounts]:
+    """`count` of Qwen2.5-7B-Instruct (LLaMA-Omni2-7B's LLM; meta device) patched and made trainable as
+    `config` (a host-llama `TrainConfig`, e.g. configs/qwen2_5_7b_ttt.yaml) says, per trainable setting."""
+    from dataclasses import replace
+
+    from ttt_speech.llama.models import qwen2_5_7b
+
+    from .model import prepare_model
+
+    out = []
+    for setting in settings:
+        with torch.device("meta"):
+            lm = prepare_model(qwen2_5_7b(config.model.torch_dtype()), replace(config, trainable=setting))
+        out.append(count(lm, setting))
+    return out

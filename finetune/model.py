@@ -1,5 +1,6 @@
-"""The model a training run trains: the base LM with its TTT layers and LoRA adapters, exactly the
-configured parameters trainable (float32 master copies of them under bf16)."""
+"""The model a training run trains: the base LM (Moshi, or a Llama / Qwen2 for host llama) with its TTT
+layers and LoRA adapters, exactly the configured parameters trainable (float32 master copies of them
+under bf16)."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,12 @@ def prepare_model(lm: nn.Module, config: TrainConfig) -> nn.Module:
     torch.manual_seed(config.seed)  # the new layers' initialisation depends on the seed only
     handle = None
     if config.ttt is not None:
-        patch_moshi(lm, config.ttt)  # logs its report
+        if config.model.is_llama:
+            from ttt_speech.llama import patch_llama
+
+            patch_llama(lm, config.ttt)  # logs its report
+        else:
+            patch_moshi(lm, config.ttt)
         handle = TTTModel.of(lm)
     if config.uses_lora:
         skip = [site.inserted for site in handle.sites] if handle is not None else []

@@ -1,9 +1,10 @@
 """The training loop (`train(config)`); its command line is `cli.py` (`ttt-speech train`, also
 `torchrun --nproc-per-node N --no-python ttt-speech train CONFIG.yaml` or `-m ttt_speech_apps.finetune`).
 
-Orchestration only: the model comes from `ttt_speech.models`, TTT from `patch_moshi` (and its
-`TTTModel` handle), the carried state from `TTTCarry`, batches from `WindowBatcher`, the loss from
-`loss.py`.
+Orchestration only: the model comes from `ttt_speech.models`, TTT from `patch_moshi` / `patch_llama`
+(and its `TTTModel` handle), batches from `WindowBatcher`; what depends on the model family (streams,
+one window's forward and loss, the carried state, length generalisation) from its adapter in
+`hosts.py` (`model.host`).
 """
 from __future__ import annotations
 
@@ -22,15 +23,11 @@ from torch import nn
 
 from ttt_speech import schema
 from ttt_speech.data import FRAME_RATE
-from ttt_speech.data.cache import CodesCache
-from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
-from ttt_speech.data.recording import load_recording
+from ttt_speech.data.tokens import TOKEN_KINDS
 from ttt_speech.export import save_export
 from ttt_speech.files import write_text_atomic
-from ttt_speech.models import check_family, load_mimi, load_text_tokenizer
-from ttt_speech.moshi.carry import TTTCarry
-from ttt_speech.moshi.teacher_forcing import ChunkModel, delayed_streams
+from ttt_speech.models import check_family
 from ttt_speech.sharding import is_sharded, ttt_units, unsharded
 from ttt_speech.stats import runaway, runaway_warning
 
@@ -39,7 +36,7 @@ from .checkpointing import (Checkpointer, is_sharded_format, load_checkpoint, lo
 from .config import TrainConfig, resume_changes
 from .data import WindowBatcher, check_rows
 from .distributed import Dist, build_device, chunk_model, close_distributed, consolidated, init_distributed, wrap
-from .loss import loss_terms, summarize, total_loss
+from .hosts import RecordingLoader, TrainHost, autocast, host_of  # noqa: F401 - RecordingLoader: tests import it here
 from .memory import rank_memory
 from .model import build_model, master_to_model_dtype
 from .monitor import MEMORY, InnerLrProbe, Monitor, truncate_step_logs
@@ -56,28 +53,6 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; a checkpoint of the last good state has been written."""
 
 
-class RecordingLoader:
-    """Manifest entry → Moshi streams [K, T] (code files directly; audio through the codes cache)."""
-
-    def __init__(self, entries: list[ManifestEntry], lm: nn.Module, config: TrainConfig) -> None:
-        self.entries, self.lm = entries, lm
-        model = config.model
-        self.cache = CodesCache(config.data.codes_cache, model.codec_id(), lambda: load_mimi(model))
-        self.tokenizer = functools.cache(lambda: load_text_tokenizer(model))  # loaded once, on first need
-
-    def codes(self, index: int) -> torch.Tensor:
-        """The recording in Moshi's stream layout, [K, T] (text from a word-timed transcript next to an
-        audio file, moshi-finetune's `.json`; padding otherwise)."""
-        path = self.entries[index].path
-        return moshi_streams(self.lm, load_recording(path, self.cache, self.lm, self.tokenizer), where=str(path))
-
-    def __call__(self, index: int) -> torch.Tensor:
-        """The recording's once-delayed stream: inputs then targets stacked, [2K, T]."""
-        codes = self.codes(index)
-        inputs, targets = delayed_streams(self.lm, codes[None].to(next(self.lm.parameters()).device))
-        return torch.cat([inputs[0], targets[0]]).cpu()
-
-
 def lr_factor(config: TrainConfig, step: int) -> float:
     """Multiplier of optim.lr at `step` (0-based): linear warm-up, then cosine or constant."""
     o = config.optim
@@ -87,12 +62,6 @@ def lr_factor(config: TrainConfig, step: int) -> float:
         return 1.0
     progress = (step - o.warmup_steps) / max(1, config.steps - o.warmup_steps)
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _autocast(config: TrainConfig, device: torch.device):
-    if config.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train(config: TrainConfig, resume: Path | None = None, progress: bool = True,
@@ -106,10 +75,11 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     folder = None
     try:
         with sigterm_interrupts():
-            manifests = (_train_manifests(config), read_manifest(config.data.eval_manifest, "data.eval_manifest")
-                         if config.data.eval_manifest else [])
+            manifests = (_train_manifests(config), read_manifest(config.data.eval_manifest, "data.eval_manifest",
+                                                                 _kinds(config)) if config.data.eval_manifest else [])
             resume_dir = _check_resume(config, resume) if resume is not None else None
-            check_family(config.model)  # before the output folder is claimed (--overwrite deletes a run)
+            if not config.model.is_llama:
+                check_family(config.model)  # before the output folder is claimed (--overwrite deletes a run)
             folder = _claim(config, env, resume_dir, overwrite)
             return _train(config, env, manifests, resume_dir, folder, progress)
     finally:
@@ -141,8 +111,13 @@ def _train_manifests(config: TrainConfig) -> dict[Path, list[ManifestEntry]]:
         path = stage.data.train_manifest
         if path not in out:
             out[path] = read_manifest(path, "data.train_manifest" if name is None or path == config.data.train_manifest
-                                      else f"stages[{i}].train_manifest")
+                                      else f"stages[{i}].train_manifest", _kinds(config))
     return out
+
+
+def _kinds(config: TrainConfig) -> tuple | None:
+    """The files a manifest lists: token or text files for host llama, audio or code files (default) else."""
+    return TOKEN_KINDS if config.model.is_llama else None
 
 
 def _check_resume(config: TrainConfig, resume: Path) -> Path:
@@ -182,6 +157,7 @@ class TrainingRecipe:
                  eval_entries: list[ManifestEntry], progress: bool) -> None:
         self.run_config, self.env, self.entries_of, self.eval_entries = config, env, entries, eval_entries
         self.progress = progress
+        self.host: TrainHost = host_of(config)
         self.stages = plan_stages(config)
         self.stage = self.stages[0]
         self.config = self.stage.config
@@ -189,7 +165,7 @@ class TrainingRecipe:
         self.step = 0
         self.metrics: dict[str, Any] = {}
         self.warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
-        self.carry: TTTCarry | None = None  # the running stage's carried states (`enter_stage`)
+        self.carry = None  # the running stage's carried states (`enter_stage`: the host's TTTCarry / CacheCarry)
         self.probe: InnerLrProbe | None = None
 
     @property
@@ -206,9 +182,9 @@ class TrainingRecipe:
         (or the checkpoint's) and restore `resume_dir`; then (rank 0) claim the folder's old outputs."""
         config, env = self.run_config, self.env
         self.lm = lm = build_model(self.config, build_device(env, config.distributed))
-        model = ChunkModel(lm, meta=config.meta)
+        model = self.host.window_model(lm, config)
         full_state = model.state_dict() if config.distributed == "fsdp" and env.is_main else None
-        self.model = wrap(model, env, config.distributed, full_state)
+        self.model = wrap(model, env, config.distributed, self.host.layers(lm), full_state)
         del full_state  # rank 0's unsharded weights: only its shards stay
         self.sharded = is_sharded(self.model)
         self.gathered_ttt = functools.partial(unsharded, ttt_units(lm))  # TTT parameters read outside forward
@@ -237,13 +213,13 @@ class TrainingRecipe:
         self.monitor = Monitor(self.out_dir, config.wandb, schema.to_dict(config), enabled=env.is_main,
                                resume=resume_dir is not None)
         if self.staged and env.is_main:
-            logger.info("stages:\n%s", "\n".join(_stage_line(s) for s in self.stages))
+            logger.info("stages:\n%s", "\n".join(_stage_line(s, self.host.unit) for s in self.stages))
 
     def _check_data(self) -> None:
         """Before step 1: every recording reads, and every stage's rows fit its recordings and ranks, and
         its window fits in its longest recording (a longer one would be mostly padding: a mistake that
         would show only after the stages before it ran)."""
-        longest = {path: _check_entries(entries, RecordingLoader(entries, self.lm, self.config),
+        longest = {path: _check_entries(entries, self.host.loader(entries, self.lm, self.config),
                                         f"data.train_manifest ({path})" if self.staged else "data.train_manifest",
                                         self.env, self.progress)
                    for path, entries in self.entries_of.items()}
@@ -258,7 +234,7 @@ class TrainingRecipe:
                                  f"recording of {data.train_manifest} (the longest: {longest[data.train_manifest]} "
                                  "frames); give the stage longer recordings (train_manifest) or a shorter window")
         if self.eval_entries:
-            _check_entries(self.eval_entries, RecordingLoader(self.eval_entries, self.lm, self.config),
+            _check_entries(self.eval_entries, self.host.loader(self.eval_entries, self.lm, self.config),
                            "data.eval_manifest", self.env, self.progress)
 
     def enter_stage(self, stage: Stage) -> None:
@@ -272,12 +248,12 @@ class TrainingRecipe:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(config, s))
         self.checkpointer.follow(self.optimizer, self.scheduler)
-        loader = RecordingLoader(self.entries, lm, config)
+        loader = self.host.loader(self.entries, lm, config)
         self.batcher = WindowBatcher(self.entries, loader, config.data.batch_size, config.data.window_frames, env.rank,
                                      env.world, seed=config.seed + stage.index, shuffle=config.data.shuffle,
-                                     persistent=config.persistent_state, pad_id=lm.zero_token_id)
+                                     persistent=config.persistent_state, pad_id=self.host.pad_id(lm))
         with self.gathered_ttt():  # the initial states are copies of the initial fast weights
-            self.carry = TTTCarry(lm, config.data.batch_size // env.world) if config.ttt is not None else None
+            self.carry = self.host.carry(lm, config.data.batch_size // env.world) if config.ttt is not None else None
         if self.probe is None and config.ttt is not None:
             self.probe = InnerLrProbe(lm)
         self.memory_reported = False
@@ -312,8 +288,8 @@ class TrainingRecipe:
         whole = consolidated(self.model, self.lm, functools.partial(build_model, config), env, env.device)
         if env.is_main:
             try:
-                with _autocast(config, env.device):
-                    _length_gen(whole, self.eval_entries, config, self.monitor, self._length_gen_dir())
+                with autocast(config, env.device):
+                    _length_gen(self.host, whole, self.eval_entries, config, self.monitor, self._length_gen_dir())
             except (ValueError, RuntimeError) as e:  # a NaN at 10x the window, out of memory: a measurement
                 # must not end the run (a resume would replay it and fail again)
                 logger.warning("length generalisation of stage %s failed (%s); training goes on",
@@ -337,7 +313,8 @@ class TrainingRecipe:
             return
         bar = progress_bar(total=total, initial=self.step, desc=self.stage.label, unit="step",
                            enabled=self.progress and env.is_main)
-        self.clock = _Throughput(config.data.batch_size * config.data.window_frames * self.lm.num_codebooks, self.step)
+        self.clock = _Throughput(config.data.batch_size * config.data.window_frames
+                                 * self.host.tokens_per_position(self.lm), self.step)
         while self.step < end:
             log_now = (self.step + 1) % config.log_every == 0 or self.step + 1 == end
             values, grad_norm = self._training_step(log_now, bar)
@@ -373,19 +350,16 @@ class TrainingRecipe:
         config, env, carry = self.config, self.env, self.carry
         data_before = self.batcher.state_dict()  # a few integers per row
         batch = self.batcher.next()
-        inputs, targets = batch.codes.to(env.device).chunk(2, dim=1)
         restarts = True  # whether a row of any rank reads W₀ in this step (a fresh state is a copy of it)
         if carry is not None:
             carry.next_window(batch.new_recording.to(env.device))
             restarts = env.any(carry.resets_pending)
         if self.probe is not None:
             self.probe.armed = log_now
-        with _autocast(config, env.device):
-            text_logits, audio_logits = self.model(inputs, targets)
-        terms = _loss_terms(self.lm, config, text_logits, audio_logits, targets)
+        terms = self.host.window_terms(self.model, self.lm, config, batch.codes, carry, env.device)
         sums = env.all_reduce(terms.stacked())
-        values = summarize(sums)
-        loss = total_loss(terms, sums if env.enabled else None, env.world)
+        values = self.host.summarize(sums)
+        loss = self.host.total_loss(terms, sums if env.enabled else None, env.world)
         grad_norm = float("nan")
         if math.isfinite(values["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
@@ -464,8 +438,8 @@ class TrainingRecipe:
         final = consolidated(self.model, self.lm, functools.partial(build_model, config), env,
                              env.device if config.length_gen is not None else torch.device("cpu"))
         if env.is_main and config.length_gen is not None:
-            with _autocast(config, env.device):
-                _length_gen(final, self.eval_entries, config, self.monitor, self._length_gen_dir())
+            with autocast(config, env.device):
+                _length_gen(self.host, final, self.eval_entries, config, self.monitor, self._length_gen_dir())
             if self.staged:
                 _stages_report(self.out_dir / "length_gen", [s.name for s in self.stages], self.monitor)
         if env.is_main:
@@ -502,12 +476,13 @@ def _stage_summary(stage: Stage) -> dict:
             "batch_size": c.data.batch_size, "train_manifest": str(c.data.train_manifest), "lr": c.optim.lr}
 
 
-def _stage_line(stage: Stage) -> str:
+def _stage_line(stage: Stage, unit: str) -> str:
     """A stage in the log: its steps, window, rows and tokens per step, learning rate."""
     c = stage.config
     tokens = c.data.batch_size * c.data.window_frames
+    seconds = f" ({c.data.window_frames / FRAME_RATE:g} s)" if unit == "frames" else ""
     return (f"  {stage.index + 1}. {stage.name}: steps {stage.start + 1}-{stage.end}, window {c.data.window_frames} "
-            f"frames ({c.data.window_frames / FRAME_RATE:g} s) x {c.data.batch_size} rows = {tokens:,} frames per step, "
+            f"{unit}{seconds} x {c.data.batch_size} rows = {tokens:,} {unit} per step, "
             f"lr {c.optim.lr:g} ({c.optim.schedule}), data {c.data.train_manifest}")
 
 
@@ -562,7 +537,7 @@ def _stopped(stop: StopRequest, step: int, saved: Path | None, out_dir: Path, ba
                                f"{saved or out_dir / 'checkpoints'}; continue with --resume {out_dir}")
 
 
-def _check_entries(entries: list[ManifestEntry], loader: RecordingLoader, field: str, env: Dist,
+def _check_entries(entries: list[ManifestEntry], loader, field: str, env: Dist,
                    progress: bool) -> int:
     """Read every manifest entry once before the first step (audio: encoded into the codes cache), so
     a bad file is a one-line error now, not hours into the run. Each rank checks its share. Returns
@@ -619,7 +594,7 @@ def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
 
 
 def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             batcher: WindowBatcher, carry: TTTCarry | None, env: Dist, group) -> int:
+             batcher: WindowBatcher, carry, env: Dist, group) -> int:
     # sharded: rank 0 reads the tensors and sends each rank its shards (not N copies in host memory)
     from_rank0 = is_sharded(model)
     trainable, carried, state = load_checkpoint(path, tensors=env.is_main or not from_rank0)
@@ -655,39 +630,33 @@ def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim
 def evaluate(model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, env: Dist) -> dict[str, float]:
     """Teacher-forced loss on the first `eval_frames` of each held-out recording, window by window
     with the TTT state carried (persistent_state) exactly as in training; one recording at a time.
-    `model`: the (data-parallel) `ChunkModel`, called as a whole so that sharded parameters are
+    `model`: the (data-parallel) window model, called as a whole so that sharded parameters are
     gathered (every rank evaluates)."""
+    host = host_of(config)
     lm = chunk_model(model).lm
     was_training = lm.training
     lm.eval()
-    loader = RecordingLoader(entries, lm, config)
-    total = torch.zeros(6, device=env.device)
+    loader = host.loader(entries, lm, config)
+    total = 0
     W = config.data.window_frames
     for i in range(len(entries)):
-        inputs, targets = loader(i)[:, :config.eval_frames].to(env.device)[None].chunk(2, dim=1)
+        stream = loader(i)[:, :config.eval_frames][None]  # [1, 2K, T]
         with unsharded(ttt_units(lm)):
-            carry = TTTCarry(lm, 1) if config.ttt is not None else None
+            carry = host.carry(lm, 1) if config.ttt is not None else None
         try:
-            for start in range(0, inputs.shape[2], W):
-                window = slice(start, start + W)
+            for start in range(0, stream.shape[2], W):
                 if carry is not None:
                     carry.next_window(torch.tensor([start == 0 or not config.persistent_state], device=env.device))
-                with _autocast(config, env.device):
-                    text_logits, audio_logits = model(inputs[:, :, window], targets[:, :, window], meta=False)
-                total += _loss_terms(lm, config, text_logits, audio_logits, targets[:, :, window]).stacked()
+                total = total + host.window_terms(model, lm, config, stream[:, :, start:start + W], carry, env.device,
+                                                  evaluating=True).stacked()
         finally:
             if carry is not None:
                 carry.close()
     lm.train(was_training)
-    return {f"eval_{k}": v for k, v in summarize(total).items()}
+    return {f"eval_{k}": v for k, v in host.summarize(total).items()}
 
 
-def _loss_terms(lm: nn.Module, config: TrainConfig, text_logits, audio_logits, targets):
-    return loss_terms(text_logits, audio_logits, targets, lm.text_card, lm.card, lm.audio_offset,
-                      lm.text_padding_token_id, config.data.first_codebook_weight, config.data.text_padding_weight)
-
-
-def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, carry: TTTCarry | None,
+def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, carry,
               monitor: Monitor, env: Dist, stage: tuple[int, str] | None = None) -> dict:
     with carry.paused() if carry is not None else contextlib.nullcontext():
         values = evaluate(model, entries, config, env)
@@ -697,13 +666,9 @@ def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config:
     return values
 
 
-def _length_gen(lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, monitor: Monitor,
+def _length_gen(host: TrainHost, lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, monitor: Monitor,
                 folder: Path) -> None:
     """Perplexity at min_factor..max_factor x the training window on the held-out recordings (eval's
-    length-gen), written into `folder`."""
-    from ttt_speech_apps.eval.length_gen import after_training
-
-    loader = RecordingLoader(entries, lm, config)
-    streams = {entry.path.stem: loader.codes(i) for i, entry in enumerate(entries)}
-    result, paths = after_training(lm, streams, config.data.window_frames, config.length_gen, folder, monitor.wandb)
+    length-gen; token streams for host llama), written into `folder`."""
+    result, paths = host.length_gen(lm, entries, config, folder, monitor.wandb)
     logger.info("length generalisation (written to %s):\n%s", paths["markdown"], "\n".join(result.summary_lines()))

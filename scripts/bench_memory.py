@@ -10,10 +10,12 @@ first step. Printed: those per rank, and the ratio of gradients + optimizer stat
 Computed (--moshi-7b): GiB per GPU of weights + gradients + AdamW state for Moshi-7B's real
 architecture (moshi's kwargs, built on the meta device: nothing allocated) patched as
 configs/moshi_7b_ttt.yaml, for each `trainable` setting, DDP vs FSDP on 1 / 8 / 16 GPUs — the
-table of docs/training.md.
+table of docs/training.md. --llama: the same for Qwen2.5-7B-Instruct (LLaMA-Omni2's LLM) patched as
+configs/qwen2_5_7b_ttt.yaml — the table of docs/llama_omni.md.
 
     .venv/bin/python scripts/bench_memory.py                # measured (about 2 minutes on 2 cores)
     .venv/bin/python scripts/bench_memory.py --moshi-7b     # only the computed table (seconds)
+    .venv/bin/python scripts/bench_memory.py --llama        # only Qwen2.5-7B's computed table (seconds)
     .venv/bin/python scripts/bench_memory.py --out runs/bench/memory.json
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import yaml
 from bench_ttt import write_results
 from ttt_speech.data.synthetic import SynthConfig, write_corpus
 from ttt_speech_apps.finetune.config import load_train_config
-from ttt_speech_apps.finetune.memory import MOSHI_FINETUNE_PUBLISHED_GB, memory_table, moshi_7b_counts
+from ttt_speech_apps.finetune.memory import MOSHI_FINETUNE_PUBLISHED_GB, llama_counts, memory_table, moshi_7b_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 # big enough that parameters, not the interpreter, dominate what the counts cover (~24 M parameters)
@@ -95,12 +97,25 @@ def computed() -> dict:
     return {c.trainable_setting: vars(c) for c in counts}
 
 
+def computed_llama() -> dict:
+    config = load_train_config(ROOT / "configs" / "qwen2_5_7b_ttt.yaml")
+    counts = llama_counts(config)
+    print("\n== Qwen2.5-7B-Instruct (its config.json on the meta device) patched as configs/qwen2_5_7b_ttt.yaml: GiB "
+          "per GPU of weights + gradients + AdamW state (float32 master copies of trainable weights; no activations)")
+    print(memory_table(counts))
+    return {c.trainable_setting: vars(c) for c in counts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moshi-7b", action="store_true", help="only the computed Moshi-7B table")
+    parser.add_argument("--llama", action="store_true", help="only the computed Qwen2.5-7B (host llama) table")
     parser.add_argument("--trainable", nargs="+", default=["ttt", "full"], help="trainable settings to measure")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = parser.parse_args()
+    if args.llama:
+        write_results(args.out, {"qwen2_5_7b": computed_llama()})
+        return
     results = {"moshi_7b": computed()}
     if not args.moshi_7b:
         results["measured"] = measured(args.trainable)

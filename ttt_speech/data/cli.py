@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, default, help_text in reference(SynthConfig):
         synth.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
                            help=f"{help_text} (default {default})")
+    synth.add_argument("--tokens", action="store_true",
+                       help="write token streams for host llama instead (tokens/*.npy: each recording's semantic "
+                            "codes as token ids 3..card+2, past the tiny LLMs' special tokens; docs/llama_omni.md)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_synth)
 
@@ -59,7 +62,7 @@ def _synth(args: argparse.Namespace) -> int:
     import yaml
 
     from ..schema import from_dict, load_yaml
-    from .synthetic import write_corpus
+    from .synthetic import write_corpus, write_token_corpus
 
     data = {}
     if args.config is not None:
@@ -73,7 +76,7 @@ def _synth(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None})
     config = from_dict(SynthConfig, data, "synth")
     writable_dir(args.out, "out")  # a file or a read-only folder there: one line, before any recording is made
-    files = write_corpus(config, args.out, progress=not args.quiet)
+    files = (write_token_corpus if args.tokens else write_corpus)(config, args.out, progress=not args.quiet)
     print("wrote " + ", ".join(f"{k}: {v}" for k, v in files.items()))
     return 0
 
