@@ -62,7 +62,8 @@ def test_demo_config_reference_is_in_sync():
         "from ttt_speech.schema import markdown_reference; print(markdown_reference(DemoConfig))'")
 
 
-@pytest.mark.parametrize("name", ["demo", "tiny", "moshi_7b_ttt", "eval_tiny", "eval_librilight", "ttt_linear_hybrid"])
+@pytest.mark.parametrize("name", ["demo", "tiny", "moshi_7b_ttt", "eval_tiny", "eval_librilight", "ttt_linear_hybrid",
+                                  "tiny_llama", "qwen2_5_7b_ttt"])
 def test_shipped_configs_are_named_in_the_docs(name):
     docs = README + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
     assert f"configs/{name}.yaml" in docs

@@ -296,19 +296,19 @@ def test_a_diverged_step_is_checkpointed_as_the_step_before_it(tmp_path, corpus,
     losses. Step 5 restarts every row (recordings of 40 frames, windows of 12); step 3 carries."""
     from safetensors.torch import load_file
 
-    from ttt_speech_apps.finetune import train as train_module
+    from ttt_speech_apps.finetune.hosts import MoshiHost
 
     good = write_config(tmp_path / "good", corpus, steps=failing_step + 1, checkpoint_every=1, keep_checkpoints=10)
     assert train_main([str(good), "--quiet"]) == 0
     calls = {"n": 0}
-    real = train_module.summarize
+    real = MoshiHost.summarize
 
-    def fails_at_step_k(sums):
+    def fails_at_step_k(host, sums):
         calls["n"] += 1
-        values = real(sums)
+        values = real(host, sums)
         return {**values, "loss": float("nan")} if calls["n"] == failing_step else values
 
-    monkeypatch.setattr(train_module, "summarize", fails_at_step_k)
+    monkeypatch.setattr(MoshiHost, "summarize", fails_at_step_k)
     bad = write_config(tmp_path / "bad", corpus, steps=failing_step + 1)
     assert train_main([str(bad), "--quiet"]) == 1
     name = f"step_{failing_step - 1:06d}"
@@ -320,7 +320,7 @@ def test_a_diverged_step_is_checkpointed_as_the_step_before_it(tmp_path, corpus,
     adam_a, adam_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
     assert adam_a.keys() == adam_b.keys() and all(
         torch.equal(adam_a[n][k], adam_b[n][k]) for n in adam_a for k in adam_a[n])
-    monkeypatch.setattr(train_module, "summarize", real)
+    monkeypatch.setattr(MoshiHost, "summarize", real)
     assert train_main([str(bad), "--resume", str(b), "--quiet"]) == 0
     assert losses(tmp_path / "bad" / "run")[-2:] == losses(tmp_path / "good" / "run")[-2:]
 

@@ -169,21 +169,21 @@ def test_a_stage_that_diverges_on_its_first_step_keeps_the_boundary_checkpoint(t
     """Step 4, the first of stage 2, gives a NaN loss: the checkpoint of step 3 stays the boundary one
     (stage 1's optimizer and rows, not overwritten by stage 2's), and --resume from it runs on to the
     uninterrupted run's weights."""
-    from ttt_speech_apps.finetune import train as train_module
+    from ttt_speech_apps.finetune.hosts import MoshiHost
 
     fewer_rows = [STAGES[0], {**STAGES[1], "batch_size": 1}]  # stage 2's rows could not fill stage 1's batcher
     one = staged(tmp_path / "one", corpus, stages=fewer_rows)
     assert train_main([str(one), "--quiet"]) == 0
-    real, calls = train_module.summarize, {"n": 0}
+    real, calls = MoshiHost.summarize, {"n": 0}
 
-    def nan_at_step_4(sums):
+    def nan_at_step_4(host, sums):
         calls["n"] += 1
-        values = real(sums)
+        values = real(host, sums)
         return {**values, "loss": float("nan")} if calls["n"] == 4 else values
 
     path = staged(tmp_path / "bad", corpus, stages=fewer_rows)
     with monkeypatch.context() as m:
-        m.setattr(train_module, "summarize", nan_at_step_4)
+        m.setattr(MoshiHost, "summarize", nan_at_step_4)
         assert train_main([str(path), "--quiet"]) == 1
     boundary = tmp_path / "bad" / "run" / "checkpoints" / "step_000003"
     state = torch.load(boundary / "train_state.pt", weights_only=False)
