@@ -86,22 +86,11 @@ def measured(trainables: list[str]) -> dict:
     return results
 
 
-def computed() -> dict:
-    config = load_train_config(ROOT / "configs" / "moshi_7b_ttt.yaml")
-    counts = moshi_7b_counts(config)
-    print("\n== Moshi-7B (moshi's kwargs on the meta device) patched as configs/moshi_7b_ttt.yaml: GiB per GPU of "
-          "weights + gradients + AdamW state (float32 master copies of trainable weights; no activations)")
-    print(memory_table(counts))
-    print("moshi-finetune's published peak per GPU (LoRA, with activations): "
-          + ", ".join(f"{n}xH100 {gb} GB" for n, gb in MOSHI_FINETUNE_PUBLISHED_GB.items()))
-    return {c.trainable_setting: vars(c) for c in counts}
-
-
-def computed_llama() -> dict:
-    config = load_train_config(ROOT / "configs" / "qwen2_5_7b_ttt.yaml")
-    counts = llama_counts(config)
-    print("\n== Qwen2.5-7B-Instruct (its config.json on the meta device) patched as configs/qwen2_5_7b_ttt.yaml: GiB "
-          "per GPU of weights + gradients + AdamW state (float32 master copies of trainable weights; no activations)")
+def computed(config_name: str, counts_of, title: str) -> dict:
+    """The table of configs/<config_name>.yaml's model (`counts_of`: `moshi_7b_counts` / `llama_counts`)."""
+    counts = counts_of(load_train_config(ROOT / "configs" / f"{config_name}.yaml"))
+    print(f"\n== {title} patched as configs/{config_name}.yaml: GiB per GPU of weights + gradients + AdamW state "
+          "(float32 master copies of trainable weights; no activations)")
     print(memory_table(counts))
     return {c.trainable_setting: vars(c) for c in counts}
 
@@ -114,9 +103,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = parser.parse_args()
     if args.llama:
-        write_results(args.out, {"qwen2_5_7b": computed_llama()})
+        write_results(args.out, {"qwen2_5_7b": computed("qwen2_5_7b_ttt", llama_counts,
+                                                        "Qwen2.5-7B-Instruct (its config.json on the meta device)")})
         return
-    results = {"moshi_7b": computed()}
+    results = {"moshi_7b": computed("moshi_7b_ttt", moshi_7b_counts, "Moshi-7B (moshi's kwargs on the meta device)")}
+    print("moshi-finetune's published peak per GPU (LoRA, with activations): "
+          + ", ".join(f"{n}xH100 {gb} GB" for n, gb in MOSHI_FINETUNE_PUBLISHED_GB.items()))
     if not args.moshi_7b:
         results["measured"] = measured(args.trainable)
     write_results(args.out, results)

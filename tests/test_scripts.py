@@ -69,3 +69,18 @@ def test_bench_memory_moshi_7b_table_is_computed_in_seconds(tmp_path):
     assert set(table) == {"ttt", "ttt+lora", "full", "lora r128 (moshi-finetune)"}
     assert table["full"]["trainable_params"] == table["full"]["total_params"] > 8.7e9
     assert "| `ttt` | 8.77 B (1.085 B) |" in proc.stdout
+
+
+def test_bench_memory_llama_table_is_the_documented_one(tmp_path):
+    """`--llama`: Qwen2.5-7B-Instruct patched as configs/qwen2_5_7b_ttt.yaml, the table of docs/llama_omni.md."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_memory.py"), "--llama", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = json.loads(out.read_text())["qwen2_5_7b"]
+    base = table["full"]["total_params"] - (table["ttt"]["trainable_params"])
+    assert abs(base - 7.615e9) < 0.01e9  # Qwen2.5-7B's published 7.61 B parameters
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "llama_omni.md").read_text()
+    assert len(rows) == 3 and all(row in docs for row in rows), rows

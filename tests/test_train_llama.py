@@ -16,7 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 from test_distributed import assert_close, torchrun  # noqa: E402
 from train_utils import read_trainable  # noqa: E402
 from ttt_speech import TTTConfig  # noqa: E402
-from ttt_speech.data.synthetic import SynthConfig, write_token_corpus  # noqa: E402
+from ttt_speech.data.synthetic import SynthConfig, write_corpus  # noqa: E402
 from ttt_speech.llama import TTTCache, patch_llama, tiny_llm  # noqa: E402
 from ttt_speech.llama.carry import CacheCarry  # noqa: E402
 from ttt_speech_apps.finetune.cli import main as train_main  # noqa: E402
@@ -33,8 +33,8 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def token_corpus(root: Path, recordings: int = 10, frames: int = 48) -> dict:
-    return write_token_corpus(SynthConfig(recordings=recordings, frames=frames, length_jitter=0.0, eval_frames=None,
-                                          card=60, num_motifs=2, motif_frames=4, eval_recordings=2), root / "tokens")
+    return write_corpus(SynthConfig(recordings=recordings, frames=frames, length_jitter=0.0, eval_frames=None,
+                                    card=60, num_motifs=2, motif_frames=4, eval_recordings=2), root / "tokens", tokens=True)
 
 
 def llama_config(root: Path, corpus: dict, name: str = "tiny-llama", **overrides) -> Path:

@@ -62,7 +62,7 @@ def _synth(args: argparse.Namespace) -> int:
     import yaml
 
     from ..schema import from_dict, load_yaml
-    from .synthetic import write_corpus, write_token_corpus
+    from .synthetic import write_corpus
 
     data = {}
     if args.config is not None:
@@ -76,7 +76,7 @@ def _synth(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None})
     config = from_dict(SynthConfig, data, "synth")
     writable_dir(args.out, "out")  # a file or a read-only folder there: one line, before any recording is made
-    files = (write_token_corpus if args.tokens else write_corpus)(config, args.out, progress=not args.quiet)
+    files = write_corpus(config, args.out, progress=not args.quiet, tokens=args.tokens)
     print("wrote " + ", ".join(f"{k}: {v}" for k, v in files.items()))
     return 0
 

@@ -40,7 +40,7 @@ from .codes import Recording, save_codes
 from .manifest import ManifestEntry, write_manifest
 from .synth_config import SynthConfig
 
-__all__ = ["SynthConfig", "acoustic_maps", "synth_recording", "write_corpus", "write_token_corpus"]
+__all__ = ["SynthConfig", "acoustic_maps", "synth_recording", "write_corpus"]
 NUM_CODEBOOKS = 8
 FIRST_TOKEN_ID = 3  # token corpora (`write_token_corpus`): ids below are the tiny LLMs' special tokens
 
@@ -98,52 +98,33 @@ def synth_recording(config: SynthConfig, index: int, maps: Tensor | None = None)
     return torch.cat(pieces, 1)[:, :frames], torch.cat(labels)[:frames]
 
 
-def write_corpus(config: SynthConfig, out: str | Path, progress: bool = False) -> dict[str, Path]:
-    """Write the corpus into `out`: recordings/*.safetensors, train.jsonl, eval.jsonl, corpus.json."""
+def write_corpus(config: SynthConfig, out: str | Path, progress: bool = False, tokens: bool = False) -> dict[str, Path]:
+    """Write the corpus into `out`: recordings/*.safetensors, train.jsonl, eval.jsonl, corpus.json.
+
+    tokens: token streams for host llama instead (`ttt-speech data synth --tokens`), tokens/*.npy: each
+    recording's semantic codebook (its private vocabulary, repeats and motifs: what only memory of the
+    stream predicts) as token ids FIRST_TOKEN_ID..card+2. Ids 0-2 are left out: the tiny LLMs' pad / bos
+    / eos (the pad token's embedding is zero, which would make TTT's inner LayerNorm degenerate)."""
     from ..progress import progress_bar
+    from .tokens import write_token_file
 
     out = Path(out)
     maps = acoustic_maps(config)
     train, held_out = [], []
     for i in progress_bar(range(config.recordings), desc="synth corpus", unit="rec", enabled=progress):
         codes, _ = synth_recording(config, i, maps)
-        path = save_codes(out / "recordings" / f"rec_{i:05d}.safetensors",
-                          Recording(codes, silence=torch.zeros(NUM_CODEBOOKS, dtype=torch.long),
-                                    codec=f"synthetic-card{config.card}", source=f"synthetic:{config.seed}:{i}"))
-        (held_out if config.is_eval(i) else train).append(ManifestEntry(path, codes.shape[1] / FRAME_RATE))
+        if tokens:
+            entry = ManifestEntry(write_token_file(out / "tokens" / f"rec_{i:05d}.npy", codes[0] + FIRST_TOKEN_ID), None)
+        else:
+            path = save_codes(out / "recordings" / f"rec_{i:05d}.safetensors",
+                              Recording(codes, silence=torch.zeros(NUM_CODEBOOKS, dtype=torch.long),
+                                        codec=f"synthetic-card{config.card}", source=f"synthetic:{config.seed}:{i}"))
+            entry = ManifestEntry(path, codes.shape[1] / FRAME_RATE)
+        (held_out if config.is_eval(i) else train).append(entry)
     files = {"train": write_manifest(out / "train.jsonl", train)}
     if held_out:
         files["eval"] = write_manifest(out / "eval.jsonl", held_out)
-    write_text_atomic(out / "corpus.json", json.dumps({"synthetic": asdict(config)}, indent=2) + "\n")
-    files["corpus"] = out / "corpus.json"
-    return files
-
-
-def write_token_corpus(config: SynthConfig, out: str | Path, progress: bool = False) -> dict[str, Path]:
-    """The corpus as token streams for host llama (`ttt-speech data synth --tokens`): each recording's
-    semantic codebook (its private vocabulary, repeats and motifs: what only memory of the stream
-    predicts) as token ids FIRST_TOKEN_ID..card+2 in tokens/*.npy, with train.jsonl, eval.jsonl,
-    corpus.json. Ids 0-2 are left out: the tiny models' pad / bos / eos (the pad token's embedding is
-    zero, which would make TTT's inner LayerNorm degenerate)."""
-    import numpy as np
-
-    from ..progress import progress_bar
-
-    out = Path(out)
-    (out / "tokens").mkdir(parents=True, exist_ok=True)
-    maps = acoustic_maps(config)
-    train, held_out = [], []
-    for i in progress_bar(range(config.recordings), desc="synth tokens", unit="stream", enabled=progress):
-        codes, _ = synth_recording(config, i, maps)
-        path = out / "tokens" / f"rec_{i:05d}.npy"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, (codes[0] + FIRST_TOKEN_ID).numpy().astype(np.int32))
-        tmp.replace(path)
-        (held_out if config.is_eval(i) else train).append(ManifestEntry(path, None))
-    files = {"train": write_manifest(out / "train.jsonl", train)}
-    if held_out:
-        files["eval"] = write_manifest(out / "eval.jsonl", held_out)
-    write_text_atomic(out / "corpus.json", json.dumps({"synthetic_tokens": asdict(config)}, indent=2) + "\n")
+    kind = "synthetic_tokens" if tokens else "synthetic"
+    write_text_atomic(out / "corpus.json", json.dumps({kind: asdict(config)}, indent=2) + "\n")
     files["corpus"] = out / "corpus.json"
     return files

@@ -39,17 +39,25 @@ def tokenize_text_file(path: Path, tokenizer, tokenizer_id: str, cache_dir: Path
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    ids = np.asarray(tokenizer(decoded, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=TOKEN_SUFFIX)
+    ids = torch.from_numpy(np.asarray(tokenizer(decoded, add_special_tokens=False)["input_ids"], dtype=np.int64))
+    write_token_file(cached, ids)
+    return ids
+
+
+def write_token_file(path: Path, ids: Tensor) -> Path:
+    """Save ids [T] as a `.npy` token file (int32 when the ids fit, else int64), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = ids.numpy()
+    array = array.astype(np.int32 if array.size == 0 or int(array.max()) < 2**31 else np.int64)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TOKEN_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, ids)
-        os.replace(tmp, cached)
+            np.save(f, array)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return torch.from_numpy(ids)
+    return path
 
 
 def check_ids(ids: Tensor, vocab_size: int, where: str) -> Tensor:
