@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,18 +61,28 @@ def length_generalisation(lm, streams: Sequence[Tensor] | Mapping[str, Tensor], 
     window = window or max(1, grid[0] // 2)
     prefix = f"{model_name}: " if model_name else ""
     results = [chunked_nll(lm, codes[:, :cap], chunk, where=prefix + name, progress=progress) for name, codes in items]
-    series = [metrics.group_series(r) for r in results]
+    return length_document([name for name, _ in items], [metrics.group_series(r) for r in results], grid,
+                           train_window, window, chunk, sum(r.seconds for r in results),
+                           metrics.uninformative_groups([c for _, c in items], results[0].nll.shape[0]))
+
+
+def length_document(names: Sequence[str], series: Sequence[dict[str, np.ndarray]], grid: Sequence[int],
+                    train_window: int, window: int, chunk: int, seconds: float,
+                    uninformative: dict[str, str] | None = None, unit: str = "frames") -> dict:
+    """`length_generalisation`'s document from each stream's per-position NLL series ({group: [T]}):
+    the perplexity points and figures at the `grid` lengths per group, the streams, the speed. unit:
+    what a position is ("frames"; "tokens" for a text LM's streams)."""
     groups = {}
     for group in series[0]:
         points = metrics.length_points([x[group] for x in series], grid, train_window, window)
         groups[group] = {"label": metrics.group_label(group), "points": points,
                          "figures": metrics.length_figures(points)}
-    frames = sum(r.frames for r in results)
-    seconds = sum(r.seconds for r in results)
-    return {"train_window": train_window, "chunk_size": chunk, "window": window, "lengths": grid,
-            "streams": [{"id": name, "frames": r.frames} for (name, _), r in zip(items, results)],
-            "groups": groups, "uninformative": metrics.uninformative_groups([c for _, c in items], results[0].nll.shape[0]),
-            "speed": {"frames": frames, "seconds": seconds, "frames_per_s": frames / seconds if seconds else None}}
+    lengths = [len(next(iter(x.values()))) for x in series]
+    return {"train_window": train_window, "chunk_size": chunk, "window": window, "lengths": list(grid), "unit": unit,
+            "streams": [{"id": name, "frames": n} for name, n in zip(names, lengths)],
+            "groups": groups, "uninformative": uninformative or {},
+            "speed": {"frames": sum(lengths), "seconds": seconds,
+                      "frames_per_s": sum(lengths) / seconds if seconds else None}}
 
 
 class LengthGen:
@@ -108,15 +119,17 @@ class LengthGen:
 
 
 def after_training(lm, streams: Mapping[str, Tensor], train_window: int, lengths: LengthGenConfig,
-                   output_dir: Path, wandb_run=None) -> tuple[LengthGenResult, dict[str, Path]]:
+                   output_dir: Path, wandb_run=None, measure=None) -> tuple[LengthGenResult, dict[str, Path]]:
     """The fine-tuning recipe's length generalisation: the trained `lm` on its held-out streams, written
     into output_dir as `eval length-gen` writes (run "trained"; wandb keys under `length_gen/`).
-    Returns the result (its `summary_lines` for the log) and {output kind: path written}."""
+    measure(lm, streams, train_window, lengths) → the document: `length_generalisation` (Moshi streams)
+    by default. Returns the result (its `summary_lines` for the log) and {output kind: path written}."""
+    measure = measure or (lambda *args: length_generalisation(*args[:3], lengths=args[3]))
     was_training = lm.training
     lm.eval()
     try:
         with torch.no_grad():
-            result = LengthGenResult({"trained": length_generalisation(lm, streams, train_window, lengths=lengths)})
+            result = LengthGenResult({"trained": measure(lm, streams, train_window, lengths)})
     finally:
         lm.train(was_training)
     return result, write_result(result, output_dir, FILES, wandb_run=wandb_run)
@@ -146,14 +159,15 @@ class LengthGenResult:
     def markdown(self) -> str:
         first = self._first
         longest = max(s["frames"] for r in self.results.values() for s in r["streams"])
+        unit = first.get("unit", "frames")
         out = ["# Length generalisation", "",
-               f"Perplexity (cumulative NLL, streams averaged) of the first L frames, one stateful chunked pass per "
-               f"stream; training window {first['train_window']} frames. Cells: NLL (perplexity).", ""]
+               f"Perplexity (cumulative NLL, streams averaged) of the first L {unit}, one stateful chunked pass per "
+               f"stream; training window {first['train_window']} {unit}. Cells: NLL (perplexity).", ""]
         for group, why in first.get("uninformative", {}).items():
             out += [f"{first['groups'][group]['label']}: left out ({why}).", ""]
         entries = {n: {g: r["groups"][g] for g in self._shown()} for n, r in self.results.items()}
         out += report.length_tables(entries, self._shown(), longest)
-        out += [f"- {n}: streams " + ", ".join(f"{s['id']} ({s['frames']:,} frames)" for s in r["streams"])
+        out += [f"- {n}: streams " + ", ".join(f"{s['id']} ({s['frames']:,} {unit})" for s in r["streams"])
                 for n, r in self.results.items()]
         return "\n".join(out) + "\n"
 
@@ -162,10 +176,11 @@ class LengthGenResult:
         longest reached length per shown group, then the length figures (1x / 5x / 10x, ratio, best)."""
         lines = []
         for name, r in self.results.items():
+            unit = r.get("unit", "frames")
             some = next(iter(r["groups"].values()))["points"]
             reached = [p for p in some if "skipped" not in p]
             if not reached:
-                lines.append(f"{name}: no stream reaches {r['lengths'][0]:,} frames")
+                lines.append(f"{name}: no stream reaches {r['lengths'][0]:,} {unit}")
                 continue
             near = min(reached, key=lambda p: abs(math.log(p["factor"])))
             far = reached[-1]
@@ -175,7 +190,7 @@ class LengthGenResult:
                 cells.append(f"{group} {points[near['length']]['cumulative']['ppl']:.2f} -> "
                              f"{points[far['length']]['cumulative']['ppl']:.2f}")
             lines.append(f"{name}: perplexity at L = {near['factor']:.2f}x -> {far['factor']:.2f}x the window "
-                         f"({near['length']:,} -> {far['length']:,} frames): " + ", ".join(cells))
+                         f"({near['length']:,} -> {far['length']:,} {unit}): " + ", ".join(cells))
             lines += [f"  {group}: {report.length_figures_line(r['groups'][group]['figures'])}"
                       for group in self._shown()]
             if len(reached) < len(r["lengths"]):

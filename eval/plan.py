@@ -82,9 +82,12 @@ def open_export(source, where: str) -> Export:
     try:
         export = Export.open(source)
         export.model_config, export.ttt_config  # read now, so that their errors name `where` too
-        return export
     except (OSError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
+    if export.model_config.is_llama:
+        raise ValueError(f"{where}: {source} is an export of a Llama / Qwen2 model (model.host llama); the evaluator "
+                         "scores Moshi models (host llama's held-out loss and length-gen: `ttt-speech train`)")
+    return export
 
 
 def plan_eval(config: EvalConfig, modes: tuple[str, ...] | None = None) -> EvalPlan:

@@ -16,7 +16,8 @@ from ttt_speech.tracking import WANDB_OFFLINE_HELP
 from .launch import DEFAULT_SHUTDOWN_TIMEOUT
 
 DESCRIPTION = (
-    "Fine-tune a Moshi-architecture model with TTT layers on audio or code manifests, "
+    "Fine-tune a Moshi-architecture model with TTT layers on audio or code manifests (or, with model.host: llama, "
+    "a transformers Llama / Qwen2 on token streams), "
     "TTT state carried across consecutive windows of each recording. Multi-GPU: "
     "torchrun --nproc-per-node N --no-python ttt-speech train CONFIG.yaml [KEY=VALUE ...]. "
     "Writes checkpoints/, export/, metrics.jsonl, ttt_stats.csv and loss.png into output_dir."
@@ -49,7 +50,7 @@ def build_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train", help="fine-tune Moshi with TTT layers from a YAML config", description=DESCRIPTION)
+    parser = sub.add_parser("train", help="fine-tune Moshi (or a Llama / Qwen2) with TTT layers from a YAML config", description=DESCRIPTION)
     build_arg_parser(parser)
 
 

@@ -214,10 +214,6 @@ class TrainConfig:
         if self.data.window_seconds is not None:
             raise ValueError("data.window_seconds: model.host llama reads token streams; give data.window_frames "
                              "(tokens per window)")
-        if self.gradient_checkpointing:
-            # transformers' checkpointing drops the cache argument of each layer, and with it the TTT state
-            raise ValueError("gradient_checkpointing: not available with model.host llama (transformers' layer "
-                             "checkpointing drops the TTTCache that carries the TTT state)")
 
     def _check_stages(self) -> None:
         """Every stage valid as the config it runs as (before step 1, not at its start); `steps` their total."""

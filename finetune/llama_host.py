@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ttt_speech.data.manifest import ManifestEntry
 from ttt_speech.data.tokens import TEXT_SUFFIX, check_ids, read_token_file, tokenize_text_file
+
+from ttt_speech_apps.eval.config import LengthGenConfig
 
 from .config import TrainConfig
 from .hosts import autocast
@@ -55,21 +58,43 @@ class TokenLoader:
         return torch.stack([ids[:-1], ids[1:]])
 
 
+LOSS_CHUNK = 1024  # positions whose logits [1024, V] exist at once in the loss (V = 152,064 for Qwen2.5: 0.6 GB)
+
+
 class TokenWindowModel(nn.Module):
-    """The patched causal LM on one window, as a module's forward so that DDP / FSDP see the call:
-    ids [B, W] (PAD past a stream's end) and the window's `TTTCache` (None: no TTT) → logits [B, W, V]."""
+    """The patched causal LM on one window, as a module's forward so that DDP / FSDP see the call: ids,
+    targets [B, W] (PAD past a stream's end) and the window's `TTTCache` (None: no TTT) → the summed NLL
+    of the real targets (float32, 0-dim). The output layer and the loss run `LOSS_CHUNK` positions at a
+    time, recomputed in backward, so the window's logits [B, W, V] never exist whole."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids: Tensor, cache=None) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, cache=None) -> Tensor:
         from ttt_speech.llama import CACHE_KWARG
+        from ttt_speech.llama.patch import decoder_stack
 
         real = ids != PAD
         mask = None if bool(real.all()) else real.long()  # right padding: TTT skips it (TTTModelMixin)
         kwargs = {CACHE_KWARG: cache} if cache is not None else {}
-        return self.lm(input_ids=ids.clamp_min(0), attention_mask=mask, use_cache=cache is not None, **kwargs).logits
+        hidden = decoder_stack(self.lm)(input_ids=ids.clamp_min(0), attention_mask=mask, use_cache=cache is not None,
+                                        **kwargs).last_hidden_state  # [B, W, C]
+        return chunked_nll(hidden.flatten(0, 1), targets.flatten(), self.lm.get_output_embeddings())
+
+
+def chunked_nll(hidden: Tensor, targets: Tensor, head: nn.Module, chunk: int = LOSS_CHUNK) -> Tensor:
+    """Summed cross-entropy of `head(hidden)` [N, V] against targets [N] (PAD: none), `chunk` rows at a
+    time; under autograd each chunk's logits are recomputed in backward instead of kept."""
+    def part(h: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(head(h).float(), t, ignore_index=PAD, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
+                         if torch.is_grad_enabled() and h.requires_grad else part(h, t))
+    return total
 
 
 @dataclass
@@ -81,13 +106,6 @@ class TokenTerms:
 
     def stacked(self) -> Tensor:
         return torch.stack([self.nll_sum, self.count]).detach().float()
-
-
-def token_terms(logits: Tensor, targets: Tensor) -> TokenTerms:
-    """logits [B, W, V], targets [B, W] (PAD: no loss) → `TokenTerms`."""
-    real = targets != PAD
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp_min(0).flatten(), reduction="none")
-    return TokenTerms((nll * real.flatten()).sum(), real.sum().to(nll.dtype))
 
 
 class LlamaHost:
@@ -124,10 +142,10 @@ class LlamaHost:
         inputs, targets = stream.to(device).unbind(1)
         cache = carry.window_cache() if carry is not None else None
         with autocast(config, device):
-            logits = model(inputs, cache)
+            nll_sum = model(inputs, targets, cache)
         if carry is not None:
             carry.window_ended(cache)
-        return token_terms(logits, targets)
+        return TokenTerms(nll_sum, (targets != PAD).sum().to(nll_sum.dtype))
 
     def summarize(self, stacked: Tensor) -> dict[str, float]:
         total, count = stacked.tolist()
@@ -140,20 +158,12 @@ class LlamaHost:
         return terms.nll_sum / count.clamp_min(1e-8)
 
     def length_gen(self, lm: nn.Module, entries: list[ManifestEntry], config: TrainConfig, folder: Path, wandb_run):
-        from ttt_speech_apps.eval.length_gen import FILES, LengthGenResult
-        from ttt_speech_apps.eval.writers import write_result
+        from ttt_speech_apps.eval.length_gen import after_training
 
         loader = TokenLoader(entries, lm, config)
         streams = {entry.path.stem: loader.codes(i)[0] for i, entry in enumerate(entries)}
-        was_training = lm.training
-        lm.eval()
-        try:
-            with torch.no_grad(), autocast(config, next(lm.parameters()).device):
-                doc = token_length_generalisation(lm, streams, config.data.window_frames, config.length_gen)
-        finally:
-            lm.train(was_training)
-        result = LengthGenResult({"trained": doc})
-        return result, write_result(result, folder, FILES, wandb_run=wandb_run)
+        return after_training(lm, streams, config.data.window_frames, config.length_gen, folder, wandb_run,
+                              measure=token_length_generalisation)
 
 
 def stream_nll(lm: nn.Module, ids: Tensor, chunk: int) -> np.ndarray:
@@ -178,27 +188,21 @@ def stream_nll(lm: nn.Module, ids: Tensor, chunk: int) -> np.ndarray:
     return nll
 
 
-def token_length_generalisation(lm: nn.Module, streams: dict[str, Tensor], train_window: int, lengths) -> dict:
-    """`eval.length_gen.length_generalisation`'s document for token streams: perplexity of the first L
-    tokens at the lengths grid (min_factor..max_factor x the training window), one group "tokens"."""
+def token_length_generalisation(lm: nn.Module, streams: dict[str, Tensor], train_window: int,
+                                lengths: LengthGenConfig) -> dict:
+    """`eval.length_gen.length_generalisation`'s document for token streams ids [T]: perplexity of the first
+    L tokens at the lengths grid (min_factor..max_factor x the training window), one group "tokens",
+    each stream read as `generate()` reads it (`stream_nll`, `train_window` tokens per forward)."""
     from ttt_speech_apps.eval import metrics
+    from ttt_speech_apps.eval.length_gen import length_document
 
     grid = metrics.evaluation_lengths(train_window, lengths.num_lengths, lengths.min_factor, lengths.max_factor)
-    window = max(1, grid[0] // 2)
     began = time.perf_counter()
     series = []
     for name, ids in streams.items():
         try:
-            series.append(stream_nll(lm, ids[:grid[-1] + 1], train_window))
+            series.append({"tokens": stream_nll(lm, ids[:grid[-1] + 1], train_window)})
         except ValueError as e:
             raise ValueError(f"stream {name}: {e}") from None
-    points = metrics.length_points(series, grid, train_window, window)
-    seconds = time.perf_counter() - began
-    tokens = sum(len(s) for s in series)
-    return {"train_window": train_window, "chunk_size": train_window, "window": window, "lengths": grid,
-            "streams": [{"id": name, "frames": len(s)} for name, s in zip(streams, series)],
-            "groups": {"tokens": {"label": metrics.group_label("tokens"), "points": points,
-                                  "figures": metrics.length_figures(points)}},
-            "uninformative": {}, "speed": {"frames": tokens, "seconds": seconds,
-                                           "frames_per_s": tokens / seconds if seconds else None}}
-
+    return length_document(list(streams), series, grid, train_window, max(1, grid[0] // 2), train_window,
+                           time.perf_counter() - began, unit="tokens")

@@ -48,7 +48,11 @@ def prepare_model(lm: nn.Module, config: TrainConfig) -> nn.Module:
         for p in lm.parameters():
             if p.requires_grad and p.is_floating_point() and p.element_size() < 4:
                 p.data = p.data.float()
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing and config.model.is_llama:
+        from ttt_speech.llama import checkpoint_layers
+
+        checkpoint_layers(lm)  # TTT-aware: transformers' own checkpointing drops the TTT state
+    elif config.gradient_checkpointing:
         lm.transformer.checkpointing = True
     return lm.train()
 

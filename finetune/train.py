@@ -36,7 +36,7 @@ from .checkpointing import (Checkpointer, is_sharded_format, load_checkpoint, lo
 from .config import TrainConfig, resume_changes
 from .data import WindowBatcher, check_rows
 from .distributed import Dist, build_device, chunk_model, close_distributed, consolidated, init_distributed, wrap
-from .hosts import RecordingLoader, TrainHost, autocast, host_of  # noqa: F401 - RecordingLoader: tests import it here
+from .hosts import Carry, StreamLoader, TrainHost, autocast, host_of
 from .memory import rank_memory
 from .model import build_model, master_to_model_dtype
 from .monitor import MEMORY, InnerLrProbe, Monitor, truncate_step_logs
@@ -78,8 +78,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
             manifests = (_train_manifests(config), read_manifest(config.data.eval_manifest, "data.eval_manifest",
                                                                  _kinds(config)) if config.data.eval_manifest else [])
             resume_dir = _check_resume(config, resume) if resume is not None else None
-            if not config.model.is_llama:
-                check_family(config.model)  # before the output folder is claimed (--overwrite deletes a run)
+            _check_model(config)  # before the output folder is claimed (--overwrite deletes a run)
             folder = _claim(config, env, resume_dir, overwrite)
             return _train(config, env, manifests, resume_dir, folder, progress)
     finally:
@@ -113,6 +112,16 @@ def _train_manifests(config: TrainConfig) -> dict[Path, list[ManifestEntry]]:
             out[path] = read_manifest(path, "data.train_manifest" if name is None or path == config.data.train_manifest
                                       else f"stages[{i}].train_manifest", _kinds(config))
     return out
+
+
+def _check_model(config: TrainConfig) -> None:
+    """The model is one the host trains, from its config.json alone (no weights read)."""
+    if config.model.is_llama:
+        from ttt_speech.llama.loading import check_llm
+
+        check_llm(config.model)
+    else:
+        check_family(config.model)
 
 
 def _kinds(config: TrainConfig) -> tuple | None:
@@ -165,7 +174,7 @@ class TrainingRecipe:
         self.step = 0
         self.metrics: dict[str, Any] = {}
         self.warned_runaway = False  # fast weights grown far past ‖W₀‖: said once per run
-        self.carry = None  # the running stage's carried states (`enter_stage`: the host's TTTCarry / CacheCarry)
+        self.carry: Carry | None = None  # the running stage's carried states (`enter_stage`)
         self.probe: InnerLrProbe | None = None
 
     @property
@@ -217,11 +226,12 @@ class TrainingRecipe:
 
     def _check_data(self) -> None:
         """Before step 1: every recording reads, and every stage's rows fit its recordings and ranks, and
-        its window fits in its longest recording (a longer one would be mostly padding: a mistake that
-        would show only after the stages before it ran)."""
+        its window fits in its longest recording (a longer one would be mostly padding: in a staged run a
+        mistake that would show only after the stages before it ran)."""
+        unit = self.host.unit
         longest = {path: _check_entries(entries, self.host.loader(entries, self.lm, self.config),
                                         f"data.train_manifest ({path})" if self.staged else "data.train_manifest",
-                                        self.env, self.progress)
+                                        self.env, self.progress, unit)
                    for path, entries in self.entries_of.items()}
         for stage in self.stages:
             data, where = stage.config.data, f"stages[{stage.index}] ({stage.name}): " if self.staged else ""
@@ -229,13 +239,14 @@ class TrainingRecipe:
                 check_rows(data.batch_size, len(self.entries_of[data.train_manifest]), self.env.world)
             except ValueError as e:
                 raise ValueError(f"{where}{e}") from None
-            if self.staged and data.window_frames > longest[data.train_manifest]:
-                raise ValueError(f"{where}data.window_frames: {data.window_frames} frames is longer than every "
+            if data.window_frames > longest[data.train_manifest]:
+                raise ValueError(f"{where}data.window_frames: {data.window_frames} {unit} is longer than every "
                                  f"recording of {data.train_manifest} (the longest: {longest[data.train_manifest]} "
-                                 "frames); give the stage longer recordings (train_manifest) or a shorter window")
+                                 f"{unit}); give {'the stage ' if self.staged else ''}longer recordings "
+                                 "(train_manifest) or a shorter window")
         if self.eval_entries:
             _check_entries(self.eval_entries, self.host.loader(self.eval_entries, self.lm, self.config),
-                           "data.eval_manifest", self.env, self.progress)
+                           "data.eval_manifest", self.env, self.progress, unit)
 
     def enter_stage(self, stage: Stage) -> None:
         """Start `stage`: a fresh optimizer and learning-rate schedule, its rows of its recordings (seeded
@@ -537,11 +548,11 @@ def _stopped(stop: StopRequest, step: int, saved: Path | None, out_dir: Path, ba
                                f"{saved or out_dir / 'checkpoints'}; continue with --resume {out_dir}")
 
 
-def _check_entries(entries: list[ManifestEntry], loader, field: str, env: Dist,
-                   progress: bool) -> int:
+def _check_entries(entries: list[ManifestEntry], loader: StreamLoader, field: str, env: Dist,
+                   progress: bool, unit: str) -> int:
     """Read every manifest entry once before the first step (audio: encoded into the codes cache), so
     a bad file is a one-line error now, not hours into the run. Each rank checks its share. Returns
-    the longest recording's frames."""
+    the longest training stream's length (frames; tokens for host llama: a stream's length - 1)."""
     from ttt_speech.progress import progress_bar
 
     mine = range(env.rank, len(entries), env.world)
@@ -549,10 +560,11 @@ def _check_entries(entries: list[ManifestEntry], loader, field: str, env: Dist,
     for i in progress_bar(mine, desc=f"checking {field}", unit="file", leave=False,
                           enabled=progress and env.is_main and len(mine) >= 2):
         try:
-            frames = loader.codes(i).shape[1]
+            frames = loader(i).shape[1]
             longest = max(longest, frames)
             if frames == 0:
-                error = f"{field}: {entries[i].path} holds no frames"
+                error = (f"{field}: {entries[i].path} holds nothing to train on (0 {unit}"
+                         f"{'; a token stream needs at least 2 tokens' if unit == 'tokens' else ''})")
         except ValueError as e:
             error = f"{field}: {e}"
         if error is not None:
@@ -594,7 +606,7 @@ def _report_memory(out_dir: Path, env: Dist, config: TrainConfig, lm: nn.Module,
 
 
 def _restore(path: Path, model: nn.Module, lm: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             batcher: WindowBatcher, carry, env: Dist, group) -> int:
+             batcher: WindowBatcher, carry: Carry | None, env: Dist, group) -> int:
     # sharded: rank 0 reads the tensors and sends each rank its shards (not N copies in host memory)
     from_rank0 = is_sharded(model)
     trainable, carried, state = load_checkpoint(path, tensors=env.is_main or not from_rank0)
@@ -637,7 +649,7 @@ def evaluate(model: nn.Module, entries: list[ManifestEntry], config: TrainConfig
     was_training = lm.training
     lm.eval()
     loader = host.loader(entries, lm, config)
-    total = 0
+    total = None  # the stacked loss terms, summed over windows and recordings
     W = config.data.window_frames
     for i in range(len(entries)):
         stream = loader(i)[:, :config.eval_frames][None]  # [1, 2K, T]
@@ -647,8 +659,9 @@ def evaluate(model: nn.Module, entries: list[ManifestEntry], config: TrainConfig
             for start in range(0, stream.shape[2], W):
                 if carry is not None:
                     carry.next_window(torch.tensor([start == 0 or not config.persistent_state], device=env.device))
-                total = total + host.window_terms(model, lm, config, stream[:, :, start:start + W], carry, env.device,
-                                                  evaluating=True).stacked()
+                terms = host.window_terms(model, lm, config, stream[:, :, start:start + W], carry, env.device,
+                                          evaluating=True).stacked()
+                total = terms if total is None else total + terms
         finally:
             if carry is not None:
                 carry.close()
@@ -656,7 +669,7 @@ def evaluate(model: nn.Module, entries: list[ManifestEntry], config: TrainConfig
     return {f"eval_{k}": v for k, v in host.summarize(total).items()}
 
 
-def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, carry,
+def _log_eval(step: int, model: nn.Module, entries: list[ManifestEntry], config: TrainConfig, carry: Carry | None,
               monitor: Monitor, env: Dist, stage: tuple[int, str] | None = None) -> dict:
     with carry.paused() if carry is not None else contextlib.nullcontext():
         values = evaluate(model, entries, config, env)

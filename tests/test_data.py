@@ -16,7 +16,7 @@ from ttt_speech.data.transcript import Word, read_alignments, text_stream
 from ttt_speech.models import tiny_moshi_lm
 from ttt_speech_apps.finetune.config import load_train_config
 from ttt_speech_apps.finetune.data import WindowBatcher
-from ttt_speech_apps.finetune.train import RecordingLoader
+from ttt_speech_apps.finetune.hosts import RecordingLoader
 
 
 def test_code_file_round_trip_and_errors(tmp_path):

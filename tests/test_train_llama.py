@@ -20,7 +20,7 @@ from ttt_speech.data.synthetic import SynthConfig, write_corpus  # noqa: E402
 from ttt_speech.llama import TTTCache, patch_llama, tiny_llm  # noqa: E402
 from ttt_speech.llama.carry import CacheCarry  # noqa: E402
 from ttt_speech_apps.finetune.cli import main as train_main  # noqa: E402
-from ttt_speech_apps.finetune.llama_host import stream_nll  # noqa: E402
+from ttt_speech_apps.finetune.llama_host import PAD, chunked_nll, stream_nll  # noqa: E402
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1}
@@ -40,7 +40,7 @@ def token_corpus(root: Path, recordings: int = 10, frames: int = 48) -> dict:
 def llama_config(root: Path, corpus: dict, name: str = "tiny-llama", **overrides) -> Path:
     import yaml
 
-    config = {"model": {"host": "llama", "name": name, "tiny": dict(TINY) if name.startswith("tiny") else {},
+    config = {"model": {"host": "llama", "name": name, "tiny": dict(TINY) if name in ("tiny-llama", "tiny-qwen2") else {},
                         "device": "cpu"},
               "ttt": {"layer_type": "linear", "mode": "hybrid", "mini_batch_size": 4, "gate_init": 1.0},
               "data": {"train_manifest": str(corpus["train"]), "window_frames": 8, "batch_size": 4},
@@ -79,6 +79,23 @@ def test_windows_carried_through_the_cache_equal_one_full_pass():
         cache = carry.window_cache()
         again = model(input_ids=ids[:, :8], cache=cache, use_cache=True).logits
         assert torch.allclose(again[0], full[0, :8], atol=1e-5) and not torch.allclose(again[1], full[1, :8], atol=1e-3)
+
+
+def test_the_chunked_loss_equals_the_whole_windows():
+    """The loss without the window's logits (output layer + cross-entropy 7 rows at a time, recomputed in
+    backward): the whole window's loss and gradients; PAD targets count nothing."""
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(30, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (30,), generator=g)
+    targets[25:] = PAD
+    whole = torch.nn.functional.cross_entropy(head(hidden), targets, ignore_index=PAD, reduction="sum")
+    grads = torch.autograd.grad(whole, [hidden, head.weight])
+    chunked = chunked_nll(hidden, targets, head, chunk=7)
+    assert torch.allclose(chunked, whole, rtol=1e-6) and whole > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(torch.autograd.grad(chunked, [hidden, head.weight]), grads))
+    with torch.no_grad():
+        assert torch.allclose(chunked_nll(hidden, targets, head, chunk=4), whole, rtol=1e-6)
 
 
 def test_chunked_stream_nll_equals_one_pass():
@@ -174,12 +191,15 @@ def test_export_loads_into_a_fresh_transformers_model_and_generates(tmp_path):
     assert saved and all("ttt" in k for k in saved)
 
 
-def test_text_files_are_tokenized_with_the_models_tokenizer_and_cached(tmp_path):
-    """A transformers folder with a tokenizer (a tiny Qwen2.5-style one): .txt streams are tokenized once
-    into the cache, which a second run reads."""
-    from make_local_judges import make_qwen2  # scripts/, on sys.path by conftest
+def test_text_files_are_tokenized_with_the_models_tokenizer_and_cached(tmp_path, monkeypatch):
+    """A hub id read offline from the HF cache (a tiny Qwen2.5-style model with its tokenizer): .txt
+    streams are tokenized once into the cache, which a second run reads."""
+    from conftest import go_offline
+    from make_local_judges import cache_as_hub, make_qwen2  # scripts/, on sys.path by conftest
 
-    base = make_qwen2(tmp_path / "qwen")
+    cache_as_hub(make_qwen2(tmp_path / "qwen"), tmp_path / "hf-cache", "local/qwen2-text")
+    go_offline(monkeypatch, tmp_path / "hf-cache")
+    base = "local/qwen2-text"
     texts = tmp_path / "texts"
     texts.mkdir()
     words = "the cat sat on the mat while a dog ran past the red door and the bird sang".split()
@@ -222,6 +242,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, strategy):
     corpus = token_corpus(tmp_path)
     common = {"distributed": strategy, "steps": 4, "trainable": "ttt+lora" if strategy == "fsdp" else "full"}
     single = llama_config(tmp_path / "single", corpus, **common)
+    if strategy == "fsdp":  # the 2 ranks recompute their layers in backward (FSDP re-gathers them): the same losses
+        common["gradient_checkpointing"] = True
     assert train_main([str(single), "--quiet"]) == 0
     multi = llama_config(tmp_path / "multi", corpus, **common)
     out = torchrun(multi)
@@ -234,7 +256,6 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, strategy):
 @pytest.mark.parametrize("override, message", [
     (["model.name=tiny-gpt"], "model.name: 'tiny-gpt'"),
     (["ttt.layer_type=e2e_mlp"], "ttt.layer_type: e2e_mlp is implemented for Moshi only"),
-    (["gradient_checkpointing=true"], "gradient_checkpointing: not available with model.host llama"),
     (["trainable=e2e-meta"], "trainable: model.host llama trains"),
     (["model.tiny.vocab_size=20"], "token ids must lie in [0, 20)"),
     (["model.tiny.heads=2"], "model.tiny: unknown kwarg(s) ['heads']"),
@@ -258,3 +279,110 @@ def test_a_text_file_needs_a_tokenizer(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text(json.dumps({"path": "a.wav"}) + "\n")
     assert train_main([str(config), "--quiet"]) == 2
     assert "expected token ids (.npy" in capsys.readouterr().err
+
+
+def test_bad_streams_and_models_fail_in_one_line(tmp_path, capsys, monkeypatch):
+    """A one-token stream, a window longer than every stream, a folder of another architecture, a hub id
+    missing from the cache: one line each, exit 2, before step 1."""
+    import numpy as np
+
+    from conftest import go_offline
+
+    go_offline(monkeypatch, tmp_path / "empty-cache")
+    corpus = token_corpus(tmp_path)
+    np.save(tmp_path / "tokens" / "one.npy", np.array([5], dtype=np.int32))
+    (tmp_path / "tokens" / "m.jsonl").write_text(corpus["train"].read_text() + json.dumps({"path": "one.npy"}))
+    config = llama_config(tmp_path / "c", {"train": tmp_path / "tokens" / "m.jsonl"})
+    cases = [([], "holds nothing to train on (0 tokens; a token stream needs at least 2 tokens)"),
+             ([f"data.train_manifest={corpus['train']}", "data.window_frames=64"],
+              "data.window_frames: 64 tokens is longer than every recording"),
+             (["model.name=nobody/no-such-model", "model.tiny={}"], "config.json of hub repo nobody/no-such-model is not in the local cache")]
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    cases.append(([f"model.name={gpt}", "model.tiny={}"], "is a 'gpt2'; model.host llama trains Llama and Qwen2"))
+    for override, message in cases:
+        assert train_main([str(config), *override, "--quiet"]) == 2, override
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c" / "run").exists()
+
+
+def test_moshi_commands_refuse_a_llama_export_in_one_line(tmp_path):
+    from ttt_speech.generation.loading import check_generation_model
+    from ttt_speech.publish import model_card
+    from ttt_speech.export import Export
+
+    corpus = token_corpus(tmp_path)
+    config = llama_config(tmp_path / "t", corpus, steps=1, trainable="ttt")
+    assert train_main([str(config), "--quiet"]) == 0
+    export = tmp_path / "t" / "run" / "export"
+    for kwargs in ({"export": export, "ttt": None}, {"export": None, "ttt": export}):
+        with pytest.raises(ValueError, match="model.host llama"):
+            check_generation_model(**kwargs)
+    card = model_card(Export.open(export))
+    assert "llama-omni" in card and "Moshi" not in card and "tiny-llama (random-init" in card
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "replace"])
+def test_checkpointed_layers_give_the_same_gradients(mode):
+    """`checkpoint_layers`: a window with carried and restarting rows, one of them padded, has the same loss
+    and gradients with its decoder layers recomputed in backward (TTT state and token mask set back for the
+    recomputation) as without."""
+    from ttt_speech.llama import checkpoint_layers
+
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    results = []
+    for checkpointed in (False, True):
+        model = tiny_llm("llama", **TINY)
+        torch.manual_seed(0)  # the TTT layers' init
+        patch_llama(model, TTTConfig(layer_type="linear", mode=mode, layers="last:0.5", mini_batch_size=4,
+                                     gate_init=1.0))
+        model.train()
+        if checkpointed:
+            checkpoint_layers(model)
+        carry = CacheCarry(model, 2)
+        for start in (0, 8):  # the second window carries row 1 and restarts row 0
+            carry.next_window(torch.tensor([True, start == 0]))
+            cache = carry.window_cache()
+            mask = torch.ones(2, 8, dtype=torch.long)
+            mask[1, 5:] = 0  # row 1's stream ends inside the second window
+            logits = model(input_ids=ids[:, start:start + 8], attention_mask=mask if start else None, cache=cache,
+                           use_cache=True).logits
+            carry.window_ended(cache)
+        loss = torch.nn.functional.cross_entropy(logits[:, :5].flatten(0, 1), ids[:, 9:14].flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b) and ga.keys() == gb.keys() and any("ttt" in n for n in ga)
+    worst = max(float((ga[n] - gb[n]).abs().max()) for n in ga)
+    assert worst <= 1e-6, worst
+
+
+def test_a_llama_omni_checkpoint_folder_trains_its_llm(tmp_path):
+    """A folder laid out as LLaMA-Omni's (Omni config fields, projector tensors in the weights): its LLM
+    loads with the base weights (the speech weights left aside) and trains."""
+    from safetensors.torch import save_file
+
+    from ttt_speech.llama import tiny_omni
+    from ttt_speech.export import Export
+
+    omni = tiny_omni("llama", **TINY)
+    folder = tmp_path / "omni"
+    omni.llm.save_pretrained(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights.update({f"model.speech_projector.{k}": v.contiguous() for k, v in omni.projector.state_dict().items()})
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="omni_speech_llama", architectures=["OmniSpeechLlamaForCausalLM"],
+                  speech_encoder_type="whisper", speech_encoder_ds_rate=2, speech_encoder_hidden_size=32)
+    (folder / "config.json").write_text(json.dumps(config))
+    corpus = token_corpus(tmp_path)
+    path = llama_config(tmp_path / "t", corpus, str(folder), steps=2, trainable="ttt", **{"ttt.gate_init": 0.0})
+    assert train_main([str(path), "--quiet"]) == 0
+    trained, _ = Export.open(tmp_path / "t" / "run" / "export").load(torch.device("cpu"))
+    ids = torch.randint(3, 60, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # gate 0 after 2 steps of lr 3e-3: close to the base LLM, whose weights were read
+        assert torch.allclose(trained(input_ids=ids).logits, omni.llm(input_ids=ids).logits, atol=0.1)
+        assert not torch.allclose(tiny_llm("llama", seed=1, **TINY)(input_ids=ids).logits, omni.llm(input_ids=ids).logits,
+                                  atol=0.1)

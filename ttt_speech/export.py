@@ -199,7 +199,8 @@ class Export:
             try:
                 tensors = fuse_legacy_projections(load_file(str(path)), lm.state_dict())
                 missing, unexpected = lm.load_state_dict(tensors, strict=False)
-                missing = [k for k in missing if k not in _aliases(lm)]  # loaded through the tensor they share
+                aliases = _aliases(lm)
+                missing = [k for k in missing if k not in aliases]  # loaded through the tensor they share
             except RuntimeError as e:  # shapes differ: `model` is not the architecture the export was trained on
                 detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
                 raise ValueError(f"{path}: does not fit the model {model.name!r} ({detail}); leave `model` unset to "
@@ -214,9 +215,10 @@ def _aliases(lm: nn.Module) -> set[str]:
     """State-dict names whose tensor is an earlier name's (tied weights: a Llama's lm_head and embeddings)."""
     seen, out = set(), set()
     for name, tensor in lm.state_dict(keep_vars=True).items():
-        if tensor.data_ptr() in seen and tensor.numel():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if key in seen and tensor.numel():
             out.add(name)
-        seen.add(tensor.data_ptr())
+        seen.add(key)
     return out
 
 

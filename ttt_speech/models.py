@@ -72,8 +72,7 @@ def pretrained_moshi_lm(hf_repo: str = "kyutai/moshiko-pytorch-bf16", device: st
 
 
 LOCAL_FILES = ("moshi_weights", "mimi_weights", "config_path", "text_tokenizer")  # ModelConfig fields naming local files
-HOSTS = ("moshi", "llama")  # the model families a config can name (`ModelConfig.host`)
-TINY_LLMS = ("tiny-llama", "tiny-qwen2")  # host llama: random-init `ttt_speech.llama.tiny_llm` models
+TINY_LLMS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}  # host llama: name → `ttt_speech.llama.tiny_llm` arch
 
 
 @dataclass

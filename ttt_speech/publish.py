@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # .export imports torch: the command tree is built without it
     from .export import Export
 
-TAGS = ["moshi", "test-time-training", "speech"]
+TAGS = ["test-time-training", "speech"]  # and the host's own tag (`_host`)
+HOSTS = {"moshi": ("moshi", "A [Moshi](https://github.com/kyutai-labs/moshi) speech language model"),
+         "llama": ("llama-omni", "A transformers Llama / Qwen2 language model (the LLM of LLaMA-Omni / LLaMA-Omni2)")}
 README = "README.md"
 PUSH = (
     "Upload an export folder (model.json and its weights) to a Hugging Face model repo in one commit, "
@@ -39,9 +41,9 @@ def local_base_files(model: dict[str, Any]) -> list[str]:
 def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of an export's model.json: base model, trainable set, LoRA, provenance."""
     model = meta["model"]
-    if model["name"] == "tiny":
+    if model["name"] in ("tiny", "tiny-llama", "tiny-qwen2"):
         kwargs = ", ".join(f"{k}={v}" for k, v in model.get("tiny", {}).items())
-        base = f"tiny (random-init, seed {model.get('seed', 0)}{', ' + kwargs if kwargs else ''})"
+        base = f"{model['name']} (random-init, seed {model.get('seed', 0)}{', ' + kwargs if kwargs else ''})"
     else:
         base = model["name"]
     lora = meta.get("lora")
@@ -84,8 +86,10 @@ def model_card(export: Export, repo_id: str | None = None, license: str | None =
     name = meta["model"]["name"]
     from .kyutai_files import is_checkpoint_folder
 
-    on_hub = name != "tiny" and not is_checkpoint_folder(name)  # a local folder is no hub base model
-    front = ModelCardData(library_name="ttt-speech", base_model=name if on_hub else None, tags=TAGS,
+    llama = meta["model"].get("host") == "llama"
+    tag, what = HOSTS["llama" if llama else "moshi"]
+    on_hub = not name.startswith("tiny") and not is_checkpoint_folder(name) and not Path(name).is_dir()
+    front = ModelCardData(library_name="ttt-speech", base_model=name if on_hub else None, tags=[tag, *TAGS],
                           license=license).to_yaml()
     shown = repo_id or "namespace/name"
     held = ("every weight" if export.trainable in TRAINS_EVERYTHING else
@@ -95,9 +99,8 @@ def model_card(export: Export, repo_id: str | None = None, license: str | None =
     folder = directory.resolve()  # a run's export/ is named for its run folder
     title = repo_id.split("/")[-1] if repo_id else (folder.parent.name if folder.name == "export" else folder.name)
     lines = [f"---\n{front}\n---", "", f"# {title}", "",
-             "A [Moshi](https://github.com/kyutai-labs/moshi) speech language model with Test-Time-Training (TTT) "
-             "layers, fine-tuned with ttt-speech. Loading builds the base model "
-             f"({'the tiny random-init model' if name == 'tiny' else f'`{name}`, from its own repo'}) and applies "
+             f"{what} with Test-Time-Training (TTT) layers, fine-tuned with ttt-speech. Loading builds the base model "
+             f"({'the tiny random-init model' if name.startswith('tiny') else f'`{name}`, from its own repo'}) and applies "
              f"the weights of this repo ({held or 'none'}).", "",
              "## Use", "", "```python", "from ttt_speech.export import load_exported_lm", "",
              f'lm, model = load_exported_lm("{shown}")  # pinned: "{shown}@<tag or commit>"', "```", "",
@@ -114,7 +117,11 @@ def model_card(export: Export, repo_id: str | None = None, license: str | None =
                                                                          "TTT layers", "final eval")]
     lines += ["## Training", "", "| | |", "|---|---|", *(f"| {label} | {value} |" for label, value in training), ""]
     figures = export.provenance.get("eval")
-    if figures:
+    if figures and llama:
+        lines += ["## Evaluation", "", "Mean next-token cross-entropy (nats per token) on the held-out token streams at "
+                  "the end of training, window by window with the TTT state carried as in training.", "",
+                  "| metric | value |", "|---|---|", *(f"| `{k}` | {v:.4f} |" for k, v in figures.items()), ""]
+    elif figures:
         lines += ["## Evaluation", "", "Teacher-forced losses (nats per token) on the held-out manifest at the end "
                   "of training, weighted as in training: `eval_loss` = text + audio, the audio a weighted mean over "
                   "the codebooks (`data.first_codebook_weight`), the text's padding down-weighted "

@@ -16,11 +16,13 @@ def check_generation_model(export: str | Path | None, ttt: str | Path | None) ->
 
     if export is not None and ttt is not None:
         raise ValueError("--ttt: not with --export (the export holds its own TTT weights)")
-    if export is not None and Export.open(export).model_config.is_llama:
-        raise ValueError(f"--export: {export} is a Llama / Qwen2 model (model.host llama): load it with transformers "
-                         "and `load_ttt`, and generate with a TTTCache (docs/llama_omni.md)")
-    check_generable(Export.open(export).ttt_config if export is not None else
-                    read_saved_ttt(ttt).config if ttt is not None else None)
+    opened = Export.open(export) if export is not None else None
+    saved = read_saved_ttt(ttt) if ttt is not None else None
+    if (opened is not None and opened.model_config.is_llama) or (saved is not None and saved.host != "moshi"):
+        option = "--export" if opened is not None else "--ttt"
+        raise ValueError(f"{option}: {export or ttt} holds TTT layers of a Llama / Qwen2 model (model.host llama): load "
+                         "it with transformers and `load_ttt`, and generate with a TTTCache (docs/llama_omni.md)")
+    check_generable(opened.ttt_config if opened is not None else saved.config if saved is not None else None)
 
 
 def load_generation_model(export: str | Path | None = None, model: str = "tiny", ttt: str | Path | None = None,

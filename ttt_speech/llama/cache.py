@@ -94,6 +94,35 @@ class TTTSlot(CacheLayerMixin):
         self._map_rows(lambda t: t[indices.to(t.device)])
 
 
+class WindowKV(CacheLayerMixin):
+    """An attention layer's place in a training window's cache: keys and values pass through, nothing is
+    kept (attention sees the call's own tokens, as in a call without a cache). A layer recomputed by
+    gradient checkpointing then finds the cache as the first pass did."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        pass
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        pass
+
+
 class TTTCache(DynamicCache):
     """KV cache + TTT state of a patched Llama / Qwen2 model (one per conversation).
 
@@ -112,10 +141,13 @@ class TTTCache(DynamicCache):
     ttt_slots: dict[int, TTTSlot]
     token_mask: Tensor | None
 
-    def __init__(self, model: nn.Module, **kwargs) -> None:
+    def __init__(self, model: nn.Module, keep_kv: bool = True, **kwargs) -> None:
+        """keep_kv=False: a training window's cache, TTT state only (`WindowKV` in the attention layers)."""
         inner = find_patched_model(model, "TTTCache")
         super().__init__(config=inner.config, **kwargs)
         self._install(inner.ttt_plan)
+        if not keep_kv:
+            self.layers = [layer if isinstance(layer, TTTSlot) else WindowKV() for layer in self.layers]
 
     @classmethod
     def adopt(cls, cache: object, plan: TTTPlan) -> "TTTCache":

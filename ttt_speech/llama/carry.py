@@ -55,8 +55,9 @@ class CacheCarry:
         self.restart = rows
 
     def window_cache(self) -> TTTCache:
-        """A fresh cache for the window's forward, its TTT slots continuing from the carried states."""
-        cache = TTTCache(self.model)
+        """A fresh cache for the window's forward, its TTT slots continuing from the carried states (no KV:
+        attention sees the window)."""
+        cache = TTTCache(self.model, keep_kv=False)
         for site, state in zip(self.sites, self.start):
             cache.start_ttt(site.ttt.layer_idx, state, self.restart)
         return cache

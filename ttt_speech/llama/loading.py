@@ -3,42 +3,80 @@ builds Moshi LMs: a tiny random-init model, a local checkpoint folder or a hub i
 Hugging Face cache (downloaded when the hub is reachable). Failures are one line naming model.name."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from . import _import  # noqa: F401
-from ..models import ModelConfig
+from ..models import TINY_LLMS, ModelConfig
 from .models import tiny_llm
+from .pretrained import llm_config
 
-TINY_ARCH = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+LLM_TYPES = ("llama", "qwen2", "omni_speech")  # model_type prefixes a config.json may name (LLaMA-Omni: omni_speech*)
+
+
+def check_llm(config: ModelConfig) -> None:
+    """Refuse, from config.json alone (before data or weights are read), a model that is not a Llama /
+    Qwen2 (or a LLaMA-Omni / LLaMA-Omni2 checkpoint, whose LLM is one); one line naming model.name."""
+    if config.name in TINY_LLMS:
+        return
+    model_type = str(_raw_config(config).get("model_type", ""))
+    if not model_type.startswith(LLM_TYPES):
+        raise ValueError(f"model.name: {config.name} is a {model_type or 'model without a model_type'!r}; model.host "
+                         "llama trains Llama and Qwen2 models (and LLaMA-Omni / LLaMA-Omni2 checkpoints)")
 
 
 def load_llm(config: ModelConfig, device: torch.device) -> nn.Module:
     """The `LlamaForCausalLM` / `Qwen2ForCausalLM` of `config` (eval mode; on the meta device: the
-    architecture only, nothing read or allocated)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    architecture only, nothing read or allocated). A LLaMA-Omni folder loads its LLM (`llm_config`)."""
     dtype = config.torch_dtype()
-    if config.name in TINY_ARCH:
+    if config.name in TINY_LLMS:
         with torch.device(device):  # the meta device too: an FSDP rank > 0 holds no weights
-            return tiny_llm(TINY_ARCH[config.name], seed=config.seed, dtype=dtype, **config.tiny)
+            return tiny_llm(TINY_LLMS[config.name], seed=config.seed, dtype=dtype, **config.tiny)
+    model_cls, llm = llm_config(_raw_config(config))
+    if device.type == "meta":
+        with torch.device("meta"):
+            return model_cls(llm).to(dtype).eval()
     try:
-        if device.type == "meta":
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.name), dtype=dtype).eval()
-        return AutoModelForCausalLM.from_pretrained(config.name, dtype=dtype).to(device).eval()
-    except OSError as e:  # not in the cache and no hub, or not a checkpoint
-        raise ValueError(f"model.name: cannot load {config.name!r} with transformers ({str(e).splitlines()[0]}); "
-                         f"download it first (`hf download {config.name}`) or give its folder") from None
+        return model_cls.from_pretrained(config.name, config=llm, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name: cannot load {config.name!r} with transformers ({str(e).splitlines()[0]})") \
+            from None
 
 
 def load_llm_tokenizer(config: ModelConfig):
     """The model's tokenizer (`AutoTokenizer`), None for a tiny model (it has none: token files only)."""
     from transformers import AutoTokenizer
 
-    if config.name in TINY_ARCH:
+    if config.name in TINY_LLMS:
         return None
     try:
         return AutoTokenizer.from_pretrained(config.name)
-    except OSError as e:
-        raise ValueError(f"model.name: cannot load the tokenizer of {config.name!r} ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name: cannot load the tokenizer of {config.name!r} ({str(e).splitlines()[0]})") \
+            from None
+
+
+def _raw_config(config: ModelConfig) -> dict:
+    """config.json of the folder or hub id (the HF cache's copy; fetched when the hub is reachable)."""
+    if Path(config.name).is_dir():
+        path = Path(config.name) / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        from ..hub import LIBRARY, hub_failure
+
+        try:
+            path = Path(hf_hub_download(config.name, "config.json", library_name=LIBRARY))
+        except Exception as e:  # noqa: BLE001 - the hub's failures are explained, anything else is re-raised
+            reason = hub_failure(e, config.name, filename="config.json")
+            if reason is None:
+                raise
+            raise ValueError(f"model.name: {reason} (`hf download {config.name}` fetches it; or give a transformers "
+                             "checkpoint folder)") from None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"model.name: cannot read {path} ({e})") from None

@@ -72,8 +72,9 @@ def check_tiny_llm_kwargs(overrides: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"model.tiny: unknown kwarg(s) {unknown}; allowed: {sorted(TINY_LLM_KWARGS)}")
     for key, value in overrides.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key.endswith("_id") else 1):
-            raise ValueError(f"model.tiny.{key}: expected an integer >= 1, got {value!r}")
+        least = 0 if key.endswith("_id") else 1  # token ids start at 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"model.tiny.{key}: expected an integer >= {least}, got {value!r}")
     kwargs = {**TINY_LLM_KWARGS, **overrides}
     if kwargs["hidden_size"] % kwargs["num_attention_heads"] or kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:
         raise ValueError("model.tiny: hidden_size must be a multiple of num_attention_heads, and that of "

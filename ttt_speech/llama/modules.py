@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from . import _import  # noqa: F401
@@ -95,6 +96,52 @@ class TTTHybridDecoderMixin:
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
+
+
+class TTTCheckpointMixin:
+    """Gradient checkpointing of a decoder layer that keeps the TTT state (`checkpoint_layers`).
+
+    transformers' own checkpointing drops the cache argument, and with it the TTT state. Here the layer's
+    forward is recomputed in backward with its cache, set back to what the first pass read: the TTT
+    slot's state and restart rows, and the call's token mask (padding), which the decoder stack sets only
+    while its forward runs. The cache must keep no KV (`TTTCache(keep_kv=False)`, as training windows
+    use), else the recomputation would append the keys and values a second time."""
+
+    ttt_checkpoint_slot: int | None  # the decoder layer's index when it has a TTT layer
+
+    def forward(self, hidden_states: Tensor, *args: object, **kwargs: object):
+        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
+        if not (self.training and torch.is_grad_enabled()) or not isinstance(cache, TTTCache):
+            if self.training and torch.is_grad_enabled():  # no TTT state to keep (a model without TTT)
+                return torch.utils.checkpoint.checkpoint(super().forward, hidden_states, *args, use_reentrant=False,
+                                                         **kwargs)
+            return super().forward(hidden_states, *args, **kwargs)
+        slot = cache.ttt_slots.get(self.ttt_checkpoint_slot)
+        read = (slot.state, slot.restart) if slot is not None else None
+        token_mask = cache.token_mask
+
+        def run(x: Tensor):
+            if slot is not None:
+                slot.state, slot.restart = read
+            outer, cache.token_mask = cache.token_mask, token_mask
+            try:
+                return super(TTTCheckpointMixin, self).forward(x, *args, **kwargs)
+            finally:
+                cache.token_mask = outer
+
+        return torch.utils.checkpoint.checkpoint(run, hidden_states, use_reentrant=False)
+
+
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer of `model` (patched or not) in backward (`TTTCheckpointMixin`): the
+    activations kept are each layer's input. Idempotent."""
+    from .patch import decoder_stack
+
+    plan = getattr(decoder_stack(model), "ttt_plan", None)
+    for index, layer in enumerate(decoder_stack(model).layers):
+        if not isinstance(layer, TTTCheckpointMixin):
+            layer.__class__ = with_mixin(TTTCheckpointMixin, type(layer))
+        layer.ttt_checkpoint_slot = index if plan is not None and index in plan.ttt_layers else None
 
 
 class TTTModelMixin:

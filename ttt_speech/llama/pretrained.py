@@ -42,9 +42,7 @@ def load_omni_pretrained(model_path: str | Path, speech_encoder: nn.Module | Non
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: missing (expected a transformers checkpoint directory)")
     raw = json.loads(config_file.read_text())
-    arch = "qwen2" if "qwen2" in str(raw.get("model_type", "")).lower() else "llama"
-    config_cls, model_cls = ARCHS[arch]
-    config = config_cls.from_dict({k: v for k, v in raw.items() if k not in OMNI_FIELDS})
+    model_cls, config = llm_config(raw)
     llm = model_cls.from_pretrained(path, config=config, dtype=dtype).to(device)
     weights = _projector_weights(path)
     projector = SpeechProjector(
@@ -55,6 +53,14 @@ def load_omni_pretrained(model_path: str | Path, speech_encoder: nn.Module | Non
     if speech_encoder is not None:
         speech_encoder = speech_encoder.to(device=device, dtype=dtype)
     return OmniSpeechLM(llm, projector, speech_encoder, SPEECH_TOKEN_INDEX).eval()
+
+
+def llm_config(raw: dict) -> tuple[type, object]:
+    """(model class, config) of the LLM a config.json describes: "qwen2" in its model_type selects Qwen2,
+    else Llama (LLaMA-Omni's `omni_speech*_llama`); the Omni speech fields are dropped."""
+    arch = "qwen2" if "qwen2" in str(raw.get("model_type", "")).lower() else "llama"
+    config_cls, model_cls = ARCHS[arch]
+    return model_cls, config_cls.from_dict({k: v for k, v in raw.items() if k not in OMNI_FIELDS})
 
 
 def _projector_weights(path: Path) -> dict[str, Tensor]:
