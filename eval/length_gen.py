@@ -166,7 +166,7 @@ class LengthGenResult:
         for group, why in first.get("uninformative", {}).items():
             out += [f"{first['groups'][group]['label']}: left out ({why}).", ""]
         entries = {n: {g: r["groups"][g] for g in self._shown()} for n, r in self.results.items()}
-        out += report.length_tables(entries, self._shown(), longest)
+        out += report.length_tables(entries, self._shown(), longest, unit)
         out += [f"- {n}: streams " + ", ".join(f"{s['id']} ({s['frames']:,} {unit})" for s in r["streams"])
                 for n, r in self.results.items()]
         return "\n".join(out) + "\n"
@@ -215,7 +215,8 @@ class LengthGenResult:
         notes = [f"{self._first['groups'][g]['label']} left out: {why}"
                  for g, why in self._first.get("uninformative", {}).items()]
         return {"length_gen": plot_length_gen(self._points(), shown, self._first["train_window"],
-                                              output_dir / files["length_gen"], notes=notes)}
+                                              output_dir / files["length_gen"], notes=notes,
+                                              unit=self._first.get("unit", "frames"))}
 
 
 STAGES_FILES = OutputFiles("stages.json", "stages.md", {"stages": "stages.png"})

@@ -131,10 +131,12 @@ def plot_curves(runs: dict[str, dict], group_labels: dict[str, str], markers: di
 
 
 def plot_length_gen(points: dict[str, dict[str, list[dict]]], group_labels: dict[str, str], train_window: int,
-                    path: str | Path, labels: dict[str, str] | None = None, notes: list[str] = ()) -> Path:
+                    path: str | Path, labels: dict[str, str] | None = None, notes: list[str] = (),
+                    unit: str = "frames") -> Path:
     """Perplexity (cumulative over [0, L)) against L / training window; lengths no stream reaches are absent.
 
-    points[run][group]: the entries of `metrics.length_points`; only `group_labels`' groups are drawn."""
+    points[run][group]: the entries of `metrics.length_points`; only `group_labels`' groups are drawn.
+    unit: what a position is ("tokens" for a text LM's streams)."""
     plt = pyplot()
     from matplotlib import ticker
 
@@ -165,14 +167,14 @@ def plot_length_gen(points: dict[str, dict[str, list[dict]]], group_labels: dict
         ax.set_xticks([t for t in (0.5, 1, 2, 5, 10, 20, 50) if t <= max_factor * 1.01] or [1])
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel(f"evaluation length / training window ({train_window} frames)")
+        ax.set_xlabel(f"evaluation length / training window ({train_window} {unit})")
         ax.set_title(group_labels[group], fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0, 0].set_ylabel("perplexity of the first L frames")
+    axes[0, 0].set_ylabel(f"perplexity of the first L {unit}")
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside right upper", fontsize=8)
     fig.suptitle("Length generalisation (one stateful pass per stream)", fontsize=11)
-    _footnotes(fig, ["each point: mean over the streams at least L frames long", *notes])
+    _footnotes(fig, [f"each point: mean over the streams at least L {unit} long", *notes])
     return save_figure(fig, path)
 
 

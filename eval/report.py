@@ -227,7 +227,8 @@ def _length_generalisation(v: _View) -> list[str]:
     return out + length_tables(entries, {g: v.group_label[g] for g in v.groups}, longest)
 
 
-def length_tables(entries: dict[str, dict[str, dict]], groups: dict[str, str], longest: int) -> list[str]:
+def length_tables(entries: dict[str, dict[str, dict]], groups: dict[str, str], longest: int,
+                  unit: str = "frames") -> list[str]:
     """Markdown of length generalisation ({column: {group: {"points": `metrics.length_points`, "figures":
     `metrics.length_figures`}}}, `groups`: {group: label} to show; `longest`: frames of the longest
     stream): what lengths no stream reaches, then per group the perplexity at each reached length and
@@ -238,14 +239,14 @@ def length_tables(entries: dict[str, dict[str, dict]], groups: dict[str, str], l
     out = []
     if unreached:
         some = points[columns[0]][next(iter(groups))]
-        out += [f"{len(unreached)} of {len(some)} lengths ({frame_span(unreached)} frames) are longer than every "
-                f"stream (the longest: {longest:,} frames) and left out.", ""]
+        out += [f"{len(unreached)} of {len(some)} lengths ({frame_span(unreached)} {unit}) are longer than every "
+                f"stream (the longest: {longest:,} {unit}) and left out.", ""]
     for group, label in groups.items() if reached else []:
         rows = []
         for i in reached:
             at = [points[c][group][i] for c in columns]
             rows.append([f"{at[0]['length']:,}", f"{at[0]['factor']:.2f}x", *_cells(at, "cumulative")])
-        out += [f"### {label}", ""] + table(["L (frames)", "L / window"] + columns, rows) + [""]
+        out += [f"### {label}", ""] + table([f"L ({unit})", "L / window"] + columns, rows) + [""]
         figures = {c: entries[c][group]["figures"] for c in columns}
         factors = list(next(iter(figures.values()))["ppl_at"])
         out += table(["run", *(f"ppl @{f}" for f in factors), "max / min ppl", "best L"],

@@ -90,10 +90,9 @@ def chunked_nll(hidden: Tensor, targets: Tensor, head: nn.Module, chunk: int = L
         return F.cross_entropy(head(h).float(), t, ignore_index=PAD, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):  # split: one [N, C] gradient, not one per chunk
         total = total + (torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False)
-                         if torch.is_grad_enabled() and h.requires_grad else part(h, t))
+                         if torch.is_grad_enabled() else part(h, t))
     return total
 
 
@@ -172,16 +171,20 @@ def stream_nll(lm: nn.Module, ids: Tensor, chunk: int) -> np.ndarray:
     is the NLL of ids[t + 1] given ids[..t]."""
     from ttt_speech.handle import TTTModel
     from ttt_speech.llama import CACHE_KWARG, TTTCache
+    from ttt_speech.llama.patch import decoder_stack
     from transformers import DynamicCache
 
     device = next(lm.parameters()).device
     cache = TTTCache(lm) if TTTModel.find(lm) is not None else DynamicCache(config=lm.config)
+    head = lm.get_output_embeddings()
     out = []
     ids = ids.to(device)
     for start in range(0, ids.shape[0] - 1, chunk):
         window = ids[start:start + chunk + 1]
-        logits = lm(input_ids=window[None, :-1], use_cache=True, **{CACHE_KWARG: cache}).logits[0]
-        out.append(F.cross_entropy(logits.float(), window[1:], reduction="none").double().cpu())
+        hidden = decoder_stack(lm)(input_ids=window[None, :-1], use_cache=True,
+                                   **{CACHE_KWARG: cache}).last_hidden_state[0]  # [n, C]
+        for h, t in zip(hidden.split(LOSS_CHUNK), window[1:].split(LOSS_CHUNK)):  # never [n, V] logits whole
+            out.append(F.cross_entropy(head(h).float(), t, reduction="none").double().cpu())
     nll = torch.cat(out).numpy()
     if not np.isfinite(nll).all():
         raise ValueError(f"non-finite NLL at token {int(np.argmin(np.isfinite(nll)))}")

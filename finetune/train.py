@@ -368,6 +368,8 @@ class TrainingRecipe:
         if self.probe is not None:
             self.probe.armed = log_now
         terms = self.host.window_terms(self.model, self.lm, config, batch.codes, carry, env.device)
+        if self.probe is not None:
+            self.probe.armed = False  # not again in backward, where checkpointed layers run their forward again
         sums = env.all_reduce(terms.stacked())
         values = self.host.summarize(sums)
         loss = self.host.total_loss(terms, sums if env.enabled else None, env.world)

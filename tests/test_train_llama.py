@@ -386,3 +386,49 @@ def test_a_llama_omni_checkpoint_folder_trains_its_llm(tmp_path):
         assert torch.allclose(trained(input_ids=ids).logits, omni.llm(input_ids=ids).logits, atol=0.1)
         assert not torch.allclose(tiny_llm("llama", seed=1, **TINY)(input_ids=ids).logits, omni.llm(input_ids=ids).logits,
                                   atol=0.1)
+
+
+def test_checkpointing_refuses_what_would_silently_lose_the_state():
+    """checkpoint_layers before patch_llama, transformers' own checkpointing on top, a cache that keeps KV:
+    one-line errors; a model without TTT, trained with the default use_cache, recomputes without a cache."""
+    from ttt_speech.llama import checkpoint_layers
+
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(5))
+    early = tiny_llm("llama", **TINY)
+    checkpoint_layers(early)
+    with pytest.raises(ValueError, match="patch first, then call checkpoint_layers"):
+        patch_llama(early, TTTConfig(layer_type="linear", mini_batch_size=4))
+    early.train()
+    early(input_ids=ids, labels=ids).loss.backward()  # baseline: use_cache=True by default, no KV kept twice
+    assert early.model.embed_tokens.weight.grad is not None
+    model = tiny_llm("llama", **TINY)
+    patch_llama(model, TTTConfig(layer_type="linear", mini_batch_size=4, gate_init=1.0))
+    checkpoint_layers(model)
+    model.train()
+    with pytest.raises(ValueError, match="keeps keys and values"):
+        model(input_ids=ids, cache=TTTCache(model), use_cache=True)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # the stack's own cache keeps no KV
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    with pytest.raises(ValueError, match="transformers' gradient checkpointing is on too"):
+        model(input_ids=ids, cache=TTTCache(model, keep_kv=False), use_cache=True)
+    window = TTTCache(model, keep_kv=False)
+    window.crop(0)
+    window.batch_select_indices(torch.tensor([0]))
+
+
+def test_a_meta_build_has_the_buffers_of_a_loaded_one(tmp_path):
+    """FSDP ranks > 0 build the model on the meta device and receive rank 0's buffers: same dtypes (RoPE's
+    float32 inv_freq of a bf16 model) and names; another architecture is refused from config.json alone."""
+    from ttt_speech.llama.loading import check_llm, load_llm
+    from ttt_speech.models import ModelConfig
+
+    tiny_llm("qwen2", **TINY).save_pretrained(tmp_path / "q")
+    config = ModelConfig(host="llama", name=str(tmp_path / "q"), dtype="bfloat16")
+    real, meta = load_llm(config, torch.device("cpu")), load_llm(config, torch.device("meta"))
+    buffers = {n: b.dtype for n, b in real.named_buffers()}
+    assert buffers and buffers == {n: b.dtype for n, b in meta.named_buffers()}
+    assert {p.dtype for p in meta.parameters()} == {torch.bfloat16}
+    raw = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**raw, "model_type": "qwen2_moe"}))
+    with pytest.raises(ValueError, match="is a 'qwen2_moe'"):
+        check_llm(ModelConfig(host="llama", name=str(tmp_path / "q")))

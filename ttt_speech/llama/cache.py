@@ -122,6 +122,18 @@ class WindowKV(CacheLayerMixin):
     def reset(self) -> None:
         pass
 
+    def crop(self, tokens_to_remove: int) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        pass
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        pass
+
 
 class TTTCache(DynamicCache):
     """KV cache + TTT state of a patched Llama / Qwen2 model (one per conversation).
@@ -140,12 +152,14 @@ class TTTCache(DynamicCache):
     ttt_plan: TTTPlan
     ttt_slots: dict[int, TTTSlot]
     token_mask: Tensor | None
+    keep_kv: bool  # False: attention layers are `WindowKV` (a training window's cache)
 
     def __init__(self, model: nn.Module, keep_kv: bool = True, **kwargs) -> None:
         """keep_kv=False: a training window's cache, TTT state only (`WindowKV` in the attention layers)."""
         inner = find_patched_model(model, "TTTCache")
         super().__init__(config=inner.config, **kwargs)
         self._install(inner.ttt_plan)
+        self.keep_kv = keep_kv
         if not keep_kv:
             self.layers = [layer if isinstance(layer, TTTSlot) else WindowKV() for layer in self.layers]
 
@@ -166,6 +180,7 @@ class TTTCache(DynamicCache):
                              "state; start the conversation with TTTCache(model)")
         cache.__class__ = cls
         cache._install(plan)
+        cache.keep_kv = True
         return cache
 
     def _install(self, plan: TTTPlan) -> None:

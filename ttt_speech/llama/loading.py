@@ -14,7 +14,8 @@ from ..models import TINY_LLMS, ModelConfig
 from .models import tiny_llm
 from .pretrained import llm_config
 
-LLM_TYPES = ("llama", "qwen2", "omni_speech")  # model_type prefixes a config.json may name (LLaMA-Omni: omni_speech*)
+LLM_TYPES = ("llama", "qwen2")  # config.json model_types trained as they are
+OMNI_PREFIX = "omni_speech"  # LLaMA-Omni / LLaMA-Omni2 (omni_speech_llama, omni_speech2s_qwen2, ...): their LLM
 
 
 def check_llm(config: ModelConfig) -> None:
@@ -23,7 +24,7 @@ def check_llm(config: ModelConfig) -> None:
     if config.name in TINY_LLMS:
         return
     model_type = str(_raw_config(config).get("model_type", ""))
-    if not model_type.startswith(LLM_TYPES):
+    if model_type not in LLM_TYPES and not model_type.startswith(OMNI_PREFIX):  # not qwen2_moe, llama4, ...
         raise ValueError(f"model.name: {config.name} is a {model_type or 'model without a model_type'!r}; model.host "
                          "llama trains Llama and Qwen2 models (and LLaMA-Omni / LLaMA-Omni2 checkpoints)")
 
@@ -37,11 +38,15 @@ def load_llm(config: ModelConfig, device: torch.device) -> nn.Module:
             return tiny_llm(TINY_LLMS[config.name], seed=config.seed, dtype=dtype, **config.tiny)
     model_cls, llm = llm_config(_raw_config(config))
     if device.type == "meta":
+        from transformers import AutoModelForCausalLM
+
+        # as from_pretrained builds it: buffers (RoPE's inv_freq) float32 whatever the dtype; FSDP ranks > 0
+        # receive rank 0's buffers, which must match them
         with torch.device("meta"):
-            return model_cls(llm).to(dtype).eval()
+            return AutoModelForCausalLM.from_config(llm, dtype=dtype).eval()
     try:
         return model_cls.from_pretrained(config.name, config=llm, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of other shapes
         raise ValueError(f"model.name: cannot load {config.name!r} with transformers ({str(e).splitlines()[0]})") \
             from None
 

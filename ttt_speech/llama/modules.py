@@ -105,18 +105,28 @@ class TTTCheckpointMixin:
     forward is recomputed in backward with its cache, set back to what the first pass read: the TTT
     slot's state and restart rows, and the call's token mask (padding), which the decoder stack sets only
     while its forward runs. The cache must keep no KV (`TTTCache(keep_kv=False)`, as training windows
-    use), else the recomputation would append the keys and values a second time."""
+    and the stack's own cache of a call that returns none use), else the recomputation would append the
+    keys and values a second time; a cache that keeps them is refused. Without a `TTTCache` (a model
+    without TTT) the layer runs without a cache, as under transformers' checkpointing."""
 
-    ttt_checkpoint_slot: int | None  # the decoder layer's index when it has a TTT layer
+    class_prefix = "Checkpointed"  # `with_mixin`'s class name
+    ttt_layer_index: int  # the decoder layer's index: its slot in a TTTCache, when it has a TTT layer
 
     def forward(self, hidden_states: Tensor, *args: object, **kwargs: object):
-        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
-        if not (self.training and torch.is_grad_enabled()) or not isinstance(cache, TTTCache):
-            if self.training and torch.is_grad_enabled():  # no TTT state to keep (a model without TTT)
-                return torch.utils.checkpoint.checkpoint(super().forward, hidden_states, *args, use_reentrant=False,
-                                                         **kwargs)
+        if not (self.training and torch.is_grad_enabled()):
             return super().forward(hidden_states, *args, **kwargs)
-        slot = cache.ttt_slots.get(self.ttt_checkpoint_slot)
+        if getattr(self, "gradient_checkpointing", False):  # transformers' wrapper ran first and dropped the cache
+            raise ValueError("checkpoint_layers: transformers' gradient checkpointing is on too "
+                             "(gradient_checkpointing_enable): it drops the TTTCache and with it the TTT state")
+        cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
+        if not isinstance(cache, TTTCache):
+            kwargs.update({CACHE_KWARG: None, "use_cache": False})
+            return torch.utils.checkpoint.checkpoint(super().forward, hidden_states, *args, use_reentrant=False,
+                                                     **kwargs)
+        if cache.keep_kv:
+            raise ValueError("checkpoint_layers: this TTTCache keeps keys and values, which the recomputation in "
+                             "backward would append twice; train with TTTCache(model, keep_kv=False) or use_cache=False")
+        slot = cache.ttt_slots.get(self.ttt_layer_index)
         read = (slot.state, slot.restart) if slot is not None else None
         token_mask = cache.token_mask
 
@@ -133,15 +143,16 @@ class TTTCheckpointMixin:
 
 
 def checkpoint_layers(model: torch.nn.Module) -> None:
-    """Recompute every decoder layer of `model` (patched or not) in backward (`TTTCheckpointMixin`): the
-    activations kept are each layer's input. Idempotent."""
+    """Recompute every decoder layer of `model` in backward (`TTTCheckpointMixin`): the activations kept are
+    each layer's input. Call it after `patch_llama` (which refuses checkpointed layers). Idempotent.
+    Hooks on the TTT modules run again in the recomputation (the inner-lr probe, `TTTMonitor`)."""
     from .patch import decoder_stack
 
-    plan = getattr(decoder_stack(model), "ttt_plan", None)
     for index, layer in enumerate(decoder_stack(model).layers):
         if not isinstance(layer, TTTCheckpointMixin):
             layer.__class__ = with_mixin(TTTCheckpointMixin, type(layer))
-        layer.ttt_checkpoint_slot = index if plan is not None and index in plan.ttt_layers else None
+        layer.ttt_layer_index = index
+        layer.gradient_checkpointing = False  # transformers' own: it would drop the cache before ours runs
 
 
 class TTTModelMixin:
@@ -168,8 +179,8 @@ class TTTModelMixin:
         token_mask = _chunk_token_mask(attention_mask, source.shape[1]) if source is not None else None
         keep_cache = use_cache if use_cache is not None else self.config.use_cache
         created = cache is None and (keep_cache or token_mask is not None)
-        if created:
-            cache = TTTCache(self)
+        if created:  # one only for the TTT layers (padding) keeps no KV: nobody reads it after the call
+            cache = TTTCache(self, keep_kv=bool(keep_cache))
         elif cache is not None:
             cache = TTTCache.adopt(cache, self.ttt_plan)
         with cache.chunk(token_mask) if cache is not None else nullcontext():
@@ -239,4 +250,4 @@ def with_mixin(mixin: type, cls: type) -> type:
     host's own class keeps whatever that class adds, e.g. a LLaMA-Omni subclass of LlamaModel).
     transformers' `GradientCheckpointingLayer` wraps the new `forward` for checkpointing as it
     does for its own subclasses. Patched models are saved with `save_ttt`, not pickled."""
-    return type(f"TTT{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return type(f"{getattr(mixin, 'class_prefix', 'TTT')}{cls.__name__}", (mixin, cls), {"__module__": __name__})

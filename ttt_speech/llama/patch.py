@@ -12,7 +12,8 @@ from ..host import HostSpec, patch_host
 from ..modules import TTTModule
 from ..report import PatchReport
 from .cache import TTTPlan
-from .modules import LlamaTTT, LlamaTTTAttention, TTTHybridDecoderMixin, TTTModelMixin, with_mixin
+from .modules import (LlamaTTT, LlamaTTTAttention, TTTCheckpointMixin, TTTHybridDecoderMixin, TTTModelMixin,
+                      with_mixin)
 
 # LLaMA-Omni's LLM is a Llama, LLaMA-Omni2's a Qwen2 (Qwen2.5); both decoder layers share one layout.
 SUPPORTED_LAYERS = (LlamaDecoderLayer, Qwen2DecoderLayer)
@@ -31,6 +32,9 @@ def _check(model: nn.Module, config: TTTConfig) -> None:
     if config.is_e2e:
         raise ValueError("patch_llama: layer_type e2e_mlp is implemented for Moshi only (ttt_speech.moshi.e2e)")
     stack = decoder_stack(model)
+    if any(isinstance(layer, TTTCheckpointMixin) for layer in stack.layers):
+        raise ValueError("patch_llama: the decoder layers are already checkpointed (checkpoint_layers); patch first, "
+                         "then call checkpoint_layers")
     bad = [type(layer).__name__ for layer in stack.layers if not isinstance(layer, SUPPORTED_LAYERS)]
     if bad:
         raise TypeError(f"patch_llama: unsupported decoder layer {bad[0]}; expected "
