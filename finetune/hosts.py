@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,12 +21,11 @@ from ttt_speech.data.cache import CodesCache
 from ttt_speech.data.layout import moshi_streams
 from ttt_speech.data.manifest import ManifestEntry
 from ttt_speech.data.recording import load_recording
-from ttt_speech.models import load_mimi, load_text_tokenizer
+from ttt_speech.config import TTTConfig
+from ttt_speech.models import ModelConfig, check_family, load_mimi, load_text_tokenizer
 
 from .config import TrainConfig
 from .loss import LossTerms, loss_terms, summarize, total_loss
-
-logger = logging.getLogger("finetune")
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -82,6 +80,13 @@ class TrainHost(Protocol):
     """A model family's answers to the recipe (see the module doc)."""
 
     unit: str  # what a stream position is called in logs: "frames" or "tokens"
+    kinds: tuple[tuple[str, ...], str] | None  # the files its manifests list (`read_manifest`'s kinds)
+
+    def check_model(self, model: ModelConfig) -> None: ...
+
+    def patch(self, lm: nn.Module, ttt: TTTConfig) -> None: ...
+
+    def checkpoint_layers(self, lm: nn.Module) -> None: ...
 
     def loader(self, entries: list[ManifestEntry], lm: nn.Module, config: TrainConfig) -> StreamLoader: ...
 
@@ -143,6 +148,19 @@ class MoshiHost:
     """Moshi: Mimi-code recordings, `ChunkModel` windows, `TTTCarry`, moshi-finetune's loss."""
 
     unit = "frames"
+    kinds = None  # audio or code files
+
+    def check_model(self, model: ModelConfig) -> None:
+        """A family the commands run, from config.json alone (`ttt_speech/families.py`)."""
+        check_family(model)
+
+    def patch(self, lm: nn.Module, ttt: TTTConfig) -> None:
+        from ttt_speech.moshi import patch_moshi
+
+        patch_moshi(lm, ttt)  # logs its report
+
+    def checkpoint_layers(self, lm: nn.Module) -> None:
+        lm.transformer.checkpointing = True
 
     def loader(self, entries: list[ManifestEntry], lm: nn.Module, config: TrainConfig) -> RecordingLoader:
         return RecordingLoader(entries, lm, config)

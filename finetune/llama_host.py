@@ -20,8 +20,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from ttt_speech.config import TTTConfig
 from ttt_speech.data.manifest import ManifestEntry
-from ttt_speech.data.tokens import TEXT_SUFFIX, check_ids, read_token_file, tokenize_text_file
+from ttt_speech.data.tokens import TEXT_SUFFIX, TOKEN_KINDS, check_ids, read_token_file, tokenize_text_file
+from ttt_speech.models import ModelConfig
 
 from ttt_speech_apps.eval.config import LengthGenConfig
 
@@ -111,6 +113,24 @@ class LlamaHost:
     """Host llama: token streams, `TokenWindowModel` windows, `CacheCarry`, next-token loss."""
 
     unit = "tokens"
+    kinds = TOKEN_KINDS
+
+    def check_model(self, model: ModelConfig) -> None:
+        """A Llama / Qwen2 (or a LLaMA-Omni checkpoint), from config.json alone."""
+        from ttt_speech.llama.loading import check_llm
+
+        check_llm(model)
+
+    def patch(self, lm: nn.Module, ttt: TTTConfig) -> None:
+        from ttt_speech.llama import patch_llama
+
+        patch_llama(lm, ttt)  # logs its report
+
+    def checkpoint_layers(self, lm: nn.Module) -> None:
+        """TTT-aware: transformers' own checkpointing drops the TTT state."""
+        from ttt_speech.llama import checkpoint_layers
+
+        checkpoint_layers(lm)
 
     def loader(self, entries: list[ManifestEntry], lm: nn.Module, config: TrainConfig) -> TokenLoader:
         return TokenLoader(entries, lm, config)

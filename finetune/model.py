@@ -10,9 +10,9 @@ from ttt_speech.export import TRAINS_EVERYTHING
 from ttt_speech.handle import TTTModel
 from ttt_speech.lora import add_lora
 from ttt_speech.models import load_lm
-from ttt_speech.moshi import patch_moshi
 
 from .config import TrainConfig
+from .hosts import host_of
 
 
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
@@ -24,14 +24,10 @@ def prepare_model(lm: nn.Module, config: TrainConfig) -> nn.Module:
     """`lm` (in place) with config's TTT layers and LoRA added and exactly the configured
     parameters trainable, in training mode."""
     torch.manual_seed(config.seed)  # the new layers' initialisation depends on the seed only
+    host = host_of(config)
     handle = None
     if config.ttt is not None:
-        if config.model.is_llama:
-            from ttt_speech.llama import patch_llama
-
-            patch_llama(lm, config.ttt)  # logs its report
-        else:
-            patch_moshi(lm, config.ttt)
+        host.patch(lm, config.ttt)
         handle = TTTModel.of(lm)
     if config.uses_lora:
         skip = [site.inserted for site in handle.sites] if handle is not None else []
@@ -48,12 +44,8 @@ def prepare_model(lm: nn.Module, config: TrainConfig) -> nn.Module:
         for p in lm.parameters():
             if p.requires_grad and p.is_floating_point() and p.element_size() < 4:
                 p.data = p.data.float()
-    if config.gradient_checkpointing and config.model.is_llama:
-        from ttt_speech.llama import checkpoint_layers
-
-        checkpoint_layers(lm)  # TTT-aware: transformers' own checkpointing drops the TTT state
-    elif config.gradient_checkpointing:
-        lm.transformer.checkpointing = True
+    if config.gradient_checkpointing:
+        host.checkpoint_layers(lm)
     return lm.train()
 
 

@@ -24,10 +24,8 @@ from torch import nn
 from ttt_speech import schema
 from ttt_speech.data import FRAME_RATE
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
-from ttt_speech.data.tokens import TOKEN_KINDS
 from ttt_speech.export import save_export
 from ttt_speech.files import write_text_atomic
-from ttt_speech.models import check_family
 from ttt_speech.sharding import is_sharded, ttt_units, unsharded
 from ttt_speech.stats import runaway, runaway_warning
 
@@ -75,10 +73,11 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     folder = None
     try:
         with sigterm_interrupts():
-            manifests = (_train_manifests(config), read_manifest(config.data.eval_manifest, "data.eval_manifest",
-                                                                 _kinds(config)) if config.data.eval_manifest else [])
+            host = host_of(config)
+            manifests = (_train_manifests(config, host), read_manifest(config.data.eval_manifest, "data.eval_manifest",
+                                                                       host.kinds) if config.data.eval_manifest else [])
             resume_dir = _check_resume(config, resume) if resume is not None else None
-            _check_model(config)  # before the output folder is claimed (--overwrite deletes a run)
+            host.check_model(config.model)  # before the output folder is claimed (--overwrite deletes a run)
             folder = _claim(config, env, resume_dir, overwrite)
             return _train(config, env, manifests, resume_dir, folder, progress)
     finally:
@@ -103,30 +102,15 @@ def _claim(config: TrainConfig, env: Dist, resume_dir: Path | None, overwrite: b
     return folder
 
 
-def _train_manifests(config: TrainConfig) -> dict[Path, list[ManifestEntry]]:
+def _train_manifests(config: TrainConfig, host: TrainHost) -> dict[Path, list[ManifestEntry]]:
     """The entries of every stage's training manifest (read before anything else: a bad line fails now)."""
     out: dict[Path, list[ManifestEntry]] = {}
     for i, (name, stage) in enumerate(config.stage_configs()):
         path = stage.data.train_manifest
         if path not in out:
             out[path] = read_manifest(path, "data.train_manifest" if name is None or path == config.data.train_manifest
-                                      else f"stages[{i}].train_manifest", _kinds(config))
+                                      else f"stages[{i}].train_manifest", host.kinds)
     return out
-
-
-def _check_model(config: TrainConfig) -> None:
-    """The model is one the host trains, from its config.json alone (no weights read)."""
-    if config.model.is_llama:
-        from ttt_speech.llama.loading import check_llm
-
-        check_llm(config.model)
-    else:
-        check_family(config.model)
-
-
-def _kinds(config: TrainConfig) -> tuple | None:
-    """The files a manifest lists: token or text files for host llama, audio or code files (default) else."""
-    return TOKEN_KINDS if config.model.is_llama else None
 
 
 def _check_resume(config: TrainConfig, resume: Path) -> Path:

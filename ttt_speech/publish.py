@@ -38,10 +38,17 @@ def local_base_files(model: dict[str, Any]) -> list[str]:
     return folder + [f"{k}={model[k]}" for k in LOCAL_FILES if model.get(k)]
 
 
+def is_random_init(name: str) -> bool:
+    """Whether a base model's name is one of the random-init tiny models (Moshi's, host llama's)."""
+    from .models import TINY_LLMS
+
+    return name == "tiny" or name in TINY_LLMS
+
+
 def describe(meta: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of an export's model.json: base model, trainable set, LoRA, provenance."""
     model = meta["model"]
-    if model["name"] in ("tiny", "tiny-llama", "tiny-qwen2"):
+    if is_random_init(model["name"]):
         kwargs = ", ".join(f"{k}={v}" for k, v in model.get("tiny", {}).items())
         base = f"{model['name']} (random-init, seed {model.get('seed', 0)}{', ' + kwargs if kwargs else ''})"
     else:
@@ -88,7 +95,7 @@ def model_card(export: Export, repo_id: str | None = None, license: str | None =
 
     llama = meta["model"].get("host") == "llama"
     tag, what = HOSTS["llama" if llama else "moshi"]
-    on_hub = not name.startswith("tiny") and not is_checkpoint_folder(name) and not Path(name).is_dir()
+    on_hub = not is_random_init(name) and not is_checkpoint_folder(name) and not Path(name).is_dir()
     front = ModelCardData(library_name="ttt-speech", base_model=name if on_hub else None, tags=[tag, *TAGS],
                           license=license).to_yaml()
     shown = repo_id or "namespace/name"
@@ -100,7 +107,7 @@ def model_card(export: Export, repo_id: str | None = None, license: str | None =
     title = repo_id.split("/")[-1] if repo_id else (folder.parent.name if folder.name == "export" else folder.name)
     lines = [f"---\n{front}\n---", "", f"# {title}", "",
              f"{what} with Test-Time-Training (TTT) layers, fine-tuned with ttt-speech. Loading builds the base model "
-             f"({'the tiny random-init model' if name.startswith('tiny') else f'`{name}`, from its own repo'}) and applies "
+             f"({'the tiny random-init model' if is_random_init(name) else f'`{name}`, from its own repo'}) and applies "
              f"the weights of this repo ({held or 'none'}).", "",
              "## Use", "", "```python", "from ttt_speech.export import load_exported_lm", "",
              f'lm, model = load_exported_lm("{shown}")  # pinned: "{shown}@<tag or commit>"', "```", "",
